@@ -1,0 +1,313 @@
+"""The `lowrank-compress` command line: parses, calls the library, renders. No math here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from lowrank_compress import __version__
+from lowrank_compress.errors import LowrankError
+from lowrank_compress.recipe import METHODS, POLICIES, FactorizeSettings
+
+_DEFAULTS = FactorizeSettings()
+
+
+class Output:
+    """One object that knows human vs JSON mode: results to stdout, progress and warnings to stderr."""
+
+    def __init__(self, json_mode: bool) -> None:
+        self.json_mode = json_mode
+        # Console text is not markup: tensor names contain "[" and "]".
+        self.out = Console(markup=False, highlight=False, soft_wrap=False)
+        self.err = Console(stderr=True, markup=False, highlight=False)
+
+    def warn(self, message: str) -> None:
+        self.err.print(f"warning: {message}", style="yellow")
+
+    def info(self, message: str) -> None:
+        if not self.json_mode:
+            self.err.print(message, style="dim")
+
+    def emit_json(self, data: Any) -> None:
+        sys.stdout.write(json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+    @contextmanager
+    def progress(self, description: str, total: int | None = None) -> Iterator[Any]:
+        """A transient progress bar on stderr; invisible when stderr is not a terminal. Yields update(done, total, label)."""
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[label]}", markup=False),
+            console=self.err,
+            transient=True,
+            disable=not self.err.is_terminal,
+        )
+        with bar:
+            task = bar.add_task(description, total=total, label="")
+
+            def update(done: int, total_: int | None = None, label: str = "") -> None:
+                bar.update(task, completed=done, total=total_ if total_ is not None else total, label=label)
+
+            yield update
+
+
+class Group(click.Group):
+    """A click group with the project's single exit path for errors: one line, exit 1, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except LowrankError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written", err=True)
+            sys.exit(130)
+        except Exception as e:  # an unexpected failure is a bug: still one line unless debugging
+            if os.environ.get("LOWRANK_DEBUG"):
+                raise
+            _fail(f"unexpected {type(e).__name__}: {e} (this is a bug; LOWRANK_DEBUG=1 shows the traceback)")
+
+
+def _fail(message: str) -> None:
+    if os.environ.get("LOWRANK_DEBUG"):
+        import traceback
+
+        traceback.print_exc()
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+target_option = click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    metavar="PATTERN",
+    help="Only modules matching PATTERN (glob, or regex with a 're:' prefix). Repeatable.",
+)
+ignore_option = click.option(
+    "--ignore", "ignores", multiple=True, metavar="PATTERN", help="Skip modules matching PATTERN. Repeatable."
+)
+json_option = click.option("--json", "json_mode", is_flag=True, help="Print one JSON document on stdout, nothing else.")
+pickle_option = click.option(
+    "--allow-pickle", is_flag=True, help="Allow pickled .bin/.pt weights (loaded with weights_only=True)."
+)
+
+
+@click.group(cls=Group, context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="lowrank-compress")
+def cli() -> None:
+    """Post-training low-rank compression of transformer checkpoints.
+
+    \b
+    analyze    which layers are compressible, and by how much
+    factorize  SVD-factorize Linear layers to a parameter budget
+    """
+
+
+def _model_or_default(model: str | None) -> str:
+    if model:
+        return model
+    from lowrank_compress.demo import default_model_path
+
+    return str(default_model_path())
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", required=False)
+@click.option("--fast/--exact", default=None, help="Norms and stable rank without a full SVD (default: fast above 1B params).")
+@target_option
+@ignore_option
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Write report.json, report.md and PNG plots here.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out directory.")
+@click.option("--top", default=0, show_default="all", help="Show only the N most compressible layers in the table.")
+@pickle_option
+@json_option
+def analyze(
+    model: str | None,
+    fast: bool | None,
+    targets: tuple[str, ...],
+    ignores: tuple[str, ...],
+    out_dir: Path | None,
+    overwrite: bool,
+    top: int,
+    allow_pickle: bool,
+    json_mode: bool,
+) -> None:
+    """Measure each Linear layer's spectrum, stable rank and energy ranks.
+
+    MODEL is a model directory, a .safetensors or .gguf file (default: the built-in SmolLM2-135M-Instruct).
+    """
+    from lowrank_compress.analyze import analyze as run_analyze
+
+    out = Output(json_mode)
+    path = _model_or_default(model)
+    if out_dir is not None:
+        from lowrank_compress.format import check_output_dir
+
+        check_output_dir(out_dir, overwrite, inputs=[Path(path)])
+    with out.progress("analyzing layers") as update:
+        result = run_analyze(
+            path, fast=fast, target=targets or None, ignore=ignores or None, allow_pickle=allow_pickle, progress=update
+        )
+    files: list[Path] = []
+    if out_dir is not None:
+        from lowrank_compress.format import atomic_output_dir
+        from lowrank_compress.report import write_analysis_report
+
+        with atomic_output_dir(out_dir, overwrite) as tmp:
+            names = [p.name for p in write_analysis_report(result, tmp)]
+        files = [out_dir / n for n in names]
+    for name in result.summary()["non_finite_layers"]:
+        out.warn(f"{name} has NaN or Inf weights; it was not analyzed")
+    if json_mode:
+        data = result.to_dict()
+        data["files"] = [str(f) for f in files]
+        out.emit_json(data)
+        return
+    _render_analysis(out, result, top)
+    for f in files:
+        out.out.print(f"wrote {f}")
+
+
+def _render_analysis(out: Output, result: Any, top: int) -> None:
+    exact = result.mode == "exact"
+    table = Table(title=f"{result.model} ({result.mode} mode)", title_justify="left")
+    for col in ("layer", "shape", "stable rank", "SR / break-even"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    if exact:
+        for col in ("eff. rank", "r90", "r95", "r99"):
+            table.add_column(col, justify="right")
+    table.add_column("break-even", justify="right")
+    rows = result.sorted_layers()
+    for layer in rows[:top] if top > 0 else rows:
+        if not layer.finite:
+            cells = [layer.module, f"{layer.out_features}x{layer.in_features}", "NaN/Inf", "-"]
+            cells += ["-"] * 4 if exact else []
+        else:
+            cells = [
+                layer.module,
+                f"{layer.out_features}x{layer.in_features}",
+                f"{layer.stable_rank:.1f}",
+                f"{layer.compressibility:.3f}",
+            ]
+            if exact:
+                er = layer.energy_ranks
+                cells += [f"{layer.effective_rank:.0f}", str(er[0.9]), str(er[0.95]), str(er[0.99])]
+        cells.append(f"{layer.break_even_rank:.0f}")
+        table.add_row(*cells)
+    out.out.print(table)
+    s = result.summary()
+    out.out.print(
+        f"total params {s['total_params']:,}; targetable {s['targetable_params']:,} "
+        f"({s['targetable_fraction']:.1%}) in {s['layers']} layers; {len(result.skipped)} tensors not targeted"
+    )
+    if s["kept_at_energy"]:
+        for e, k in s["kept_at_energy"].items():
+            out.out.print(
+                f"  keep {float(e):.0%} energy: {k['target_params']:,} target params "
+                f"({k['target_fraction']:.1%} of targets, {k['model_fraction']:.1%} of the model)"
+            )
+    out.out.print(f"analyzed in {result.seconds:.1f} s")
+
+
+def _explicit(ctx: click.Context, name: str, value: Any) -> Any:
+    """A flag's value only when the user typed it, so that a recipe's value is not overridden by a default."""
+    from click.core import ParameterSource
+
+    return value if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE else None
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", required=False)
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--budget", type=float, default=_DEFAULTS.budget, show_default=True, help="Fraction of targeted Linear params kept, 0 < b < 1.")
+@click.option("--method", type=click.Choice(METHODS), default=_DEFAULTS.method, show_default=True, help="SVD variant.")
+@click.option("--policy", type=click.Choice(POLICIES), default=_DEFAULTS.policy, show_default=True, help="Rank allocation.")
+@click.option("--energy", type=float, default=None, help="energy policy: the kept energy (default: met to the budget).")
+@click.option("--calibration", default=_DEFAULTS.calibration, show_default=True, metavar="FILE|builtin", help="Calibration text (.txt, .jsonl with a 'text' field, or builtin).")
+@click.option("--samples", type=int, default=_DEFAULTS.samples, show_default=True, help="Calibration sequences.")
+@click.option("--seq-len", type=int, default=_DEFAULTS.seq_len, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seed for calibration windows.")
+@click.option("--rank-multiple", type=int, default=_DEFAULTS.rank_multiple, show_default=True, help="Round ranks to a multiple of this.")
+@target_option
+@ignore_option
+@click.option("--recipe", type=click.Path(path_type=Path), help="YAML settings; flags given on the command line win.")
+@click.option("--device", default=_DEFAULTS.device, show_default=True, help="cpu, cuda, cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@pickle_option
+@json_option
+@click.pass_context
+def factorize(ctx: click.Context, model: str | None, output: Path, recipe: Path | None, overwrite: bool,
+              allow_pickle: bool, json_mode: bool, **flags: Any) -> None:  # fmt: skip
+    """SVD-factorize Linear layers to keep a fraction of their parameters; write a loadable lowrank model.
+
+    MODEL is a model directory or a .gguf file (default: the built-in SmolLM2-135M-Instruct).
+    """
+    from lowrank_compress.pipeline import factorize_model
+    from lowrank_compress.recipe import build_settings
+
+    out = Output(json_mode)
+    names = {"targets": "target", "ignores": "ignore"}
+    given = {names.get(k, k): _explicit(ctx, k, v) for k, v in flags.items()}
+    for key in ("target", "ignore"):
+        if given[key] is not None:
+            given[key] = list(given[key])
+    settings = build_settings(recipe, **given)
+    if settings.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LowrankError(f"--device {settings.device}: CUDA is not available on this machine; use --device cpu")
+    path = _model_or_default(model)
+    phases = {"calibration": "calibrating", "decompose": "decomposing layers"}
+    with out.progress("loading") as update:
+        result = factorize_model(
+            path,
+            output,
+            settings,
+            overwrite=overwrite,
+            allow_pickle=allow_pickle,
+            progress=lambda phase, done, total: update(done, total, phases.get(phase, phase)),
+            warn=out.warn,
+        )
+    data = result.to_dict()
+    if json_mode:
+        out.emit_json(data)
+        return
+    s = data["summary"]
+    out.out.print(
+        f"factorized {s['layers_factorized']} layers ({s['layers_dense']} kept dense) with {settings.method} / "
+        f"{settings.policy} at budget {settings.budget}"
+    )
+    out.out.print(
+        f"kept {s['kept_fraction_targets']:.4f} of target params ({s['target_params_after']:,} of "
+        f"{s['target_params_before']:,}); {s['kept_fraction_model']:.4f} of the model "
+        f"({s['total_params_after']:,} of {s['total_params_before']:,})"
+    )
+    timing = ", ".join(f"{k} {v:.1f}s" for k, v in data["timings_s"].items())
+    out.out.print(f"time: {timing}")
+    out.out.print(f"wrote {output} (load it: import lowrank_compress; AutoModelForCausalLM.from_pretrained(...))")
+
+
+def main() -> None:
+    cli(prog_name="lowrank-compress")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Load a whole model (dense checkpoint, GGUF file, or a lowrank output) with its tokenizer, for the commands
+that need the network itself: factorize (calibration), evaluate, finetune."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_compress.errors import CheckpointError, LowrankError
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from: a directory and, for GGUF, the file inside it."""
+
+    path: Path
+    directory: Path
+    gguf_file: str | None = None
+
+    @property
+    def is_compressed(self) -> bool:
+        return (read_config(self) or {}).get("quantization_config", {}).get("quant_method") == "lowrank"
+
+
+def resolve(path: str | Path) -> ModelSource:
+    """Accept a model directory, a .gguf file, or a directory holding exactly one .gguf file."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return ModelSource(p, p.parent, p.name)
+        raise CheckpointError(
+            f"{p}: a single weights file has no architecture to run; pass the model directory (with config.json) "
+            "or a .gguf file"
+        )
+    if (p / "config.json").is_file():
+        return ModelSource(p, p)
+    ggufs = sorted(p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSource(p, p, ggufs[0].name)
+    if len(ggufs) > 1:
+        raise CheckpointError(f"{p}: several .gguf files; pass the one to use")
+    raise CheckpointError(f"{p}: no config.json or .gguf file; pass a Hugging Face model directory or a .gguf file")
+
+
+def read_config(source: ModelSource) -> dict[str, Any] | None:
+    cfg = source.directory / "config.json"
+    if source.gguf_file is not None or not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg}: not valid JSON ({e}); is the model directory complete?") from e
+
+
+def is_causal_lm(config: Any) -> bool:
+    """True when the config's architecture has a language-model head we can compute a loss with."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = getattr(config, "architectures", None) or []
+    if any(a in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for a in archs):
+        return True
+    return not archs and getattr(config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+    need_tokenizer: bool = True,
+) -> tuple[nn.Module, Any, ModelSource]:
+    """Load a dense or compressed model in eval mode, plus its tokenizer (None when not needed and absent)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    import lowrank_compress.format as fmt  # registers the lowrank quantizer
+
+    fmt.register()
+    source = resolve(path)
+    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if source.gguf_file is None:
+        _check_weights_present(source.directory, allow_pickle)
+    try:
+        config = AutoConfig.from_pretrained(source.directory, **kwargs)
+        cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+        with _quiet_transformers():
+            model = cls.from_pretrained(
+                source.directory, dtype=dtype, use_safetensors=None if allow_pickle else True, **kwargs
+            )
+    except LowrankError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{source.path}: cannot load the model: {_first_line(e)}") from e
+    if source.gguf_file:
+        _drop_gguf_flag(model)
+    model.to(device).eval()
+    tokenizer = None
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if need_tokenizer:
+            raise CheckpointError(f"{source.path}: no usable tokenizer ({_first_line(e)})") from e
+    return model, tokenizer, source
+
+
+def _check_weights_present(directory: Path, allow_pickle: bool) -> None:
+    if any(directory.glob("*.safetensors")):
+        return
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{directory}: only pickled weights (.bin/.pt); pass --allow-pickle to load them (weights_only=True)"
+            )
+        return
+    raise CheckpointError(f"{directory}: no weights (*.safetensors) found")
+
+
+def _drop_gguf_flag(model: nn.Module) -> None:
+    """transformers marks GGUF-loaded models as gguf-quantized although the weights are dense float now."""
+    cfg = model.config
+    qc = getattr(cfg, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if qc is not None and str(getattr(method, "value", method)) == "gguf":
+        del cfg.quantization_config
+        for attr in ("hf_quantizer", "quantization_method"):
+            if hasattr(model, attr):
+                delattr(model, attr)
+        model.is_quantized = False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+class _quiet_transformers:
+    """Silence transformers' info/warning chatter (load reports, progress bars) while loading."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self._level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(self._level)
+        hf_logging.enable_progress_bar()

@@ -1,0 +1,333 @@
+"""`factorize_model`: the whole factorize job, from a checkpoint to a written lowrank output.
+
+load -> pick targets -> calibration statistics -> one SVD per layer -> ranks under the budget -> LowRankLinear
+-> atomic write (weights, config, recipe.yaml, report.json, model card).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_compress import __version__
+from lowrank_compress.errors import LowrankError
+from lowrank_compress.recipe import FactorizeSettings
+
+ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass
+class Target:
+    """A Linear (or GPT-2 Conv1D) module of the loaded model that may be factorized."""
+
+    name: str
+    module: nn.Module
+    out_features: int
+    in_features: int
+
+    def weight(self) -> torch.Tensor:
+        """The weight as (out x in), whatever the module's storage layout."""
+        w = self.module.weight.detach()
+        return w.T if _is_conv1d(self.module) else w
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def _block_index(name: str) -> int | None:
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def find_targets(model: nn.Module, target: list[str], ignore: list[str]) -> list[Target]:
+    """Linear layers of the model to factorize.
+
+    By default, the Linear layers inside the repeated blocks (names with a block index): embeddings, output heads
+    and poolers stay dense. --target patterns replace that default; --ignore patterns remove modules.
+    """
+    from lowrank_compress.checkpoint import match_pattern
+
+    found = []
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+            continue
+        chosen = any(match_pattern(name, p) for p in target) if target else _block_index(name) is not None
+        if not chosen or any(match_pattern(name, p) for p in ignore):
+            continue
+        if _is_conv1d(module):
+            in_f, out_f = module.weight.shape
+        else:
+            out_f, in_f = module.weight.shape
+        found.append(Target(name, module, out_f, in_f))
+    if not found:
+        what = f"--target {' '.join(target)}" if target else "the default (Linear layers inside repeated blocks)"
+        raise LowrankError(f"no Linear layers to factorize match {what}; check the patterns with `lowrank-compress analyze`")
+    return found
+
+
+@dataclass
+class LayerResult:
+    name: str
+    shape: tuple[int, int]
+    rank: int | None  # None: kept dense
+    params_before: int
+    params_after: int
+    relative_error: float  # sqrt(discarded / total) of the method's objective (whitened output error for whiten)
+    stable_rank: float
+
+
+@dataclass
+class FactorizeResult:
+    """What factorize did; `to_dict()` is report.json's core and the `--json` output."""
+
+    output: Path
+    settings: FactorizeSettings
+    layers: list[LayerResult]
+    total_params_before: int
+    total_params_after: int
+    target_params_before: int
+    target_params_after: int
+    calibration: dict[str, Any]
+    timings: dict[str, float]
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def kept_fraction_targets(self) -> float:
+        return self.target_params_after / self.target_params_before
+
+    @property
+    def kept_fraction_model(self) -> float:
+        return self.total_params_after / self.total_params_before
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tool": {"name": "lowrank-compress", "version": __version__},
+            "output": str(self.output),
+            "settings": self.settings.__dict__,
+            "summary": {
+                "budget": self.settings.budget,
+                "kept_fraction_targets": self.kept_fraction_targets,
+                "kept_fraction_model": self.kept_fraction_model,
+                "target_params_before": self.target_params_before,
+                "target_params_after": self.target_params_after,
+                "total_params_before": self.total_params_before,
+                "total_params_after": self.total_params_after,
+                "layers_factorized": sum(1 for x in self.layers if x.rank is not None),
+                "layers_dense": sum(1 for x in self.layers if x.rank is None),
+            },
+            "calibration": self.calibration,
+            "timings_s": self.timings,
+            "layers": [
+                {
+                    "module": x.name,
+                    "shape": list(x.shape),
+                    "rank": x.rank,
+                    "params_before": x.params_before,
+                    "params_after": x.params_after,
+                    "relative_error": x.relative_error,
+                    "stable_rank": x.stable_rank,
+                }
+                for x in self.layers
+            ],
+            "files": self.files,
+        }
+
+
+def factorize_model(
+    model_path: str | Path,
+    out: str | Path,
+    settings: FactorizeSettings,
+    *,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: ProgressFn | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> FactorizeResult:
+    """Factorize the model at `model_path` to `settings.budget` and write it to `out` atomically."""
+    from lowrank_compress.allocate import LayerCandidate, allocate
+    from lowrank_compress.calibration import collect_stats, make_batches
+    from lowrank_compress.factorize import decompose
+    from lowrank_compress.format import atomic_output_dir, check_output_dir, save_compressed
+    from lowrank_compress.loading import load_model, resolve
+    from lowrank_compress.modules import LowRankLinear
+    from lowrank_compress.spectrum import spectrum_stats
+    from lowrank_compress.text import load_text, text_fingerprint
+
+    settings.validate()
+    tick = _Stopwatch()
+    out = Path(out)
+    source = resolve(model_path)
+    check_output_dir(out, overwrite, inputs=[source.path, source.directory])
+    report = progress or (lambda *a: None)
+
+    needs_data = settings.method != "svd" or settings.policy == "sensitivity"
+    text = load_text(settings.calibration, split="calibration") if needs_data else None
+    model, tokenizer, source = load_model(model_path, device=settings.device, allow_pickle=allow_pickle)
+    tick("load")
+    targets = find_targets(model, settings.target, settings.ignore)
+    for t in targets:
+        if not bool(torch.isfinite(t.module.weight).all()):
+            raise LowrankError(
+                f"{t.name} has NaN or Inf weights; fix the checkpoint or keep the layer dense with --ignore '{t.name}'"
+            )
+    total_before = sum(p.numel() for p in model.parameters())  # tied tensors are yielded once
+
+    stats: dict[str, Any] = {}
+    calibration_info: dict[str, Any] = {"source": None}
+    if text is not None:
+        batches = make_batches(tokenizer, text, samples=settings.samples, seq_len=settings.seq_len, seed=settings.seed)
+        calibration_info = {
+            "source": settings.calibration,
+            "split": "calibration",
+            "samples": settings.samples,
+            "seq_len": settings.seq_len,
+            "tokens": int(batches.numel()),
+            "text_sha256": text_fingerprint(text),
+            "seed": settings.seed,
+        }
+        stats = collect_stats(
+            model,
+            batches,
+            [t.name for t in targets],
+            fisher=settings.method == "fisher",
+            sensitivity=settings.policy == "sensitivity",
+            device=settings.device,
+            progress=lambda done, total: report("calibration", done, total),
+        )
+        tick("calibration")
+
+    candidates = []
+    for i, t in enumerate(targets):
+        w = t.weight().double()
+        st = stats.get(t.name)
+        candidates.append(
+            LayerCandidate(
+                name=t.name,
+                out_features=t.out_features,
+                in_features=t.in_features,
+                decomposition=decompose(w, settings.method, st),
+                stable_rank=spectrum_stats(w, fast=True).stable_rank,
+                sensitivity=st.out_grad_sq if st is not None else None,
+            )
+        )
+        report("decompose", i + 1, len(targets))
+    tick("decompose")
+
+    ranks = allocate(
+        candidates, settings.budget, settings.policy, energy=settings.energy, multiple=settings.rank_multiple
+    )
+    tick("allocate")
+
+    layers: list[LayerResult] = []
+    kept_ranks: dict[str, int] = {}
+    for t, cand in zip(targets, candidates, strict=True):
+        rank = ranks[t.name]
+        dec = cand.decomposition
+        err = dec.truncation_error()
+        total_err = float(err[0])
+        sr = float(cand.stable_rank)
+        if rank is None:
+            layers.append(LayerResult(t.name, (t.out_features, t.in_features), None, t.out_features * t.in_features,
+                                      t.out_features * t.in_features, 0.0, sr))  # fmt: skip
+            continue
+        up, down = dec.factors(rank, dtype=t.module.weight.dtype)
+        bias = t.module.bias.detach() if t.module.bias is not None else None
+        new = LowRankLinear.from_factors(up.to(t.module.weight.device), down.to(t.module.weight.device), bias)
+        _set_module(model, t.name, new)
+        kept_ranks[t.name] = rank
+        rel = math.sqrt(float(err[rank]) / total_err) if total_err > 0 else 0.0
+        layers.append(LayerResult(t.name, (t.out_features, t.in_features), rank, t.out_features * t.in_features,
+                                  rank * (t.out_features + t.in_features), rel, sr))  # fmt: skip
+    del candidates
+    tick("replace")
+
+    quant_info = {"method": settings.method, "policy": settings.policy, "budget": settings.budget}
+    result = FactorizeResult(
+        output=out,
+        settings=settings,
+        layers=layers,
+        total_params_before=total_before,
+        total_params_after=0,
+        target_params_before=sum(x.params_before for x in layers),
+        target_params_after=sum(x.params_after for x in layers),
+        calibration=calibration_info,
+        timings={},
+    )
+    with atomic_output_dir(out, overwrite) as tmp:
+        written = save_compressed(
+            model,
+            tmp,
+            ranks=kept_ranks,
+            quant_info=quant_info,
+            tokenizer=tokenizer,
+            source_dir=source.directory,
+        )
+        shapes = written_shapes(tmp)
+        result.total_params_after = sum(math.prod(s) for s in shapes.values())
+        result.target_params_after = sum(_written_target_params(shapes, x) for x in layers)
+        tick("write")
+        result.timings = tick.laps
+        result.files = sorted({p.name for p in written} | {"recipe.yaml", "report.json", "README.md"})
+        _write_sidecars(tmp, result, model_path)
+    return result
+
+
+def _write_sidecars(directory: Path, result: FactorizeResult, model_path: str | Path) -> None:
+    from lowrank_compress.report import factorize_model_card, write_json
+
+    header = f"# lowrank-compress {__version__} factorize recipe for {model_path}\n# reuse: lowrank-compress factorize MODEL -o OUT --recipe recipe.yaml"
+    (directory / "recipe.yaml").write_text(result.settings.to_yaml(header))
+    write_json(directory / "report.json", result.to_dict())
+    (directory / "README.md").write_text(factorize_model_card(result.to_dict(), str(model_path)))
+
+
+def written_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor in the written safetensors files with its shape, read from the headers (what a user would count)."""
+    import json
+    import struct
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def _written_target_params(shapes: dict[str, tuple[int, ...]], layer: LayerResult) -> int:
+    """A target's weight parameters as written: both factors, or the dense weight (biases are not counted)."""
+    names = [f"{layer.name}.weight"] if layer.rank is None else [f"{layer.name}.down.weight", f"{layer.name}.up.weight"]
+    missing = [n for n in names if n not in shapes]
+    if missing:
+        raise LowrankError(f"internal: the written model lacks {missing[0]}")
+    return sum(math.prod(shapes[n]) for n in names)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[phase] = round(now - self.t, 3)
+        self.t = now

@@ -1,0 +1,103 @@
+"""Factorize settings and YAML recipes: one dataclass, unknown keys and wrong types fail loudly."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lowrank_compress.errors import BudgetError, LowrankError
+
+METHODS = ("svd", "asvd", "whiten", "fisher")
+POLICIES = ("uniform", "energy", "stable-rank", "sensitivity")
+
+
+@dataclass
+class FactorizeSettings:
+    """Exactly what a factorize run does; written to recipe.yaml and reusable with --recipe."""
+
+    budget: float = 0.8
+    method: str = "whiten"
+    policy: str = "sensitivity"
+    energy: float | None = None
+    calibration: str = "builtin"
+    samples: int = 32
+    seq_len: int = 512
+    seed: int = 0
+    target: list[str] = field(default_factory=list)
+    ignore: list[str] = field(default_factory=list)
+    rank_multiple: int = 1
+    device: str = "cpu"
+
+    def validate(self) -> FactorizeSettings:
+        if not 0.0 < self.budget < 1.0:
+            raise BudgetError(f"budget must be strictly between 0 and 1 (the fraction of target params kept), got {self.budget}")
+        if self.method not in METHODS:
+            raise LowrankError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.policy not in POLICIES:
+            raise LowrankError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise LowrankError(f"energy must be in (0, 1], got {self.energy}")
+        for name in ("samples", "seq_len", "rank_multiple"):
+            if getattr(self, name) < 1:
+                raise LowrankError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        return self
+
+    def to_yaml(self, header: str = "") -> str:
+        body = yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+        return (header + "\n" if header else "") + body
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "budget": (float, int),
+    "energy": (float, int, type(None)),
+    "samples": (int,),
+    "seq_len": (int,),
+    "seed": (int,),
+    "rank_multiple": (int,),
+    "target": (list,),
+    "ignore": (list,),
+}
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file into a dict of settings; unknown keys, wrong types or bad YAML are errors naming the file."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise LowrankError(f"recipe {p}: no such file") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise LowrankError(f"recipe {p}: not valid YAML{at}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LowrankError(f"recipe {p}: expected a mapping of settings, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(FactorizeSettings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise LowrankError(f"recipe {p}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    for key, value in data.items():
+        expected = _TYPES.get(key, (str,))
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise LowrankError(f"recipe {p}: {key} has the wrong type ({type(value).__name__})")
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise LowrankError(f"recipe {p}: {key} must be a list of patterns (strings)")
+    return data
+
+
+def build_settings(recipe: str | Path | None = None, **overrides: Any) -> FactorizeSettings:
+    """Defaults, then the recipe, then explicit overrides (None means: not given)."""
+    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("target", "ignore"):
+        if key in values:
+            values[key] = list(values[key])
+    if "budget" in values:
+        values["budget"] = float(values["budget"])
+    return FactorizeSettings(**values).validate()
