@@ -9,7 +9,15 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0+unknown"
 
+from lowrank_compress import format as _format
+from lowrank_compress.analyze import analyze
 from lowrank_compress.errors import LowrankError
+from lowrank_compress.format import load
 from lowrank_compress.modules import LowRankLinear
+from lowrank_compress.pipeline import factorize_model
+from lowrank_compress.recipe import FactorizeSettings
 
-__all__ = ["LowRankLinear", "LowrankError", "__version__"]
+# `import lowrank_compress` is all a user needs before `AutoModelForCausalLM.from_pretrained(OUT)`.
+_format.register()
+
+__all__ = ["FactorizeSettings", "LowRankLinear", "LowrankError", "__version__", "analyze", "factorize_model", "load"]

@@ -29,6 +29,8 @@ class Output:
         self.json_mode = json_mode
         # Console text is not markup: tensor names contain "[" and "]".
         self.out = Console(markup=False, highlight=False, soft_wrap=False)
+        if not self.out.is_terminal:  # piped or redirected: do not squeeze tensor names into 80 columns
+            self.out = Console(markup=False, highlight=False, soft_wrap=False, width=160)
         self.err = Console(stderr=True, markup=False, highlight=False)
 
     def warn(self, message: str) -> None:

@@ -4,7 +4,6 @@ that need the network itself: factorize (calibration), evaluate, finetune."""
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_compress.calibration import quiet_transformers
 from lowrank_compress.errors import CheckpointError, LowrankError
 
 
@@ -91,7 +91,7 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(source.directory, **kwargs)
         cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
-        with _quiet_transformers():
+        with quiet_transformers():
             model = cls.from_pretrained(
                 source.directory, dtype=dtype, use_safetensors=None if allow_pickle else True, **kwargs
             )
@@ -104,7 +104,7 @@ def load_model(
     model.to(device).eval()
     tokenizer = None
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as e:
         if need_tokenizer:
@@ -140,21 +140,3 @@ def _drop_gguf_flag(model: nn.Module) -> None:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
-
-
-class _quiet_transformers:
-    """Silence transformers' info/warning chatter (load reports, progress bars) while loading."""
-
-    def __enter__(self) -> None:
-        from transformers.utils import logging as hf_logging
-
-        self._level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        logging.getLogger("transformers").setLevel(logging.ERROR)
-
-    def __exit__(self, *exc: object) -> None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity(self._level)
-        hf_logging.enable_progress_bar()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -53,7 +52,10 @@ class LowRankLinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.down(x), self.up.weight, self.bias)
+        # Call the sub-modules (not their weights) so that wrappers placed on `up` or `down`, such as peft adapters,
+        # take part in the forward pass.
+        y = self.up(self.down(x))
+        return y if self.bias is None else y + self.bias
 
     def dense_weight(self) -> torch.Tensor:
         """The equivalent dense weight (out x in)."""

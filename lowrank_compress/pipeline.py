@@ -251,6 +251,9 @@ def factorize_model(
         layers.append(LayerResult(t.name, (t.out_features, t.in_features), rank, t.out_features * t.in_features,
                                   rank * (t.out_features + t.in_features), rel, sr))  # fmt: skip
     del candidates
+    source_dtype = _source_dtype(source)
+    if source_dtype is not None:
+        model.to(source_dtype)  # calibration ran in float32; untouched tensors go back to the source's dtype
     tick("replace")
 
     quant_info = {"method": settings.method, "policy": settings.policy, "budget": settings.budget}
@@ -314,6 +317,16 @@ def _written_target_params(shapes: dict[str, tuple[int, ...]], layer: LayerResul
     if missing:
         raise LowrankError(f"internal: the written model lacks {missing[0]}")
     return sum(math.prod(shapes[n]) for n in names)
+
+
+def _source_dtype(source: Any) -> torch.dtype | None:
+    """The floating dtype the source checkpoint stores (None for GGUF, which is dequantized to float32)."""
+    from lowrank_compress.loading import read_config
+
+    config = read_config(source) or {}
+    name = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, str(name), None) if name else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:

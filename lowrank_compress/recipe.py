@@ -9,10 +9,11 @@ from typing import Any
 
 import yaml
 
+from lowrank_compress.allocate import POLICIES
 from lowrank_compress.errors import BudgetError, LowrankError
+from lowrank_compress.factorize import METHODS
 
-METHODS = ("svd", "asvd", "whiten", "fisher")
-POLICIES = ("uniform", "energy", "stable-rank", "sensitivity")
+__all__ = ["METHODS", "POLICIES", "FactorizeSettings", "build_settings", "load_recipe"]
 
 
 @dataclass

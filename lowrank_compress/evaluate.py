@@ -1,0 +1,275 @@
+"""Quality and speed of a model: strided perplexity, bits per character, prefill and decode throughput."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowrank_compress.calibration import no_cache_kwargs, quiet_transformers, special_affixes, tokenize_text
+from lowrank_compress.errors import CalibrationError, LowrankError
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class Perplexity:
+    """Result of `perplexity`. `window` and `stride` are the values used (stride may have been reduced)."""
+
+    perplexity: float
+    bits_per_char: float
+    nll_sum: float  # nats, summed over scored tokens
+    n_tokens: int  # tokens scored
+    n_chars: int  # characters covered by the scored tokens
+    window: int
+    stride: int
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.n_tokens
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str,
+    *,
+    window: int = 512,
+    stride: int = 256,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    device: str = "cpu",
+    progress: ProgressFn | None = None,
+) -> Perplexity:
+    """Strided (sliding-window) perplexity of `text`, as in the Hugging Face perplexity guide.
+
+    The text is tokenized without special tokens (then cut to `max_tokens`). Windows of `window` model inputs
+    advance by `stride` text tokens; a window scores only the tokens it adds beyond the previous window's end, so
+    every token but the first is scored exactly once, with all the context its window holds. The first token has
+    no context and is never scored.
+
+    If the tokenizer adds a BOS (any special prefix), each window is that prefix followed by `window - len(prefix)`
+    text tokens: the prefix is context only, never scored. The stride is reduced when it is too large for every
+    token to be scored: to the text tokens a window holds with a BOS, one fewer without (a window's first token
+    then has no context, so consecutive windows must overlap by a token). The result reports the stride used.
+
+    bits_per_char = nll_sum / ln 2 / n_chars, where n_chars = len(decode(ids)) - len(decode(ids[:1])) over the
+    scored token ids (after truncation): the characters the scored tokens cover. It compares models with
+    different tokenizers, which perplexity per token does not.
+    """
+    if window < 2:
+        raise CalibrationError(f"perplexity window must be at least 2 tokens, got {window}")
+    if stride < 1:
+        raise CalibrationError(f"perplexity stride must be at least 1 token, got {stride}")
+    if batch_size < 1:
+        raise CalibrationError(f"perplexity batch size must be at least 1, got {batch_size}")
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and window > limit:
+        raise CalibrationError(
+            f"perplexity window {window} is longer than the model's context of {limit} tokens; use --window {limit}"
+        )
+    prefix, _ = special_affixes(tokenizer)
+    body = window - len(prefix)
+    # A window's first text token is predicted from the prefix, or, without one, cannot be predicted at all: so
+    # without a prefix windows must overlap by one token for every token to be scored.
+    max_stride = body if prefix else body - 1
+    if max_stride < 1:
+        raise CalibrationError(
+            f"perplexity window {window} is too short to score any token; use a longer window"
+        )
+    stride = min(stride, max_stride)
+    ids = tokenize_text(tokenizer, text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise CalibrationError(f"evaluation text has {len(ids)} token(s); at least 2 are needed to score one")
+
+    # (start, end, n_scored): window text tokens ids[start:end], scoring the last n_scored of them.
+    spans: list[tuple[int, int, int]] = []
+    prev_end = 0
+    for start in range(0, len(ids), stride):
+        end = min(start + body, len(ids))
+        n_scored = end - max(prev_end, 1)  # the first token of the text is context only
+        if n_scored > 0:
+            spans.append((start, end, n_scored))
+        prev_end = end
+        if end == len(ids):
+            break
+
+    tokens = torch.tensor(ids, dtype=torch.long)
+    pre = torch.tensor(prefix, dtype=torch.long)
+    nll_sum = 0.0
+    n_tokens = 0
+    training = {m: m.training for m in model.modules()}
+    # Windows of equal length are batched; only the last one is usually shorter.
+    groups: list[list[tuple[int, int, int]]] = []
+    for span in spans:
+        if groups and len(groups[-1]) < batch_size and _length(groups[-1][0]) == _length(span):
+            groups[-1].append(span)
+        else:
+            groups.append([span])
+    try:
+        model.eval()
+        with torch.inference_mode():
+            for done, group in enumerate(groups, start=1):
+                batch = torch.stack([torch.cat([pre, tokens[s:e]]) for s, e, _ in group]).to(device)
+                logits = model(input_ids=batch, **no_cache_kwargs(model)).logits
+                length = batch.shape[1]
+                for row, (_, _, k) in enumerate(group):
+                    # logits at position j predict token j + 1; the scored tokens are the last k of the row.
+                    pred = logits[row, length - k - 1 : length - 1]
+                    if pred.dtype not in (torch.float32, torch.float64):
+                        pred = pred.float()  # half-precision log-softmax loses too much
+                    target = batch[row, length - k :]
+                    nll = F.cross_entropy(pred, target, reduction="sum")
+                    nll_sum += float(nll.double())
+                    n_tokens += k
+                if progress is not None:
+                    progress(done, len(groups))
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+
+    with quiet_transformers():
+        n_chars = len(tokenizer.decode(ids)) - len(tokenizer.decode(ids[:1]))
+    n_chars = max(n_chars, 1)
+    return Perplexity(
+        perplexity=math.exp(nll_sum / n_tokens),
+        bits_per_char=nll_sum / math.log(2) / n_chars,
+        nll_sum=nll_sum,
+        n_tokens=n_tokens,
+        n_chars=n_chars,
+        window=window,
+        stride=stride,
+    )
+
+
+def _length(span: tuple[int, int, int]) -> int:
+    return span[1] - span[0]
+
+
+# --------------------------------------------------------------------------------------------------- speed
+
+
+@dataclass
+class Speed:
+    """Median throughput of one model. decode is None when the model cannot generate (an encoder)."""
+
+    prefill_tokens_per_s: dict[int, float]  # seq_len -> tokens/s for one sequence of that length
+    decode_tokens_per_s: float | None
+
+
+_PROMPT_LEN = 8
+
+
+def measure_speed(
+    models: Mapping[str, nn.Module],
+    *,
+    seq_lens: Sequence[int] = (128, 512),
+    decode_tokens: int = 32,
+    repeats: int = 3,
+    device: str = "cpu",
+    vocab_size: int | None = None,
+    seed: int = 0,
+) -> dict[str, Speed]:
+    """Time prefill and greedy decoding of several models on the same random tokens, interleaved.
+
+    Each model is warmed up once. Then each repeat times every model in turn (so drifts in machine load hit all
+    models alike) and the median over repeats is reported; the caller compares models by ratios. Prefill is one
+    forward pass of a (1 x seq_len) input without KV cache; decode is `generate` with a KV cache, greedy, exactly
+    `decode_tokens` new tokens from an 8-token prompt, timed whole (the short prompt's prefill included).
+    """
+    if not models:
+        raise LowrankError("measure_speed needs at least one model")
+    if repeats < 1:
+        raise LowrankError(f"speed repeats must be at least 1, got {repeats}")
+    if vocab_size is None:
+        sizes = [getattr(getattr(m, "config", None), "vocab_size", None) for m in models.values()]
+        if any(s is None for s in sizes):
+            raise LowrankError("cannot tell the vocabulary size of every model; pass vocab_size")
+        vocab_size = min(sizes)  # type: ignore[type-var]
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {n: torch.randint(0, vocab_size, (1, n), generator=gen).to(device) for n in seq_lens}
+    prompt = torch.randint(0, vocab_size, (1, _PROMPT_LEN), generator=gen).to(device)
+    can_decode = {name: decode_tokens > 0 and _can_generate(m) for name, m in models.items()}
+
+    def prefill(model: nn.Module, n: int) -> float:
+        return _timed(lambda: model(input_ids=inputs[n], **no_cache_kwargs(model)), device)
+
+    def decode(model: nn.Module) -> float:
+        return _timed(lambda: _generate(model, prompt, decode_tokens), device)
+
+    prefill_times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in seq_lens} for name in models}
+    decode_times: dict[str, list[float]] = {name: [] for name in models}
+    training = {m: m.training for model in models.values() for m in model.modules()}
+    try:
+        for model in models.values():
+            model.eval()
+        with torch.inference_mode():
+            for name, model in models.items():  # warm-up: kernels, allocator, lazy init
+                for n in seq_lens:
+                    prefill(model, n)
+                if can_decode[name]:
+                    decode(model)
+            for _ in range(repeats):
+                for name, model in models.items():
+                    for n in seq_lens:
+                        prefill_times[name][n].append(prefill(model, n))
+                    if can_decode[name]:
+                        decode_times[name].append(decode(model))
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+
+    return {
+        name: Speed(
+            prefill_tokens_per_s={n: n / statistics.median(prefill_times[name][n]) for n in seq_lens},
+            decode_tokens_per_s=decode_tokens / statistics.median(decode_times[name])
+            if can_decode[name]
+            else None,
+        )
+        for name in models
+    }
+
+
+def _can_generate(model: nn.Module) -> bool:
+    check = getattr(model, "can_generate", None)
+    return bool(check()) if callable(check) else False
+
+
+def _generate(model: nn.Module, prompt: torch.Tensor, n: int) -> Any:
+    config = getattr(model, "generation_config", None)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        eos = getattr(config, "eos_token_id", None)
+        pad = (eos[0] if isinstance(eos, list) and eos else eos) if eos is not None else 0
+    return model.generate(
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        use_cache=True,
+        pad_token_id=pad,
+    )
+
+
+def _timed(fn: Callable[[], Any], device: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return max(time.perf_counter() - t0, 1e-9)
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize()

@@ -1,0 +1,234 @@
+"""The SVD variants that turn one Linear weight into factors: plain (LoRD), ASVD, whitening (SVD-LLM), Fisher (FWSVD).
+
+Every method is one SVD of a transformed weight T(W) followed by mapping the factors back to the original space, so
+that truncating the transformed SVD at rank r minimizes the method's own objective:
+
+    svd     ||W - W_r||_F                 (data-free)
+    asvd    ||(W - W_r) S||_F             S = diag(mean |x| ** alpha) per input channel
+    whiten  ||(W - W_r) X^T||_F           X the calibration inputs; via the Cholesky factor L of X^T X
+    fisher  ||D (W - W_r)||_F             D = diag(sqrt(fisher_rows / n_tokens)) per output row
+
+Rescaling the statistics by a constant (a mean instead of a sum) changes `s` and the error scale, never the factors.
+One `decompose` call does the only SVD; the resulting `Decomposition` gives factors at any rank and the whole
+truncation-error curve, which is what the rank allocator needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from lowrank_compress.errors import CalibrationError, LowrankError
+
+if TYPE_CHECKING:  # the calibration module owns the dataclass; only its fields are used here
+    from lowrank_compress.calibration import LayerStats
+
+METHODS: tuple[str, ...] = ("svd", "asvd", "whiten", "fisher")
+
+DEFAULT_RIDGE = 1e-10
+"""First diagonal loading tried when the Gram is not (numerically) positive definite, relative to its mean diagonal."""
+
+_PIVOT_FLOOR = 1e-12
+"""A Cholesky factor is accepted only if every pivot L_ii^2 is at least this times the Gram's mean diagonal:
+a factorization that "succeeds" on round-off alone would make L^-1 explode."""
+
+_MAX_RIDGE = 1e4
+_SCALE_FLOOR = 1e-6
+"""Channel (ASVD) or row (Fisher) statistics below this fraction of their mean are raised to it, so the scaling stays
+invertible for dead channels."""
+
+
+@dataclass
+class Decomposition:
+    """What one SVD of a layer gives: everything needed to truncate at any rank without another SVD.
+
+    `W ~= (u[:, :r] * s[:r]) @ v[:r]` for every r up to `stored_rank`, exactly equal (up to round-off) at r = len(s)
+    when all factors are stored. `u` columns and `v` rows are not unit-norm in general (the transform is undone in
+    them); `s` are the singular values of the transformed matrix, so `truncation_error` is in the method's objective.
+    """
+
+    u: torch.Tensor  # (out x k') float64, left factor in the original space
+    s: torch.Tensor  # (k,) float64, singular values of the transformed matrix, descending; k' <= k
+    v: torch.Tensor  # (k' x in) float64, right factor in the original input space
+    method: str = "svd"
+    # whiten: the diagonal loading added to the Gram, relative to its mean diagonal (0: none was needed)
+    ridge: float = 0.0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out_features, in_features) of the decomposed weight."""
+        return int(self.u.shape[0]), int(self.v.shape[1])
+
+    @property
+    def full_rank(self) -> int:
+        """Length of the spectrum: min(out, in)."""
+        return int(self.s.numel())
+
+    @property
+    def stored_rank(self) -> int:
+        """How many leading factor columns are stored (less than `full_rank` after `truncate`)."""
+        return int(self.u.shape[1])
+
+    def _check_rank(self, rank: int) -> None:
+        if not 1 <= rank <= self.stored_rank:
+            raise ValueError(f"rank must be in [1, {self.stored_rank}] (stored factors), got {rank}")
+
+    def factors(self, rank: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up out x r, down r x in) with `up @ down` the rank-r approximation, cast to `dtype` at the end.
+
+        Balanced per direction: column i of `up` and row i of `down` get the same Euclidean norm
+        sqrt(s_i |u_i| |v_i|). For plain SVD that is sqrt(s) on both sides; for the data-aware methods it also undoes
+        the arbitrary scale of the statistics (a Gram summed over many tokens), so neither factor ends up tiny or huge.
+        That keeps fp16/bf16 casts safe and gives both factors comparable gradients when finetuned.
+        """
+        self._check_rank(rank)
+        u, s, v = self.u[:, :rank], self.s[:rank], self.v[:rank]
+        nu = torch.linalg.vector_norm(u, dim=0).clamp_min(torch.finfo(torch.float64).tiny)
+        nv = torch.linalg.vector_norm(v, dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+        up = u * torch.sqrt(s * nv / nu)
+        down = v * torch.sqrt(s * nu / nv)[:, None]
+        return up.to(dtype), down.to(dtype)
+
+    def reconstruct(self, rank: int) -> torch.Tensor:
+        """The rank-r approximation of W as a dense float64 matrix (for checks and error reports)."""
+        self._check_rank(rank)
+        return (self.u[:, :rank] * self.s[:rank]) @ self.v[:rank]
+
+    def truncation_error(self) -> torch.Tensor:
+        """(k+1,) float64: err[r] = sum_{i>=r} s_i^2, the objective's squared error when truncated to rank r.
+
+        err[0] is the objective's total (the error of dropping the layer), err[k] = 0. For `whiten` it is the squared
+        output error summed over the calibration tokens (plus ridge * ||W - W_r||^2 when a ridge was needed).
+        """
+        e = self.s.double() ** 2
+        tail = torch.flip(torch.cumsum(torch.flip(e, (0,)), 0), (0,))
+        return torch.cat([tail, tail.new_zeros(1)])
+
+    def truncate(self, max_rank: int) -> Decomposition:
+        """A copy keeping only the first `max_rank` factor directions (the full spectrum stays).
+
+        Ranks at or above break-even are never used, so the caller can drop the rest to save memory while holding
+        many layers for the allocator; `truncate(0)` keeps the spectrum alone.
+        """
+        r = max(0, min(int(max_rank), self.stored_rank))
+        return Decomposition(
+            self.u[:, :r].clone(), self.s.clone(), self.v[:r].clone(), self.method, self.ridge
+        )
+
+
+def decompose(
+    w: torch.Tensor,
+    method: str,
+    stats: LayerStats | None = None,
+    *,
+    asvd_alpha: float = 0.5,
+    ridge: float = DEFAULT_RIDGE,
+    damping: float = 0.0,
+) -> Decomposition:
+    """One float64 SVD of `w` (out x in) under `method`; see the module docstring for the objectives.
+
+    stats: calibration statistics (required for asvd, whiten and fisher; ignored for svd).
+    asvd_alpha: ASVD's exponent on the mean absolute activation (0 gives plain SVD).
+    ridge: whiten only: the first diagonal loading (relative to the Gram's mean diagonal) tried when the Gram is not
+        numerically positive definite; multiplied by 10 until the Cholesky factorization succeeds.
+    damping: whiten only: a loading always added (relative to the mean diagonal). 0 is SVD-LLM; larger values blend
+        the objective towards plain SVD, a hedge when calibration text differs from the deployment domain.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight (out x in), got shape {tuple(w.shape)}")
+    w = w.detach().to(torch.float64)  # computed on w's device: float64 SVD runs on CUDA too
+    if not bool(torch.isfinite(w).all()):
+        raise LowrankError(
+            "the weight has non-finite values (NaN or Inf); fix the checkpoint or keep this layer dense"
+        )
+    out_f, in_f = w.shape
+    if method != "svd" and stats is None:
+        raise ValueError(f"method {method!r} needs calibration statistics (stats=None given)")
+
+    if method == "svd":
+        u, s, v = _svd(w)
+        return Decomposition(u, s, v, method)
+
+    assert stats is not None
+    n_tokens = max(int(stats.n_tokens), 1)
+    if method == "asvd":
+        mean_abs = _checked(stats.abs_sum, (in_f,), "abs_sum", w.device) / n_tokens
+        scale = _floored(mean_abs) ** asvd_alpha
+        u, s, vh = _svd(w * scale)
+        return Decomposition(u, s, vh / scale, method)
+
+    if method == "whiten":
+        gram = _checked(stats.gram, (in_f, in_f), "gram", w.device)
+        chol, used = _cholesky_with_ridge(gram, ridge, damping)
+        u, s, vh = _svd(w @ chol)
+        # v = Vh L^-1, solved as v L = Vh (triangular, never an explicit inverse)
+        v = torch.linalg.solve_triangular(chol, vh, upper=False, left=False)
+        return Decomposition(u, s, v, method, ridge=used)
+
+    # fisher
+    if stats.fisher_rows is None:
+        raise ValueError(
+            "method 'fisher' needs stats.fisher_rows (collect calibration statistics with fisher=True)"
+        )
+    fisher = _checked(stats.fisher_rows, (out_f,), "fisher_rows", w.device) / n_tokens
+    d = torch.sqrt(_floored(fisher))
+    u, s, v = _svd(d[:, None] * w)
+    return Decomposition(u / d[:, None], s, v, method)
+
+
+def _svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    return u, s, vh
+
+
+def _checked(t: torch.Tensor, shape: tuple[int, ...], what: str, device: torch.device) -> torch.Tensor:
+    """Statistics as float64 on the weight's device, with the expected shape and finite values."""
+    if tuple(t.shape) != shape:
+        raise ValueError(f"stats.{what} has shape {tuple(t.shape)}, expected {shape} for this weight")
+    t = t.detach().to(device=device, dtype=torch.float64)
+    if not bool(torch.isfinite(t).all()):
+        raise CalibrationError(
+            f"calibration statistics ({what}) have non-finite values; check the model in float32 or use other text"
+        )
+    return t
+
+
+def _floored(x: torch.Tensor) -> torch.Tensor:
+    """Non-negative per-channel statistics made strictly positive: all ones if they are all zero."""
+    x = x.clamp_min(0.0)
+    mean = float(x.mean()) if x.numel() else 0.0
+    if mean <= 0.0:
+        return torch.ones_like(x)
+    return x.clamp_min(_SCALE_FLOOR * mean)
+
+
+def _cholesky_with_ridge(gram: torch.Tensor, ridge: float, damping: float) -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor of gram + rho * mean(diag) * I and the relative rho used.
+
+    rho starts at `damping`; while the factorization fails or has a pivot below the floor, rho = damping + ridge,
+    then the ridge grows tenfold each try.
+    """
+    g = 0.5 * (gram + gram.T)
+    mean_diag = float(g.diagonal().mean())
+    if not mean_diag > 0.0:
+        raise CalibrationError(
+            "the calibration Gram is zero: the layer saw only zero inputs; use more or other calibration text, "
+            "or keep this layer dense"
+        )
+    if ridge <= 0.0 or damping < 0.0:
+        raise ValueError(f"ridge must be > 0 and damping >= 0, got ridge={ridge}, damping={damping}")
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    tries = [damping] + [damping + ridge * 10.0**i for i in range(int(math.log10(_MAX_RIDGE / ridge)) + 2)]
+    for rel in tries:
+        chol, info = torch.linalg.cholesky_ex(g + (rel * mean_diag) * eye if rel > 0 else g)
+        if int(info) == 0 and float(chol.diagonal().min()) ** 2 >= _PIVOT_FLOOR * mean_diag:
+            return chol, rel
+    raise CalibrationError(
+        f"the calibration Gram is not positive definite even with a ridge of {tries[-1]:g} x its mean diagonal; "
+        "check the calibration statistics"
+    )

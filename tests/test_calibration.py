@@ -1,0 +1,384 @@
+"""Calibration windows and per-layer statistics, checked against direct computations on tiny random models."""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowrank_compress.calibration import (
+    LayerStats,
+    collect_stats,
+    make_batches,
+    min_tokens_needed,
+    tokenize_text,
+)
+from lowrank_compress.errors import CalibrationError, LowrankError
+
+
+def sample_text(n_chars: int = 12_000) -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))[:n_chars]
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_json(style: str) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] if style == "bert" else ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token=specials[1] if style == "bert" else specials[0]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([sample_text(20_000)], trainer=trainer)
+    if style == "bos":
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    elif style == "bert":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        )
+    return tok.to_str()
+
+
+def make_tokenizer(style: str = "bos"):
+    """Byte-level BPE (300 tokens) trained offline. style: "bos" (prepends <s>=1), "plain" (adds nothing), "bert"."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(_tokenizer_json(style))
+    if style == "bert":
+        specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
+    else:
+        specials = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=128, **specials)
+
+
+def tiny_llama(vocab: int = 300, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(vocab: int = 300, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2
+    )
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _offsets(row: list[int], ids: list[int]) -> list[int]:
+    return [i for i in range(len(ids) - len(row) + 1) if ids[i : i + len(row)] == row]
+
+
+# --------------------------------------------------------------------------------------------------- make_batches
+
+
+def test_batches_are_reproducible_with_a_seed_and_differ_with_another() -> None:
+    tok, text = make_tokenizer("plain"), sample_text()
+    a = make_batches(tok, text, samples=6, seq_len=24, seed=3)
+    b = make_batches(tok, text, samples=6, seq_len=24, seed=3)
+    c = make_batches(tok, text, samples=6, seq_len=24, seed=4)
+    assert a.dtype == torch.long and a.shape == (6, 24)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_bos_tokenizer_windows_start_with_bos_then_consecutive_text_tokens() -> None:
+    tok, text = make_tokenizer("bos"), sample_text()
+    assert tok("x").input_ids[0] == 1 and tok("x", add_special_tokens=False).input_ids[0] != 1
+    ids = tokenize_text(tok, text)
+    batches = make_batches(tok, text, samples=5, seq_len=20, seed=0)
+    assert batches.shape == (5, 20)
+    assert (batches[:, 0] == 1).all()
+    for row in batches.tolist():
+        assert 1 not in row[1:]
+        assert _offsets(row[1:], ids), "window body is not a contiguous run of the text's tokens"
+
+
+def test_plain_tokenizer_windows_are_text_tokens_only() -> None:
+    tok, text = make_tokenizer("plain"), sample_text()
+    ids = tokenize_text(tok, text)
+    assert ids == tok(text, add_special_tokens=False).input_ids  # short text: one chunk, same as one call
+    batches = make_batches(tok, text, samples=5, seq_len=20, seed=0)
+    for row in batches.tolist():
+        assert _offsets(row, ids)
+    assert batches.shape == (5, 20)  # all seq_len tokens are text: no BOS slot reserved
+
+
+def test_bert_tokenizer_windows_are_wrapped_in_cls_and_sep() -> None:
+    tok, text = make_tokenizer("bert"), sample_text()
+    ids = tokenize_text(tok, text)
+    batches = make_batches(tok, text, samples=3, seq_len=16, seed=1)
+    assert (batches[:, 0] == 2).all() and (batches[:, -1] == 3).all()
+    for row in batches.tolist():
+        assert _offsets(row[1:-1], ids)
+
+
+def test_windows_do_not_overlap_when_the_text_is_long_enough() -> None:
+    tok, text = make_tokenizer("plain"), sample_text()
+    ids = tokenize_text(tok, text)
+    body = 40
+    samples = len(ids) // body  # as many as fit: the random gaps must all be zero-ish but never negative
+    for seed in range(3):
+        batches = make_batches(tok, text, samples=samples, seq_len=body, seed=seed)
+        starts = [_offsets(row, ids)[0] for row in batches.tolist()]
+        assert all(b - a >= body for a, b in zip(starts, starts[1:], strict=False))
+
+
+def test_short_text_gives_distinct_overlapping_windows_down_to_the_stated_minimum() -> None:
+    tok = make_tokenizer("bos")
+    text = sample_text(800)
+    n = len(tokenize_text(tok, text))
+    seq_len = 30
+    body = seq_len - 1  # BOS takes one slot
+    samples = n - body + 1  # the most distinct windows there are
+    assert min_tokens_needed(samples, body) == n
+    batches = make_batches(tok, text, samples=samples, seq_len=seq_len, seed=0)
+    # Every offset is used exactly once: the rows are all the windows the text has.
+    ids = tokenize_text(tok, text)
+    every = Counter(tuple([1, *ids[i : i + body]]) for i in range(samples))
+    assert Counter(tuple(r) for r in batches.tolist()) == every
+    with pytest.raises(CalibrationError) as info:
+        make_batches(tok, text, samples=samples + 1, seq_len=seq_len, seed=0)
+    msg = str(info.value)
+    assert f"has {n} tokens" in msg and f"at least {n + 1}" in msg and "\n" not in msg
+
+
+def test_bad_batch_arguments() -> None:
+    tok = make_tokenizer("bos")
+    with pytest.raises(CalibrationError, match="at least 1"):
+        make_batches(tok, sample_text(), samples=0, seq_len=8)
+    with pytest.raises(CalibrationError, match="no room for text"):
+        make_batches(tok, sample_text(), samples=2, seq_len=1)
+
+
+def test_long_text_is_tokenized_in_chunks_at_line_breaks() -> None:
+    tok = make_tokenizer("plain")
+    text = sample_text(150_000)
+    ids = tokenize_text(tok, text)
+    whole = tok(text, add_special_tokens=False).input_ids
+    # Chunks are cut after a newline; byte-level BPE may merge across that point only rarely.
+    assert abs(len(ids) - len(whole)) <= 3
+    assert tok.decode(ids) == text
+
+
+# --------------------------------------------------------------------------------------------------- collect_stats
+
+
+def _captured_inputs(model, names, batches, batch_size):
+    """The inputs each module receives, captured with our own hooks (float64, flattened)."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [
+        model.get_submodule(n).register_forward_hook(
+            lambda m, a, o, n=n: seen[n].append(a[0].detach().reshape(-1, a[0].shape[-1]).double())
+        )
+        for n in names
+    ]
+    with torch.no_grad():
+        for s in range(0, len(batches), batch_size):
+            model(input_ids=batches[s : s + batch_size])
+    for h in handles:
+        h.remove()
+    return {n: torch.cat(v) for n, v in seen.items()}
+
+
+def test_llama_gram_equals_xtx_of_the_layer_inputs() -> None:
+    model = tiny_llama()
+    batches = torch.randint(0, 300, (5, 12), generator=torch.Generator().manual_seed(0))
+    names = [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.1.mlp.up_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
+    stats = collect_stats(model, batches, names, batch_size=2)
+    assert set(stats) == set(names)
+    # Independent path for the first layer: embeddings -> input RMSNorm, computed by hand.
+    with torch.no_grad():
+        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(batches)).reshape(-1, 32).double()
+    for n in names[:2]:
+        torch.testing.assert_close(stats[n].gram, x.T @ x, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(stats[n].abs_sum, x.abs().sum(0), rtol=1e-6, atol=1e-8)
+    captured = _captured_inputs(model, names, batches, 2)
+    for n in names:
+        st = stats[n]
+        xn = captured[n]
+        assert isinstance(st, LayerStats)
+        assert st.gram.dtype == torch.float64 and st.abs_sum.dtype == torch.float64
+        assert st.n_tokens == 5 * 12
+        assert st.gram.shape == (xn.shape[1], xn.shape[1])
+        torch.testing.assert_close(st.gram, xn.T @ xn, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(st.abs_sum, xn.abs().sum(0), rtol=1e-10, atol=1e-10)
+        assert st.fisher_rows is None and st.out_grad_sq is None
+    assert stats["model.layers.1.mlp.down_proj"].gram.shape == (48, 48)
+    # q and k share their input, but their statistics must be separate tensors.
+    assert stats[names[0]].gram.data_ptr() != stats[names[1]].gram.data_ptr()
+
+
+def test_gpt2_conv1d_gram_equals_xtx_of_the_layer_inputs() -> None:
+    model = tiny_gpt2()
+    batches = torch.randint(0, 300, (3, 10), generator=torch.Generator().manual_seed(1))
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj", "transformer.h.1.attn.c_proj"]
+    stats = collect_stats(model, batches, names, batch_size=4)
+    with torch.no_grad():
+        pos = torch.arange(10)
+        h = model.transformer.wte(batches) + model.transformer.wpe(pos)
+        x = model.transformer.h[0].ln_1(h).reshape(-1, 32).double()
+    torch.testing.assert_close(stats[names[0]].gram, x.T @ x, rtol=1e-6, atol=1e-8)
+    captured = _captured_inputs(model, names, batches, 4)
+    for n in names:
+        torch.testing.assert_close(stats[n].gram, captured[n].T @ captured[n], rtol=1e-10, atol=1e-10)
+        assert stats[n].n_tokens == 30
+    # Conv1D weights are (in x out): mlp.c_proj is (128 x 32), so its input is 128 wide.
+    assert stats["transformer.h.0.mlp.c_proj"].gram.shape == (128, 128)
+
+
+def _reference_grads(model, names, batches, batch_size, conv1d: bool):
+    """Fisher rows and mean squared output gradients by plain autograd, with our own loss."""
+    modules = [model.get_submodule(n) for n in names]
+    fisher = {
+        n: torch.zeros(m.weight.shape[1 if conv1d else 0], dtype=torch.float64)
+        for n, m in zip(names, modules, strict=True)
+    }
+    sq = dict.fromkeys(names, 0.0)
+    count = dict.fromkeys(names, 0)
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(m, a, o):
+            o.retain_grad()
+            outputs[name] = o
+
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in zip(names, modules, strict=True)]
+    for s in range(0, len(batches), batch_size):
+        ids = batches[s : s + batch_size]
+        logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        for n, m in zip(names, modules, strict=True):
+            fisher[n] += m.weight.grad.double().pow(2).sum(dim=0 if conv1d else 1)
+            og = outputs[n].grad.double()
+            sq[n] += float(og.pow(2).sum())
+            count[n] += og.numel()
+        model.zero_grad(set_to_none=True)
+    for h in handles:
+        h.remove()
+    return fisher, {n: sq[n] / count[n] for n in names}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fisher_rows_and_output_sensitivity_equal_autograd(arch) -> None:
+    if arch == "llama":
+        model = tiny_llama(seed=2)
+        names = [
+            "model.layers.0.self_attn.v_proj",
+            "model.layers.1.mlp.gate_proj",
+            "model.layers.1.mlp.down_proj",
+        ]
+    else:
+        model = tiny_gpt2(seed=2)
+        names = ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc"]
+    batches = torch.randint(0, 300, (5, 9), generator=torch.Generator().manual_seed(5))
+    model.train()  # collect_stats must run in eval mode (GPT-2 has dropout) and restore train mode
+    model.get_submodule(names[0]).weight.requires_grad_(False)
+    stats = collect_stats(model, batches, names, batch_size=2, fisher=True, sensitivity=True)
+    assert model.training and all(m.training for m in model.modules())
+    assert not model.get_submodule(names[0]).weight.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != names[0] + ".weight")
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not model.get_submodule(n)._forward_hooks for n in names)
+
+    model.eval()
+    model.get_submodule(names[0]).weight.requires_grad_(True)
+    fisher, sens = _reference_grads(model, names, batches, 2, conv1d=arch == "gpt2")
+    for n in names:
+        st = stats[n]
+        assert st.fisher_rows is not None and st.fisher_rows.dtype == torch.float64
+        out_dim = model.get_submodule(n).weight.shape[1 if arch == "gpt2" else 0]
+        assert st.fisher_rows.shape == (out_dim,)
+        torch.testing.assert_close(st.fisher_rows, fisher[n], rtol=1e-4, atol=1e-12)
+        assert st.out_grad_sq == pytest.approx(sens[n], rel=1e-4)
+        assert st.n_tokens == 45
+
+
+def test_sensitivity_alone_leaves_fisher_empty_and_progress_is_reported() -> None:
+    model = tiny_llama()
+    batches = torch.randint(0, 300, (5, 8), generator=torch.Generator().manual_seed(0))
+    calls: list[tuple[int, int]] = []
+    stats = collect_stats(
+        model,
+        batches,
+        ["model.layers.0.mlp.up_proj"],
+        batch_size=2,
+        sensitivity=True,
+        progress=lambda d, t: calls.append((d, t)),
+    )
+    st = stats["model.layers.0.mlp.up_proj"]
+    assert st.fisher_rows is None and st.out_grad_sq is not None and st.out_grad_sq > 0
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_encoder_without_lm_head_cannot_give_gradients() -> None:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(
+        BertConfig(
+            vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48
+        )
+    ).eval()
+    batches = make_batches(make_tokenizer("bert"), sample_text(), samples=2, seq_len=12)
+    name = "encoder.layer.0.intermediate.dense"
+    stats = collect_stats(model, batches, [name])  # plain statistics work for encoders
+    assert stats[name].gram.shape == (32, 32) and stats[name].n_tokens == 24
+    for kwargs in ({"fisher": True}, {"sensitivity": True}):
+        with pytest.raises(LowrankError, match="no language-model head"):
+            collect_stats(model, batches, [name], **kwargs)
+    assert not model.get_submodule(name)._forward_hooks
+
+
+def test_unknown_or_non_linear_module_is_an_error() -> None:
+    model = tiny_llama()
+    batches = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(LowrankError, match="not a module"):
+        collect_stats(model, batches, ["model.layers.9.mlp.up_proj"])
+    with pytest.raises(LowrankError, match="not a Linear"):
+        collect_stats(model, batches, ["model.layers.0.input_layernorm"])
+
+
+def test_hooks_are_removed_when_the_forward_fails() -> None:
+    model = tiny_llama()
+    name = "model.layers.0.mlp.up_proj"
+    bad = torch.full((1, 4), 10_000, dtype=torch.long)  # out of the vocabulary: the embedding raises
+    with pytest.raises(IndexError):
+        collect_stats(model, bad, [name])
+    assert not model.get_submodule(name)._forward_hooks
