@@ -159,7 +159,11 @@ def make_batches(tokenizer: Any, text: str, *, samples: int, seq_len: int, seed:
 
 @dataclass
 class LayerStats:
-    """What one layer saw during calibration. Sums, not means, so statistics of several runs can be added."""
+    """What one layer saw during calibration. Sums, not means, so statistics of several runs can be added.
+
+    Layers that read the same tensor (q/k/v, gate/up) share the same `gram` and `abs_sum` objects: treat them as
+    read-only.
+    """
 
     gram: torch.Tensor  # (in x in) float64: sum over calibration tokens of x x^T, x = the layer's input
     abs_sum: torch.Tensor  # (in,) float64: sum of |x| per input channel (ASVD's activation magnitude)
@@ -201,33 +205,46 @@ def _has_lm_head(model: nn.Module) -> bool:
     return callable(get) and get() is not None
 
 
-class _Accumulator:
-    """Running sums for one layer; created lazily on the device and with the width the layer's input has."""
+class _InputSums:
+    """Running input sums, shared by the layers that read the same tensor (q/k/v, gate/up): one Gram, not three."""
 
     def __init__(self) -> None:
         self.gram: torch.Tensor | None = None
         self.abs_sum: torch.Tensor | None = None
         self.n_tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        # The product runs in float32 (twice as fast as float64 on CPUs, and a batch has only thousands of rows);
+        # the running sums are float64, so accuracy does not decay with the number of batches.
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        gram = (flat.T @ flat).double()
+        abs_sum = flat.abs().sum(0, dtype=torch.float64)
+        if self.gram is None:
+            self.gram, self.abs_sum = gram, abs_sum
+        else:
+            self.gram += gram
+            self.abs_sum += abs_sum
+        self.n_tokens += flat.shape[0]
+
+
+class _Accumulator:
+    """Running sums for one layer: its (possibly shared) input sums and its own gradient statistics."""
+
+    def __init__(self) -> None:
+        self.inputs: _InputSums | None = None
         self.fisher_rows: torch.Tensor | None = None
         self.grad_sq_sum = 0.0
         self.grad_count = 0
 
-    def add_input(self, gram: torch.Tensor, abs_sum: torch.Tensor, n: int) -> None:
-        if self.gram is None:
-            self.gram, self.abs_sum = gram.clone(), abs_sum.clone()
-        else:
-            self.gram += gram
-            self.abs_sum += abs_sum
-        self.n_tokens += n
-
     def stats(self) -> LayerStats:
-        if self.gram is None or self.abs_sum is None:
+        sums = self.inputs
+        if sums is None or sums.gram is None or sums.abs_sum is None:
             raise LowrankError(
                 "a calibration target was never called during the forward pass; is it a used layer?"
             )
         fisher = self.fisher_rows.cpu() if self.fisher_rows is not None else None
         mean_sq = self.grad_sq_sum / self.grad_count if self.grad_count else None
-        return LayerStats(self.gram.cpu(), self.abs_sum.cpu(), self.n_tokens, fisher, mean_sq)
+        return LayerStats(sums.gram.cpu(), sums.abs_sum.cpu(), sums.n_tokens, fisher, mean_sq)
 
 
 def collect_stats(
@@ -238,19 +255,23 @@ def collect_stats(
     batch_size: int = 4,
     fisher: bool = False,
     sensitivity: bool = False,
+    grad_samples: int | None = None,
     progress: ProgressFn | None = None,
     device: str = "cpu",
 ) -> dict[str, LayerStats]:
     """Run `batches` (samples x seq_len token ids) through `model` and return statistics per named module.
 
-    The input of each module (nn.Linear, or GPT-2's Conv1D whose input is the same) is flattened over batch and
-    sequence and accumulated in float64: X^T X and sum |X|. Layers fed the same tensor (q/k/v, gate/up) share the
-    computation. The model runs in eval mode (no dropout); its modes and requires_grad flags are restored.
+    Pass 1, without gradients and without the LM head (its logits are not needed): the input of each module
+    (nn.Linear, or GPT-2's Conv1D whose input is the same) is flattened over batch and sequence and accumulated:
+    X^T X and sum |X|. Layers fed the same tensor (q/k/v, gate/up) share those sums.
 
-    fisher / sensitivity need a backward pass of the model's LM loss (labels = input ids, mean over tokens, one
-    loss per batch of `batch_size` windows), so the model must have an LM head:
-    - fisher_rows: sum over batches of the squared weight gradient, summed over the input dimension, per output row;
-    - out_grad_sq: mean over all batches and elements of the squared gradient w.r.t. the module output.
+    Pass 2, only for fisher / sensitivity: a backward pass of the LM loss (labels = input ids, mean over tokens, one
+    loss per batch of `batch_size` windows) over `grad_samples` windows spread evenly through `batches` (default:
+    all). It needs an LM head.
+    - out_grad_sq: mean over batches and elements of the squared gradient w.r.t. the module output. Without fisher,
+      gradients flow from the input embeddings only, so no weight gradient is ever computed (half the cost).
+    - fisher_rows: sum over batches of the squared weight gradient, summed over the input dimension, per output row.
+    The model runs in eval mode (no dropout); its modes and requires_grad flags are restored.
     """
     if batches.ndim != 2 or batches.shape[0] == 0:
         raise CalibrationError(
@@ -265,67 +286,38 @@ def collect_stats(
             f"{type(model).__name__} has no language-model head, so the loss gradients that the fisher method and "
             "the sensitivity policy need are unavailable; use method svd, asvd or whiten and another rank policy"
         )
+    grad_rows = _spread(batches.shape[0], grad_samples) if need_grad else []
+    n_stat = -(-batches.shape[0] // batch_size)
+    n_grad = -(-len(grad_rows) // batch_size)
+    report = progress or (lambda done, total: None)
 
     accs = {name: _Accumulator() for name in targets}
-    # Layers fed the same tensor (q/k/v, gate/up) reuse the last input's sums.
-    last: dict[str, Any] = {"x": None, "gram": None, "abs": None}
-    handles: list[Any] = []
-
-    def input_hook(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            x = args[0]
-            if last["x"] is not x:
-                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-                last["x"], last["gram"], last["abs"] = x, flat.T @ flat, flat.abs().sum(0)
-            accs[name].add_input(last["gram"], last["abs"], x.numel() // x.shape[-1])
-            if sensitivity and isinstance(output, torch.Tensor) and output.requires_grad:
-                acc = accs[name]
-
-                def grad_hook(g: torch.Tensor) -> None:
-                    acc.grad_sq_sum += float(g.detach().to(torch.float64).pow(2).sum())
-                    acc.grad_count += g.numel()
-
-                output.register_hook(grad_hook)
-
-        return hook
-
     training = {m: m.training for m in model.modules()}
     requires = {p: p.requires_grad for p in model.parameters()}
-    weights = [m.weight for m in targets.values()]
+    handles: list[Any] = []
     try:
         model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        last: dict[str, Any] = {}
+        handles = [m.register_forward_hook(_input_hook(name, accs, last)) for name, m in targets.items()]
+        body = _body(model, targets)
+        with torch.no_grad():
+            for done, start in enumerate(range(0, batches.shape[0], batch_size), start=1):
+                body(input_ids=batches[start : start + batch_size].to(device), **no_cache_kwargs(body))
+                last.clear()
+                report(done, n_stat + n_grad)
+        for h in handles:
+            h.remove()
         if need_grad:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            for w in weights:
+            handles = [m.register_forward_hook(_output_grad_hook(name, accs)) for name, m in targets.items()]
+            weights = [m.weight for m in targets.values()]
+            for w in weights if fisher else []:
                 w.requires_grad_(True)
-        for name, module in targets.items():
-            handles.append(module.register_forward_hook(input_hook(name)))
-        total = (batches.shape[0] + batch_size - 1) // batch_size
-        for done, start in enumerate(range(0, batches.shape[0], batch_size), start=1):
-            ids = batches[start : start + batch_size].to(device)
-            if need_grad:
-                with torch.enable_grad():
-                    out = model(input_ids=ids, labels=ids, **no_cache_kwargs(model))
-                    loss = getattr(out, "loss", None)
-                    if loss is None:
-                        raise LowrankError(
-                            f"{type(model).__name__} returned no loss for labels; fisher and sensitivity need a "
-                            "causal language model"
-                        )
-                    grads = torch.autograd.grad(loss, weights)
-                if fisher:
-                    for (name, module), g in zip(targets.items(), grads, strict=True):
-                        rows = g.detach().to(torch.float64).pow(2).sum(dim=0 if _is_conv1d(module) else 1)
-                        acc = accs[name]
-                        acc.fisher_rows = rows if acc.fisher_rows is None else acc.fisher_rows + rows
-                del out, loss, grads
-            else:
-                with torch.no_grad():
-                    model(input_ids=ids, **no_cache_kwargs(model))
-            last["x"] = last["gram"] = last["abs"] = None
-            if progress is not None:
-                progress(done, total)
+            for done, start in enumerate(range(0, len(grad_rows), batch_size), start=1):
+                ids = batches[grad_rows[start : start + batch_size]].to(device)
+                _gradient_step(model, ids, targets, accs, weights if fisher else None)
+                report(n_stat + done, n_stat + n_grad)
     finally:
         for h in handles:
             h.remove()
@@ -334,6 +326,78 @@ def collect_stats(
         for p, flag in requires.items():
             p.requires_grad_(flag)
     return {name: acc.stats() for name, acc in accs.items()}
+
+
+def _spread(n: int, k: int | None) -> list[int]:
+    """k row indices spread evenly over range(n) (all rows when k is None or >= n)."""
+    if k is None or k >= n:
+        return list(range(n))
+    if k < 1:
+        raise CalibrationError(f"gradient samples must be at least 1, got {k}")
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+
+
+def _body(model: nn.Module, targets: dict[str, nn.Module]) -> nn.Module:
+    """The model without its LM head when every target lives in the base model (the head's logits are not needed)."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        return model
+    inside = {id(m) for m in base.modules()}
+    return base if all(id(m) in inside for m in targets.values()) else model
+
+
+def _input_hook(name: str, accs: dict[str, _Accumulator], last: dict[str, Any]) -> Callable[..., None]:
+    """Add the module's input to its input sums; `last` (the previous tensor and its sums) detects shared inputs."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        x = args[0]
+        acc = accs[name]
+        same = last.get("x") is x
+        if acc.inputs is None:  # first batch: a layer that reads the previous layer's tensor joins its sums
+            acc.inputs = last["sums"] if same else _InputSums()
+        if not (same and acc.inputs is last.get("sums")):
+            acc.inputs.add(x)
+        last["x"], last["sums"] = x, acc.inputs
+
+    return hook
+
+
+def _output_grad_hook(name: str, accs: dict[str, _Accumulator]) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            acc = accs[name]
+
+            def grad_hook(g: torch.Tensor) -> None:
+                acc.grad_sq_sum += float(g.detach().to(torch.float64).pow(2).sum())
+                acc.grad_count += g.numel()
+
+            output.register_hook(grad_hook)
+
+    return hook
+
+
+def _gradient_step(
+    model: nn.Module,
+    ids: torch.Tensor,
+    targets: dict[str, nn.Module],
+    accs: dict[str, _Accumulator],
+    weights: list[torch.Tensor] | None,
+) -> None:
+    """One LM-loss backward pass. Without weights (sensitivity only) gradients start at the input embeddings."""
+    with torch.enable_grad():
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        out = model(inputs_embeds=embeds, labels=ids, **no_cache_kwargs(model))
+        loss = getattr(out, "loss", None)
+        if loss is None:
+            raise LowrankError(
+                f"{type(model).__name__} returned no loss for labels; fisher and sensitivity need a causal language model"
+            )
+        grads = torch.autograd.grad(loss, weights if weights is not None else [embeds])
+    if weights is not None:
+        for (name, module), g in zip(targets.items(), grads, strict=True):
+            rows = g.detach().to(torch.float64).pow(2).sum(dim=0 if _is_conv1d(module) else 1)
+            acc = accs[name]
+            acc.fisher_rows = rows if acc.fisher_rows is None else acc.fisher_rows + rows
 
 
 def no_cache_kwargs(model: nn.Module) -> dict[str, Any]:

@@ -245,6 +245,7 @@ def _explicit(ctx: click.Context, name: str, value: Any) -> Any:
 @click.option("--calibration", default=_DEFAULTS.calibration, show_default=True, metavar="FILE|builtin", help="Calibration text (.txt, .jsonl with a 'text' field, or builtin).")
 @click.option("--samples", type=int, default=_DEFAULTS.samples, show_default=True, help="Calibration sequences.")
 @click.option("--seq-len", type=int, default=_DEFAULTS.seq_len, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--grad-samples", type=int, default=_DEFAULTS.grad_samples, show_default=True, help="Calibration sequences used for loss gradients (sensitivity policy, fisher method).")
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seed for calibration windows.")
 @click.option("--rank-multiple", type=int, default=_DEFAULTS.rank_multiple, show_default=True, help="Round ranks to a multiple of this.")
 @target_option

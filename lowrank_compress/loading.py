@@ -4,6 +4,8 @@ that need the network itself: factorize (calibration), evaluate, finetune."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,8 +81,6 @@ def load_model(
     need_tokenizer: bool = True,
 ) -> tuple[nn.Module, Any, ModelSource]:
     """Load a dense or compressed model in eval mode, plus its tokenizer (None when not needed and absent)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
     import lowrank_compress.format as fmt  # registers the lowrank quantizer
 
     fmt.register()
@@ -89,16 +89,24 @@ def load_model(
     if source.gguf_file is None:
         _check_weights_present(source.directory, allow_pickle)
     try:
-        config = AutoConfig.from_pretrained(source.directory, **kwargs)
-        cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
-        with quiet_transformers():
-            model = cls.from_pretrained(
-                source.directory, dtype=dtype, use_safetensors=None if allow_pickle else True, **kwargs
-            )
+        with _gguf_loading():
+            return _load(source, kwargs, device, dtype, allow_pickle, need_tokenizer)
     except LowrankError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{source.path}: cannot load the model: {_first_line(e)}") from e
+
+
+def _load(source: ModelSource, kwargs: dict[str, Any], device: str, dtype: torch.dtype, allow_pickle: bool,
+          need_tokenizer: bool) -> tuple[nn.Module, Any, ModelSource]:  # fmt: skip
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(source.directory, **kwargs)
+    cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+    with quiet_transformers():
+        model = cls.from_pretrained(
+            source.directory, dtype=dtype, use_safetensors=None if allow_pickle else True, **kwargs
+        )
     if source.gguf_file:
         _drop_gguf_flag(model)
     model.to(device).eval()
@@ -110,6 +118,33 @@ def load_model(
         if need_tokenizer:
             raise CheckpointError(f"{source.path}: no usable tokenizer ({_first_line(e)})") from e
     return model, tokenizer, source
+
+
+@contextmanager
+def _gguf_loading() -> Iterator[None]:
+    """transformers builds a new GGUFReader for the config, the weights and the tokenizer; parsing the metadata
+    (tens of thousands of tokenizer strings) takes seconds each time. Memoize readers by path while loading, and
+    silence the loader's own tqdm bar, which ignores transformers' progress-bar switch."""
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf.GGUFReader
+    original_tqdm = gguf_utils.tqdm
+    cache: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in cache:
+            cache[key] = original(path, mode)
+        return cache[key]
+
+    gguf.GGUFReader = reader  # type: ignore[assignment]
+    gguf_utils.tqdm = lambda iterable, **_kw: iterable
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+        gguf_utils.tqdm = original_tqdm
 
 
 def _check_weights_present(directory: Path, allow_pickle: bool) -> None:

@@ -196,6 +196,9 @@ def factorize_model(
             "tokens": int(batches.numel()),
             "text_sha256": text_fingerprint(text),
             "seed": settings.seed,
+            "grad_samples": min(settings.grad_samples, settings.samples)
+            if settings.method == "fisher" or settings.policy == "sensitivity"
+            else 0,
         }
         stats = collect_stats(
             model,
@@ -203,6 +206,7 @@ def factorize_model(
             [t.name for t in targets],
             fisher=settings.method == "fisher",
             sensitivity=settings.policy == "sensitivity",
+            grad_samples=settings.grad_samples,
             device=settings.device,
             progress=lambda done, total: report("calibration", done, total),
         )

@@ -27,6 +27,7 @@ class FactorizeSettings:
     calibration: str = "builtin"
     samples: int = 32
     seq_len: int = 512
+    grad_samples: int = 8
     seed: int = 0
     target: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
@@ -42,7 +43,7 @@ class FactorizeSettings:
             raise LowrankError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise LowrankError(f"energy must be in (0, 1], got {self.energy}")
-        for name in ("samples", "seq_len", "rank_multiple"):
+        for name in ("samples", "seq_len", "grad_samples", "rank_multiple"):
             if getattr(self, name) < 1:
                 raise LowrankError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         return self
@@ -57,6 +58,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "energy": (float, int, type(None)),
     "samples": (int,),
     "seq_len": (int,),
+    "grad_samples": (int,),
     "seed": (int,),
     "rank_multiple": (int,),
     "target": (list,),
