@@ -1,6 +1,6 @@
 """Analyze SmolLM2-135M in exact and fast mode: wall time, peak RSS, and how close fast mode's stable ranks are.
 
-    python benchmarks/bench_analyze.py      # writes benchmarks/results/analyze.json
+python benchmarks/bench_analyze.py      # writes benchmarks/results/analyze.json
 """
 
 from __future__ import annotations
@@ -30,12 +30,18 @@ def main() -> None:
     accuracy = {"max_rel_err_stable_rank": max(rel), "mean_rel_err_stable_rank": math.fsum(rel) / len(rel)}
     print(f"{'mode':6} {'layers':>6} {'analyze s':>10} {'process s':>10} {'peak RSS MB':>12}")
     for mode, r in rows.items():
-        print(f"{mode:6} {r['layers']:>6} {r['analyze_s']:>10.2f} {r['process_wall_s']:>10.2f} {r['peak_rss_mb']:>12.0f}")
-    print(f"fast-mode stable rank vs exact: max rel. error {accuracy['max_rel_err_stable_rank']:.2e}, "
-          f"mean {accuracy['mean_rel_err_stable_rank']:.2e}")
+        print(
+            f"{mode:6} {r['layers']:>6} {r['analyze_s']:>10.2f} {r['process_wall_s']:>10.2f} {r['peak_rss_mb']:>12.0f}"
+        )
+    print(
+        f"fast-mode stable rank vs exact: max rel. error {accuracy['max_rel_err_stable_rank']:.2e}, "
+        f"mean {accuracy['mean_rel_err_stable_rank']:.2e}"
+    )
     for r in rows.values():
         r.pop("stable_ranks")
-    path = save("analyze", {"model": "SmolLM2-135M-Instruct Q4_1 GGUF", "runs": rows, "fast_accuracy": accuracy})
+    path = save(
+        "analyze", {"model": "SmolLM2-135M-Instruct Q4_1 GGUF", "runs": rows, "fast_accuracy": accuracy}
+    )
     print(f"wrote {path}")
 
 

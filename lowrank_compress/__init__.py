@@ -20,4 +20,12 @@ from lowrank_compress.recipe import FactorizeSettings
 # `import lowrank_compress` is all a user needs before `AutoModelForCausalLM.from_pretrained(OUT)`.
 _format.register()
 
-__all__ = ["FactorizeSettings", "LowRankLinear", "LowrankError", "__version__", "analyze", "factorize_model", "load"]
+__all__ = [
+    "FactorizeSettings",
+    "LowRankLinear",
+    "LowrankError",
+    "__version__",
+    "analyze",
+    "factorize_model",
+    "load",
+]

@@ -93,7 +93,9 @@ class AnalysisResult:
         if self.mode != "exact":
             return None
         return {
-            e: sum(layer.params_at_energy[e] if layer.params_at_energy else layer.params for layer in self.layers)
+            e: sum(
+                layer.params_at_energy[e] if layer.params_at_energy else layer.params for layer in self.layers
+            )
             for e in ENERGIES
         }
 

@@ -105,7 +105,9 @@ target_option = click.option(
 ignore_option = click.option(
     "--ignore", "ignores", multiple=True, metavar="PATTERN", help="Skip modules matching PATTERN. Repeatable."
 )
-json_option = click.option("--json", "json_mode", is_flag=True, help="Print one JSON document on stdout, nothing else.")
+json_option = click.option(
+    "--json", "json_mode", is_flag=True, help="Print one JSON document on stdout, nothing else."
+)
 pickle_option = click.option(
     "--allow-pickle", is_flag=True, help="Allow pickled .bin/.pt weights (loaded with weights_only=True)."
 )
@@ -132,12 +134,23 @@ def _model_or_default(model: str | None) -> str:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", required=False)
-@click.option("--fast/--exact", default=None, help="Norms and stable rank without a full SVD (default: fast above 1B params).")
+@click.option(
+    "--fast/--exact",
+    default=None,
+    help="Norms and stable rank without a full SVD (default: fast above 1B params).",
+)
 @target_option
 @ignore_option
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Write report.json, report.md and PNG plots here.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    help="Write report.json, report.md and PNG plots here.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out directory.")
-@click.option("--top", default=0, show_default="all", help="Show only the N most compressible layers in the table.")
+@click.option(
+    "--top", default=0, show_default="all", help="Show only the N most compressible layers in the table."
+)
 @pickle_option
 @json_option
 def analyze(
@@ -165,7 +178,12 @@ def analyze(
         check_output_dir(out_dir, overwrite, inputs=[Path(path)])
     with out.progress("analyzing layers") as update:
         result = run_analyze(
-            path, fast=fast, target=targets or None, ignore=ignores or None, allow_pickle=allow_pickle, progress=update
+            path,
+            fast=fast,
+            target=targets or None,
+            ignore=ignores or None,
+            allow_pickle=allow_pickle,
+            progress=update,
         )
     files: list[Path] = []
     if out_dir is not None:
@@ -237,20 +255,68 @@ def _explicit(ctx: click.Context, name: str, value: Any) -> Any:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", required=False)
-@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--budget", type=float, default=_DEFAULTS.budget, show_default=True, help="Fraction of targeted Linear params kept, 0 < b < 1.")
-@click.option("--method", type=click.Choice(METHODS), default=_DEFAULTS.method, show_default=True, help="SVD variant.")
-@click.option("--policy", type=click.Choice(POLICIES), default=_DEFAULTS.policy, show_default=True, help="Rank allocation.")
-@click.option("--energy", type=float, default=None, help="energy policy: the kept energy (default: met to the budget).")
-@click.option("--calibration", default=_DEFAULTS.calibration, show_default=True, metavar="FILE|builtin", help="Calibration text (.txt, .jsonl with a 'text' field, or builtin).")
-@click.option("--samples", type=int, default=_DEFAULTS.samples, show_default=True, help="Calibration sequences.")
-@click.option("--seq-len", type=int, default=_DEFAULTS.seq_len, show_default=True, help="Tokens per calibration sequence.")
-@click.option("--grad-samples", type=int, default=_DEFAULTS.grad_samples, show_default=True, help="Calibration sequences used for loss gradients (sensitivity policy, fisher method).")
-@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seed for calibration windows.")
-@click.option("--rank-multiple", type=int, default=_DEFAULTS.rank_multiple, show_default=True, help="Round ranks to a multiple of this.")
+@click.option(
+    "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output directory."
+)
+@click.option(
+    "--budget",
+    type=float,
+    default=_DEFAULTS.budget,
+    show_default=True,
+    help="Fraction of targeted Linear params kept, 0 < b < 1.",
+)
+@click.option(
+    "--method", type=click.Choice(METHODS), default=_DEFAULTS.method, show_default=True, help="SVD variant."
+)
+@click.option(
+    "--policy",
+    type=click.Choice(POLICIES),
+    default=_DEFAULTS.policy,
+    show_default=True,
+    help="Rank allocation.",
+)
+@click.option(
+    "--energy", type=float, default=None, help="energy policy: the kept energy (default: met to the budget)."
+)
+@click.option(
+    "--calibration",
+    default=_DEFAULTS.calibration,
+    show_default=True,
+    metavar="FILE|builtin",
+    help="Calibration text (.txt, .jsonl with a 'text' field, or builtin).",
+)
+@click.option(
+    "--samples", type=int, default=_DEFAULTS.samples, show_default=True, help="Calibration sequences."
+)
+@click.option(
+    "--seq-len",
+    type=int,
+    default=_DEFAULTS.seq_len,
+    show_default=True,
+    help="Tokens per calibration sequence.",
+)
+@click.option(
+    "--grad-samples",
+    type=int,
+    default=_DEFAULTS.grad_samples,
+    show_default=True,
+    help="Calibration sequences used for loss gradients (sensitivity policy, fisher method).",
+)
+@click.option(
+    "--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seed for calibration windows."
+)
+@click.option(
+    "--rank-multiple",
+    type=int,
+    default=_DEFAULTS.rank_multiple,
+    show_default=True,
+    help="Round ranks to a multiple of this.",
+)
 @target_option
 @ignore_option
-@click.option("--recipe", type=click.Path(path_type=Path), help="YAML settings; flags given on the command line win.")
+@click.option(
+    "--recipe", type=click.Path(path_type=Path), help="YAML settings; flags given on the command line win."
+)
 @click.option("--device", default=_DEFAULTS.device, show_default=True, help="cpu, cuda, cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @pickle_option
@@ -276,7 +342,9 @@ def factorize(ctx: click.Context, model: str | None, output: Path, recipe: Path 
         import torch
 
         if not torch.cuda.is_available():
-            raise LowrankError(f"--device {settings.device}: CUDA is not available on this machine; use --device cpu")
+            raise LowrankError(
+                f"--device {settings.device}: CUDA is not available on this machine; use --device cpu"
+            )
     path = _model_or_default(model)
     phases = {"calibration": "calibrating", "decompose": "decomposing layers"}
     with out.progress("loading") as update:
@@ -305,7 +373,9 @@ def factorize(ctx: click.Context, model: str | None, output: Path, recipe: Path 
     )
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in data["timings_s"].items())
     out.out.print(f"time: {timing}")
-    out.out.print(f"wrote {output} (load it: import lowrank_compress; AutoModelForCausalLM.from_pretrained(...))")
+    out.out.print(
+        f"wrote {output} (load it: import lowrank_compress; AutoModelForCausalLM.from_pretrained(...))"
+    )
 
 
 def main() -> None:

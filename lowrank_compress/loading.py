@@ -49,7 +49,9 @@ def resolve(path: str | Path) -> ModelSource:
         return ModelSource(p, p, ggufs[0].name)
     if len(ggufs) > 1:
         raise CheckpointError(f"{p}: several .gguf files; pass the one to use")
-    raise CheckpointError(f"{p}: no config.json or .gguf file; pass a Hugging Face model directory or a .gguf file")
+    raise CheckpointError(
+        f"{p}: no config.json or .gguf file; pass a Hugging Face model directory or a .gguf file"
+    )
 
 
 def read_config(source: ModelSource) -> dict[str, Any] | None:

@@ -37,7 +37,9 @@ class LowRankLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_factors(cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None) -> LowRankLinear:
+    def from_factors(
+        cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> LowRankLinear:
         """Build from `up` (out x r) and `down` (r x in); dtype and device follow `up`."""
         out_features, rank = up.shape
         rank_d, in_features = down.shape

@@ -72,8 +72,12 @@ def find_targets(model: nn.Module, target: list[str], ignore: list[str]) -> list
             out_f, in_f = module.weight.shape
         found.append(Target(name, module, out_f, in_f))
     if not found:
-        what = f"--target {' '.join(target)}" if target else "the default (Linear layers inside repeated blocks)"
-        raise LowrankError(f"no Linear layers to factorize match {what}; check the patterns with `lowrank-compress analyze`")
+        what = (
+            f"--target {' '.join(target)}" if target else "the default (Linear layers inside repeated blocks)"
+        )
+        raise LowrankError(
+            f"no Linear layers to factorize match {what}; check the patterns with `lowrank-compress analyze`"
+        )
     return found
 
 
@@ -84,7 +88,9 @@ class LayerResult:
     rank: int | None  # None: kept dense
     params_before: int
     params_after: int
-    relative_error: float  # sqrt(discarded / total) of the method's objective (whitened output error for whiten)
+    relative_error: (
+        float  # sqrt(discarded / total) of the method's objective (whitened output error for whiten)
+    )
     stable_rank: float
 
 
@@ -187,7 +193,9 @@ def factorize_model(
     stats: dict[str, Any] = {}
     calibration_info: dict[str, Any] = {"source": None}
     if text is not None:
-        batches = make_batches(tokenizer, text, samples=settings.samples, seq_len=settings.seq_len, seed=settings.seed)
+        batches = make_batches(
+            tokenizer, text, samples=settings.samples, seq_len=settings.seq_len, seed=settings.seed
+        )
         calibration_info = {
             "source": settings.calibration,
             "split": "calibration",
@@ -316,7 +324,11 @@ def written_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
 
 def _written_target_params(shapes: dict[str, tuple[int, ...]], layer: LayerResult) -> int:
     """A target's weight parameters as written: both factors, or the dense weight (biases are not counted)."""
-    names = [f"{layer.name}.weight"] if layer.rank is None else [f"{layer.name}.down.weight", f"{layer.name}.up.weight"]
+    names = (
+        [f"{layer.name}.weight"]
+        if layer.rank is None
+        else [f"{layer.name}.down.weight", f"{layer.name}.up.weight"]
+    )
     missing = [n for n in names if n not in shapes]
     if missing:
         raise LowrankError(f"internal: the written model lacks {missing[0]}")

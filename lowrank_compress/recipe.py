@@ -36,7 +36,9 @@ class FactorizeSettings:
 
     def validate(self) -> FactorizeSettings:
         if not 0.0 < self.budget < 1.0:
-            raise BudgetError(f"budget must be strictly between 0 and 1 (the fraction of target params kept), got {self.budget}")
+            raise BudgetError(
+                f"budget must be strictly between 0 and 1 (the fraction of target params kept), got {self.budget}"
+            )
         if self.method not in METHODS:
             raise LowrankError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.policy not in POLICIES:
@@ -84,7 +86,9 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(FactorizeSettings)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise LowrankError(f"recipe {p}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+        raise LowrankError(
+            f"recipe {p}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
+        )
     for key, value in data.items():
         expected = _TYPES.get(key, (str,))
         if isinstance(value, bool) or not isinstance(value, expected):

@@ -37,7 +37,9 @@ def analysis_markdown(result: AnalysisResult) -> str:
     if s["kept_at_energy"]:
         lines += ["| energy kept | target params kept | of targets | of model |", "|---|---|---|---|"]
         for e, k in s["kept_at_energy"].items():
-            lines.append(f"| {float(e):.0%} | {k['target_params']:,} | {k['target_fraction']:.1%} | {k['model_fraction']:.1%} |")
+            lines.append(
+                f"| {float(e):.0%} | {k['target_params']:,} | {k['target_fraction']:.1%} | {k['model_fraction']:.1%} |"
+            )
         lines.append("")
     if s["non_finite_layers"]:
         lines += [f"Layers with NaN/Inf weights (not analyzed): {', '.join(s['non_finite_layers'])}", ""]
@@ -99,7 +101,9 @@ def analysis_plots(result: AnalysisResult, out_dir: Path) -> list[Path]:
     if by_type:
         fig, ax = plt.subplots(figsize=(7, 4))
         for ltype, layers in sorted(by_type.items()):
-            pts = sorted((x.depth if x.depth is not None else 0, x.stable_rank / x.break_even_rank) for x in layers)
+            pts = sorted(
+                (x.depth if x.depth is not None else 0, x.stable_rank / x.break_even_rank) for x in layers
+            )
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=ltype)
         ax.set_xlabel("depth (block index)")
         ax.set_ylabel("stable rank / break-even rank")

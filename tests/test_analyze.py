@@ -66,7 +66,9 @@ def test_json_output_is_one_document_with_schema(llama: Path) -> None:
     data = json.loads(res.stdout)
     assert set(data) >= {"model", "mode", "summary", "layers", "skipped"}
     assert data["summary"]["layers"] == len(data["layers"]) == 15
-    assert {"stable_rank", "effective_rank", "energy_ranks", "break_even_rank", "params_at_energy"} <= set(data["layers"][0])
+    assert {"stable_rank", "effective_rank", "energy_ranks", "break_even_rank", "params_at_energy"} <= set(
+        data["layers"][0]
+    )
     assert any(s["reason"] == "embedding" for s in data["skipped"])
 
 

@@ -24,6 +24,7 @@ def assert_gram_close(got: torch.Tensor, expected: torch.Tensor) -> None:
     scale = float(expected.diagonal().abs().max())
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6 * scale)
 
+
 def sample_text(n_chars: int = 12_000) -> str:
     from pydoc_data.topics import topics
 
@@ -359,7 +360,9 @@ def test_gradient_statistics_on_a_spread_subset() -> None:
     model = tiny_llama()
     batches = torch.randint(0, 300, (5, 8), generator=torch.Generator().manual_seed(1))
     name = "model.layers.1.self_attn.o_proj"
-    subset = collect_stats(model, batches, [name], batch_size=2, sensitivity=True, fisher=True, grad_samples=2)[name]
+    subset = collect_stats(
+        model, batches, [name], batch_size=2, sensitivity=True, fisher=True, grad_samples=2
+    )[name]
     direct = collect_stats(model, batches[[0, 4]], [name], batch_size=2, sensitivity=True, fisher=True)[name]
     assert subset.out_grad_sq == pytest.approx(direct.out_grad_sq, rel=1e-9)
     torch.testing.assert_close(subset.fisher_rows, direct.fisher_rows, rtol=1e-9, atol=0)
