@@ -29,11 +29,17 @@ lint: setup
 	$(VENV)/bin/ruff check lowrank_compress tests benchmarks
 	$(VENV)/bin/ruff format --check lowrank_compress tests benchmarks
 
+# The whole story on the built-in SmolLM2: which layers compress, the default factorization to 80% evaluated against
+# the dense model, and the rendered report.
 demo: setup
-	$(VENV)/bin/lowrank-compress analyze
+	$(VENV)/bin/lowrank-compress analyze --top 10
+	$(VENV)/bin/lowrank-compress factorize -o demo-out/smollm2-0.8 --overwrite --evaluate
+	$(VENV)/bin/lowrank-compress report demo-out/smollm2-0.8
+	@echo "model: demo-out/smollm2-0.8/ (load it after import lowrank_compress); report: demo-out/smollm2-0.8/report.html"
 
 bench: setup
 	$(PY) benchmarks/bench_analyze.py
+	$(PY) benchmarks/bench_factorize.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache demo-out

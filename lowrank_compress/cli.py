@@ -34,7 +34,7 @@ class Output:
         self.err = Console(stderr=True, markup=False, highlight=False)
 
     def warn(self, message: str) -> None:
-        self.err.print(f"warning: {message}", style="yellow")
+        self.err.print(f"warning: {message}", style="yellow", soft_wrap=True)  # one line, whatever the width
 
     def info(self, message: str) -> None:
         if not self.json_mode:
@@ -121,6 +121,9 @@ def cli() -> None:
     \b
     analyze    which layers are compressible, and by how much
     factorize  SVD-factorize Linear layers to a parameter budget
+    evaluate   perplexity, bits per character and speed, against a baseline
+    report     report.md and a self-contained report.html for factorize outputs
+    sweep      factorize and evaluate at several budgets: the curve to choose one
     """
 
 
@@ -253,100 +256,106 @@ def _explicit(ctx: click.Context, name: str, value: Any) -> Any:
     return value if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE else None
 
 
+def settings_options(f: Any) -> Any:
+    """The factorize settings (everything a recipe holds but the budget), shared by factorize and sweep."""
+    options = [
+        click.option("--method", type=click.Choice(METHODS), default=_DEFAULTS.method, show_default=True,
+                     help="SVD variant."),
+        click.option("--policy", type=click.Choice(POLICIES), default=_DEFAULTS.policy, show_default=True,
+                     help="Rank allocation."),
+        click.option("--energy", type=float, default=None,
+                     help="energy policy: the kept energy (default: met to the budget)."),
+        click.option("--calibration", default=_DEFAULTS.calibration, show_default=True, metavar="FILE|builtin",
+                     help="Calibration text (.txt, .jsonl with a 'text' field, or builtin)."),
+        click.option("--samples", type=int, default=_DEFAULTS.samples, show_default=True,
+                     help="Calibration sequences."),
+        click.option("--seq-len", type=int, default=_DEFAULTS.seq_len, show_default=True,
+                     help="Tokens per calibration sequence."),
+        click.option("--grad-samples", type=int, default=_DEFAULTS.grad_samples, show_default=True,
+                     help="Calibration sequences used for loss gradients (sensitivity policy, fisher method)."),
+        click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True,
+                     help="Seed for calibration windows."),
+        click.option("--rank-multiple", type=int, default=_DEFAULTS.rank_multiple, show_default=True,
+                     help="Round ranks to a multiple of this."),
+        target_option,
+        ignore_option,
+        click.option("--recipe", type=click.Path(path_type=Path),
+                     help="YAML settings; flags given on the command line win."),
+        click.option("--device", default=_DEFAULTS.device, show_default=True, help="cpu, cuda, cuda:N."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def eval_options(f: Any) -> Any:
+    """What text to score and how, shared by evaluate and sweep."""
+    options = [
+        click.option("--data", default="builtin", show_default=True, metavar="FILE|builtin",
+                     help="Text to score (.txt or .jsonl); builtin = the held-out half of the built-in text."),
+        click.option("--max-tokens", type=click.IntRange(min=0), default=8192, show_default=True,
+                     help="Score at most this many tokens (0: all)."),
+        click.option("--window", type=int, default=None,
+                     help="Tokens per model input.  [default: 512, or the model's context if shorter]"),
+        click.option("--stride", type=int, default=256, show_default=True, help="Tokens each window advances."),
+        click.option("--speed/--no-speed", default=True, show_default=True,
+                     help="Measure prefill and decode throughput."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _settings(ctx: click.Context, flags: dict[str, Any], **extra: Any) -> FactorizeSettings:
+    """Defaults, then --recipe, then the flags the user typed."""
+    from lowrank_compress.recipe import build_settings
+
+    names = {"targets": "target", "ignores": "ignore"}
+    given = {names.get(k, k): _explicit(ctx, k, v) for k, v in flags.items() if k != "recipe"}
+    for key in ("target", "ignore"):
+        if given[key] is not None:
+            given[key] = list(given[key])
+    settings = build_settings(flags.get("recipe"), **given, **extra)
+    _check_device(settings.device)
+    return settings
+
+
+_PHASES = {"calibration": "calibrating", "spectra": "layer spectra", "factors": "factorizing layers"}
+
+
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", required=False)
 @click.option(
     "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output directory."
 )
 @click.option(
-    "--budget",
-    type=float,
-    default=_DEFAULTS.budget,
-    show_default=True,
+    "--budget", type=float, default=_DEFAULTS.budget, show_default=True,
     help="Fraction of targeted Linear params kept, 0 < b < 1.",
-)
-@click.option(
-    "--method", type=click.Choice(METHODS), default=_DEFAULTS.method, show_default=True, help="SVD variant."
-)
-@click.option(
-    "--policy",
-    type=click.Choice(POLICIES),
-    default=_DEFAULTS.policy,
-    show_default=True,
-    help="Rank allocation.",
-)
-@click.option(
-    "--energy", type=float, default=None, help="energy policy: the kept energy (default: met to the budget)."
-)
-@click.option(
-    "--calibration",
-    default=_DEFAULTS.calibration,
-    show_default=True,
-    metavar="FILE|builtin",
-    help="Calibration text (.txt, .jsonl with a 'text' field, or builtin).",
-)
-@click.option(
-    "--samples", type=int, default=_DEFAULTS.samples, show_default=True, help="Calibration sequences."
-)
-@click.option(
-    "--seq-len",
-    type=int,
-    default=_DEFAULTS.seq_len,
-    show_default=True,
-    help="Tokens per calibration sequence.",
-)
-@click.option(
-    "--grad-samples",
-    type=int,
-    default=_DEFAULTS.grad_samples,
-    show_default=True,
-    help="Calibration sequences used for loss gradients (sensitivity policy, fisher method).",
-)
-@click.option(
-    "--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seed for calibration windows."
-)
-@click.option(
-    "--rank-multiple",
-    type=int,
-    default=_DEFAULTS.rank_multiple,
-    show_default=True,
-    help="Round ranks to a multiple of this.",
-)
-@target_option
-@ignore_option
-@click.option(
-    "--recipe", type=click.Path(path_type=Path), help="YAML settings; flags given on the command line win."
-)
-@click.option("--device", default=_DEFAULTS.device, show_default=True, help="cpu, cuda, cuda:N.")
+)  # fmt: skip
+@settings_options
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option(
+    "--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard (e.g. 500MB)."
+)
+@click.option(
+    "--evaluate", "run_evaluate", is_flag=True,
+    help="Also measure perplexity and speed against MODEL (as `evaluate OUT --baseline MODEL`) into the report.",
+)  # fmt: skip
 @pickle_option
 @json_option
 @click.pass_context
-def factorize(ctx: click.Context, model: str | None, output: Path, recipe: Path | None, overwrite: bool,
-              allow_pickle: bool, json_mode: bool, **flags: Any) -> None:  # fmt: skip
+def factorize(ctx: click.Context, model: str | None, output: Path, overwrite: bool, max_shard_size: str,
+              run_evaluate: bool, allow_pickle: bool, json_mode: bool, **flags: Any) -> None:  # fmt: skip
     """SVD-factorize Linear layers to keep a fraction of their parameters; write a loadable lowrank model.
 
     MODEL is a model directory or a .gguf file (default: the built-in SmolLM2-135M-Instruct).
     """
     from lowrank_compress.pipeline import factorize_model
-    from lowrank_compress.recipe import build_settings
 
     out = Output(json_mode)
-    names = {"targets": "target", "ignores": "ignore"}
-    given = {names.get(k, k): _explicit(ctx, k, v) for k, v in flags.items()}
-    for key in ("target", "ignore"):
-        if given[key] is not None:
-            given[key] = list(given[key])
-    settings = build_settings(recipe, **given)
-    if settings.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise LowrankError(
-                f"--device {settings.device}: CUDA is not available on this machine; use --device cpu"
-            )
+    settings = _settings(ctx, flags)
+    shard_size = _shard_size(max_shard_size)
     path = _model_or_default(model)
-    phases = {"calibration": "calibrating", "decompose": "decomposing layers"}
     with out.progress("loading") as update:
         result = factorize_model(
             path,
@@ -354,9 +363,12 @@ def factorize(ctx: click.Context, model: str | None, output: Path, recipe: Path 
             settings,
             overwrite=overwrite,
             allow_pickle=allow_pickle,
-            progress=lambda phase, done, total: update(done, total, phases.get(phase, phase)),
+            progress=lambda phase, done, total: update(done, total, _PHASES.get(phase, phase)),
             warn=out.warn,
+            max_shard_size=shard_size,
+            evaluate=run_evaluate,
         )
+    settings = result.settings
     data = result.to_dict()
     if json_mode:
         out.emit_json(data)
@@ -371,10 +383,183 @@ def factorize(ctx: click.Context, model: str | None, output: Path, recipe: Path 
         f"{s['target_params_before']:,}); {s['kept_fraction_model']:.4f} of the model "
         f"({s['total_params_after']:,} of {s['total_params_before']:,})"
     )
+    if data["evaluation"]:
+        _render_evaluation(out, data["evaluation"])
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in data["timings_s"].items())
     out.out.print(f"time: {timing}")
     out.out.print(
         f"wrote {output} (load it: import lowrank_compress; AutoModelForCausalLM.from_pretrained(...))"
+    )
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", required=False)
+@click.option(
+    "--baseline", metavar="MODEL", help="A second model measured in the same run (ratios: MODEL / baseline)."
+)
+@eval_options
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N.")
+@pickle_option
+@json_option
+def evaluate(model: str | None, baseline: str | None, data: str, max_tokens: int, window: int, stride: int,
+             speed: bool, device: str, allow_pickle: bool, json_mode: bool) -> None:  # fmt: skip
+    """Strided perplexity, bits per character, and prefill/decode speed of MODEL (default: the built-in SmolLM2).
+
+    MODEL may be a dense checkpoint or a factorize output. With --baseline both are measured in the same run.
+    """
+    from lowrank_compress.evaluate import evaluate_models
+
+    _check_device(device)
+    out = Output(json_mode)
+    with out.progress("evaluating") as update:
+        result = evaluate_models(
+            _model_or_default(model),
+            baseline,
+            data=data,
+            window=window,
+            stride=stride,
+            max_tokens=max_tokens or None,
+            speed=speed,
+            device=device,
+            allow_pickle=allow_pickle,
+            progress=lambda phase, done, total: update(done, total, phase),
+        )
+    data_out = result.to_dict()
+    if json_mode:
+        out.emit_json(data_out)
+        return
+    _render_evaluation(out, data_out)
+
+
+def _render_evaluation(out: Output, data: dict[str, Any]) -> None:
+    table = Table(title=f"{data['data']} ({data['split']}), sha256 {data['text_sha256'][:12]}")
+    models = data["models"]
+    seq_lens = list((models[0]["prefill_tokens_per_s"] or {}).keys())
+    for col in [
+        "",
+        "params",
+        "perplexity",
+        "bits/char",
+        *[f"prefill@{n} tok/s" for n in seq_lens],
+        "decode tok/s",
+    ]:
+        table.add_column(col, justify="left" if not col else "right")
+    for m in models:
+        prefill = m["prefill_tokens_per_s"] or {}
+        decode = m["decode_tokens_per_s"]
+        table.add_row(m["role"], f"{m['params']:,}", f"{m['perplexity']:.3f}", f"{m['bits_per_char']:.4f}",
+                      *[f"{prefill[n]:.0f}" for n in seq_lens], f"{decode:.1f}" if decode else "-")  # fmt: skip
+    ratios = data["ratios"]
+    if ratios:
+        prefill = ratios.get("prefill_tokens_per_s", {})
+        decode = ratios.get("decode_tokens_per_s")
+        table.add_row("model / baseline", f"{ratios['params']:.3f}", f"{ratios['perplexity']:.3f}",
+                      f"{ratios['bits_per_char']:.3f}", *[f"{prefill[n]:.2f}x" if n in prefill else "-" for n in seq_lens],
+                      f"{decode:.2f}x" if decode else "-")  # fmt: skip
+    out.out.print(table)
+    m = models[0]
+    out.out.print(
+        f"{m['tokens_scored']:,} tokens scored (window {m['window']}, stride {m['stride']}) in {data['seconds']:.1f} s"
+    )
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", required=False)
+@click.option(
+    "--budgets",
+    default="0.9,0.8,0.7,0.6",
+    show_default=True,
+    help="Comma-separated fractions of target params.",
+)
+@click.option(
+    "-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+    help="Directory for sweep.json, sweep.md, sweep.png (and models/ with --keep-models).",
+)  # fmt: skip
+@click.option("--keep-models", is_flag=True, help="Keep each factorized model under OUTPUT/models/.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@settings_options
+@eval_options
+@pickle_option
+@json_option
+@click.pass_context
+def sweep(ctx: click.Context, model: str | None, budgets: str, output: Path, keep_models: bool, overwrite: bool,
+          data: str, max_tokens: int, window: int, stride: int, speed: bool, allow_pickle: bool, json_mode: bool,
+          **flags: Any) -> None:  # fmt: skip
+    """Factorize MODEL at several budgets and evaluate each against the dense model: choose a budget.
+
+    Calibration runs once; each budget is then allocated, written, scored and timed (interleaved with the dense
+    model). Prints a table and writes sweep.json, sweep.md and sweep.png.
+    """
+    from lowrank_compress.sweep import parse_budgets, sweep_markdown
+    from lowrank_compress.sweep import sweep as run_sweep
+
+    out = Output(json_mode)
+    values = parse_budgets(budgets)
+    settings = _settings(ctx, flags, budget=values[0])
+    with out.progress("sweeping") as update:
+        result = run_sweep(
+            _model_or_default(model),
+            values,
+            settings,
+            output,
+            keep_models=keep_models,
+            overwrite=overwrite,
+            data=data,
+            window=window,
+            stride=stride,
+            max_tokens=max_tokens or None,
+            speed=speed,
+            allow_pickle=allow_pickle,
+            progress=lambda phase, done, total: update(done, total, _PHASES.get(phase, phase)),
+            warn=out.warn,
+        )
+    if json_mode:
+        out.emit_json(result.to_dict())
+        return
+    out.out.print(sweep_markdown(result))
+    out.out.print(f"wrote {', '.join(result.files[:3])}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("outputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--out", "out_dir", type=click.Path(path_type=Path), help="Where to write (default: the first OUT)."
+)
+@json_option
+def report(outputs: tuple[Path, ...], out_dir: Path | None, json_mode: bool) -> None:
+    """Render report.md, report.html (plots embedded) and PNG plots for one or more factorize outputs.
+
+    Several outputs (e.g. budgets of one model, each made with --evaluate) add a perplexity-vs-size plot.
+    """
+    from lowrank_compress.report import write_factorize_report
+
+    out = Output(json_mode)
+    written = write_factorize_report(list(outputs), out_dir)
+    if json_mode:
+        out.emit_json({"files": [str(p) for p in written]})
+        return
+    for p in written:
+        out.out.print(f"wrote {p}")
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LowrankError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+
+
+def _shard_size(text: str) -> str | int:
+    """A shard size as huggingface_hub takes it ('500MB', '2GB', or bytes), checked here for a clear usage error."""
+    import re
+
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    if re.fullmatch(r"\d+(\.\d+)?[KMGT]B", text, flags=re.IGNORECASE):
+        return text.upper()
+    raise click.BadParameter(
+        f"{text!r} is not a size like 500MB, 2GB or a byte count", param_hint="--max-shard-size"
     )
 
 

@@ -70,9 +70,8 @@ def perplexity(
         raise CalibrationError(f"perplexity stride must be at least 1 token, got {stride}")
     if batch_size < 1:
         raise CalibrationError(f"perplexity batch size must be at least 1, got {batch_size}")
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if isinstance(limit, int) and window > limit:
+    limit = context_length(model)
+    if limit is not None and window > limit:
         raise CalibrationError(
             f"perplexity window {window} is longer than the model's context of {limit} tokens; use --window {limit}"
         )
@@ -150,6 +149,13 @@ def perplexity(
         window=window,
         stride=stride,
     )
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest input the model's position embeddings allow (None when the config does not say)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
 
 
 def _length(span: tuple[int, int, int]) -> int:
@@ -273,3 +279,151 @@ def _timed(fn: Callable[[], Any], device: str) -> float:
 def _sync(device: str) -> None:
     if str(device).startswith("cuda") and torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------------------------------- a whole evaluation
+
+
+@dataclass
+class ModelReport:
+    """Quality and speed of one evaluated checkpoint."""
+
+    role: str  # "model" or "baseline"
+    path: str
+    params: int
+    quality: Perplexity
+    speed: Speed | None
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate_models` measured; `to_dict()` is the `--json` output and the report's evaluation section."""
+
+    data: str
+    split: str
+    text_sha256: str
+    models: list[ModelReport]
+    seconds: float
+
+    def ratios(self) -> dict[str, Any] | None:
+        """model / baseline for perplexity, bits per char, params and throughputs (None without a baseline)."""
+        by = {m.role: m for m in self.models}
+        if "baseline" not in by:
+            return None
+        a, b = by["model"], by["baseline"]
+        out: dict[str, Any] = {
+            "perplexity": a.quality.perplexity / b.quality.perplexity,
+            "bits_per_char": a.quality.bits_per_char / b.quality.bits_per_char,
+            "params": a.params / b.params,
+        }
+        if a.speed is not None and b.speed is not None:
+            out["prefill_tokens_per_s"] = {
+                str(n): a.speed.prefill_tokens_per_s[n] / b.speed.prefill_tokens_per_s[n]
+                for n in a.speed.prefill_tokens_per_s
+            }
+            if a.speed.decode_tokens_per_s is not None and b.speed.decode_tokens_per_s is not None:
+                out["decode_tokens_per_s"] = a.speed.decode_tokens_per_s / b.speed.decode_tokens_per_s
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        def one(m: ModelReport) -> dict[str, Any]:
+            q = m.quality
+            return {
+                "role": m.role,
+                "path": m.path,
+                "params": m.params,
+                "perplexity": q.perplexity,
+                "bits_per_char": q.bits_per_char,
+                "tokens_scored": q.n_tokens,
+                "chars_scored": q.n_chars,
+                "window": q.window,
+                "stride": q.stride,
+                "prefill_tokens_per_s": {str(k): v for k, v in m.speed.prefill_tokens_per_s.items()}
+                if m.speed is not None
+                else None,
+                "decode_tokens_per_s": m.speed.decode_tokens_per_s if m.speed is not None else None,
+            }
+
+        return {
+            "data": self.data,
+            "split": self.split,
+            "text_sha256": self.text_sha256,
+            "models": [one(m) for m in self.models],
+            "ratios": self.ratios(),
+            "seconds": self.seconds,
+        }
+
+
+def evaluate_models(
+    model: str | Any,
+    baseline: str | Any | None = None,
+    *,
+    data: str = "builtin",
+    window: int | None = None,
+    stride: int = 256,
+    max_tokens: int | None = 8192,
+    speed: bool = True,
+    seq_lens: Sequence[int] = (128, 512),
+    decode_tokens: int = 32,
+    repeats: int = 3,
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Evaluation:
+    """Perplexity (and speed) of `model`, and of `baseline` when given, on the same text in the same run.
+
+    data: "builtin" scores the held-out half of the built-in text (factorize calibrates on the other half);
+    a file is scored whole. window: default 512, or the model's context when shorter (speed sequence lengths are
+    capped the same way). Speed is measured for both models interleaved (see `measure_speed`).
+    """
+    from lowrank_compress.loading import load_model
+    from lowrank_compress.text import load_text, text_fingerprint
+
+    t0 = time.perf_counter()
+    split = "heldout" if data == "builtin" else "all"
+    text = load_text(data, split=split)
+    report = progress or (lambda phase, done, total: None)
+    loaded: dict[str, tuple[Any, Any]] = {}
+    paths = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
+    for role, path in paths.items():
+        m, tok, _ = load_model(path, device=device, allow_pickle=allow_pickle)
+        loaded[role] = (m, tok)
+    limits = [n for n in (context_length(m) for m, _ in loaded.values()) if n is not None]
+    context = min(limits) if limits else None
+    if window is None:
+        window = min(512, context) if context else 512
+    if context is not None:
+        seq_lens = [n for n in seq_lens if n <= context] or [context]
+    quality = {
+        role: perplexity(
+            m,
+            tok,
+            text,
+            window=window,
+            stride=stride,
+            max_tokens=max_tokens,
+            device=device,
+            progress=lambda done, total, role=role: report(f"perplexity ({role})", done, total),
+        )
+        for role, (m, tok) in loaded.items()
+    }
+    speeds: dict[str, Speed] = {}
+    if speed:
+        report("speed", 0, 1)
+        speeds = measure_speed(
+            {role: m for role, (m, _) in loaded.items()},
+            seq_lens=seq_lens,
+            decode_tokens=decode_tokens,
+            repeats=repeats,
+            device=device,
+        )
+        report("speed", 1, 1)
+    models = [
+        ModelReport(role, str(paths[role]), _count_params(m), quality[role], speeds.get(role))
+        for role, (m, _) in loaded.items()
+    ]
+    return Evaluation(data, split, text_fingerprint(text), models, round(time.perf_counter() - t0, 2))
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied tensors are yielded once

@@ -127,6 +127,8 @@ def decompose(
     asvd_alpha: float = 0.5,
     ridge: float = DEFAULT_RIDGE,
     damping: float = 0.0,
+    cholesky_cache: dict[int, tuple[torch.Tensor, float]] | None = None,
+    spectrum_only: bool = False,
 ) -> Decomposition:
     """One float64 SVD of `w` (out x in) under `method`; see the module docstring for the objectives.
 
@@ -136,6 +138,11 @@ def decompose(
         numerically positive definite; multiplied by 10 until the Cholesky factorization succeeds.
     damping: whiten only: a loading always added (relative to the mean diagonal). 0 is SVD-LLM; larger values blend
         the objective towards plain SVD, a hedge when calibration text differs from the deployment domain.
+    cholesky_cache: whiten only: a dict reused across calls, so layers that share one Gram object (q/k/v, gate/up)
+        share one Cholesky factorization. Keyed by the Gram's id: keep the statistics alive while it is in use, and
+        keep ridge and damping the same.
+    spectrum_only: compute singular values alone (no factors: `stored_rank` 0, like `truncate(0)`), about twice
+        as fast; what a rank allocator reads.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -151,7 +158,7 @@ def decompose(
         raise ValueError(f"method {method!r} needs calibration statistics (stats=None given)")
 
     if method == "svd":
-        u, s, v = _svd(w)
+        u, s, v = _svd(w, spectrum_only)
         return Decomposition(u, s, v, method)
 
     assert stats is not None
@@ -159,13 +166,18 @@ def decompose(
     if method == "asvd":
         mean_abs = _checked(stats.abs_sum, (in_f,), "abs_sum", w.device) / n_tokens
         scale = _floored(mean_abs) ** asvd_alpha
-        u, s, vh = _svd(w * scale)
+        u, s, vh = _svd(w * scale, spectrum_only)
         return Decomposition(u, s, vh / scale, method)
 
     if method == "whiten":
-        gram = _checked(stats.gram, (in_f, in_f), "gram", w.device)
-        chol, used = _cholesky_with_ridge(gram, ridge, damping)
-        u, s, vh = _svd(w @ chol)
+        cached = cholesky_cache.get(id(stats.gram)) if cholesky_cache is not None else None
+        if cached is None:
+            gram = _checked(stats.gram, (in_f, in_f), "gram", w.device)
+            cached = _cholesky_with_ridge(gram, ridge, damping)
+            if cholesky_cache is not None:
+                cholesky_cache[id(stats.gram)] = cached
+        chol, used = cached
+        u, s, vh = _svd(w @ chol, spectrum_only)
         # v = Vh L^-1, solved as v L = Vh (triangular, never an explicit inverse)
         v = torch.linalg.solve_triangular(chol, vh, upper=False, left=False)
         return Decomposition(u, s, v, method, ridge=used)
@@ -177,12 +189,32 @@ def decompose(
         )
     fisher = _checked(stats.fisher_rows, (out_f,), "fisher_rows", w.device) / n_tokens
     d = torch.sqrt(_floored(fisher))
-    u, s, v = _svd(d[:, None] * w)
+    u, s, v = _svd(d[:, None] * w, spectrum_only)
     return Decomposition(u / d[:, None], s, v, method)
 
 
-def _svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+def _svd(a: torch.Tensor, values_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD `a = (u * s) @ vh` through the eigenvectors of the smaller Gram (a a^T or a^T a).
+
+    Three to four times faster than LAPACK's SVD at these shapes on CPU. Its accuracy is the one truncation needs:
+    `u` is orthonormal to round-off, and `s_i = |u_i^T a|` is exactly the norm `a` has along u_i, so the product at
+    full rank is u u^T a = a, and the truncation error sum_{i>=r} s_i^2 equals ||a - u_r u_r^T a||_F^2. Directions
+    whose singular values are below ~1e-8 of the largest are round-off (the Gram squares the condition number);
+    they lie far past any rank a budget keeps. `values_only`: empty factors, `s` from the Gram's eigenvalues.
+    """
+    if a.shape[0] > a.shape[1]:
+        u, s, vh = _svd(a.T, values_only)
+        return vh.T, s, u.T
+    if values_only:
+        s = torch.linalg.eigvalsh(a @ a.T).flip(0).clamp_min(0.0).sqrt()
+        return a.new_zeros(a.shape[0], 0), s, a.new_zeros(0, a.shape[1])
+    _, u = torch.linalg.eigh(a @ a.T)
+    u = u.flip(1)  # eigh sorts ascending
+    proj = u.T @ a  # row i = s_i * v_i
+    s = torch.linalg.vector_norm(proj, dim=1)
+    s, order = torch.sort(s, descending=True)  # round-off may swap near-equal neighbours
+    u, proj = u[:, order], proj[order]
+    vh = proj / s.clamp_min(torch.finfo(s.dtype).tiny)[:, None]
     return u, s, vh
 
 
@@ -222,10 +254,13 @@ def _cholesky_with_ridge(gram: torch.Tensor, ridge: float, damping: float) -> tu
         )
     if ridge <= 0.0 or damping < 0.0:
         raise ValueError(f"ridge must be > 0 and damping >= 0, got ridge={ridge}, damping={damping}")
-    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     tries = [damping] + [damping + ridge * 10.0**i for i in range(int(math.log10(_MAX_RIDGE / ridge)) + 2)]
     for rel in tries:
-        chol, info = torch.linalg.cholesky_ex(g + (rel * mean_diag) * eye if rel > 0 else g)
+        loaded = g
+        if rel > 0:
+            loaded = g.clone()
+            loaded.diagonal().add_(rel * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(loaded)
         if int(info) == 0 and float(chol.diagonal().min()) ** 2 >= _PIVOT_FLOOR * mean_diag:
             return chol, rel
     raise CalibrationError(

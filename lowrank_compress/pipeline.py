@@ -6,12 +6,13 @@ load -> pick targets -> calibration statistics -> one SVD per layer -> ranks und
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from torch import nn
 from lowrank_compress import __version__
 from lowrank_compress.errors import LowrankError
 from lowrank_compress.recipe import FactorizeSettings
+
+if TYPE_CHECKING:
+    from lowrank_compress.factorize import Decomposition
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -108,6 +112,9 @@ class FactorizeResult:
     calibration: dict[str, Any]
     timings: dict[str, float]
     files: list[str] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None  # evaluate_models(OUT, baseline=MODEL).to_dict() with --evaluate
+    # normalized spectra (of the method's transformed weight) of the most and least compressible layers
+    spectra: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def kept_fraction_targets(self) -> float:
@@ -148,6 +155,8 @@ class FactorizeResult:
                 for x in self.layers
             ],
             "files": self.files,
+            "evaluation": self.evaluation,
+            "spectra": self.spectra,
         }
 
 
@@ -160,143 +169,257 @@ def factorize_model(
     allow_pickle: bool = False,
     progress: ProgressFn | None = None,
     warn: Callable[[str], None] | None = None,
+    max_shard_size: str | int = "2GB",
+    evaluate: bool = False,
 ) -> FactorizeResult:
-    """Factorize the model at `model_path` to `settings.budget` and write it to `out` atomically."""
-    from lowrank_compress.allocate import LayerCandidate, allocate
-    from lowrank_compress.calibration import collect_stats, make_batches
-    from lowrank_compress.factorize import decompose
-    from lowrank_compress.format import atomic_output_dir, check_output_dir, save_compressed
-    from lowrank_compress.loading import load_model, resolve
-    from lowrank_compress.modules import LowRankLinear
-    from lowrank_compress.spectrum import spectrum_stats
-    from lowrank_compress.text import load_text, text_fingerprint
+    """Factorize the model at `model_path` to `settings.budget` and write it to `out` atomically.
 
-    settings.validate()
-    tick = _Stopwatch()
-    out = Path(out)
+    The returned result's `settings` are the ones applied (a policy the model cannot use is replaced, with a warning).
+    evaluate: also measure the written model against the source (`evaluate_models` defaults: held-out perplexity of the
+    built-in text, prefill and decode speed) before the output is moved into place; the figures go into report.json
+    and the model card.
+    """
+    from lowrank_compress.format import check_output_dir
+    from lowrank_compress.loading import resolve
+
     source = resolve(model_path)
-    check_output_dir(out, overwrite, inputs=[source.path, source.directory])
-    report = progress or (lambda *a: None)
+    check_output_dir(Path(out), overwrite, inputs=[source.path, source.directory])
+    prepared = Prepared.load(model_path, settings, allow_pickle=allow_pickle, progress=progress, warn=warn)
+    return prepared.write(
+        out, settings.budget, overwrite=overwrite, max_shard_size=max_shard_size, evaluate=evaluate
+    )
 
-    needs_data = settings.method != "svd" or settings.policy == "sensitivity"
-    text = load_text(settings.calibration, split="calibration") if needs_data else None
-    model, tokenizer, source = load_model(model_path, device=settings.device, allow_pickle=allow_pickle)
-    tick("load")
-    targets = find_targets(model, settings.target, settings.ignore)
-    for t in targets:
-        if not bool(torch.isfinite(t.module.weight).all()):
+
+class Prepared:
+    """Everything factorize computes before the budget matters: the loaded model, its targets, calibration
+    statistics and each layer's spectrum. `write` then allocates ranks for one budget and writes an output, as often
+    as wanted (a budget sweep calibrates once)."""
+
+    def __init__(self) -> None:  # built by `load`
+        self.model_path: str | Path = ""
+        self.settings = FactorizeSettings()
+        self.allow_pickle = False
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.source: Any = None
+        self.targets: list[Target] = []
+        self.stats: dict[str, Any] = {}
+        self.candidates: list[Any] = []
+        self.calibration_info: dict[str, Any] = {"source": None}
+        self.total_before = 0
+        self.report: ProgressFn = lambda *a: None
+        self.tick = _Stopwatch()
+        self._cholesky_cache: dict[int, Any] = {}
+
+    @classmethod
+    def load(
+        cls,
+        model_path: str | Path,
+        settings: FactorizeSettings,
+        *,
+        allow_pickle: bool = False,
+        progress: ProgressFn | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> Prepared:
+        """Load, pick targets, calibrate, and compute every target's spectrum under `settings.method`."""
+        from lowrank_compress.allocate import LayerCandidate
+        from lowrank_compress.calibration import collect_stats, make_batches
+        from lowrank_compress.loading import is_causal_lm, load_model
+        from lowrank_compress.spectrum import spectrum_stats
+        from lowrank_compress.text import load_text, text_fingerprint
+
+        self = cls()
+        self.model_path, self.allow_pickle = model_path, allow_pickle
+        self.report = report = progress or (lambda *a: None)
+        settings.validate()
+        needs_data = settings.method != "svd" or settings.policy == "sensitivity"
+        text = load_text(settings.calibration, split="calibration") if needs_data else None
+        model, self.tokenizer, self.source = load_model(
+            model_path, device=settings.device, allow_pickle=allow_pickle
+        )
+        self.tick("load")
+        causal = is_causal_lm(model.config)
+        if settings.method == "fisher" and not causal:
             raise LowrankError(
-                f"{t.name} has NaN or Inf weights; fix the checkpoint or keep the layer dense with --ignore '{t.name}'"
+                f"{type(model).__name__} has no language-model loss, which the fisher method needs; "
+                "use --method whiten, asvd or svd"
             )
-    total_before = sum(p.numel() for p in model.parameters())  # tied tensors are yielded once
-
-    stats: dict[str, Any] = {}
-    calibration_info: dict[str, Any] = {"source": None}
-    if text is not None:
-        batches = make_batches(
-            tokenizer, text, samples=settings.samples, seq_len=settings.seq_len, seed=settings.seed
-        )
-        calibration_info = {
-            "source": settings.calibration,
-            "split": "calibration",
-            "samples": settings.samples,
-            "seq_len": settings.seq_len,
-            "tokens": int(batches.numel()),
-            "text_sha256": text_fingerprint(text),
-            "seed": settings.seed,
-            "grad_samples": min(settings.grad_samples, settings.samples)
-            if settings.method == "fisher" or settings.policy == "sensitivity"
-            else 0,
-        }
-        stats = collect_stats(
-            model,
-            batches,
-            [t.name for t in targets],
-            fisher=settings.method == "fisher",
-            sensitivity=settings.policy == "sensitivity",
-            grad_samples=settings.grad_samples,
-            device=settings.device,
-            progress=lambda done, total: report("calibration", done, total),
-        )
-        tick("calibration")
-
-    candidates = []
-    for i, t in enumerate(targets):
-        w = t.weight().double()
-        st = stats.get(t.name)
-        candidates.append(
-            LayerCandidate(
-                name=t.name,
-                out_features=t.out_features,
-                in_features=t.in_features,
-                decomposition=decompose(w, settings.method, st),
-                stable_rank=spectrum_stats(w, fast=True).stable_rank,
-                sensitivity=st.out_grad_sq if st is not None else None,
+        if settings.policy == "sensitivity" and not causal:
+            # The sensitivity estimate needs a language-model loss; encoders get the next best policy, said out loud.
+            settings = dataclasses.replace(settings, policy="uniform")
+            (warn or (lambda m: None))(
+                f"{type(model).__name__} has no language-model loss for the sensitivity policy; using --policy uniform"
             )
+            if settings.method == "svd":
+                text = None
+        self.settings, self.model = settings, model
+        self.targets = targets = find_targets(model, settings.target, settings.ignore)
+        for t in targets:
+            if not bool(torch.isfinite(t.module.weight).all()):
+                raise LowrankError(
+                    f"{t.name} has NaN or Inf weights; fix the checkpoint or keep the layer dense with --ignore '{t.name}'"
+                )
+        self.total_before = sum(p.numel() for p in model.parameters())  # tied tensors are yielded once
+
+        if text is not None:
+            batches = make_batches(
+                self.tokenizer, text, samples=settings.samples, seq_len=settings.seq_len, seed=settings.seed
+            )
+            self.calibration_info = {
+                "source": settings.calibration,
+                "split": "calibration",
+                "samples": settings.samples,
+                "seq_len": settings.seq_len,
+                "tokens": int(batches.numel()),
+                "text_sha256": text_fingerprint(text),
+                "seed": settings.seed,
+                "grad_samples": min(settings.grad_samples, settings.samples)
+                if settings.method == "fisher" or settings.policy == "sensitivity"
+                else 0,
+            }
+            self.stats = collect_stats(
+                model,
+                batches,
+                [t.name for t in targets],
+                fisher=settings.method == "fisher",
+                sensitivity=settings.policy == "sensitivity",
+                grad_samples=settings.grad_samples,
+                device=settings.device,
+                progress=lambda done, total: report("calibration", done, total),
+            )
+            self.tick("calibration")
+
+        # Spectra only (what the allocator reads), so memory never holds every layer's factors at once; `write`
+        # recomputes the factors of the layers it factorizes.
+        for i, t in enumerate(targets):
+            st = self.stats.get(t.name)
+            self.candidates.append(
+                LayerCandidate(
+                    name=t.name,
+                    out_features=t.out_features,
+                    in_features=t.in_features,
+                    decomposition=self._decompose(t, spectrum_only=True),
+                    # reported, and read by the stable-rank policy: five digits are plenty, twice as fast as 1e-7
+                    stable_rank=spectrum_stats(t.weight(), fast=True, tol=1e-5).stable_rank,
+                    sensitivity=st.out_grad_sq if st is not None else None,
+                )
+            )
+            report("spectra", i + 1, len(targets))
+        self.tick("spectra")
+        return self
+
+    def _decompose(self, t: Target, spectrum_only: bool = False) -> Decomposition:
+        from lowrank_compress.factorize import decompose
+
+        return decompose(
+            t.weight(),
+            self.settings.method,
+            self.stats.get(t.name),
+            cholesky_cache=self._cholesky_cache,
+            spectrum_only=spectrum_only,
         )
-        report("decompose", i + 1, len(targets))
-    tick("decompose")
 
-    ranks = allocate(
-        candidates, settings.budget, settings.policy, energy=settings.energy, multiple=settings.rank_multiple
-    )
-    tick("allocate")
+    def write(
+        self,
+        out: str | Path,
+        budget: float,
+        *,
+        overwrite: bool = False,
+        max_shard_size: str | int = "2GB",
+        evaluate: bool = False,
+    ) -> FactorizeResult:
+        """Allocate ranks for `budget`, factorize, and write the output atomically. The model is left dense again."""
+        from lowrank_compress.allocate import allocate
+        from lowrank_compress.format import atomic_output_dir, save_compressed
+        from lowrank_compress.modules import LowRankLinear
 
-    layers: list[LayerResult] = []
-    kept_ranks: dict[str, int] = {}
-    for t, cand in zip(targets, candidates, strict=True):
-        rank = ranks[t.name]
-        dec = cand.decomposition
-        err = dec.truncation_error()
-        total_err = float(err[0])
-        sr = float(cand.stable_rank)
-        if rank is None:
-            layers.append(LayerResult(t.name, (t.out_features, t.in_features), None, t.out_features * t.in_features,
-                                      t.out_features * t.in_features, 0.0, sr))  # fmt: skip
-            continue
-        up, down = dec.factors(rank, dtype=t.module.weight.dtype)
-        bias = t.module.bias.detach() if t.module.bias is not None else None
-        new = LowRankLinear.from_factors(up.to(t.module.weight.device), down.to(t.module.weight.device), bias)
-        _set_module(model, t.name, new)
-        kept_ranks[t.name] = rank
-        rel = math.sqrt(float(err[rank]) / total_err) if total_err > 0 else 0.0
-        layers.append(LayerResult(t.name, (t.out_features, t.in_features), rank, t.out_features * t.in_features,
-                                  rank * (t.out_features + t.in_features), rel, sr))  # fmt: skip
-    del candidates
-    source_dtype = _source_dtype(source)
-    if source_dtype is not None:
-        model.to(source_dtype)  # calibration ran in float32; untouched tensors go back to the source's dtype
-    tick("replace")
-
-    quant_info = {"method": settings.method, "policy": settings.policy, "budget": settings.budget}
-    result = FactorizeResult(
-        output=out,
-        settings=settings,
-        layers=layers,
-        total_params_before=total_before,
-        total_params_after=0,
-        target_params_before=sum(x.params_before for x in layers),
-        target_params_after=sum(x.params_after for x in layers),
-        calibration=calibration_info,
-        timings={},
-    )
-    with atomic_output_dir(out, overwrite) as tmp:
-        written = save_compressed(
-            model,
-            tmp,
-            ranks=kept_ranks,
-            quant_info=quant_info,
-            tokenizer=tokenizer,
-            source_dir=source.directory,
+        settings = dataclasses.replace(self.settings, budget=budget).validate()
+        out, model, targets, tick, report = Path(out), self.model, self.targets, self.tick, self.report
+        ranks = allocate(
+            self.candidates, budget, settings.policy, energy=settings.energy, multiple=settings.rank_multiple
         )
-        shapes = written_shapes(tmp)
-        result.total_params_after = sum(math.prod(s) for s in shapes.values())
-        result.target_params_after = sum(_written_target_params(shapes, x) for x in layers)
-        tick("write")
-        result.timings = tick.laps
-        result.files = sorted({p.name for p in written} | {"recipe.yaml", "report.json", "README.md"})
-        _write_sidecars(tmp, result, model_path)
-    return result
+        tick("allocate")
+
+        layers: list[LayerResult] = []
+        kept_ranks: dict[str, int] = {}
+        for i, (t, cand) in enumerate(zip(targets, self.candidates, strict=True)):
+            rank = ranks[t.name]
+            err = cand.decomposition.truncation_error()
+            total_err = float(err[0])
+            shape = (t.out_features, t.in_features)
+            dense_params = t.out_features * t.in_features
+            if rank is None:
+                layers.append(
+                    LayerResult(t.name, shape, None, dense_params, dense_params, 0.0, cand.stable_rank)
+                )
+                continue
+            up, down = self._decompose(t).factors(rank, dtype=t.module.weight.dtype)
+            bias = t.module.bias.detach() if t.module.bias is not None else None
+            device = t.module.weight.device
+            _set_module(model, t.name, LowRankLinear.from_factors(up.to(device), down.to(device), bias))
+            kept_ranks[t.name] = rank
+            rel = math.sqrt(float(err[rank]) / total_err) if total_err > 0 else 0.0
+            layers.append(
+                LayerResult(t.name, shape, rank, dense_params, rank * sum(shape), rel, cand.stable_rank)
+            )
+            report("factors", i + 1, len(targets))
+        work_dtype = model.dtype
+        source_dtype = _source_dtype(self.source)
+        if source_dtype is not None:
+            model.to(
+                source_dtype
+            )  # calibration ran in float32; untouched tensors go back to the source's dtype
+        tick("factors")
+
+        result = FactorizeResult(
+            output=out,
+            settings=settings,
+            layers=layers,
+            total_params_before=self.total_before,
+            total_params_after=0,
+            target_params_before=sum(x.params_before for x in layers),
+            target_params_after=sum(x.params_after for x in layers),
+            calibration=self.calibration_info,
+            timings={},
+            spectra=_extreme_spectra(self.candidates),
+        )
+        quant_info = {"method": settings.method, "policy": settings.policy, "budget": budget}
+        try:
+            with atomic_output_dir(out, overwrite) as tmp:
+                written = save_compressed(
+                    model,
+                    tmp,
+                    ranks=kept_ranks,
+                    quant_info=quant_info,
+                    tokenizer=self.tokenizer,
+                    source_dir=self.source.directory,
+                    max_shard_size=max_shard_size,
+                )
+                shapes = written_shapes(tmp)
+                result.total_params_after = sum(math.prod(s) for s in shapes.values())
+                result.target_params_after = sum(_written_target_params(shapes, x) for x in layers)
+                tick("write")
+                if evaluate:
+                    from lowrank_compress.evaluate import evaluate_models
+
+                    evaluation = evaluate_models(
+                        tmp,
+                        self.model_path,
+                        device=settings.device,
+                        allow_pickle=self.allow_pickle,
+                        progress=report,
+                    ).to_dict()
+                    evaluation["models"][0]["path"] = str(out)
+                    result.evaluation = evaluation
+                    tick("evaluate")
+                result.timings = dict(tick.laps)
+                result.files = sorted({p.name for p in written} | {"recipe.yaml", "report.json", "README.md"})
+                _write_sidecars(tmp, result, self.model_path)
+        finally:  # dense again, in the working dtype, for the next budget
+            model.to(work_dtype)
+            for t in targets:
+                _set_module(model, t.name, t.module)
+        return result
 
 
 def _write_sidecars(directory: Path, result: FactorizeResult, model_path: str | Path) -> None:
@@ -306,6 +429,20 @@ def _write_sidecars(directory: Path, result: FactorizeResult, model_path: str | 
     (directory / "recipe.yaml").write_text(result.settings.to_yaml(header))
     write_json(directory / "report.json", result.to_dict())
     (directory / "README.md").write_text(factorize_model_card(result.to_dict(), str(model_path)))
+
+
+def _extreme_spectra(candidates: list[Any], n: int = 3) -> dict[str, list[float]]:
+    """s / s_max of the n most and n least compressible layers (stable rank over break-even rank), for reports."""
+    from lowrank_compress.spectrum import break_even_rank
+
+    ranked = sorted(candidates, key=lambda c: c.stable_rank / break_even_rank(c.out_features, c.in_features))
+    chosen = ranked[:n] + ranked[max(n, len(ranked) - n) :]
+    out = {}
+    for c in chosen:
+        s = c.decomposition.s
+        top = float(s[0]) if s.numel() and float(s[0]) > 0 else 1.0
+        out[c.name] = [float(f"{float(v) / top:.5g}") for v in s]
+    return out
 
 
 def written_shapes(directory: Path) -> dict[str, tuple[int, ...]]:

@@ -25,9 +25,9 @@ class FactorizeSettings:
     policy: str = "sensitivity"
     energy: float | None = None
     calibration: str = "builtin"
-    samples: int = 32
+    samples: int = 16
     seq_len: int = 512
-    grad_samples: int = 8
+    grad_samples: int = 4
     seed: int = 0
     target: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)

@@ -125,6 +125,46 @@ def write_analysis_report(result: AnalysisResult, out_dir: Path) -> list[Path]:
     return [out_dir / "report.json", out_dir / "report.md", *analysis_plots(result, out_dir)]
 
 
+def _evaluation_lines(ev: dict[str, Any] | None) -> list[str]:
+    """The model card's quality and speed table (from `factorize --evaluate`)."""
+    if not ev:
+        return []
+    models = ev["models"]
+    seq_lens = list((models[0]["prefill_tokens_per_s"] or {}).keys())
+    head = [
+        "",
+        "params",
+        "perplexity",
+        "bits/char",
+        *[f"prefill@{n} tok/s" for n in seq_lens],
+        "decode tok/s",
+    ]
+    lines = [
+        "## Quality and speed",
+        "",
+        f"Measured on {ev['data']} ({ev['split']} split), window {models[0]['window']}, stride {models[0]['stride']}, "
+        f"{models[0]['tokens_scored']:,} tokens; speeds interleaved in one run on the machine that made this model.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for m in models:
+        prefill = m["prefill_tokens_per_s"] or {}
+        decode = m["decode_tokens_per_s"]
+        name = "this model" if m["role"] == "model" else "original"
+        cells = [name, f"{m['params']:,}", f"{m['perplexity']:.3f}", f"{m['bits_per_char']:.4f}",
+                 *[f"{prefill[n]:.0f}" for n in seq_lens], f"{decode:.1f}" if decode else "-"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    r = ev.get("ratios")
+    if r:
+        prefill = r.get("prefill_tokens_per_s", {})
+        decode = r.get("decode_tokens_per_s")
+        cells = ["ratio", f"{r['params']:.3f}", f"{r['perplexity']:.3f}", f"{r['bits_per_char']:.3f}",
+                 *[f"{prefill[n]:.2f}x" if n in prefill else "-" for n in seq_lens], f"{decode:.2f}x" if decode else "-"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def factorize_model_card(report: dict[str, Any], source: str) -> str:
     """The README.md model card written beside a factorized model."""
     s = report["summary"]
@@ -156,6 +196,7 @@ def factorize_model_card(report: dict[str, Any], source: str) -> str:
         f"| layers kept dense | {len(dense)} |",
         f"| calibration | {cal_line} |",
         "",
+        *_evaluation_lines(report.get("evaluation")),
         "## Load",
         "",
         "```python",
@@ -164,7 +205,216 @@ def factorize_model_card(report: dict[str, Any], source: str) -> str:
         "model = AutoModelForCausalLM.from_pretrained('PATH/TO/THIS/DIR')",
         "```",
         "",
+        "Without `import lowrank_compress`, transformers does not know the `lowrank` format: it lists the factors as",
+        "unexpected, the dense weights as missing, and returns those layers randomly initialized.",
+        "",
         "`recipe.yaml` holds the exact settings (`lowrank-compress factorize MODEL -o OUT --recipe recipe.yaml`);",
         "`report.json` holds per-layer ranks, parameter counts and errors.",
     ]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------- factorize reports
+
+
+def read_factorize_report(output: Path) -> dict[str, Any]:
+    """report.json of a factorize output, with a clear error when it is missing or not ours."""
+    from lowrank_compress.errors import LowrankError
+
+    path = Path(output) / "report.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LowrankError(
+            f"{output}: no report.json; is it a `lowrank-compress factorize` output?"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LowrankError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(data, dict) or not {"summary", "layers", "settings"} <= set(data):
+        raise LowrankError(f"{path}: not a factorize report (no summary, layers and settings)")
+    return data
+
+
+def _layer_type(module: str) -> str:
+    return module.rsplit(".", 1)[-1]
+
+
+def _depth(module: str) -> int:
+    return next((int(p) for p in module.split(".") if p.isdigit()), 0)
+
+
+def factorize_plots(reports: list[dict[str, Any]]) -> dict[str, bytes]:
+    """PNG images (name -> bytes) for the first report, plus perplexity vs size when several carry evaluations."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images: dict[str, bytes] = {}
+
+    def save(name: str, fig: Any) -> None:
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        images[name] = buf.getvalue()
+
+    main = reports[0]
+    by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for layer in main["layers"]:
+        by_type[_layer_type(layer["module"])].append(layer)
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for ltype, layers in sorted(by_type.items()):
+        pts = []
+        for x in sorted(layers, key=lambda x: _depth(x["module"])):
+            m, n = x["shape"]
+            pts.append((_depth(x["module"]), 1.0 if x["rank"] is None else x["rank"] * (m + n) / (m * n)))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=ltype)
+    ax.set_xlabel("depth (block index)")
+    ax.set_ylabel("params kept (rank / break-even rank)")
+    ax.set_title("Ranks by depth and layer type (1.0: kept dense)")
+    ax.legend(fontsize="small", ncol=2)
+    save("ranks_by_depth.png", fig)
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for ltype, layers in sorted(by_type.items()):
+        pts = sorted((_depth(x["module"]), 1.0 - x["relative_error"] ** 2) for x in layers)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=ltype)
+    ax.set_xlabel("depth (block index)")
+    ax.set_ylabel("kept energy (method's metric)")
+    ax.set_title(f"Kept energy per layer ({main['settings']['method']})")
+    ax.legend(fontsize="small", ncol=2)
+    save("kept_energy.png", fig)
+
+    spectra = main.get("spectra") or {}
+    if spectra:
+        fig, ax = plt.subplots(figsize=(7.5, 4))
+        names = list(spectra)
+        for i, name in enumerate(names):
+            s = spectra[name]
+            style = "-" if i < len(names) / 2 else "--"
+            ax.plot([j / len(s) for j in range(len(s))], [max(v, 1e-12) for v in s], style, label=name, lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("index / full rank")
+        ax.set_ylabel("sigma / sigma_max")
+        ax.set_title("Spectra: most compressible (solid) and least (dashed)")
+        ax.legend(fontsize="x-small")
+        save("spectra.png", fig)
+
+    evaluated = [r for r in reports if r.get("evaluation")]
+    if len(evaluated) >= 2:
+        fig, ax = plt.subplots(figsize=(7.5, 4))
+        pts = sorted(
+            (r["summary"]["kept_fraction_model"], r["evaluation"]["models"][0]["perplexity"])
+            for r in evaluated
+        )
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="factorized")
+        base = next((m for m in evaluated[0]["evaluation"]["models"] if m["role"] == "baseline"), None)
+        if base is not None:
+            ax.axhline(base["perplexity"], color="grey", ls=":", label="original")
+        ax.set_xlabel("params kept (fraction of the model)")
+        ax.set_ylabel("perplexity")
+        ax.set_title("Perplexity vs size")
+        ax.legend()
+        save("perplexity_vs_size.png", fig)
+    return images
+
+
+def factorize_markdown(reports: list[dict[str, Any]], image_names: list[str]) -> str:
+    """report.md: summary of each output, evaluation, per-layer table of the first, the plots as PNG links."""
+    main = reports[0]
+    lines = ["# lowrank-compress factorize report", ""]
+    lines += ["| output | method | policy | budget | kept of targets | kept of model | perplexity |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in reports:
+        s, st = r["summary"], r["settings"]
+        ev = r.get("evaluation")
+        ppl = f"{ev['models'][0]['perplexity']:.3f}" if ev else "-"
+        lines.append(f"| {r['output']} | {st['method']} | {st['policy']} | {st['budget']} | "
+                     f"{s['kept_fraction_targets']:.4f} | {s['kept_fraction_model']:.4f} | {ppl} |")  # fmt: skip
+    lines.append("")
+    lines += _evaluation_lines(main.get("evaluation"))
+    lines += [f"![{name}]({name})" for name in image_names] + [""]
+    lines += [f"## Layers of {main['output']}", "", "| module | shape | rank | params after | relative error |", "|---|---|---|---|---|"]  # fmt: skip
+    for x in main["layers"]:
+        rank = "dense" if x["rank"] is None else str(x["rank"])
+        lines.append(f"| {x['module']} | {x['shape'][0]}x{x['shape'][1]} | {rank} | {x['params_after']:,} | "
+                     f"{x['relative_error']:.4f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def factorize_html(markdown_tables: str, images: dict[str, bytes]) -> str:
+    """A self-contained HTML page: the Markdown report's tables as HTML, the plots embedded as data URIs."""
+    import base64
+    import html
+
+    body: list[str] = []
+    table: list[list[str]] = []
+
+    def flush() -> None:
+        if table:
+            head, *rows = table
+            body.append(
+                "<table><thead><tr>"
+                + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+                + "</tr></thead><tbody>"
+            )
+            body.extend("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+            body.append("</tbody></table>")
+            table.clear()
+
+    for line in markdown_tables.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):
+                table.append(cells)
+            continue
+        flush()
+        if line.startswith("!["):
+            name = line[line.index("(") + 1 : line.rindex(")")]
+            data = base64.b64encode(images[name]).decode("ascii")
+            body.append(
+                f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}"></figure>'
+            )
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:2px 8px;"
+        "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>lowrank-compress report</title>'
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def write_factorize_report(outputs: list[Path], out_dir: Path | None = None) -> list[Path]:
+    """report.md, report.html and the PNG plots for one or more factorize outputs, into out_dir (default: the first
+    output). Each file is written whole, then moved into place."""
+    import os
+
+    reports = [read_factorize_report(o) for o in outputs]
+    target = Path(out_dir) if out_dir is not None else Path(outputs[0])
+    target.mkdir(parents=True, exist_ok=True)
+    images = factorize_plots(reports)
+    markdown = factorize_markdown(reports, list(images))
+    files = {
+        **images,
+        "report.md": markdown.encode(),
+        "report.html": factorize_html(markdown, images).encode(),
+    }
+    written = []
+    for name, content in files.items():
+        tmp = target / f".{name}.tmp"
+        tmp.write_bytes(content)
+        os.replace(tmp, target / name)
+        written.append(target / name)
+    return written

@@ -100,12 +100,13 @@ class SpectrumStats:
 
 
 def spectrum_stats(
-    w: torch.Tensor, *, fast: bool = False, energies: tuple[float, ...] = ENERGIES
+    w: torch.Tensor, *, fast: bool = False, energies: tuple[float, ...] = ENERGIES, tol: float = 1e-7
 ) -> SpectrumStats:
-    """Statistics of `w` (out x in). Exact: one full SVD. Fast: exact Frobenius norm, power-iteration spectral norm."""
+    """Statistics of `w` (out x in). Exact: one full SVD. Fast: exact Frobenius norm, power-iteration spectral norm
+    converged to `tol` (relative)."""
     if fast:
         fro = float(torch.linalg.vector_norm(w.double()))
-        spec = power_spectral_norm(w)
+        spec = power_spectral_norm(w, tol=tol)
         return SpectrumStats(frobenius=fro, spectral=spec, stable_rank=(fro / spec) ** 2 if spec > 0 else 0.0)
     s = singular_values(w)
     return SpectrumStats(

@@ -235,6 +235,39 @@ def test_plain_svd_spectrum_matches_numpy() -> None:
     assert isinstance(dec, Decomposition) and dec.method == "svd" and dec.shape == (15, 9)
 
 
+@pytest.mark.parametrize("shape", [(120, 80), (80, 120)])
+def test_ill_conditioned_spectrum_is_exact_where_truncation_needs_it(shape: tuple[int, int]) -> None:
+    """Singular values spread over 12 decades: the kept ones match LAPACK, truncation stays optimal, and the
+    full-rank product is exact although the smallest directions are round-off."""
+    out_f, in_f = shape
+    rng = np.random.default_rng(33)
+    k = min(shape)
+    a, _ = np.linalg.qr(rng.standard_normal((out_f, k)))
+    b, _ = np.linalg.qr(rng.standard_normal((in_f, k)))
+    sigma = np.logspace(0, -12, k)
+    w = (a * sigma) @ b.T
+    dec = decompose(torch.from_numpy(w), "svd")
+    top = k // 2  # down to 1e-6 of the largest, beyond any break-even rank
+    assert np.allclose(dec.s[:top].numpy(), sigma[:top], rtol=1e-8)
+    for r in (1, 10, top):
+        exact_tail = float((sigma[r:] ** 2).sum())
+        got = float(((dec.reconstruct(r).numpy() - w) ** 2).sum())
+        assert got == pytest.approx(exact_tail, rel=1e-6)
+        assert float(dec.truncation_error()[r]) == pytest.approx(exact_tail, rel=1e-6, abs=1e-28)
+    assert np.linalg.norm(dec.reconstruct(k).numpy() - w) <= 1e-13 * np.linalg.norm(w)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_spectrum_only_matches_the_full_decomposition(method: str) -> None:
+    w = make_weight(20, 14, seed=34)
+    stats = make_stats(make_inputs(60, 14, seed=35), 20, seed=36)
+    full = decompose(torch.from_numpy(w), method, stats)
+    alone = decompose(torch.from_numpy(w), method, stats, spectrum_only=True)
+    assert alone.stored_rank == 0 and alone.shape == (20, 14)
+    torch.testing.assert_close(alone.s, full.s, rtol=1e-9, atol=1e-12 * float(full.s[0]))
+    torch.testing.assert_close(alone.truncation_error(), full.truncation_error(), rtol=1e-9, atol=1e-20)
+
+
 def test_bad_inputs() -> None:
     w = torch.from_numpy(make_weight(8, 6, seed=30))
     stats = make_stats(make_inputs(20, 6, seed=31), 8, seed=32)

@@ -1,0 +1,234 @@
+"""Budget sweep: factorize one model at several budgets and evaluate each, the curve a user reads to choose a budget.
+
+Calibration and spectra are computed once (`pipeline.Prepared`); each budget is then an allocation, a write and an
+evaluation. Perplexity and speed are measured against the dense model, loaded once; speed interleaves the two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lowrank_compress.errors import BudgetError
+from lowrank_compress.recipe import FactorizeSettings
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class SweepPoint:
+    budget: float
+    kept_fraction_targets: float
+    kept_fraction_model: float
+    params: int
+    perplexity: float
+    bits_per_char: float
+    prefill_ratio: dict[str, float] | None  # seq_len -> compressed / dense tokens per second
+    decode_ratio: float | None
+    output: str | None  # where the model was kept (None: discarded)
+
+
+@dataclass
+class SweepResult:
+    model: str
+    settings: dict[str, Any]
+    dense: dict[str, Any]
+    points: list[SweepPoint]
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "settings": self.settings,
+            "dense": self.dense,
+            "points": [dataclasses.asdict(p) for p in self.points],
+            "files": self.files,
+        }
+
+
+def parse_budgets(text: str) -> list[float]:
+    """'0.9,0.8,0.7' -> [0.9, 0.8, 0.7]; each strictly between 0 and 1, no repeats."""
+    try:
+        budgets = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BudgetError(f"budgets must be comma-separated numbers like 0.9,0.8,0.7; got {text!r}") from None
+    if not budgets:
+        raise BudgetError("no budgets given; pass e.g. --budgets 0.9,0.8,0.7")
+    bad = [b for b in budgets if not 0.0 < b < 1.0]
+    if bad:
+        raise BudgetError(f"every budget must be strictly between 0 and 1; got {bad[0]}")
+    if len(set(budgets)) != len(budgets):
+        raise BudgetError(f"budgets repeat: {text}")
+    return budgets
+
+
+def sweep(
+    model_path: str | Path,
+    budgets: Sequence[float],
+    settings: FactorizeSettings,
+    out_dir: str | Path,
+    *,
+    keep_models: bool = False,
+    overwrite: bool = False,
+    data: str = "builtin",
+    window: int | None = None,
+    stride: int = 256,
+    max_tokens: int | None = 8192,
+    speed: bool = True,
+    allow_pickle: bool = False,
+    progress: ProgressFn | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> SweepResult:
+    """Factorize and evaluate at each budget; write sweep.json, sweep.md and sweep.png (and the models, with
+    `keep_models`, under models/) into `out_dir`, atomically. window: default 512, or the model's context when
+    shorter."""
+    from lowrank_compress.evaluate import context_length, measure_speed, perplexity
+    from lowrank_compress.format import atomic_output_dir, check_output_dir
+    from lowrank_compress.loading import load_model, resolve
+    from lowrank_compress.pipeline import Prepared
+    from lowrank_compress.report import write_json
+    from lowrank_compress.text import load_text
+
+    report = progress or (lambda *a: None)
+    out_dir = Path(out_dir)
+    source = resolve(model_path)
+    check_output_dir(out_dir, overwrite, inputs=[source.path, source.directory])
+    text = load_text(data, split="heldout" if data == "builtin" else "all")
+
+    def quality(model: Any, tokenizer: Any, label: str) -> Any:
+        return perplexity(
+            model, tokenizer, text, window=window, stride=stride, max_tokens=max_tokens, device=settings.device,
+            progress=lambda done, total: report(f"perplexity ({label})", done, total),
+        )  # fmt: skip
+
+    prepared = Prepared.load(model_path, settings, allow_pickle=allow_pickle, progress=report, warn=warn)
+    dense_model, tokenizer = prepared.model, prepared.tokenizer
+    context = context_length(dense_model)
+    window = window or (min(512, context) if context else 512)
+    seq_lens = [n for n in (128, 512) if context is None or n <= context] or [context]
+    dense_q = quality(dense_model, tokenizer, "dense")
+    dense_speed = None
+    points: list[SweepPoint] = []
+    with atomic_output_dir(out_dir, overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
+        for i, budget in enumerate(budgets):
+            where = (tmp / "models" if keep_models else Path(scratch)) / f"budget-{budget:g}"
+            written = prepared.write(where, budget)
+            compressed, tok, _ = load_model(where, device=settings.device)
+            q = quality(compressed, tok, f"budget {budget:g}")
+            prefill_ratio = decode_ratio = None
+            if speed:
+                report("speed", i, len(budgets))
+                sp = measure_speed(
+                    {"dense": dense_model, "compressed": compressed},
+                    seq_lens=seq_lens,
+                    device=settings.device,
+                )
+                dense_speed = sp["dense"]
+                prefill_ratio = {
+                    str(n): v / sp["dense"].prefill_tokens_per_s[n]
+                    for n, v in sp["compressed"].prefill_tokens_per_s.items()
+                }
+                if sp["compressed"].decode_tokens_per_s and sp["dense"].decode_tokens_per_s:
+                    decode_ratio = sp["compressed"].decode_tokens_per_s / sp["dense"].decode_tokens_per_s
+            points.append(
+                SweepPoint(
+                    budget=budget,
+                    kept_fraction_targets=written.kept_fraction_targets,
+                    kept_fraction_model=written.kept_fraction_model,
+                    params=written.total_params_after,
+                    perplexity=q.perplexity,
+                    bits_per_char=q.bits_per_char,
+                    prefill_ratio=prefill_ratio,
+                    decode_ratio=decode_ratio,
+                    output=str(out_dir / "models" / where.name) if keep_models else None,
+                )
+            )
+            del compressed
+            if not keep_models:
+                shutil.rmtree(where)
+        result = SweepResult(
+            model=str(model_path),
+            settings=dataclasses.asdict(prepared.settings),
+            dense={
+                "params": prepared.total_before,
+                "perplexity": dense_q.perplexity,
+                "bits_per_char": dense_q.bits_per_char,
+                "tokens_scored": dense_q.n_tokens,
+                "prefill_tokens_per_s": {str(k): v for k, v in dense_speed.prefill_tokens_per_s.items()}
+                if dense_speed
+                else None,
+                "decode_tokens_per_s": dense_speed.decode_tokens_per_s if dense_speed else None,
+            },
+            points=points,
+        )
+        names = ["sweep.json", "sweep.md", "sweep.png"]
+        result.files = [str(out_dir / n) for n in names] + [p.output for p in points if p.output]
+        write_json(tmp / "sweep.json", result.to_dict())
+        (tmp / "sweep.md").write_text(sweep_markdown(result))
+        (tmp / "sweep.png").write_bytes(sweep_plot(result))
+    return result
+
+
+def sweep_markdown(result: SweepResult) -> str:
+    d = result.dense
+    lines = [
+        f"# Budget sweep of {result.model}",
+        "",
+        f"{result.settings['method']} / {result.settings['policy']}; dense: {d['params']:,} params, "
+        f"perplexity {d['perplexity']:.3f}",
+        "",
+        "| budget | kept of targets | kept of model | params | perplexity | ppl / dense | bits/char | "
+        "prefill ratio | decode ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in result.points:
+        prefill = ", ".join(f"{k}: {v:.2f}x" for k, v in (p.prefill_ratio or {}).items()) or "-"
+        decode = f"{p.decode_ratio:.2f}x" if p.decode_ratio else "-"
+        lines.append(
+            f"| {p.budget:g} | {p.kept_fraction_targets:.4f} | {p.kept_fraction_model:.4f} | {p.params:,} | "
+            f"{p.perplexity:.3f} | {p.perplexity / d['perplexity']:.3f} | {p.bits_per_char:.4f} | {prefill} | {decode} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def sweep_plot(result: SweepResult) -> bytes:
+    """Perplexity and speed ratios against the fraction of the model's parameters kept (PNG bytes)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted(result.points, key=lambda p: p.kept_fraction_model)
+    xs = [p.kept_fraction_model for p in pts]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(xs + [1.0], [p.perplexity for p in pts] + [result.dense["perplexity"]], marker="o")
+    ax1.set_xlabel("params kept (fraction of the model; 1 = dense)")
+    ax1.set_ylabel("perplexity")
+    ax1.set_title("Quality")
+    if any(p.prefill_ratio for p in pts):
+        for n in pts[0].prefill_ratio or {}:
+            ax2.plot(
+                xs,
+                [(p.prefill_ratio or {}).get(n, float("nan")) for p in pts],
+                marker="o",
+                label=f"prefill@{n}",
+            )
+        if any(p.decode_ratio for p in pts):
+            ax2.plot(xs, [p.decode_ratio or float("nan") for p in pts], marker="s", label="decode")
+        ax2.axhline(1.0, color="grey", ls=":")
+        ax2.legend()
+    ax2.set_xlabel("params kept (fraction of the model)")
+    ax2.set_ylabel("throughput / dense")
+    ax2.set_title("Speed")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,96 @@
+"""`lowrank-compress evaluate`: dense and compressed models, a baseline in the same run, JSON, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lowrank_compress.cli import cli
+from lowrank_compress.evaluate import perplexity
+from lowrank_compress.loading import load_model
+from lowrank_compress.pipeline import factorize_model
+from lowrank_compress.recipe import build_settings
+from lowrank_compress.text import load_text
+from tests.fixtures import tiny_bert, tiny_llama
+
+SMALL = ("--max-tokens", "300", "--window", "64", "--stride", "32")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    dense = tiny_llama(root)
+    compressed = root / "compressed"
+    factorize_model(dense, compressed, build_settings(method="svd", policy="uniform", budget=0.5))
+    return dense, compressed
+
+
+def run(*args: object):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_json_has_both_models_and_ratios(pair: tuple[Path, Path]) -> None:
+    dense, compressed = pair
+    res = run("evaluate", compressed, "--baseline", dense, *SMALL, "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    model, base = data["models"]
+    assert (model["role"], base["role"]) == ("model", "baseline")
+    # the same numbers as the library's perplexity on the held-out text, computed directly
+    for entry, path in ((model, compressed), (base, dense)):
+        m, tok, _ = load_model(path)
+        direct = perplexity(
+            m, tok, load_text("builtin", split="heldout"), window=64, stride=32, max_tokens=300
+        )
+        assert entry["perplexity"] == pytest.approx(direct.perplexity, rel=1e-9)
+        assert entry["bits_per_char"] == pytest.approx(direct.bits_per_char, rel=1e-9)
+        assert entry["params"] == sum(p.numel() for p in m.parameters())
+        assert all(v > 0 for v in entry["prefill_tokens_per_s"].values()) and entry["decode_tokens_per_s"] > 0
+    ratios = data["ratios"]
+    assert ratios["perplexity"] == pytest.approx(model["perplexity"] / base["perplexity"])
+    assert ratios["params"] == pytest.approx(model["params"] / base["params"]) and ratios["params"] < 1
+    for n, r in ratios["prefill_tokens_per_s"].items():
+        assert r == pytest.approx(model["prefill_tokens_per_s"][n] / base["prefill_tokens_per_s"][n])
+    assert data["split"] == "heldout" and len(data["text_sha256"]) == 64
+
+
+def test_table_output_and_a_file_scored_whole(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    dense, _ = pair
+    text = tmp_path / "eval.jsonl"
+    text.write_text(
+        "\n".join(json.dumps({"text": load_text("builtin")[i * 2000 : (i + 1) * 2000]}) for i in range(3))
+    )
+    res = run("evaluate", dense, "--data", text, *SMALL, "--no-speed")
+    assert res.exit_code == 0, res.output
+    assert "perplexity" in res.stdout and "(all)" in res.stdout and "model / baseline" not in res.stdout
+    res = run("evaluate", dense, "--data", text, *SMALL, "--no-speed", "--json")
+    entry = json.loads(res.stdout)["models"][0]
+    assert entry["prefill_tokens_per_s"] is None and math.isfinite(entry["perplexity"])
+
+
+def test_an_encoder_has_no_perplexity(tmp_path: Path) -> None:
+    res = run("evaluate", tiny_bert(tmp_path), *SMALL)
+    assert res.exit_code == 1 and res.stderr.strip().startswith("error: ")
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_bad_inputs(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    dense, _ = pair
+    cases = [
+        (("evaluate", tmp_path / "missing"), "no such file"),
+        (("evaluate", dense, "--baseline", tmp_path / "missing"), "no such file"),
+        (("evaluate", dense, "--data", tmp_path / "none.txt"), "no such file"),
+        (("evaluate", dense, "--window", "1"), "window"),
+        (("evaluate", dense, "--window", "4096"), "context"),
+        (("evaluate", dense, "--device", "cuda:0"), "CUDA"),
+    ]
+    for args, needle in cases:
+        res = run(*args)
+        assert res.exit_code == 1, (args, res.output)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (args, res.stderr)
+    assert run("evaluate", dense, "--max-tokens", "-1").exit_code == 2

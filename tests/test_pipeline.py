@@ -1,0 +1,353 @@
+"""factorize end to end: the library pipeline and the CLI on tiny random checkpoints, and every bad input.
+
+Expected values come from the original checkpoint and numpy/scipy, never from the pipeline's own helpers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import lowrank_compress
+from lowrank_compress.cli import cli
+from lowrank_compress.pipeline import factorize_model
+from lowrank_compress.recipe import build_settings
+from tests.fixtures import load_state_dict, tiny_bert, tiny_gpt2, tiny_llama
+
+FAST = {"samples": 4, "seq_len": 64, "grad_samples": 2}  # tiny models have 256 positions
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "llama": tiny_llama(root),
+        "gqa": tiny_llama(root, gqa=True),
+        "tied": tiny_llama(root, tied=True),
+        "gpt2": tiny_gpt2(root),
+        "bert": tiny_bert(root),
+    }
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def fingerprint(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def weight_out_in(sd: dict[str, torch.Tensor], name: str, conv1d: bool) -> np.ndarray:
+    w = sd[f"{name}.weight"].double().numpy()
+    return w.T if conv1d else w
+
+
+def product(sd: dict[str, torch.Tensor], name: str) -> np.ndarray:
+    return sd[f"{name}.up.weight"].double().numpy() @ sd[f"{name}.down.weight"].double().numpy()
+
+
+def auto_class(kind: str):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModel if kind == "bert" else AutoModelForCausalLM
+
+
+def dense_reference(
+    kind: str, source: Path, written: dict[str, torch.Tensor], layers: list[dict]
+) -> torch.nn.Module:
+    """The original model with each factorized weight replaced by up @ down from the written files."""
+    model = auto_class(kind).from_pretrained(source).eval()
+    for layer in layers:
+        if layer["rank"] is None:
+            continue
+        w = torch.from_numpy(product(written, layer["module"])).float()
+        module = model.get_submodule(layer["module"])
+        module.weight.data.copy_(w.T if kind == "gpt2" else w)
+    return model
+
+
+def ids(n: int = 2, length: int = 12) -> torch.Tensor:
+    return torch.randint(4, 300, (n, length), generator=torch.Generator().manual_seed(7))
+
+
+def outputs(model: torch.nn.Module, kind: str) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=ids())
+    return out.last_hidden_state if kind == "bert" else out.logits
+
+
+# ------------------------------------------------------------------------------------------------ the math, end to end
+
+
+def test_svd_writes_each_layers_truncated_svd(models: dict[str, Path], tmp_path: Path) -> None:
+    src = models["llama"]
+    result = factorize_model(
+        src, tmp_path / "out", build_settings(method="svd", policy="uniform", budget=0.6)
+    )
+    original, written = load_state_dict(src), load_state_dict(tmp_path / "out")
+    for layer in result.layers:
+        w = weight_out_in(original, layer.name, conv1d=False)
+        r = layer.rank
+        assert r is not None and r < w.shape[0] * w.shape[1] / sum(w.shape)  # below break-even
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        best = (u[:, :r] * s[:r]) @ vt[:r]
+        got = product(written, layer.name)
+        assert np.linalg.norm(got - best) <= 1e-5 * np.linalg.norm(best)
+        assert layer.relative_error == pytest.approx(np.sqrt((s[r:] ** 2).sum() / (s**2).sum()), rel=1e-6)
+    # every tensor that was not factorized is written byte for byte
+    factorized = {x.name for x in result.layers}
+    for name, t in original.items():
+        if name.rsplit(".", 1)[0] not in factorized:
+            assert torch.equal(written[name], t), name
+
+
+def test_whiten_layer_is_the_optimal_truncation_on_the_calibration_inputs(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """W_r = argmin ||(W - W_r) X^T||_F at the written rank: (W L)_r L^-1 with L the Cholesky factor of X^T X."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowrank_compress.calibration import make_batches
+    from lowrank_compress.text import load_text
+
+    src = models["gqa"]
+    settings = build_settings(method="whiten", policy="uniform", budget=0.5, **FAST)
+    result = factorize_model(src, tmp_path / "out", settings)
+    name = "model.layers.1.mlp.down_proj"
+    # the layer's inputs on the same calibration windows, captured from the dense model by a plain hook
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    batches = make_batches(
+        AutoTokenizer.from_pretrained(src),
+        load_text("builtin", split="calibration"),
+        samples=settings.samples,
+        seq_len=settings.seq_len,
+        seed=settings.seed,
+    )
+    seen: list[np.ndarray] = []
+    hook = model.get_submodule(name).register_forward_hook(
+        lambda m, a, o: seen.append(a[0].detach().double().reshape(-1, a[0].shape[-1]).numpy())
+    )
+    with torch.no_grad():
+        model(input_ids=batches)
+    hook.remove()
+    x = np.concatenate(seen)
+    w = weight_out_in(load_state_dict(src), name, conv1d=False)
+    chol = scipy.linalg.cholesky(x.T @ x, lower=True)
+    u, s, vt = np.linalg.svd(w @ chol, full_matrices=False)
+    r = next(layer.rank for layer in result.layers if layer.name == name)
+    best = scipy.linalg.solve_triangular(chol, ((u[:, :r] * s[:r]) @ vt[:r]).T, lower=True, trans="T").T
+    got = product(load_state_dict(tmp_path / "out"), name)
+    assert np.linalg.norm(got - best) <= 1e-4 * np.linalg.norm(best)
+    # its output error on those inputs is the discarded whitened singular values
+    err = ((got - w) @ x.T) ** 2
+    assert err.sum() == pytest.approx((s[r:] ** 2).sum(), rel=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gqa", "tied", "gpt2", "bert"])
+def test_reload_wires_every_factor_and_accounting_is_exact(
+    kind: str, models: dict[str, Path], tmp_path: Path
+) -> None:
+    src, out = models[kind], tmp_path / "out"
+    before = fingerprint(src)
+    warnings: list[str] = []
+    result = factorize_model(src, out, build_settings(budget=0.7, **FAST), warn=warnings.append)
+    assert fingerprint(src) == before
+    if kind == "bert":  # no language-model loss: the default sensitivity policy falls back, and says so
+        assert result.settings.policy == "uniform" and any("uniform" in w for w in warnings)
+    else:
+        assert result.settings.policy == "sensitivity" and not warnings
+
+    written = load_state_dict(out)
+    loaded = auto_class(kind).from_pretrained(out).eval()
+    via_library = lowrank_compress.load(out).eval()
+    reference = dense_reference(kind, src, written, result.to_dict()["layers"])
+    torch.testing.assert_close(outputs(loaded, kind), outputs(reference, kind), rtol=1e-4, atol=1e-5)
+    assert torch.equal(outputs(loaded, kind), outputs(via_library, kind))
+
+    # parameter accounting: the report equals the written tensors and the loaded model
+    report = json.loads((out / "report.json").read_text())
+    summary = report["summary"]
+    assert summary["total_params_after"] == sum(t.numel() for t in written.values())
+    assert summary["total_params_after"] == sum(p.numel() for p in loaded.parameters())
+    assert summary["total_params_before"] == sum(t.numel() for t in load_state_dict(src).values())
+    target_after = 0
+    for layer in report["layers"]:
+        if layer["rank"] is None:
+            target_after += written[f"{layer['module']}.weight"].numel()
+        else:
+            target_after += sum(written[f"{layer['module']}.{p}.weight"].numel() for p in ("up", "down"))
+    assert summary["target_params_after"] == target_after
+    assert summary["kept_fraction_targets"] == pytest.approx(0.7, abs=0.005)
+    assert result.kept_fraction_model == summary["total_params_after"] / summary["total_params_before"]
+
+
+def test_sharded_output_reloads_exactly(models: dict[str, Path], tmp_path: Path) -> None:
+    src, out = models["llama"], tmp_path / "out"
+    factorize_model(src, out, build_settings(method="svd", policy="uniform"), max_shard_size="40KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
+    single = tmp_path / "single"
+    factorize_model(src, single, build_settings(method="svd", policy="uniform"))
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(out).eval()
+    b = AutoModelForCausalLM.from_pretrained(single).eval()
+    assert torch.equal(outputs(a, "llama"), outputs(b, "llama"))
+
+
+@pytest.mark.parametrize("policy", ["uniform", "energy", "stable-rank", "sensitivity"])
+@pytest.mark.parametrize("budget", [0.8, 0.4])
+def test_every_policy_meets_the_budget_and_keeps_break_even_layers_dense(
+    policy: str, budget: float, models: dict[str, Path], tmp_path: Path
+) -> None:
+    result = factorize_model(
+        models["gqa"], tmp_path / "o", build_settings(policy=policy, budget=budget, **FAST)
+    )
+    assert abs(result.kept_fraction_targets - budget) <= 0.005
+    for layer in result.layers:
+        m, n = layer.shape
+        if layer.rank is not None:
+            assert 1 <= layer.rank < m * n / (m + n)
+            assert layer.params_after == layer.rank * (m + n)
+        else:
+            assert layer.params_after == m * n
+
+
+# ------------------------------------------------------------------------------------------------ the command line
+
+
+def test_cli_json_files_and_a_reproducible_recipe(models: dict[str, Path], tmp_path: Path) -> None:
+    src, out = models["llama"], tmp_path / "out"
+    res = run("factorize", src, "-o", out, "--budget", "0.6", "--samples", 4, "--seq-len", 64, "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["summary"]["budget"] == 0.6 and data["settings"]["method"] == "whiten"
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "recipe.yaml",
+        "report.json",
+        "README.md",
+        "tokenizer.json",
+    ):
+        assert (out / name).is_file(), name
+        assert name in data["files"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "lowrank"
+    assert "auto_map" not in config  # no remote code
+    assert json.loads((out / "report.json").read_text())["summary"] == data["summary"]
+    assert "0.6" in (out / "README.md").read_text()
+
+    again = tmp_path / "again"
+    res = run("factorize", src, "-o", again, "--recipe", out / "recipe.yaml")
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load((again / "recipe.yaml").read_text()) == yaml.safe_load(
+        (out / "recipe.yaml").read_text()
+    )
+    a, b = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_flags_override_the_recipe(models: dict[str, Path], tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: svd\npolicy: uniform\nbudget: 0.5\n")
+    res = run(
+        "factorize", models["llama"], "-o", tmp_path / "o", "--recipe", recipe, "--budget", "0.7", "--json"
+    )
+    assert res.exit_code == 0, res.output
+    settings = json.loads(res.stdout)["settings"]
+    assert (settings["method"], settings["policy"], settings["budget"]) == ("svd", "uniform", 0.7)
+
+
+def test_shipped_recipes_load() -> None:
+    recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for path in recipes:
+        settings = build_settings(path)
+        assert path.read_text().startswith("#"), f"{path.name} needs a comment saying when to use it"
+        assert 0 < settings.budget < 1
+
+
+def _fails_cleanly(res, out: Path, codes: tuple[int, ...] = (1,)) -> str:
+    assert res.exit_code in codes, res.output
+    assert "Traceback" not in res.output
+    lines = res.stderr.strip().splitlines()
+    if res.exit_code == 2:  # click's usage error: usage lines, then one "Error: ..." line
+        lines = [x for x in lines if x.startswith("Error: ")]
+    assert len(lines) == 1, res.stderr
+    assert not out.exists() or not any(out.iterdir())
+    assert not list(out.parent.glob(f".{out.name}*"))  # no temporary directory left behind
+    return lines[0]
+
+
+def test_bad_inputs_fail_cleanly_and_touch_nothing(models: dict[str, Path], tmp_path: Path) -> None:
+    src = models["llama"]
+    before = fingerprint(src)
+    out = tmp_path / "out"
+    small = ("--samples", 4, "--seq-len", 64)
+
+    for budget in ("0", "1", "1.5", "-0.2"):
+        assert "budget" in _fails_cleanly(run("factorize", src, "-o", out, "--budget", budget), out, (1, 2))
+    line = _fails_cleanly(run("factorize", src, "-o", out, "--budget", "0.001", "--method", "svd"), out)
+    assert "budget" in line
+    short = tmp_path / "short.txt"
+    short.write_text("Far too little text to calibrate with.")
+    assert "calibration text" in _fails_cleanly(
+        run("factorize", src, "-o", out, "--calibration", short, *small), out
+    )
+    assert "no such file" in _fails_cleanly(
+        run("factorize", src, "-o", out, "--calibration", tmp_path / "nope.txt"), out
+    )
+    assert "no such file" in _fails_cleanly(run("factorize", tmp_path / "missing", "-o", out), out)
+
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    res = run("factorize", src, "-o", out, "--method", "svd", "--policy", "uniform")
+    assert res.exit_code == 1 and "--overwrite" in res.stderr and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+
+    res = run("factorize", src, "-o", src / "compressed", "--method", "svd", "--policy", "uniform")
+    assert res.exit_code == 1 and "inside the input" in res.stderr and not (src / "compressed").exists()
+
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("budget: [0.5\n")
+    assert "not valid YAML" in _fails_cleanly(run("factorize", src, "-o", out, "--recipe", recipe), out)
+    recipe.write_text("budget: 0.5\nrnak: 3\n")
+    assert "unknown key" in _fails_cleanly(run("factorize", src, "-o", out, "--recipe", recipe), out)
+    recipe.write_text("budget: lots\n")
+    assert "wrong type" in _fails_cleanly(run("factorize", src, "-o", out, "--recipe", recipe), out)
+    _fails_cleanly(run("factorize", src, "-o", out, "--max-shard-size", "big"), out, (2,))
+    _fails_cleanly(run("factorize", src, "-o", out, "--method", "qr"), out, (2,))
+    assert fingerprint(src) == before
+
+
+def test_nan_weights_name_the_layer(models: dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "nan"
+    bad.mkdir()
+    for f in models["llama"].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    sd = load_file(bad / "model.safetensors")
+    sd["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    line = _fails_cleanly(run("factorize", bad, "-o", out, "--method", "svd", "--policy", "uniform"), out)
+    assert "model.layers.1.mlp.up_proj" in line and "NaN" in line
+
+
+def test_fisher_needs_a_language_model_head(models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    line = _fails_cleanly(
+        run("factorize", models["bert"], "-o", out, "--method", "fisher", "--samples", 4, "--seq-len", 64),
+        out,
+    )
+    assert "fisher" in line

@@ -1,0 +1,152 @@
+"""`factorize --evaluate`, `report` and `sweep` on tiny models: the files exist and carry report.json's numbers."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lowrank_compress.cli import cli
+from tests.fixtures import tiny_llama
+
+SMALL_CAL = ("--samples", "4", "--seq-len", "64", "--grad-samples", "2")
+SMALL_EVAL = ("--max-tokens", "300", "--window", "64", "--stride", "32")
+
+
+def run(*args: object):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A tiny model factorized at two budgets with --evaluate (the evaluation uses evaluate's defaults)."""
+    root = tmp_path_factory.mktemp("rep")
+    src = tiny_llama(root, num_layers=3)
+    outs = []
+    for budget in ("0.8", "0.5"):
+        out = root / f"out-{budget}"
+        res = run("factorize", src, "-o", out, "--budget", budget, *SMALL_CAL, "--evaluate")
+        assert res.exit_code == 0, res.output
+        outs.append(out)
+    return src, outs
+
+
+def test_factorize_evaluate_puts_the_figures_in_report_and_model_card(outputs) -> None:
+    src, (out, _) = outputs
+    report = json.loads((out / "report.json").read_text())
+    ev = report["evaluation"]
+    model, base = ev["models"]
+    assert (model["role"], model["path"]) == ("model", str(out))
+    assert (base["role"], base["path"]) == ("baseline", str(src))
+    assert ev["ratios"]["perplexity"] == pytest.approx(model["perplexity"] / base["perplexity"])
+    assert ev["ratios"]["params"] == pytest.approx(report["summary"]["kept_fraction_model"])
+    card = (out / "README.md").read_text()
+    assert "## Quality and speed" in card and f"{model['perplexity']:.3f}" in card
+    assert "evaluate" in report["timings_s"]
+
+
+def test_report_renders_markdown_html_and_plots_with_the_reports_numbers(outputs, tmp_path: Path) -> None:
+    _, outs = outputs
+    dest = tmp_path / "rep"
+    res = run("report", *outs, "-o", dest, "--json")
+    assert res.exit_code == 0, res.output
+    files = {Path(p).name for p in json.loads(res.stdout)["files"]}
+    assert {"report.md", "report.html", "ranks_by_depth.png", "kept_energy.png", "spectra.png",
+            "perplexity_vs_size.png"} <= files  # fmt: skip
+    md = (dest / "report.md").read_text()
+    html = (dest / "report.html").read_text()
+    for out in outs:
+        r = json.loads((out / "report.json").read_text())
+        row = f"{r['summary']['kept_fraction_targets']:.4f}"
+        assert row in md and row in html
+        assert f"{r['evaluation']['models'][0]['perplexity']:.3f}" in html
+    first = json.loads((outs[0] / "report.json").read_text())
+    for layer in first["layers"]:
+        assert layer["module"] in html
+    # every image is embedded, as a PNG
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) == sum(1 for f in files if f.endswith(".png"))
+    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    assert "<script" not in html and "http" not in html  # self-contained
+
+
+def test_report_of_something_else_is_one_line(tmp_path: Path) -> None:
+    res = run("report", tmp_path)
+    assert res.exit_code == 1 and "report.json" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_sweep_table_json_plot_and_kept_models(tmp_path: Path) -> None:
+    src = tiny_llama(tmp_path)
+    out = tmp_path / "sweep"
+    res = run(
+        "sweep",
+        src,
+        "--budgets",
+        "0.9,0.6,0.4",
+        "-o",
+        out,
+        *SMALL_CAL,
+        *SMALL_EVAL,
+        "--keep-models",
+        "--json",
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert [p["budget"] for p in data["points"]] == [0.9, 0.6, 0.4]
+    sizes = [p["params"] for p in data["points"]]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] < data["dense"]["params"]
+    for p in data["points"]:
+        assert abs(p["kept_fraction_targets"] - p["budget"]) <= 0.005
+        kept = Path(p["output"])
+        report = json.loads((kept / "report.json").read_text())
+        assert report["summary"]["total_params_after"] == p["params"]
+        assert p["prefill_ratio"] and all(v > 0 for v in p["prefill_ratio"].values())
+    assert json.loads((out / "sweep.json").read_text())["points"] == data["points"]
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "0.6" in (out / "sweep.md").read_text()
+
+    # without --keep-models nothing but the three files remains
+    lean = tmp_path / "lean"
+    res = run("sweep", src, "--budgets", "0.7", "-o", lean, *SMALL_CAL, *SMALL_EVAL, "--no-speed")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in lean.iterdir()) == ["sweep.json", "sweep.md", "sweep.png"]
+    assert "perplexity" in res.stdout
+
+
+@pytest.mark.parametrize("budgets", ["0.9,1.2", "0.8,0.8", "a,b", ","])
+def test_sweep_rejects_bad_budgets(budgets: str, tmp_path: Path) -> None:
+    res = run("sweep", tmp_path / "missing", "--budgets", budgets, "-o", tmp_path / "o")
+    assert res.exit_code == 1 and "budget" in res.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_report_html_loads_in_headless_chromium(outputs, tmp_path: Path) -> None:
+    """No console errors and every image decoded: a probe script appended to a copy of the page writes the result
+    into the DOM, which --dump-dom prints after load."""
+    _, outs = outputs
+    run("report", *outs, "-o", tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    probe = (
+        "<script>window.addEventListener('load',()=>{const bad=[...document.images].filter(i=>!i.complete||"
+        "i.naturalWidth===0).length;document.body.insertAdjacentHTML('beforeend',"
+        "`<p id=probe>images=${document.images.length} broken=${bad}</p>`);});</script>"
+    )
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("</body>", probe + "</body>"))
+    proc = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+         "--virtual-time-budget=5000", "--dump-dom", probed.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    match = re.search(r"images=(\d+) broken=(\d+)", proc.stdout)
+    assert match, proc.stderr[-2000:]
+    assert int(match.group(1)) >= 3 and int(match.group(2)) == 0
+    console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
+    assert not console, console
