@@ -351,3 +351,20 @@ def test_fisher_needs_a_language_model_head(models: dict[str, Path], tmp_path: P
         out,
     )
     assert "fisher" in line
+
+
+@pytest.mark.slow
+def test_smollm2_default_factorization_reloads_and_meets_the_budget(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lowrank_compress.demo import default_model_path
+
+    out = tmp_path / "smol"
+    settings = build_settings(samples=4, seq_len=256, grad_samples=2, budget=0.7)
+    result = factorize_model(default_model_path(), out, settings)
+    assert abs(result.kept_fraction_targets - 0.7) <= 0.005
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert result.total_params_after == sum(p.numel() for p in loaded.parameters())
+    again = lowrank_compress.load(out).eval()
+    assert torch.equal(outputs(loaded, "llama"), outputs(again, "llama"))
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())
