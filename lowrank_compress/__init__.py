@@ -12,10 +12,12 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 from lowrank_compress import format as _format
 from lowrank_compress.analyze import analyze
 from lowrank_compress.errors import LowrankError
+from lowrank_compress.evaluate import evaluate_models
 from lowrank_compress.format import load
 from lowrank_compress.modules import LowRankLinear
 from lowrank_compress.pipeline import factorize_model
-from lowrank_compress.recipe import FactorizeSettings
+from lowrank_compress.recipe import FactorizeSettings, build_settings
+from lowrank_compress.sweep import sweep
 
 # `import lowrank_compress` is all a user needs before `AutoModelForCausalLM.from_pretrained(OUT)`.
 _format.register()
@@ -26,6 +28,9 @@ __all__ = [
     "LowrankError",
     "__version__",
     "analyze",
+    "build_settings",
+    "evaluate_models",
     "factorize_model",
     "load",
+    "sweep",
 ]

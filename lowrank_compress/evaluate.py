@@ -248,6 +248,19 @@ def measure_speed(
     }
 
 
+def speed_ratios(a: Speed, b: Speed) -> dict[str, Any]:
+    """a / b throughputs: {"prefill_tokens_per_s": {"<seq_len>": ratio}, "decode_tokens_per_s": ratio or None}."""
+    decode = None
+    if a.decode_tokens_per_s is not None and b.decode_tokens_per_s is not None:
+        decode = a.decode_tokens_per_s / b.decode_tokens_per_s
+    return {
+        "prefill_tokens_per_s": {
+            str(n): v / b.prefill_tokens_per_s[n] for n, v in a.prefill_tokens_per_s.items()
+        },
+        "decode_tokens_per_s": decode,
+    }
+
+
 def _last_logits_only(model: nn.Module) -> dict[str, Any]:
     """`logits_to_keep=1` for causal LMs whose forward takes it (the projection to the vocabulary is a large share of
     a small model's prefill, and generation computes it for the last position only)."""
@@ -331,12 +344,7 @@ class Evaluation:
             "params": a.params / b.params,
         }
         if a.speed is not None and b.speed is not None:
-            out["prefill_tokens_per_s"] = {
-                str(n): a.speed.prefill_tokens_per_s[n] / b.speed.prefill_tokens_per_s[n]
-                for n in a.speed.prefill_tokens_per_s
-            }
-            if a.speed.decode_tokens_per_s is not None and b.speed.decode_tokens_per_s is not None:
-                out["decode_tokens_per_s"] = a.speed.decode_tokens_per_s / b.speed.decode_tokens_per_s
+            out.update(speed_ratios(a.speed, b.speed))
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def sweep(
     """Factorize and evaluate at each budget; write sweep.json, sweep.md and sweep.png (and the models, with
     `keep_models`, under models/) into `out_dir`, atomically. window: default 512, or the model's context when
     shorter."""
-    from lowrank_compress.evaluate import context_length, measure_speed, perplexity
+    from lowrank_compress.evaluate import context_length, measure_speed, perplexity, speed_ratios
     from lowrank_compress.format import atomic_output_dir, check_output_dir
     from lowrank_compress.loading import load_model, resolve
     from lowrank_compress.pipeline import Prepared
@@ -129,12 +129,8 @@ def sweep(
                     device=settings.device,
                 )
                 dense_speed = sp["dense"]
-                prefill_ratio = {
-                    str(n): v / sp["dense"].prefill_tokens_per_s[n]
-                    for n, v in sp["compressed"].prefill_tokens_per_s.items()
-                }
-                if sp["compressed"].decode_tokens_per_s and sp["dense"].decode_tokens_per_s:
-                    decode_ratio = sp["compressed"].decode_tokens_per_s / sp["dense"].decode_tokens_per_s
+                ratios = speed_ratios(sp["compressed"], sp["dense"])
+                prefill_ratio, decode_ratio = ratios["prefill_tokens_per_s"], ratios["decode_tokens_per_s"]
             points.append(
                 SweepPoint(
                     budget=budget,
