@@ -27,6 +27,7 @@ name are targets, all taken as (out x in), and a head stored identical to an emb
 
 from __future__ import annotations
 
+import abc
 import difflib
 import fnmatch
 import json
@@ -257,14 +258,15 @@ def _check_header_entry(path: Path, name: str, entry: Any, data_len: int) -> tup
 # --- backends: one per format, each lists tensors and reads one at a time --------------------------------------------
 
 
-class _Backend:
+class _Backend(abc.ABC):
     infos: dict[str, TensorInfo]
 
-    def read(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor `name`, read from disk now."""
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing to release
+        """Release open files (nothing by default)."""
 
 
 class _SafetensorsBackend(_Backend):
