@@ -154,6 +154,31 @@ def make_batches(tokenizer: Any, text: str, *, samples: int, seq_len: int, seed:
     return torch.stack(rows)
 
 
+def calibration_warnings(batches: torch.Tensor, max_in_features: int, vocab_size: int | None) -> list[str]:
+    """Why a calibration set may be too small or too narrow to trust, as sentences (empty: nothing to say).
+
+    - Fewer tokens than twice the widest layer input: its Gram X^T X is (nearly) rank-deficient, the whitening
+      leans on the ridge, and the factors fit the few directions the text happened to excite.
+    - Few distinct tokens (under 5% of what the set could hold: min(tokens, vocabulary)): repetitive text whose
+      statistics describe a sliver of what the model will see.
+    """
+    n = int(batches.numel())
+    notes = []
+    if n < 2 * max_in_features:
+        notes.append(
+            f"only {n} calibration tokens for layers with up to {max_in_features} inputs: their input statistics are "
+            "rank-deficient; use more text (--samples, --seq-len)"
+        )
+    distinct = int(torch.unique(batches).numel())
+    room = min(n, vocab_size) if vocab_size else n
+    if room > 0 and distinct < 0.05 * room:
+        notes.append(
+            f"the calibration text is repetitive: {distinct} distinct tokens in {n}; the factors will fit it and "
+            "little else; use varied text"
+        )
+    return notes
+
+
 # --------------------------------------------------------------------------------------------------- statistics
 
 

@@ -275,6 +275,8 @@ def settings_options(f: Any) -> Any:
                      help="Calibration sequences used for loss gradients (sensitivity policy, fisher method)."),
         click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True,
                      help="Seed for calibration windows."),
+        click.option("--damping", type=float, default=_DEFAULTS.damping, show_default=True,
+                     help="whiten: add this fraction of the Gram's mean diagonal (hedges against narrow calibration)."),
         click.option("--rank-multiple", type=int, default=_DEFAULTS.rank_multiple, show_default=True,
                      help="Round ranks to a multiple of this."),
         target_option,

@@ -223,7 +223,7 @@ class Prepared:
     ) -> Prepared:
         """Load, pick targets, calibrate, and compute every target's spectrum under `settings.method`."""
         from lowrank_compress.allocate import LayerCandidate
-        from lowrank_compress.calibration import collect_stats, make_batches
+        from lowrank_compress.calibration import calibration_warnings, collect_stats, make_batches
         from lowrank_compress.loading import is_causal_lm, load_model
         from lowrank_compress.spectrum import spectrum_stats
         from lowrank_compress.text import load_text, text_fingerprint
@@ -265,6 +265,11 @@ class Prepared:
             batches = make_batches(
                 self.tokenizer, text, samples=settings.samples, seq_len=settings.seq_len, seed=settings.seed
             )
+            notes = calibration_warnings(
+                batches, max(t.in_features for t in targets), getattr(model.config, "vocab_size", None)
+            )
+            for note in notes:
+                (warn or (lambda m: None))(note)
             self.calibration_info = {
                 "source": settings.calibration,
                 "split": "calibration",
@@ -276,6 +281,7 @@ class Prepared:
                 "grad_samples": min(settings.grad_samples, settings.samples)
                 if settings.method == "fisher" or settings.policy == "sensitivity"
                 else 0,
+                "warnings": notes,
             }
             self.stats = collect_stats(
                 model,
@@ -315,6 +321,7 @@ class Prepared:
             t.weight(),
             self.settings.method,
             self.stats.get(t.name),
+            damping=self.settings.damping,
             cholesky_cache=self._cholesky_cache,
             spectrum_only=spectrum_only,
         )

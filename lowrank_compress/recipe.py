@@ -32,6 +32,9 @@ class FactorizeSettings:
     target: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
     rank_multiple: int = 1
+    # whiten: a loading of the Gram by this fraction of its mean diagonal (GPTQ-style damping); 0 is SVD-LLM, larger
+    # values blend the objective toward plain SVD
+    damping: float = 0.0
     device: str = "cpu"
 
     def validate(self) -> FactorizeSettings:
@@ -43,6 +46,10 @@ class FactorizeSettings:
             raise LowrankError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.policy not in POLICIES:
             raise LowrankError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if not 0.0 <= self.damping < 1e3:
+            raise LowrankError(
+                f"damping must be a fraction of the Gram's mean diagonal in [0, 1000), got {self.damping}"
+            )
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise LowrankError(f"energy must be in (0, 1], got {self.energy}")
         for name in ("samples", "seq_len", "grad_samples", "rank_multiple"):
@@ -58,6 +65,7 @@ class FactorizeSettings:
 _TYPES: dict[str, tuple[type, ...]] = {
     "budget": (float, int),
     "energy": (float, int, type(None)),
+    "damping": (float, int),
     "samples": (int,),
     "seq_len": (int,),
     "grad_samples": (int,),
@@ -105,6 +113,7 @@ def build_settings(recipe: str | Path | None = None, **overrides: Any) -> Factor
     for key in ("target", "ignore"):
         if key in values:
             values[key] = list(values[key])
-    if "budget" in values:
-        values["budget"] = float(values["budget"])
+    for key in ("budget", "damping"):
+        if key in values:
+            values[key] = float(values[key])
     return FactorizeSettings(**values).validate()

@@ -196,6 +196,8 @@ def factorize_model_card(report: dict[str, Any], source: str) -> str:
         f"| layers kept dense | {len(dense)} |",
         f"| calibration | {cal_line} |",
         "",
+        *[f"**Calibration warning:** {w}" for w in cal.get("warnings") or []],
+        "",
         *_evaluation_lines(report.get("evaluation")),
         "## Load",
         "",

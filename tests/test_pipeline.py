@@ -23,7 +23,7 @@ from lowrank_compress.pipeline import factorize_model
 from lowrank_compress.recipe import build_settings
 from tests.fixtures import load_state_dict, tiny_bert, tiny_gpt2, tiny_llama
 
-FAST = {"samples": 4, "seq_len": 64, "grad_samples": 2}  # tiny models have 256 positions
+FAST = {"samples": 8, "seq_len": 64, "grad_samples": 2}  # tiny models have 256 positions; 512 tokens
 
 
 @pytest.fixture(scope="module")
@@ -368,3 +368,54 @@ def test_smollm2_default_factorization_reloads_and_meets_the_budget(tmp_path: Pa
     again = lowrank_compress.load(out).eval()
     assert torch.equal(outputs(loaded, "llama"), outputs(again, "llama"))
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
+
+
+def test_small_or_repetitive_calibration_is_warned_about_and_recorded(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    src = models["llama"]  # widest input: 128 (down_proj)
+    repetitive = tmp_path / "rep.txt"
+    repetitive.write_text("the cat sat on the mat. " * 400)
+    cases = {
+        "good": ({"samples": 8, "seq_len": 64}, []),
+        "tiny": ({"samples": 2, "seq_len": 64}, ["only 128 calibration tokens"]),
+        "repetitive": ({"samples": 8, "seq_len": 64, "calibration": str(repetitive)}, ["repetitive"]),
+    }
+    for name, (extra, expected) in cases.items():
+        warnings: list[str] = []
+        out = tmp_path / name
+        settings = build_settings(method="whiten", policy="uniform", **extra)
+        result = factorize_model(src, out, settings, warn=warnings.append)
+        assert len(warnings) == len(expected), (name, warnings)
+        assert all(e in w for e, w in zip(expected, warnings, strict=True))
+        assert result.calibration["warnings"] == warnings
+        report = json.loads((out / "report.json").read_text())
+        assert report["calibration"]["warnings"] == warnings
+        assert report["calibration"]["tokens"] == extra["samples"] * extra["seq_len"]
+        assert len(report["calibration"]["text_sha256"]) == 64
+        card = (out / "README.md").read_text()
+        assert ("Calibration warning" in card) == bool(expected)
+
+
+def test_damping_zero_is_plain_whitening_and_damping_moves_toward_svd(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    src = models["llama"]
+    common = {"method": "whiten", "policy": "uniform", "budget": 0.5, "samples": 8, "seq_len": 64}
+    plain = factorize_model(src, tmp_path / "plain", build_settings(**common))
+    zero = factorize_model(src, tmp_path / "zero", build_settings(damping=0.0, **common))
+    heavy = factorize_model(src, tmp_path / "heavy", build_settings(damping=1e2, **common))
+    svd = factorize_model(src, tmp_path / "svd", build_settings(**{**common, "method": "svd"}))
+    a, b = load_state_dict(tmp_path / "plain"), load_state_dict(tmp_path / "zero")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [x.rank for x in plain.layers] == [x.rank for x in zero.layers] == [x.rank for x in svd.layers]
+    original = load_state_dict(src)
+    heavy_sd, svd_sd = load_state_dict(tmp_path / "heavy"), load_state_dict(tmp_path / "svd")
+    for layer in heavy.layers:
+        w = weight_out_in(original, layer.name, conv1d=False)
+        err_heavy = np.linalg.norm(product(heavy_sd, layer.name) - w)
+        err_svd = np.linalg.norm(product(svd_sd, layer.name) - w)
+        err_plain = np.linalg.norm(product(a, layer.name) - w)
+        assert err_svd <= err_heavy <= err_plain * (1 + 1e-9)
+        assert err_heavy <= err_svd * 1.05  # a loading 100x the mean diagonal is nearly plain SVD
+    assert yaml.safe_load((tmp_path / "heavy" / "recipe.yaml").read_text())["damping"] == 100.0

@@ -1,0 +1,96 @@
+"""Calibrate on one domain, evaluate on both: how far factorize's quality carries to text unlike its calibration set.
+
+    python benchmarks/bench_cross_domain.py                 # budget 0.8; writes benchmarks/results/cross_domain.json
+    python benchmarks/bench_cross_domain.py --budgets 0.8,0.6
+
+Domains: "python" = the built-in Python reference text; "fiction" = ../shared/data/devils-dictionary.txt (literary
+English; read here only, never by the installed tool). Each is split in halves: calibration on the first half of one,
+held-out perplexity (first 8,192 tokens, windows of 512 without overlap) on the second half of both.
+in-domain ratio = ppl / dense ppl on the calibration domain; cross-domain ratio = the same on the other domain.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import run_child, save
+
+ROOT = Path(__file__).resolve().parent.parent
+DOMAINS = {"python": "builtin", "fiction": str(ROOT.parent / "shared" / "data" / "devils-dictionary.txt")}
+CONFIGS = {  # label -> settings beyond the defaults
+    "whiten+uniform": {"policy": "uniform"},
+    "default": {},
+    "default, damping 0.01": {"damping": 0.01},
+    "default, damping 0.1": {"damping": 0.1},
+    "default, damping 1": {"damping": 1.0},
+}
+
+PPL = """
+from lowrank_compress.evaluate import perplexity
+from lowrank_compress.loading import load_model
+from lowrank_compress.text import load_text
+def ppl(path):
+    model, tok, _ = load_model(path)
+    return {{d: perplexity(model, tok, load_text(src, split="heldout"), window=512, stride=512, max_tokens=8192).perplexity
+            for d, src in {domains!r}.items()}}
+"""
+
+DENSE = (
+    PPL
+    + """
+from lowrank_compress.demo import default_model_path
+RESULT = ppl(str(default_model_path()))
+"""
+)
+
+RUN = (
+    PPL
+    + """
+from lowrank_compress.demo import default_model_path
+from lowrank_compress.pipeline import factorize_model
+from lowrank_compress.recipe import build_settings
+r = factorize_model(default_model_path(), {out!r}, build_settings(calibration={cal!r}, budget={budget}, **{extra!r}))
+RESULT = {{"ppl": ppl({out!r}), "kept": r.kept_fraction_targets, "seconds": sum(r.timings.values())}}
+"""
+)
+
+
+def main() -> None:
+    budgets = [0.8]
+    if "--budgets" in sys.argv:
+        budgets = [float(x) for x in sys.argv[sys.argv.index("--budgets") + 1].split(",")]
+    dense = run_child(DENSE.format(domains=DOMAINS))
+    dense = {d: dense[d] for d in DOMAINS}
+    print(f"dense held-out perplexity: {dense}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for budget in budgets:
+            for cal_domain, cal_src in DOMAINS.items():
+                other = next(d for d in DOMAINS if d != cal_domain)
+                for label, extra in CONFIGS.items():
+                    out = str(Path(tmp) / f"{cal_domain}-{len(rows)}")
+                    r = run_child(
+                        RUN.format(domains=DOMAINS, out=out, cal=cal_src, budget=budget, extra=extra)
+                    )
+                    in_ratio = r["ppl"][cal_domain] / dense[cal_domain]
+                    cross_ratio = r["ppl"][other] / dense[other]
+                    row = {"budget": budget, "calibrated_on": cal_domain, "config": label, "settings": extra,
+                           "ppl": r["ppl"], "in_domain_ratio": in_ratio, "cross_domain_ratio": cross_ratio,
+                           "quotient": cross_ratio / in_ratio, "factorize_s": r["seconds"]}  # fmt: skip
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    print(
+        f"\n{'budget':>6} {'calibrated on':14} {'config':24} {'in-domain':>10} {'cross':>10} {'cross/in':>9}"
+    )
+    for r in rows:
+        print(f"{r['budget']:>6} {r['calibrated_on']:14} {r['config']:24} {r['in_domain_ratio']:>10.3f} "
+              f"{r['cross_domain_ratio']:>10.3f} {r['quotient']:>9.2f}")  # fmt: skip
+    path = save("cross_domain", {"model": "SmolLM2-135M-Instruct Q4_1 GGUF", "dense": dense, "runs": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
