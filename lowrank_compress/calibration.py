@@ -154,6 +154,76 @@ def make_batches(tokenizer: Any, text: str, *, samples: int, seq_len: int, seed:
     return torch.stack(rows)
 
 
+SELF = "self"
+"""--calibration self: windows sampled from the model itself."""
+
+
+def sample_batches(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    samples: int,
+    seq_len: int,
+    seed: int = 0,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    device: str = "cpu",
+    progress: ProgressFn | None = None,
+) -> torch.LongTensor:
+    """`samples` x `seq_len` token windows sampled from the model: calibration that follows the model's own
+    distribution and needs no data.
+
+    Each row starts with the tokenizer's special prefix (BOS), or, without one, with the end-of-text token that
+    separates documents in training; then plain ancestral sampling (temperature 1: no top-k/top-p truncation, so
+    the samples keep the model's full distribution) with EOS suppressed, so every row is full length. Seeded:
+    the same model, seed and sizes give the same tokens.
+    """
+    from transformers import GenerationConfig
+
+    if samples < 1 or seq_len < 2:
+        raise CalibrationError(
+            f"self calibration needs samples >= 1 and seq-len >= 2, got {samples} x {seq_len}"
+        )
+    prefix, _ = special_affixes(tokenizer)
+    if not prefix:
+        start = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+        if start is None:
+            raise CalibrationError(
+                "the tokenizer has no BOS or EOS token to start self-generated calibration from; pass a text"
+            )
+        prefix = [int(start)]
+    new = seq_len - len(prefix)
+    if new < 1:
+        raise CalibrationError(
+            f"--seq-len {seq_len} leaves no room to sample after the {len(prefix)}-token prefix"
+        )
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    config = GenerationConfig(
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
+        pad_token_id=pad, eos_token_id=eos, use_cache=True,
+    )  # fmt: skip
+    rows = []
+    training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(seed)
+            for done, start_row in enumerate(range(0, samples, batch_size), start=1):
+                n = min(batch_size, samples - start_row)
+                ids = torch.tensor([prefix] * n, dtype=torch.long, device=device)
+                with quiet_transformers():
+                    out = model.generate(
+                        input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
+                    )
+                rows.append(out[:, :seq_len].cpu())
+                if progress is not None:
+                    progress(done, -(-samples // batch_size))
+    finally:
+        model.train(training)
+    return torch.cat(rows)
+
+
 def calibration_warnings(batches: torch.Tensor, max_in_features: int, vocab_size: int | None) -> list[str]:
     """Why a calibration set may be too small or too narrow to trust, as sentences (empty: nothing to say).
 

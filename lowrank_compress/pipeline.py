@@ -7,6 +7,7 @@ load -> pick targets -> calibration statistics -> one SVD per layer -> ranks und
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -223,7 +224,13 @@ class Prepared:
     ) -> Prepared:
         """Load, pick targets, calibrate, and compute every target's spectrum under `settings.method`."""
         from lowrank_compress.allocate import LayerCandidate
-        from lowrank_compress.calibration import calibration_warnings, collect_stats, make_batches
+        from lowrank_compress.calibration import (
+            SELF,
+            calibration_warnings,
+            collect_stats,
+            make_batches,
+            sample_batches,
+        )
         from lowrank_compress.loading import is_causal_lm, load_model
         from lowrank_compress.spectrum import spectrum_stats
         from lowrank_compress.text import load_text, text_fingerprint
@@ -233,7 +240,12 @@ class Prepared:
         self.report = report = progress or (lambda *a: None)
         settings.validate()
         needs_data = settings.method != "svd" or settings.policy == "sensitivity"
-        text = load_text(settings.calibration, split="calibration") if needs_data else None
+        self_generated = settings.calibration == SELF
+        text = (
+            load_text(settings.calibration, split="calibration")
+            if needs_data and not self_generated
+            else None
+        )
         model, self.tokenizer, self.source = load_model(
             model_path, device=settings.device, allow_pickle=allow_pickle
         )
@@ -251,7 +263,7 @@ class Prepared:
                 f"{type(model).__name__} has no language-model loss for the sensitivity policy; using --policy uniform"
             )
             if settings.method == "svd":
-                text = None
+                text, needs_data = None, False
         self.settings, self.model = settings, model
         self.targets = targets = find_targets(model, settings.target, settings.ignore)
         for t in targets:
@@ -261,10 +273,26 @@ class Prepared:
                 )
         self.total_before = sum(p.numel() for p in model.parameters())  # tied tensors are yielded once
 
-        if text is not None:
-            batches = make_batches(
-                self.tokenizer, text, samples=settings.samples, seq_len=settings.seq_len, seed=settings.seed
-            )
+        if needs_data:
+            if self_generated:
+                if not causal:
+                    raise LowrankError(f"{type(model).__name__} cannot generate; pass a calibration text")
+                batches = sample_batches(
+                    model, self.tokenizer, samples=settings.samples, seq_len=settings.seq_len, seed=settings.seed,
+                    device=settings.device, progress=lambda done, total: report("sampling calibration", done, total),
+                )  # fmt: skip
+                self.tick("sampling")
+                fingerprint = hashlib.sha256(batches.numpy().tobytes()).hexdigest()
+            else:
+                assert text is not None
+                batches = make_batches(
+                    self.tokenizer,
+                    text,
+                    samples=settings.samples,
+                    seq_len=settings.seq_len,
+                    seed=settings.seed,
+                )
+                fingerprint = text_fingerprint(text)
             notes = calibration_warnings(
                 batches, max(t.in_features for t in targets), getattr(model.config, "vocab_size", None)
             )
@@ -272,11 +300,11 @@ class Prepared:
                 (warn or (lambda m: None))(note)
             self.calibration_info = {
                 "source": settings.calibration,
-                "split": "calibration",
+                "split": None if self_generated else "calibration",
                 "samples": settings.samples,
                 "seq_len": settings.seq_len,
                 "tokens": int(batches.numel()),
-                "text_sha256": text_fingerprint(text),
+                "text_sha256": fingerprint,  # of the token ids when self-generated
                 "seed": settings.seed,
                 "grad_samples": min(settings.grad_samples, settings.samples)
                 if settings.method == "fisher" or settings.policy == "sensitivity"

@@ -173,7 +173,8 @@ def factorize_model_card(report: dict[str, Any], source: str) -> str:
     cal_line = (
         "none (data-free)"
         if not cal.get("source")
-        else f"{cal['source']} ({cal['split']} split), {cal['tokens']:,} tokens "
+        else f"{'sampled from the model itself' if cal['source'] == 'self' else cal['source']}"
+        f"{'' if cal.get('split') is None else ' (' + cal['split'] + ' split)'}, {cal['tokens']:,} tokens "
         f"({cal['samples']} x {cal['seq_len']}, seed {cal['seed']}), sha256 {cal['text_sha256'][:16]}..."
     )
     dense = [x for x in report["layers"] if x["rank"] is None]

@@ -406,3 +406,27 @@ def test_hooks_are_removed_when_the_forward_fails() -> None:
     with pytest.raises(IndexError):
         collect_stats(model, bad, [name])
     assert not model.get_submodule(name)._forward_hooks
+
+
+@pytest.mark.parametrize("style", ["bos", "plain"])
+def test_self_generated_batches_are_seeded_and_start_like_a_document(style: str) -> None:
+    from lowrank_compress.calibration import sample_batches
+
+    model, tok = tiny_llama(), make_tokenizer(style)
+    model.train()
+    a = sample_batches(model, tok, samples=5, seq_len=12, seed=3, batch_size=2)
+    b = sample_batches(model, tok, samples=5, seq_len=12, seed=3, batch_size=2)
+    c = sample_batches(model, tok, samples=5, seq_len=12, seed=4, batch_size=2)
+    assert a.shape == (5, 12) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    start = tok.bos_token_id if style == "bos" else tok.eos_token_id
+    assert (a[:, 0] == start).all()
+    assert not (a[:, 1:] == tok.eos_token_id).any()  # EOS suppressed: every row is full length
+    assert len(torch.unique(a[:, 1:])) > 10  # sampled, not greedy repetition
+    assert model.training  # mode restored
+    # the global RNG is untouched
+    torch.manual_seed(0)
+    x = torch.rand(3)
+    torch.manual_seed(0)
+    sample_batches(model, tok, samples=1, seq_len=4)
+    assert torch.equal(torch.rand(3), x)

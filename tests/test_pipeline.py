@@ -419,3 +419,19 @@ def test_damping_zero_is_plain_whitening_and_damping_moves_toward_svd(
         assert err_svd <= err_heavy <= err_plain * (1 + 1e-9)
         assert err_heavy <= err_svd * 1.05  # a loading 100x the mean diagonal is nearly plain SVD
     assert yaml.safe_load((tmp_path / "heavy" / "recipe.yaml").read_text())["damping"] == 100.0
+
+
+def test_self_generated_calibration(models: dict[str, Path], tmp_path: Path) -> None:
+    settings = build_settings(calibration="self", samples=8, seq_len=64, grad_samples=2, budget=0.6)
+    a = factorize_model(models["llama"], tmp_path / "a", settings)
+    b = factorize_model(models["llama"], tmp_path / "b", settings)
+    assert a.calibration["source"] == "self" and a.calibration["tokens"] == 8 * 64
+    assert a.calibration["text_sha256"] == b.calibration["text_sha256"]  # seeded
+    sa, sb = load_state_dict(tmp_path / "a"), load_state_dict(tmp_path / "b")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert "sampled from the model itself" in (tmp_path / "a" / "README.md").read_text()
+    out = tmp_path / "enc"
+    line = _fails_cleanly(
+        run("factorize", models["bert"], "-o", out, "--calibration", "self", "--policy", "uniform"), out
+    )
+    assert "cannot generate" in line
