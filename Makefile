@@ -40,6 +40,7 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/bench_analyze.py
 	$(PY) benchmarks/bench_factorize.py
+	$(PY) benchmarks/bench_cross_domain.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo-out
