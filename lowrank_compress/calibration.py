@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lowrank_compress.errors import CalibrationError, LowrankError
+from lowrank_compress.modules import is_conv1d
 
 ProgressFn = Callable[[int, int], None]
 _CHUNK_CHARS = 64_000
@@ -269,14 +270,6 @@ class LayerStats:
     out_grad_sq: float | None = None
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers always ships it
-        return False
-    return isinstance(module, Conv1D)
-
-
 def _resolve_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
     found: dict[str, nn.Module] = {}
     for name in names:
@@ -286,7 +279,7 @@ def _resolve_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Mod
             raise LowrankError(
                 f"calibration target {name!r} is not a module of this model; check the layer name"
             ) from e
-        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             raise LowrankError(
                 f"calibration target {name!r} is a {type(module).__name__}, not a Linear layer; "
                 "target only Linear (or GPT-2 Conv1D) layers"
@@ -490,7 +483,7 @@ def _gradient_step(
         grads = torch.autograd.grad(loss, weights if weights is not None else [embeds])
     if weights is not None:
         for (name, module), g in zip(targets.items(), grads, strict=True):
-            rows = g.detach().to(torch.float64).pow(2).sum(dim=0 if _is_conv1d(module) else 1)
+            rows = g.detach().to(torch.float64).pow(2).sum(dim=0 if is_conv1d(module) else 1)
             acc = accs[name]
             acc.fisher_rows = rows if acc.fisher_rows is None else acc.fisher_rows + rows
 

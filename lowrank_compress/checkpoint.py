@@ -148,7 +148,8 @@ def _compile_regex(pattern: str) -> re.Pattern[str]:
         ) from None
 
 
-def _parse_depth(module: str) -> int | None:
+def module_depth(module: str) -> int | None:
+    """The block index of a module: its first integer name component (None outside the repeated blocks)."""
     for part in module.split("."):
         if part.isdigit():
             return int(part)
@@ -663,9 +664,9 @@ def _tied_map(model: torch.nn.Module) -> dict[str, str]:
 
 
 def _module_role(module: torch.nn.Module) -> str:
-    from transformers.pytorch_utils import Conv1D
+    from lowrank_compress.modules import is_conv1d
 
-    if isinstance(module, Conv1D):
+    if is_conv1d(module):
         return "conv1d"
     if isinstance(module, torch.nn.Linear):
         return "linear"
@@ -917,7 +918,7 @@ class Checkpoint:
                     in_features=in_f,
                     kind=role,
                     layer_type=module_name.rsplit(".", 1)[-1],
-                    depth=_parse_depth(module_name),
+                    depth=module_depth(module_name),
                 )
             )
 
@@ -967,7 +968,7 @@ class Checkpoint:
                     in_features=info.shape[1],
                     kind="linear",
                     layer_type=module.rsplit(".", 1)[-1],
-                    depth=_parse_depth(module),
+                    depth=module_depth(module),
                 )
             )
         for name, info in self.tensors.items():

@@ -73,3 +73,10 @@ class LowRankLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}"
         )
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: a Linear whose weight is stored transposed (in x out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)

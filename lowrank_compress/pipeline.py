@@ -20,6 +20,7 @@ from torch import nn
 
 from lowrank_compress import __version__
 from lowrank_compress.errors import LowrankError
+from lowrank_compress.modules import is_conv1d
 from lowrank_compress.recipe import FactorizeSettings
 
 if TYPE_CHECKING:
@@ -40,20 +41,7 @@ class Target:
     def weight(self) -> torch.Tensor:
         """The weight as (out x in), whatever the module's storage layout."""
         w = self.module.weight.detach()
-        return w.T if _is_conv1d(self.module) else w
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, Conv1D)
-
-
-def _block_index(name: str) -> int | None:
-    for part in name.split("."):
-        if part.isdigit():
-            return int(part)
-    return None
+        return w.T if is_conv1d(self.module) else w
 
 
 def find_targets(model: nn.Module, target: list[str], ignore: list[str]) -> list[Target]:
@@ -62,16 +50,16 @@ def find_targets(model: nn.Module, target: list[str], ignore: list[str]) -> list
     By default, the Linear layers inside the repeated blocks (names with a block index): embeddings, output heads
     and poolers stay dense. --target patterns replace that default; --ignore patterns remove modules.
     """
-    from lowrank_compress.checkpoint import match_pattern
+    from lowrank_compress.checkpoint import match_pattern, module_depth
 
     found = []
     for name, module in model.named_modules():
-        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             continue
-        chosen = any(match_pattern(name, p) for p in target) if target else _block_index(name) is not None
+        chosen = any(match_pattern(name, p) for p in target) if target else module_depth(name) is not None
         if not chosen or any(match_pattern(name, p) for p in ignore):
             continue
-        if _is_conv1d(module):
+        if is_conv1d(module):
             in_f, out_f = module.weight.shape
         else:
             out_f, in_f = module.weight.shape

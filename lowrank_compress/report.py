@@ -243,7 +243,9 @@ def _layer_type(module: str) -> str:
 
 
 def _depth(module: str) -> int:
-    return next((int(p) for p in module.split(".") if p.isdigit()), 0)
+    from lowrank_compress.checkpoint import module_depth
+
+    return module_depth(module) or 0
 
 
 def factorize_plots(reports: list[dict[str, Any]]) -> dict[str, bytes]:
