@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lowrank_compress.errors import CalibrationError, LowrankError
-from lowrank_compress.modules import is_conv1d
+from lowrank_compress.modules import LowRankLinear, is_conv1d
 
 ProgressFn = Callable[[int, int], None]
 _CHUNK_CHARS = 64_000
@@ -279,7 +279,7 @@ def _resolve_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Mod
             raise LowrankError(
                 f"calibration target {name!r} is not a module of this model; check the layer name"
             ) from e
-        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+        if not (isinstance(module, (nn.Linear, LowRankLinear)) or is_conv1d(module)):
             raise LowrankError(
                 f"calibration target {name!r} is a {type(module).__name__}, not a Linear layer; "
                 "target only Linear (or GPT-2 Conv1D) layers"

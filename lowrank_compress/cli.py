@@ -16,10 +16,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lowrank_compress import __version__
-from lowrank_compress.errors import LowrankError
+from lowrank_compress.errors import LowrankError, TrainingInterrupted
+from lowrank_compress.finetune import FinetuneSettings
 from lowrank_compress.recipe import METHODS, POLICIES, FactorizeSettings
 
 _DEFAULTS = FactorizeSettings()
+_FT = FinetuneSettings()
 
 
 class Output:
@@ -73,6 +75,9 @@ class Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except TrainingInterrupted as e:
+            click.echo(str(e), err=True)
+            sys.exit(130)
         except LowrankError as e:
             _fail(str(e))
         except KeyboardInterrupt:
@@ -124,6 +129,7 @@ def cli() -> None:
     evaluate   perplexity, bits per character and speed, against a baseline
     report     report.md and a self-contained report.html for factorize outputs
     sweep      factorize and evaluate at several budgets: the curve to choose one
+    finetune   LoRA / DoRA (optionally on a frozen NF4 base) or the factors themselves, to win quality back
     """
 
 
@@ -542,6 +548,166 @@ def report(outputs: tuple[Path, ...], out_dir: Path | None, json_mode: bool) -> 
         return
     for p in written:
         out.out.print(f"wrote {p}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option(
+    "--data",
+    default=_FT.data,
+    show_default=True,
+    metavar="FILE|builtin",
+    help="Training text (.txt, .jsonl). Without --eval-data: trained on its first half, scored on the second.",
+)
+@click.option(
+    "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output directory."
+)
+@click.option("--adapter", type=click.Choice(["lora", "dora"]), default=_FT.adapter, show_default=True)
+@click.option("--rank", type=int, default=_FT.rank, show_default=True, help="Adapter rank.")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha.  [default: 2 x rank]")
+@click.option(
+    "--quantize",
+    type=click.Choice(["none", "nf4"]),
+    default=_FT.quantize,
+    show_default=True,
+    help="nf4: frozen base in 4-bit NF4 with double quantization (needs the [nf4] extra).",
+)
+@click.option("--steps", type=int, default=None, help="Optimizer steps.  [default: one epoch]")
+@click.option(
+    "--epochs", type=float, default=None, help="Passes over the training text (instead of --steps)."
+)
+@click.option("--lr", type=float, default=_FT.lr, show_default=True, help="Peak learning rate.")
+@click.option(
+    "--batch-size", type=int, default=_FT.batch_size, show_default=True, help="Sequences per micro-batch."
+)
+@click.option(
+    "--grad-accum",
+    type=int,
+    default=_FT.grad_accum,
+    show_default=True,
+    help="Micro-batches per optimizer step.",
+)
+@click.option(
+    "--seq-len", type=int, default=_FT.seq_len, show_default=True, help="Tokens per packed sequence."
+)
+@click.option(
+    "--warmup", type=float, default=_FT.warmup, show_default=True, help="Warmup, as a fraction of the steps."
+)
+@click.option("--weight-decay", type=float, default=_FT.weight_decay, show_default=True)
+@click.option("--eval-data", default=None, metavar="FILE", help="Held-out text scored before and after.")
+@click.option(
+    "--eval-tokens",
+    type=int,
+    default=_FT.eval_tokens,
+    show_default=True,
+    help="Tokens scored (0: no evaluation).",
+)
+@click.option(
+    "--merge/--no-merge",
+    default=_FT.merge,
+    show_default=True,
+    help="Fold the adapters into the model (else write them in PEFT's format).",
+)
+@click.option(
+    "--merge-rank",
+    type=click.Choice(["grow", "keep"]),
+    default=_FT.merge_rank,
+    show_default=True,
+    help="grow: exact, rank r + adapter rank; keep: back to rank r by a whitened SVD.",
+)
+@click.option(
+    "--train",
+    type=click.Choice(["adapters", "factors"]),
+    default=_FT.train,
+    show_default=True,
+    help="factors: train the factorized layers' own factors (LoRD) instead of adapters.",
+)
+@click.option(
+    "--nuclear",
+    type=float,
+    default=_FT.nuclear,
+    show_default=True,
+    help="factors: weight of the TRP nuclear-norm penalty.",
+)
+@click.option(
+    "--truncate-every",
+    type=int,
+    default=_FT.truncate_every,
+    show_default=True,
+    help="factors: every N steps cut each layer to the rank keeping --truncate-energy (0: never).",
+)
+@click.option("--truncate-energy", type=float, default=_FT.truncate_energy, show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default=_FT.precision,
+    show_default=True,
+    help="auto: bf16 where the device computes it natively, else fp32.",
+)
+@click.option(
+    "--save-every", type=int, default=_FT.save_every, show_default=True, help="Checkpoint every N steps."
+)
+@click.option(
+    "--checkpoint-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where checkpoints go.  [default: OUTPUT.checkpoint]",
+)
+@click.option(
+    "--resume",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Continue from a checkpoint (run the same command with --resume added).",
+)
+@click.option("--seed", type=int, default=_FT.seed, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@pickle_option
+@json_option
+def finetune(model: str, output: Path, checkpoint_dir: Path | None, resume: Path | None, overwrite: bool,
+             allow_pickle: bool, json_mode: bool, **flags: Any) -> None:  # fmt: skip
+    """Train adapters (or the factors) to win back what compression lost; write adapters or a merged model.
+
+    MODEL is a factorize output (or a dense checkpoint: plain (Q)LoRA). Run it plainly on CPU or a GPU, or under
+    `accelerate launch` on several GPUs. Ctrl-C leaves a checkpoint to --resume from and never a partial output.
+    """
+    from lowrank_compress.finetune import FinetuneSettings
+    from lowrank_compress.finetune import finetune as run_finetune
+
+    out = Output(json_mode)
+    settings = FinetuneSettings(**flags).validate()
+    with out.progress("finetune") as update:
+        result = run_finetune(
+            model, output, settings, resume=resume, checkpoint_dir=checkpoint_dir, overwrite=overwrite,
+            allow_pickle=allow_pickle, warn=out.warn,
+            progress=lambda phase, done, total, label: update(done, total, f"{phase} {label}".strip()),
+        )  # fmt: skip
+    data = result.to_dict()
+    if json_mode:
+        out.emit_json(data)
+        return
+    p = result.perplexity
+    table = Table(title=f"{model} -> {output} ({result.kind})", title_justify="left")
+    for col in ("", "perplexity"):
+        table.add_column(col, justify="left" if not col else "right")
+    for key in ("before", "after", "merged"):
+        if p.get(key) is not None:
+            table.add_row(key, f"{p[key]:.3f}")
+    out.out.print(table)
+    first, last = result.losses[0], result.losses[-1]
+    out.out.print(
+        f"{result.steps} steps ({result.settings.train}, {result.precision}) on {result.data['tokens']:,} tokens; "
+        f"loss {first:.3f} -> {last:.3f}; {result.step_seconds:.2f} s/step, {result.tokens_per_s:,.0f} tok/s; "
+        f"{result.trainable_params:,} trainable params"
+    )
+    if result.kind == "adapters":
+        out.out.print(
+            f"wrote {output} (PEFT adapters: import lowrank_compress; PeftModel.from_pretrained(model, ...))"
+        )
+    else:
+        out.out.print(
+            f"wrote {output} ({result.params_after:,} params; load it after import lowrank_compress)"
+        )
 
 
 def _check_device(device: str) -> None:

@@ -24,3 +24,7 @@ class CalibrationError(LowrankError):
 
 class FormatError(LowrankError):
     """A compressed output that is malformed (missing or misshapen factor tensors, bad config)."""
+
+
+class TrainingInterrupted(LowrankError):
+    """Ctrl-C during finetune: a resumable checkpoint was written and nothing was written to the output (exit 130)."""

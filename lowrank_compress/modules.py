@@ -60,8 +60,14 @@ class LowRankLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def dense_weight(self) -> torch.Tensor:
-        """The equivalent dense weight (out x in)."""
-        return self.up.weight @ self.down.weight
+        """The equivalent dense weight (out x in); 4-bit factors are dequantized."""
+        return linear_weight(self.up) @ linear_weight(self.down)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """`dense_weight()`, for code that reads a layer's `.weight` (peft's DoRA weight norms). Computed on each
+        access; not a parameter, never saved."""
+        return self.dense_weight()
 
     @property
     def num_params(self) -> int:
@@ -73,6 +79,18 @@ class LowRankLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}"
         )
+
+
+def linear_weight(linear: nn.Module) -> torch.Tensor:
+    """A Linear's weight as a float matrix, dequantizing a bitsandbytes 4-bit weight."""
+    w = linear.weight
+    if type(w).__name__ == "Params4bit":
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(w.data, w.quant_state).to(
+            getattr(linear, "compute_dtype", None) or torch.float32
+        )
+    return w
 
 
 def is_conv1d(module: nn.Module) -> bool:

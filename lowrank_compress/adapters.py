@@ -1,0 +1,245 @@
+"""Adapters on factorized models: peft LoRA / DoRA around each `LowRankLinear` as a whole, and merging them back.
+
+A LoRA around the whole layer adds s B A to W = up down, so the update spans the full weight space instead of the
+factors' subspace. Merging keeps the layer factorized:
+
+    grow  up' = [up, s B],  down' = [down; A]                      rank r + r_a, exact
+    keep  the best rank-r approximation of up' down'               one SVD of the merged weight; whitened by the
+                                                                   calibration inputs when their statistics are given
+DoRA rescales rows: W' = diag(m / ||W + s B A||_row) (W + s B A), which is a row scaling of up' (exact as well).
+
+`register_peft()` (run by `import lowrank_compress`) teaches peft to wrap `LowRankLinear`, so adapters saved in
+PEFT's format load with plain `PeftModel.from_pretrained` on a factorized model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_compress.errors import LowrankError
+from lowrank_compress.modules import LowRankLinear, is_conv1d
+
+ADAPTERS: tuple[str, ...] = ("lora", "dora")
+MERGE_RANKS: tuple[str, ...] = ("grow", "keep")
+
+_REGISTERED = False
+
+
+def _lora_layer_class() -> type:
+    """The peft LoRA layer for a LowRankLinear base, built on first use (peft is imported lazily)."""
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    class LowRankLoraLinear(PeftLoraLinear):
+        """peft's LoRA / DoRA Linear layer, wrapped around a LowRankLinear as a whole."""
+
+        def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+            return module.in_features, module.out_features
+
+        def merge(self, safe_merge: bool = False, adapter_names: Any = None) -> None:
+            raise LowrankError(
+                "merging into a factorized layer must keep it factorized: use `lowrank-compress finetune --merge` "
+                "or lowrank_compress.adapters.merge_adapters instead of peft's merge"
+            )
+
+        def unmerge(self) -> None:  # never merged in place, see merge
+            return None
+
+    return LowRankLoraLinear
+
+
+_LAYER_CLASS: type | None = None
+
+
+def lora_layer_class() -> type:
+    global _LAYER_CLASS
+    if _LAYER_CLASS is None:
+        _LAYER_CLASS = _lora_layer_class()
+    return _LAYER_CLASS
+
+
+def register_peft() -> None:
+    """Let peft's LoRA wrap LowRankLinear (idempotent): peft picks a layer class by the base module's type and knows
+    only its own; a LowRankLinear gets `LowRankLoraLinear`, everything else what peft would give it."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    try:
+        from peft.tuners.lora.model import LoraModel
+    except ImportError:  # peft is a dependency; without it there is nothing to register
+        return
+    original = LoraModel._create_new_module
+
+    def create_new_module(lora_config: Any, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
+        base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+        if isinstance(base, LowRankLinear):
+            kwargs.pop("parameter_name", None)
+            return lora_layer_class()(target, adapter_name, config=lora_config, **kwargs)
+        return original(lora_config, adapter_name, target, **kwargs)
+
+    LoraModel._create_new_module = staticmethod(create_new_module)
+    _REGISTERED = True
+
+
+# --------------------------------------------------------------------------------------------------- attaching
+
+
+def adapter_targets(model: nn.Module) -> list[str]:
+    """Modules an adapter wraps: every LowRankLinear as a whole, and every other Linear (or 4-bit Linear, GPT-2
+    Conv1D) that is neither part of a LowRankLinear nor the output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inside = {
+        f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, LowRankLinear) for c in ("up", "down")
+    }
+    names = []
+    for name, module in model.named_modules():
+        if not name or module is head or name in inside:
+            continue
+        if isinstance(module, (LowRankLinear, nn.Linear)) or is_conv1d(module):
+            names.append(name)
+    return names
+
+
+def attach(model: nn.Module, kind: str, rank: int, alpha: float, targets: Iterable[str]) -> Any:
+    """A peft model with fresh (zero-effect: B = 0) LoRA or DoRA adapters of `rank` on `targets`."""
+    from peft import LoraConfig, get_peft_model
+
+    if kind not in ADAPTERS:
+        raise LowrankError(f"unknown adapter {kind!r}; choose one of {', '.join(ADAPTERS)}")
+    if rank < 1:
+        raise LowrankError(f"adapter rank must be at least 1, got {rank}")
+    names = list(targets)
+    if not names:
+        raise LowrankError("the model has no Linear layers to put adapters on")
+    register_peft()
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=names,  # full module names: peft matches them exactly (as dot-separated suffixes)
+        use_dora=kind == "dora",
+        bias="none",
+        fan_in_fan_out=any(is_conv1d(model.get_submodule(n)) for n in names),
+    )
+    return get_peft_model(model, config)
+
+
+# --------------------------------------------------------------------------------------------------- merging
+
+
+@dataclass
+class AdapterDelta:
+    """One trained adapter, scaled: the layer's new weight is W + b @ a (then DoRA's row scaling, if any)."""
+
+    a: torch.Tensor  # (r_a x in)
+    b: torch.Tensor  # (out x r_a), scaling folded in
+    magnitude: torch.Tensor | None = None  # DoRA: (out,)
+
+
+def extract_adapters(peft_model: Any, adapter: str = "default") -> tuple[nn.Module, dict[str, AdapterDelta]]:
+    """The base model with its adapters taken off (not merged), and each adapter's delta by module name."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    deltas: dict[str, AdapterDelta] = {}
+    prefix = "base_model.model."
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
+            continue
+        a = module.lora_A[adapter].weight.detach().float().cpu().clone()
+        b = module.lora_B[adapter].weight.detach().float().cpu() * float(module.scaling[adapter])
+        magnitude = None
+        if adapter in module.lora_magnitude_vector:
+            magnitude = module.lora_magnitude_vector[adapter].weight.detach().float().cpu().clone()
+        deltas[name.removeprefix(prefix)] = AdapterDelta(a, b.clone(), magnitude)
+    return peft_model.unload(), deltas
+
+
+def grow(up: torch.Tensor, down: torch.Tensor, delta: AdapterDelta) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of an adapter into factors: rank r + r_a, product W + b a (row-scaled for DoRA)."""
+    up2 = torch.cat([up.double(), delta.b.double()], dim=1)
+    down2 = torch.cat([down.double(), delta.a.double()], dim=0)
+    if delta.magnitude is not None:
+        up2 = up2 * _dora_scale(up2 @ down2, delta.magnitude)[:, None]
+    return up2, down2
+
+
+def truncate(
+    up: torch.Tensor, down: torch.Tensor, rank: int, stats: Any = None
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Factors of the best rank-`rank` approximation of W = up @ down, the squared error it leaves, and ||W||^2 in
+    the same measure.
+
+    Without statistics the error is ||W - W_r||_F^2 (Eckart-Young: the sum of the dropped squared singular values);
+    with calibration statistics it is the whitened objective ||(W - W_r) X^T||_F^2 that factorize minimizes.
+    """
+    from lowrank_compress.factorize import decompose
+
+    w = up.double() @ down.double()
+    dec = decompose(w, "whiten" if stats is not None else "svd", stats)
+    rank = min(rank, dec.stored_rank)
+    u, d = dec.factors(rank, dtype=torch.float64)
+    errors = dec.truncation_error()
+    return u, d, float(errors[rank]), float(errors[0])
+
+
+def _dora_scale(weight: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's per-output-row factor m / ||W + s B A||_row (peft normalizes each row of the out x in weight)."""
+    norm = torch.linalg.vector_norm(weight, dim=1)
+    return magnitude.double() / norm.clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def merge_adapters(
+    model: nn.Module,
+    deltas: Mapping[str, AdapterDelta],
+    *,
+    merge_rank: str = "grow",
+    stats: Mapping[str, Any] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Fold `deltas` into `model` in place (weights must be plain floating point: dequantize first).
+
+    LowRankLinear layers stay factorized: `grow` concatenates the factors, `keep` re-truncates to the original rank
+    (whitened by `stats[name]` when given). Dense layers get the delta added. Returns, per factorized layer, the
+    rank before and after and the truncation error relative to the merged weight, in the truncation's measure
+    (0 for grow).
+    """
+    if merge_rank not in MERGE_RANKS:
+        raise LowrankError(f"unknown merge rank {merge_rank!r}; choose one of {', '.join(MERGE_RANKS)}")
+    report: dict[str, dict[str, float]] = {}
+    for name, delta in deltas.items():
+        module = model.get_submodule(name)
+        if isinstance(module, LowRankLinear):
+            up, down = grow(module.up.weight.detach(), module.down.weight.detach(), delta)
+            error, norm = 0.0, 0.0
+            if merge_rank == "keep":
+                up, down, error, norm = truncate(up, down, module.rank, stats.get(name) if stats else None)
+            dtype = module.up.weight.dtype
+            bias = module.bias.detach() if module.bias is not None else None
+            new = LowRankLinear.from_factors(up.to(dtype), down.to(dtype), bias)
+            new.to(module.up.weight.device)
+            _set_module(model, name, new)
+            report[name] = {
+                "rank_before": module.rank,
+                "rank_after": new.rank,
+                "relative_error": error / norm if norm > 0 else 0.0,
+            }
+        elif isinstance(module, nn.Linear) or is_conv1d(module):
+            conv = is_conv1d(module)
+            with torch.no_grad():
+                w = module.weight.detach().double()
+                w = w.T if conv else w
+                w = w + delta.b.double().to(w.device) @ delta.a.double().to(w.device)
+                if delta.magnitude is not None:
+                    w = w * _dora_scale(w, delta.magnitude.to(w.device))[:, None]
+                module.weight.copy_((w.T if conv else w).to(module.weight.dtype))
+        else:
+            raise LowrankError(f"{name}: cannot merge an adapter into a {type(module).__name__}")
+    return report
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -1,0 +1,253 @@
+"""`finetune` end to end on tiny models: outputs that load and reproduce the trained model, resume, bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import lowrank_compress
+from lowrank_compress.cli import cli
+from lowrank_compress.errors import TrainingInterrupted
+from lowrank_compress.finetune import FinetuneSettings, batch_rows, finetune, pack
+from lowrank_compress.modules import LowRankLinear
+from tests.fixtures import tiny_llama, tiny_tokenizer, training_text
+
+FAST = {"seq_len": 64, "rank": 4, "eval_tokens": 1024, "batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text(training_text(12_000), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("dense"))
+
+
+def settings(data: Path, **kw: object) -> FinetuneSettings:
+    return FinetuneSettings(data=str(data), **{**FAST, "steps": 4, **kw})
+
+
+def ids() -> torch.Tensor:
+    return torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids()).logits.float()
+
+
+def test_packing_frames_each_sequence_with_bos_and_keeps_text_order() -> None:
+    tok = tiny_tokenizer()
+    rows = pack(tok, training_text(3000), 32)
+    assert rows.shape[1] == 32 and rows.shape[0] >= 2
+    assert bool((rows[:, 0] == tok.bos_token_id).all())
+    body = tok(training_text(3000), add_special_tokens=False)["input_ids"]
+    assert rows[:, 1:].reshape(-1).tolist() == body[: rows.shape[0] * 31]
+
+
+def test_batch_order_is_a_seeded_permutation_per_epoch() -> None:
+    first = batch_rows(10, seed=0, position=0, count=10)
+    assert sorted(first) == list(range(10))
+    assert batch_rows(10, 0, 10, 10) != first and sorted(batch_rows(10, 0, 10, 10)) == list(range(10))
+    assert (
+        batch_rows(10, 0, 3, 9) == (first + batch_rows(10, 0, 10, 10))[3:12]
+    )  # any window of the same stream
+    assert batch_rows(10, 1, 0, 10) != first
+
+
+def test_lora_adapters_load_with_peft_and_match_the_exact_merge(
+    factorized: Path, data: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+
+    adapters = finetune(factorized, tmp_path / "adapters", settings(data, lr=5e-3))
+    merged = finetune(factorized, tmp_path / "merged", settings(data, lr=5e-3, merge=True))
+    assert adapters.kind == "adapters" and merged.kind == "lowrank"
+    assert adapters.losses == merged.losses  # seeded: the same run
+    assert {"adapter_config.json", "adapter_model.safetensors", "finetune.json"} <= {
+        p.name for p in (tmp_path / "adapters").iterdir()
+    }
+    config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(factorized.resolve())
+
+    base = lowrank_compress.load(factorized)
+    ranks_before = {n: m.rank for n, m in base.named_modules() if isinstance(m, LowRankLinear)}
+    before = logits(base)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapters")
+    with_adapters = logits(peft_model)
+    assert float((with_adapters - before).abs().max()) > 1e-4  # training changed something
+    reloaded = lowrank_compress.load(tmp_path / "merged")
+    torch.testing.assert_close(logits(reloaded), with_adapters, rtol=1e-4, atol=1e-4)
+    # grow: every factorized layer gained the adapter's rank, and the count is the real one
+    ranks_after = {n: m.rank for n, m in reloaded.named_modules() if isinstance(m, LowRankLinear)}
+    assert ranks_after == {n: r + 4 for n, r in ranks_before.items()}
+    assert merged.params_after == sum(p.numel() for p in reloaded.parameters())
+    assert merged.perplexity["merged"] == pytest.approx(merged.perplexity["after"], rel=1e-3)
+
+
+def test_keep_merge_writes_the_original_ranks(factorized: Path, data: Path, tmp_path: Path) -> None:
+    result = finetune(
+        factorized, tmp_path / "keep", settings(data, merge=True, merge_rank="keep", adapter="dora")
+    )
+    original = lowrank_compress.load(factorized)
+    reloaded = lowrank_compress.load(tmp_path / "keep")
+    rank = {n: m.rank for n, m in original.named_modules() if isinstance(m, LowRankLinear)}
+    assert {n: m.rank for n, m in reloaded.named_modules() if isinstance(m, LowRankLinear)} == rank
+    assert result.params_after == result.params_before
+    assert result.merge["whitened"] and 0 <= result.merge["max_relative_error"] < 1
+
+
+def test_resume_continues_the_same_loss_curve(factorized: Path, data: Path, tmp_path: Path) -> None:
+    straight = finetune(factorized, tmp_path / "straight", settings(data, steps=6, save_every=2))
+    out, ckpt = tmp_path / "resumed", tmp_path / "ckpt"
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        finetune(factorized, out, settings(data, steps=6, save_every=2), checkpoint_dir=ckpt, stop_after=3)
+    assert not out.exists()  # no partial output
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 3 and len(state["losses"]) == 3
+    resumed = finetune(
+        factorized, out, settings(data, steps=6, save_every=2), checkpoint_dir=ckpt, resume=ckpt
+    )
+    assert resumed.resumed_from_step == 3
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-5, abs=1e-6)
+    assert not ckpt.exists()  # the finished output replaces the checkpoint
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_refuses_other_settings(factorized: Path, data: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(TrainingInterrupted):
+        finetune(factorized, tmp_path / "o", settings(data), checkpoint_dir=ckpt, stop_after=1)
+    with pytest.raises(lowrank_compress.LowrankError, match="other settings.*lr"):
+        finetune(factorized, tmp_path / "o", settings(data, lr=1e-2), checkpoint_dir=ckpt, resume=ckpt)
+
+
+def test_training_the_factors_with_truncation_writes_smaller_ranks(
+    factorized: Path, data: Path, tmp_path: Path
+) -> None:
+    result = finetune(
+        factorized, tmp_path / "f", settings(data, train="factors", lr=1e-3, nuclear=1e-3, truncate_every=2,
+                                             truncate_energy=0.6, steps=3),
+    )  # fmt: skip
+    original = lowrank_compress.load(factorized)
+    reloaded = lowrank_compress.load(tmp_path / "f")
+    before = {n: m.rank for n, m in original.named_modules() if isinstance(m, LowRankLinear)}
+    after = {n: m.rank for n, m in reloaded.named_modules() if isinstance(m, LowRankLinear)}
+    assert after.keys() == before.keys() and all(after[n] < before[n] for n in before)
+    assert result.params_after == sum(p.numel() for p in reloaded.parameters()) < result.params_before
+    assert result.perplexity["merged"] == pytest.approx(result.perplexity["after"], rel=1e-3)
+
+
+def test_dense_model_gets_plain_lora_and_a_dense_merge(dense: Path, data: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    result = finetune(dense, tmp_path / "d", settings(data, merge=True, lr=5e-3))
+    assert result.kind == "dense"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "d")
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert result.perplexity["merged"] == pytest.approx(result.perplexity["after"], rel=1e-3)
+
+
+def test_nf4_finetune_merges_into_the_dequantized_factors(
+    factorized: Path, data: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("bitsandbytes")
+    result = finetune(factorized, tmp_path / "q", settings(data, quantize="nf4", merge=True, lr=5e-3))
+    assert result.quantize["quantized_linears"] > 0
+    assert result.perplexity["merged"] == pytest.approx(result.perplexity["after"], rel=2e-2)
+    lowrank_compress.load(tmp_path / "q")
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_cli_json(factorized: Path, data: Path, tmp_path: Path) -> None:
+    res = run("finetune", factorized, "--data", data, "-o", tmp_path / "o", "--steps", "2", "--seq-len", "64",
+              "--rank", "2", "--eval-tokens", "512", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["steps"] == 2 and len(doc["losses"]) == 2 and doc["kind"] == "adapters"
+    assert doc["perplexity"]["before"] > 0 and doc["perplexity"]["after"] > 0
+    assert json.loads((tmp_path / "o" / "finetune.json").read_text())["steps"] == 2
+
+
+def _fails_cleanly(res, out: Path) -> str:
+    assert res.exit_code == 1, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert "Traceback" not in res.output
+    assert not out.exists()
+    return lines[0]
+
+
+def test_bad_inputs_fail_cleanly(factorized: Path, dense: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    short = tmp_path / "short.txt"
+    short.write_text("A few words only.")
+    base = ["--steps", "1", "--seq-len", "64", "-o", out]
+    assert "empty" in _fails_cleanly(run("finetune", factorized, "--data", empty, *base), out)
+    assert "shorter than one training sequence" in _fails_cleanly(
+        run("finetune", factorized, "--data", short, "--eval-data", short, *base), out
+    )
+    assert "MODEL is dense" in _fails_cleanly(
+        run("finetune", dense, "--data", data, "--merge", "--merge-rank", "keep", *base), out
+    )
+    assert "factorized MODEL" in _fails_cleanly(
+        run("finetune", dense, "--data", data, "--train", "factors", *base), out
+    )
+    assert "no such" in _fails_cleanly(run("finetune", tmp_path / "nope", "--data", data, *base), out).lower()
+    assert "--steps or --epochs" in _fails_cleanly(
+        run("finetune", factorized, "--data", data, "--epochs", "1", *base), out
+    )
+    assert "not a finetune checkpoint" in _fails_cleanly(
+        run("finetune", factorized, "--data", data, "--resume", tmp_path, *base), out
+    )
+    assert "drop --quantize" in _fails_cleanly(
+        run("finetune", factorized, "--data", data, "--train", "factors", "--quantize", "nf4", *base), out
+    )
+
+
+def test_missing_bitsandbytes_fails_cleanly(
+    factorized: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    out = tmp_path / "o"
+    res = run("finetune", factorized, "--data", data, "--quantize", "nf4", "--steps", "1", "-o", out)
+    assert "lowrank-compress[nf4]" in _fails_cleanly(res, out)
+
+
+def test_interrupt_exits_130_with_a_resume_hint(
+    factorized: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lowrank_compress.finetune as ft
+
+    original = ft.finetune
+    monkeypatch.setattr(ft, "finetune", lambda *a, **k: original(*a, **k, stop_after=1))
+    out = tmp_path / "o"
+    res = run("finetune", factorized, "--data", data, "--steps", "3", "--seq-len", "64", "--eval-tokens", "0",
+              "-o", out)  # fmt: skip
+    assert res.exit_code == 130, res.output
+    assert "--resume" in res.output and not out.exists()
+    assert (tmp_path / "o.checkpoint" / "state.json").is_file()
