@@ -14,6 +14,7 @@ PEFT's format load with plain `PeftModel.from_pretrained` on a factorized model.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,7 @@ def register_peft() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
+    quiet_bitsandbytes()  # peft imports it when installed
     try:
         from peft.tuners.lora.model import LoraModel
     except ImportError:  # peft is a dependency; without it there is nothing to register
@@ -83,6 +85,14 @@ def register_peft() -> None:
 
     LoraModel._create_new_module = staticmethod(create_new_module)
     _REGISTERED = True
+
+
+def quiet_bitsandbytes() -> None:
+    """bitsandbytes logs a warning on import on CPUs without its optional `kernels` package; it falls back and
+    works, so the message is noise for our users."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------------------------------- attaching
@@ -125,7 +135,9 @@ def attach(model: nn.Module, kind: str, rank: int, alpha: float, targets: Iterab
         bias="none",
         fan_in_fan_out=any(is_conv1d(model.get_submodule(n)) for n in names),
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5; not ours to fix
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config)
 
 
 # --------------------------------------------------------------------------------------------------- merging

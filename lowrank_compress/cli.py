@@ -682,6 +682,8 @@ def finetune(model: str, output: Path, checkpoint_dir: Path | None, resume: Path
             allow_pickle=allow_pickle, warn=out.warn,
             progress=lambda phase, done, total, label: update(done, total, f"{phase} {label}".strip()),
         )  # fmt: skip
+    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, the main process reports
+        return
     data = result.to_dict()
     if json_mode:
         out.emit_json(data)

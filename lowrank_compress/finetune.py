@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -128,6 +129,7 @@ class FinetuneResult:
     params_after: int
     precision: str
     device: str
+    processes: int
     step_seconds: float
     tokens_per_s: float
     peak_memory_mb: float | None
@@ -251,7 +253,8 @@ def finetune(
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    accelerator = Accelerator(mixed_precision="no")
+    # no GPU: a CPU run, and several processes under `accelerate launch` / torchrun become DDP over gloo
+    accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
     device = accelerator.device
     precision = resolve_precision(settings.precision, device)
     set_seed(settings.seed)
@@ -367,46 +370,48 @@ def finetune(
     step_times: list[float] = []
     tokens_per_step = per_step * settings.seq_len
     step = start
-    try:
-        for step in range(start, total):
-            t0 = time.perf_counter()
-            loss_sum = 0.0
-            for micro in range(settings.grad_accum):
-                position = (step * settings.grad_accum + micro) * world + accelerator.process_index
-                idx = batch_rows(
-                    rows.shape[0], settings.seed, position * settings.batch_size, settings.batch_size
-                )
-                batch = rows[idx].to(device)
-                sync = micro == settings.grad_accum - 1
-                with nullcontext() if sync else accelerator.no_sync(trainer), autocast:
-                    loss = trainer(input_ids=batch, labels=batch).loss
-                    total_loss = loss + _nuclear(trainer, settings.nuclear) if settings.nuclear else loss
-                accelerator.backward(total_loss / settings.grad_accum)
-                loss_sum += float(loss.detach())
-            if settings.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            mean_loss = float(accelerator.reduce(torch.tensor(loss_sum / settings.grad_accum, device=device),
-                                                 reduction="mean"))  # fmt: skip
-            losses.append(mean_loss)
-            if settings.truncate_every and (step + 1) % settings.truncate_every == 0 and step + 1 < total:
-                params = _truncate_factors(trainer, optimizer, settings.truncate_energy)
-            step_times.append(time.perf_counter() - t0)
-            report("training", step + 1, total,
-                   f"loss {mean_loss:.3f}  {tokens_per_step / step_times[-1]:,.0f} tok/s")  # fmt: skip
-            if (step + 1) % settings.save_every == 0 and step + 1 < total:
-                save_checkpoint(step + 1)
-            if stop_after is not None and step + 1 - start >= stop_after and step + 1 < total:
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        done = len(losses)
-        save_checkpoint(done)
-        raise TrainingInterrupted(
-            f"interrupted at step {done} of {total}; nothing was written to {out}; a checkpoint is in {ckpt_dir}: "
-            f"run the same command with --resume {ckpt_dir}"
-        ) from None
+    memory = _PeakMemory(device)
+    with memory:
+        try:
+            for step in range(start, total):
+                t0 = time.perf_counter()
+                loss_sum = 0.0
+                for micro in range(settings.grad_accum):
+                    position = (step * settings.grad_accum + micro) * world + accelerator.process_index
+                    idx = batch_rows(
+                        rows.shape[0], settings.seed, position * settings.batch_size, settings.batch_size
+                    )
+                    batch = rows[idx].to(device)
+                    sync = micro == settings.grad_accum - 1
+                    with nullcontext() if sync else accelerator.no_sync(trainer), autocast:
+                        loss = trainer(input_ids=batch, labels=batch).loss
+                        total_loss = loss + _nuclear(trainer, settings.nuclear) if settings.nuclear else loss
+                    accelerator.backward(total_loss / settings.grad_accum)
+                    loss_sum += float(loss.detach())
+                if settings.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                mean_loss = float(accelerator.reduce(torch.tensor(loss_sum / settings.grad_accum, device=device),
+                                                     reduction="mean"))  # fmt: skip
+                losses.append(mean_loss)
+                if settings.truncate_every and (step + 1) % settings.truncate_every == 0 and step + 1 < total:
+                    params = _truncate_factors(trainer, optimizer, settings.truncate_energy)
+                step_times.append(time.perf_counter() - t0)
+                report("training", step + 1, total,
+                       f"loss {mean_loss:.3f}  {tokens_per_step / step_times[-1]:,.0f} tok/s")  # fmt: skip
+                if (step + 1) % settings.save_every == 0 and step + 1 < total:
+                    save_checkpoint(step + 1)
+                if stop_after is not None and step + 1 - start >= stop_after and step + 1 < total:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            done = len(losses)
+            save_checkpoint(done)
+            raise TrainingInterrupted(
+                f"interrupted at step {done} of {total}; nothing was written to {out}; a checkpoint is in {ckpt_dir}: "
+                f"run the same command with --resume {ckpt_dir}"
+            ) from None
     timings["train"] = time.perf_counter() - train_clock
     trainer = accelerator.unwrap_model(trainer)
     trainer.eval()
@@ -416,44 +421,46 @@ def finetune(
         ppl["after"] = _perplexity(trainer, tokenizer, eval_text, settings, device, precision=precision)
 
     # --- write OUT
-    result_kind, merge_info, params_after = "adapters", None, params_before
-    write_clock = time.perf_counter()
-    if accelerator.is_main_process:
+    kind = (
+        "adapters"
+        if settings.train == "adapters" and not settings.merge
+        else "lowrank"
+        if factorized
+        else "dense"
+    )
+    result = FinetuneResult(
+        settings=settings, model=str(model_path), out=str(out), kind=kind, data=data_info, steps=len(losses),
+        losses=losses, perplexity=ppl, trainable_params=trainable, params_before=params_before,
+        params_after=params_before, precision=precision, device=str(device), processes=world,
+        step_seconds=sum(step_times) / max(len(step_times), 1),
+        tokens_per_s=tokens_per_step * len(step_times) / max(sum(step_times), 1e-9),
+        peak_memory_mb=memory.mb, timings=timings, quantize=qreport.to_dict() if qreport else None,
+        resumed_from_step=start, warnings=warnings,
+    )  # fmt: skip
+    if accelerator.is_main_process:  # one writer; the other processes wait
         from lowrank_compress.format import atomic_output_dir
 
+        write_clock = time.perf_counter()
         with atomic_output_dir(out, overwrite, inputs=[Path(model_path)]) as tmp:
+            final = None
             if settings.train == "factors":
                 final = trainer.float()
-                result_kind = "lowrank"
-                _save_lowrank(final, tmp, tokenizer, source, quant_config, settings)
             elif not settings.merge:
                 _save_adapters(trainer, tmp, model_path)
-                final = None
             else:
-                final, merge_info = _merge(trainer, settings, rows, device, model_path, allow_pickle)
-                result_kind = "lowrank" if factorized else "dense"
-                if factorized:
+                final, result.merge = _merge(trainer, settings, rows, device, model_path, allow_pickle)
+            if final is not None:
+                if kind == "lowrank":
                     _save_lowrank(final, tmp, tokenizer, source, quant_config, settings)
                 else:
                     final.save_pretrained(str(tmp))
                     tokenizer.save_pretrained(str(tmp))
-            if final is not None:
-                params_after = _count(final)
-                if eval_text is not None and (settings.merge or settings.train == "factors"):
+                result.params_after = _count(final)
+                if eval_text is not None:
                     report("perplexity merged", 0, 1, "")
                     ppl["merged"] = _perplexity(
                         final, tokenizer, eval_text, settings, device, precision="fp32"
                     )
-            result = FinetuneResult(
-                settings=settings, model=str(model_path), out=str(out), kind=result_kind, data=data_info,
-                steps=len(losses), losses=losses, perplexity=ppl, trainable_params=trainable,
-                params_before=params_before, params_after=params_after, precision=precision, device=str(device),
-                step_seconds=sum(step_times) / max(len(step_times), 1),
-                tokens_per_s=tokens_per_step * len(step_times) / max(sum(step_times), 1e-9),
-                peak_memory_mb=_peak_memory_mb(device), timings=timings,
-                quantize=qreport.to_dict() if qreport else None, merge=merge_info, resumed_from_step=start,
-                warnings=warnings,
-            )  # fmt: skip
             timings["write"] = time.perf_counter() - write_clock
             (tmp / "finetune.json").write_text(
                 json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8"
@@ -567,15 +574,48 @@ def _ranks(model: nn.Module) -> dict[str, int]:
     return {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
-def _peak_memory_mb(device: torch.device) -> float | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
+class _PeakMemory:
+    """Peak memory while training: CUDA's allocator peak on a GPU; on CPU the process RSS, sampled every 50 ms
+    from /proc (Linux; elsewhere the process-lifetime peak), so loading and evaluation do not count."""
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    except ImportError:  # not on POSIX
-        return None
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif Path("/proc/self/statm").is_file():
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            rss = int(Path("/proc/self/statm").read_text().split()[1]) * page
+            self.peak = max(self.peak, rss)
+            self._stop.wait(0.05)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def mb(self) -> float | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self._thread is not None:
+            return self.peak / 2**20
+        try:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        except ImportError:  # not on POSIX
+            return None
 
 
 # --------------------------------------------------------------------------------------------------- checkpoints

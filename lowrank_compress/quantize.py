@@ -42,9 +42,9 @@ def require_bitsandbytes() -> Any:
 
 
 def _quiet_import() -> Any:
-    import logging
+    from lowrank_compress.adapters import quiet_bitsandbytes
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    quiet_bitsandbytes()
     return require_bitsandbytes()
 
 

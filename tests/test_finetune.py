@@ -251,3 +251,20 @@ def test_interrupt_exits_130_with_a_resume_hint(
     assert res.exit_code == 130, res.output
     assert "--resume" in res.output and not out.exists()
     assert (tmp_path / "o.checkpoint" / "state.json").is_file()
+
+
+def test_two_processes_train_as_ddp_and_one_writes(factorized: Path, data: Path, tmp_path: Path) -> None:
+    """What `accelerate launch` does on several GPUs, on CPU: torchrun starts two processes, accelerate joins them
+    over gloo, each takes its own rows of every step, one process writes and reports."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lowrank_compress.cli",
+           "finetune", str(factorized), "--data", str(data), "-o", str(out), "--steps", "2", "--seq-len", "64",
+           "--rank", "2", "--eval-tokens", "0", "--json"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)  # one JSON document: only the main process reports
+    assert doc["processes"] == 2 and doc["steps"] == 2
+    assert (out / "adapter_model.safetensors").is_file()
