@@ -241,8 +241,9 @@ def test_missing_bitsandbytes_fails_cleanly(
 def test_interrupt_exits_130_with_a_resume_hint(
     factorized: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lowrank_compress.finetune as ft
+    import importlib
 
+    ft = importlib.import_module("lowrank_compress.finetune")  # the module (the package re-exports the function)
     original = ft.finetune
     monkeypatch.setattr(ft, "finetune", lambda *a, **k: original(*a, **k, stop_after=1))
     out = tmp_path / "o"
