@@ -41,6 +41,7 @@ bench: setup
 	$(PY) benchmarks/bench_analyze.py
 	$(PY) benchmarks/bench_factorize.py
 	$(PY) benchmarks/bench_cross_domain.py
+	$(PY) benchmarks/bench_finetune.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo-out

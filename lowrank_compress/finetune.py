@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import threading
 import time
 import uuid
@@ -248,7 +249,13 @@ def finetune(
     say = warn or (lambda message: None)
     check_output_dir(out, overwrite, inputs=[Path(model_path)])
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
-    check_output_dir(ckpt_dir, True, inputs=[Path(model_path)]) if ckpt_dir.exists() else None
+    check_output_dir(ckpt_dir, True, inputs=[Path(model_path)])  # never inside MODEL
+    resuming_here = resume is not None and Path(resume).resolve() == ckpt_dir.resolve()
+    if ckpt_dir.exists() and not resuming_here and not overwrite:
+        raise LowrankError(
+            f"{ckpt_dir}: a checkpoint of an earlier run is there; continue it with --resume {ckpt_dir}, "
+            "or pass --overwrite to start afresh"
+        )
     resume_state = _read_checkpoint(Path(resume), settings, model_path) if resume else None
 
     timings: dict[str, float] = {}
@@ -293,6 +300,7 @@ def finetune(
 
     warnings: list[str] = []
     params_before = _count(model)
+    model.to(device)
     ppl: dict[str, float | None] = {"before": None, "after": None, "merged": None}
     if eval_text is not None:
         report("perplexity before", 0, 1, "")
@@ -300,7 +308,6 @@ def finetune(
     timings["eval_before"] = time.perf_counter() - clock - sum(timings.values())
 
     # --- what trains
-    model.to(device)
     qreport = None
     compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if settings.train == "adapters":
@@ -432,7 +439,7 @@ def finetune(
         settings=settings, model=str(model_path), out=str(out), kind=kind, data=data_info, steps=len(losses),
         losses=losses, perplexity=ppl, trainable_params=trainable, params_before=params_before,
         params_after=params_before, precision=precision, device=str(device), processes=world,
-        step_seconds=sum(step_times) / max(len(step_times), 1),
+        step_seconds=statistics.median(step_times) if step_times else 0.0,  # the first step warms up
         tokens_per_s=tokens_per_step * len(step_times) / max(sum(step_times), 1e-9),
         peak_memory_mb=memory.mb, timings=timings, quantize=qreport.to_dict() if qreport else None,
         resumed_from_step=start, warnings=warnings,

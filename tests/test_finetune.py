@@ -134,6 +134,10 @@ def test_resume_refuses_other_settings(factorized: Path, data: Path, tmp_path: P
         finetune(factorized, tmp_path / "o", settings(data), checkpoint_dir=ckpt, stop_after=1)
     with pytest.raises(lowrank_compress.LowrankError, match="other settings.*lr"):
         finetune(factorized, tmp_path / "o", settings(data, lr=1e-2), checkpoint_dir=ckpt, resume=ckpt)
+    # forgetting --resume does not silently throw the earlier run's progress away
+    with pytest.raises(lowrank_compress.LowrankError, match="--resume"):
+        finetune(factorized, tmp_path / "o", settings(data), checkpoint_dir=ckpt)
+    assert (ckpt / "state.json").is_file()
 
 
 def test_training_the_factors_with_truncation_writes_smaller_ranks(
@@ -243,7 +247,9 @@ def test_interrupt_exits_130_with_a_resume_hint(
 ) -> None:
     import importlib
 
-    ft = importlib.import_module("lowrank_compress.finetune")  # the module (the package re-exports the function)
+    ft = importlib.import_module(
+        "lowrank_compress.finetune"
+    )  # the module (the package re-exports the function)
     original = ft.finetune
     monkeypatch.setattr(ft, "finetune", lambda *a, **k: original(*a, **k, stop_after=1))
     out = tmp_path / "o"
