@@ -30,12 +30,14 @@ lint: setup
 	$(VENV)/bin/ruff format --check lowrank_compress tests benchmarks
 
 # The whole story on the built-in SmolLM2: which layers compress, the default factorization to 80% evaluated against
-# the dense model, and the rendered report.
+# the dense model, the rendered report, and a short LoRA finetune merged back into the factors.
 demo: setup
 	$(VENV)/bin/lowrank-compress analyze --top 10
 	$(VENV)/bin/lowrank-compress factorize -o demo-out/smollm2-0.8 --overwrite --evaluate
 	$(VENV)/bin/lowrank-compress report demo-out/smollm2-0.8
+	$(VENV)/bin/lowrank-compress finetune demo-out/smollm2-0.8 -o demo-out/smollm2-0.8-lora --steps 30 --merge --overwrite
 	@echo "model: demo-out/smollm2-0.8/ (load it after import lowrank_compress); report: demo-out/smollm2-0.8/report.html"
+	@echo "finetuned (LoRA r=16, merged exactly): demo-out/smollm2-0.8-lora/"
 
 bench: setup
 	$(PY) benchmarks/bench_analyze.py

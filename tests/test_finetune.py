@@ -275,3 +275,23 @@ def test_two_processes_train_as_ddp_and_one_writes(factorized: Path, data: Path,
     doc = json.loads(proc.stdout)  # one JSON document: only the main process reports
     assert doc["processes"] == 2 and doc["steps"] == 2
     assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_lora_lowers_held_out_perplexity_and_keep_merge_keeps_the_size(tmp_path: Path) -> None:
+    from lowrank_compress.demo import default_model_path
+    from lowrank_compress.pipeline import factorize_model
+    from lowrank_compress.recipe import build_settings
+
+    fz = tmp_path / "smol"
+    factorize_model(
+        default_model_path(), fz, build_settings(samples=4, seq_len=256, grad_samples=2, budget=0.8)
+    )
+    result = finetune(
+        fz, tmp_path / "ft", FinetuneSettings(steps=8, merge=True, merge_rank="keep", eval_tokens=4096)
+    )
+    p = result.perplexity
+    assert p["after"] < p["before"] and p["merged"] < p["before"]
+    assert result.params_after == result.params_before
+    reloaded = lowrank_compress.load(tmp_path / "ft")
+    assert sum(q.numel() for q in reloaded.parameters()) == result.params_after
