@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cross_domain.py                 # budget 0.8; writes benchmarks/results/cross_domain.json
     python benchmarks/bench_cross_domain.py --budgets 0.8,0.6
+    python benchmarks/bench_cross_domain.py --configs "default;mix 0.25" --calibrate-on fiction --out NAME  # a subset
 
 Domains: "python" = the built-in Python reference text; "fiction" = ../shared/data/devils-dictionary.txt (literary
 English; read here only, never by the installed tool). Each is split in halves: calibration on the first half of one,
@@ -21,11 +22,14 @@ from _common import run_child, save
 ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = {"python": "builtin", "fiction": str(ROOT.parent / "shared" / "data" / "devils-dictionary.txt")}
 CONFIGS = {  # label -> settings beyond the defaults
-    "whiten+uniform": {"policy": "uniform"},
+    "whiten+uniform": {"policy": "uniform", "self_mix": 0.0},
+    "sensitivity, no mix": {"self_mix": 0.0},
     "default": {},
-    "default, damping 0.01": {"damping": 0.01},
-    "default, damping 0.1": {"damping": 0.1},
-    "default, damping 1": {"damping": 1.0},
+    "mix 0.25": {"self_mix": 0.25},
+    "mix 0.5": {"self_mix": 0.5},
+    "mix 0.25, self grads": {"self_mix": 0.25, "grad_source": "self"},
+    "mix 0.5, self grads": {"self_mix": 0.5, "grad_source": "self"},
+    "mix 0.5, self 256": {"self_mix": 0.5, "self_seq_len": 256},
 }
 
 PPL = """
@@ -53,24 +57,33 @@ from lowrank_compress.demo import default_model_path
 from lowrank_compress.pipeline import factorize_model
 from lowrank_compress.recipe import build_settings
 r = factorize_model(default_model_path(), {out!r}, build_settings(calibration={cal!r}, budget={budget}, **{extra!r}))
-RESULT = {{"ppl": ppl({out!r}), "kept": r.kept_fraction_targets, "seconds": sum(r.timings.values())}}
+RESULT = {{"ppl": ppl({out!r}), "kept": r.kept_fraction_targets, "seconds": sum(r.timings.values()),
+          "timings": r.timings, "calibration_perplexity": r.calibration.get("perplexity"),
+          "warnings": r.calibration.get("warnings")}}
 """
 )
 
 
 def main() -> None:
-    budgets = [0.8]
-    if "--budgets" in sys.argv:
-        budgets = [float(x) for x in sys.argv[sys.argv.index("--budgets") + 1].split(",")]
+    budgets = [float(x) for x in _arg("--budgets", "0.8").split(",")]
+    labels = _arg("--configs", ";".join(CONFIGS)).split(";")
+    unknown = [x for x in labels if x not in CONFIGS]
+    if unknown:
+        sys.exit(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
+    configs = {label: CONFIGS[label] for label in labels}
+    calibrate_on = _arg("--calibrate-on", ",".join(DOMAINS)).split(",")
+    if any(d not in DOMAINS for d in calibrate_on):
+        sys.exit(f"--calibrate-on takes domains from {list(DOMAINS)}")
     dense = run_child(DENSE.format(domains=DOMAINS))
     dense = {d: dense[d] for d in DOMAINS}
     print(f"dense held-out perplexity: {dense}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for budget in budgets:
-            for cal_domain, cal_src in DOMAINS.items():
+            for cal_domain in calibrate_on:
+                cal_src = DOMAINS[cal_domain]
                 other = next(d for d in DOMAINS if d != cal_domain)
-                for label, extra in CONFIGS.items():
+                for label, extra in configs.items():
                     out = str(Path(tmp) / f"{cal_domain}-{len(rows)}")
                     r = run_child(
                         RUN.format(domains=DOMAINS, out=out, cal=cal_src, budget=budget, extra=extra)
@@ -79,17 +92,25 @@ def main() -> None:
                     cross_ratio = r["ppl"][other] / dense[other]
                     row = {"budget": budget, "calibrated_on": cal_domain, "config": label, "settings": extra,
                            "ppl": r["ppl"], "in_domain_ratio": in_ratio, "cross_domain_ratio": cross_ratio,
-                           "quotient": cross_ratio / in_ratio, "factorize_s": r["seconds"]}  # fmt: skip
+                           "quotient": cross_ratio / in_ratio, "factorize_s": r["seconds"], "timings_s": r["timings"],
+                           "calibration_perplexity": r["calibration_perplexity"], "warnings": r["warnings"]}  # fmt: skip
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     print(
-        f"\n{'budget':>6} {'calibrated on':14} {'config':24} {'in-domain':>10} {'cross':>10} {'cross/in':>9}"
+        f"\n{'budget':>6} {'calibrated on':14} {'config':26} {'in-domain':>10} {'cross':>10} {'cross/in':>9}"
     )
     for r in rows:
-        print(f"{r['budget']:>6} {r['calibrated_on']:14} {r['config']:24} {r['in_domain_ratio']:>10.3f} "
+        print(f"{r['budget']:>6} {r['calibrated_on']:14} {r['config']:26} {r['in_domain_ratio']:>10.3f} "
               f"{r['cross_domain_ratio']:>10.3f} {r['quotient']:>9.2f}")  # fmt: skip
-    path = save("cross_domain", {"model": "SmolLM2-135M-Instruct Q4_1 GGUF", "dense": dense, "runs": rows})
+    path = save(
+        _arg("--out", "cross_domain"),
+        {"model": "SmolLM2-135M-Instruct Q4_1 GGUF", "dense": dense, "runs": rows},
+    )
     print(f"wrote {path}")
+
+
+def _arg(flag: str, default: str) -> str:
+    return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
 
 
 if __name__ == "__main__":

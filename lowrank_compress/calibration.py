@@ -8,6 +8,7 @@ per channel (ASVD), and optionally squared loss gradients (FWSVD Fisher rows, pe
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -225,20 +226,24 @@ def sample_batches(
     return torch.cat(rows)
 
 
-def calibration_warnings(batches: torch.Tensor, max_in_features: int, vocab_size: int | None) -> list[str]:
+def calibration_warnings(
+    batches: torch.Tensor, max_in_features: int, vocab_size: int | None, *, extra_tokens: int = 0
+) -> list[str]:
     """Why a calibration set may be too small or too narrow to trust, as sentences (empty: nothing to say).
 
-    - Fewer tokens than twice the widest layer input: its Gram X^T X is (nearly) rank-deficient, the whitening
-      leans on the ridge, and the factors fit the few directions the text happened to excite.
-    - Few distinct tokens (under 5% of what the set could hold: min(tokens, vocabulary)): repetitive text whose
-      statistics describe a sliver of what the model will see.
+    - Fewer tokens (`batches` plus `extra_tokens`, e.g. self-generated windows pooled with them) than twice the
+      widest layer input: its Gram X^T X is (nearly) rank-deficient, the whitening leans on the ridge, and the
+      factors fit the few directions the text happened to excite.
+    - Few distinct tokens in `batches` (under 5% of what they could hold: min(tokens, vocabulary)): repetitive text
+      whose statistics describe a sliver of what the model will see.
     """
     n = int(batches.numel())
+    total = n + extra_tokens
     notes = []
-    if n < 2 * max_in_features:
+    if total < 2 * max_in_features:
         notes.append(
-            f"only {n} calibration tokens for layers with up to {max_in_features} inputs: their input statistics are "
-            "rank-deficient; use more text (--samples, --seq-len)"
+            f"only {total} calibration tokens for layers with up to {max_in_features} inputs: their input statistics "
+            "are rank-deficient; use more text (--samples, --seq-len)"
         )
     distinct = int(torch.unique(batches).numel())
     room = min(n, vocab_size) if vocab_size else n
@@ -248,6 +253,82 @@ def calibration_warnings(batches: torch.Tensor, max_in_features: int, vocab_size
             "little else; use varied text"
         )
     return notes
+
+
+NARROW_PERPLEXITY_FACTOR = 4.0
+"""How far (either way) the model's perplexity on the calibration text may be from its perplexity on its own
+samples before factorize calls the text narrow.
+
+Temperature-1 samples score at the model's own entropy rate, the perplexity of "what it usually sees". Measured on
+SmolLM2-135M (windows of 512): its own samples 33-57, the Python reference 12.8, Bierce's fiction 50; ordinary prose
+and documentation stay within a factor of about 4. Repetitive or templated text scores near 1 and random or
+foreign-script text in the hundreds to thousands: those are tens of times off, far outside 4x. A looser factor would
+miss boilerplate-heavy sets; a tighter one would flag ordinary technical text.
+"""
+
+
+def narrow_calibration_warning(text_loss: float, self_loss: float) -> str | None:
+    """A warning when the model's perplexity on the calibration text (exp of its mean token loss `text_loss`) is more
+    than `NARROW_PERPLEXITY_FACTOR` times above or below its perplexity on its own samples; None otherwise."""
+    if not (math.isfinite(text_loss) and math.isfinite(self_loss)):
+        return None
+    if abs(text_loss - self_loss) <= math.log(NARROW_PERPLEXITY_FACTOR):
+        return None
+    text_ppl, self_ppl = math.exp(text_loss), math.exp(self_loss)
+    kind = "far more predictable" if text_ppl < self_ppl else "far less predictable"
+    return (
+        f"the calibration text is {kind} to the model than its own samples (perplexity {text_ppl:.3g} vs "
+        f"{self_ppl:.3g}): it is narrow, and the factors will fit it at the expense of other text; use text like "
+        "what the model will see, or raise --self-mix"
+    )
+
+
+def self_sample_count(samples: int, mix: float) -> int:
+    """How many of `samples` calibration windows are sampled from the model at self-mix fraction `mix`:
+    round(mix * samples), but at least one when mix > 0 and at least one text window when mix < 1, so neither part
+    silently vanishes."""
+    if mix <= 0.0:
+        return 0
+    if mix >= 1.0:
+        return samples
+    return min(max(round(mix * samples), 1), samples - 1)
+
+
+def blend_stats(parts: Sequence[tuple[dict[str, LayerStats], float]]) -> dict[str, LayerStats]:
+    """Statistics of several calibration sets (each with a weight) pooled as one.
+
+    Each part's sums are divided by its token count before they are weighted, so a weight is the share of the
+    statistics that part holds whatever its window length; the result is scaled back to the total token count, so it
+    reads like plain sums (for parts of equal-length windows weighted by their window counts it is the pooled sum).
+    Gradient statistics come from the parts that measured them (fisher_rows treated like the Gram; out_grad_sq, a
+    mean, as the weight-averaged mean). Layers that shared one Gram in
+    every part share one blended Gram.
+    """
+    parts = [(stats, w) for stats, w in parts if w > 0]
+    if not parts:
+        raise CalibrationError("no calibration statistics to blend (every weight is 0)")
+    total_w = sum(w for _, w in parts)
+    names = list(parts[0][0])
+    shared: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+    out: dict[str, LayerStats] = {}
+    for name in names:
+        layer = [(stats[name], w / total_w) for stats, w in parts]
+        n_total = sum(st.n_tokens for st, _ in layer)
+        key = tuple(id(st.gram) for st, _ in layer)
+        if key not in shared:
+            gram = sum(st.gram * (w * n_total / st.n_tokens) for st, w in layer)
+            abs_sum = sum(st.abs_sum * (w * n_total / st.n_tokens) for st, w in layer)
+            shared[key] = (gram, abs_sum)  # type: ignore[assignment]
+        gram, abs_sum = shared[key]
+        rows = [(st, w) for st, w in layer if st.fisher_rows is not None]
+        fisher = None
+        if rows:
+            norm = n_total / sum(w for _, w in rows)
+            fisher = sum(st.fisher_rows * (w * norm / st.n_tokens) for st, w in rows)  # type: ignore[operator]
+        measured = [(st.out_grad_sq, w) for st, w in layer if st.out_grad_sq is not None]
+        grad = sum(g * w for g, w in measured) / sum(w for _, w in measured) if measured else None
+        out[name] = LayerStats(gram, abs_sum, n_total, fisher, grad)  # type: ignore[arg-type]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- statistics
@@ -346,6 +427,7 @@ def collect_stats(
     grad_samples: int | None = None,
     progress: ProgressFn | None = None,
     device: str = "cpu",
+    losses: list[float] | None = None,
 ) -> dict[str, LayerStats]:
     """Run `batches` (samples x seq_len token ids) through `model` and return statistics per named module.
 
@@ -360,6 +442,9 @@ def collect_stats(
       gradients flow from the input embeddings only, so no weight gradient is ever computed (half the cost).
     - fisher_rows: sum over batches of the squared weight gradient, summed over the input dimension, per output row.
     The model runs in eval mode (no dropout); its modes and requires_grad flags are restored.
+
+    losses: when a list is given, pass 1 runs through the LM head too and appends each window's mean next-token loss
+    (nats) to it, in row order: what the narrow-calibration check compares, at the cost of the head's matmul only.
     """
     if batches.ndim != 2 or batches.shape[0] == 0:
         raise CalibrationError(
@@ -369,7 +454,7 @@ def collect_stats(
         raise CalibrationError(f"calibration batch size must be at least 1, got {batch_size}")
     targets = _resolve_modules(model, modules)
     need_grad = fisher or sensitivity
-    if need_grad and not _has_lm_head(model):
+    if (need_grad or losses is not None) and not _has_lm_head(model):
         raise LowrankError(
             f"{type(model).__name__} has no language-model head, so the loss gradients that the fisher method and "
             "the sensitivity policy need are unavailable; use method svd, asvd or whiten and another rank policy"
@@ -389,10 +474,14 @@ def collect_stats(
             p.requires_grad_(False)
         last: dict[str, Any] = {}
         handles = [m.register_forward_hook(_input_hook(name, accs, last)) for name, m in targets.items()]
-        body = _body(model, targets)
+        body = model if losses is not None else _body(model, targets)
         with torch.no_grad():
             for done, start in enumerate(range(0, batches.shape[0], batch_size), start=1):
-                body(input_ids=batches[start : start + batch_size].to(device), **no_cache_kwargs(body))
+                ids = batches[start : start + batch_size].to(device)
+                out = body(input_ids=ids, **no_cache_kwargs(body))
+                if losses is not None:
+                    losses.extend(_window_losses(out.logits, ids))
+                del out
                 last.clear()
                 report(done, n_stat + n_grad)
         for h in handles:
@@ -414,6 +503,15 @@ def collect_stats(
         for p, flag in requires.items():
             p.requires_grad_(flag)
     return {name: acc.stats() for name, acc in accs.items()}
+
+
+def _window_losses(logits: torch.Tensor, ids: torch.Tensor) -> list[float]:
+    """Mean next-token cross-entropy (nats) of each row, one row at a time to bound the float32 copy."""
+    out = []
+    for row in range(ids.shape[0]):
+        pred = logits[row, :-1].float()
+        out.append(float(torch.nn.functional.cross_entropy(pred, ids[row, 1:], reduction="mean")))
+    return out
 
 
 def _spread(n: int, k: int | None) -> list[int]:

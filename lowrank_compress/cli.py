@@ -18,7 +18,7 @@ from rich.table import Table
 from lowrank_compress import __version__
 from lowrank_compress.errors import LowrankError, TrainingInterrupted
 from lowrank_compress.finetune import FinetuneSettings
-from lowrank_compress.recipe import METHODS, POLICIES, FactorizeSettings
+from lowrank_compress.recipe import GRAD_SOURCES, METHODS, POLICIES, FactorizeSettings
 
 _DEFAULTS = FactorizeSettings()
 _FT = FinetuneSettings()
@@ -283,6 +283,12 @@ def settings_options(f: Any) -> Any:
                      help="Seed for calibration windows."),
         click.option("--damping", type=float, default=_DEFAULTS.damping, show_default=True,
                      help="whiten: add this fraction of the Gram's mean diagonal (hedges against narrow calibration)."),
+        click.option("--self-mix", type=click.FloatRange(0.0, 1.0), default=_DEFAULTS.self_mix, show_default=True,
+                     help="Fraction of calibration windows sampled from the model itself, pooled with the text's."),
+        click.option("--self-seq-len", type=int, default=None, show_default="--seq-len",
+                     help="Tokens per self-generated window in a --self-mix set."),
+        click.option("--grad-source", type=click.Choice(GRAD_SOURCES), default=_DEFAULTS.grad_source,
+                     show_default=True, help="Windows for loss gradients: the whole mix, or the self-generated ones."),
         click.option("--rank-multiple", type=int, default=_DEFAULTS.rank_multiple, show_default=True,
                      help="Round ranks to a multiple of this."),
         target_option,

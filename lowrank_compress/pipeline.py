@@ -195,6 +195,8 @@ class Prepared:
         self.stats: dict[str, Any] = {}
         self.candidates: list[Any] = []
         self.calibration_info: dict[str, Any] = {"source": None}
+        # the calibration windows by part ("text", "self"), kept so a caller can see exactly what was measured
+        self.calibration_batches: dict[str, torch.Tensor] = {}
         self.total_before = 0
         self.report: ProgressFn = lambda *a: None
         self.tick = _Stopwatch()
@@ -212,16 +214,10 @@ class Prepared:
     ) -> Prepared:
         """Load, pick targets, calibrate, and compute every target's spectrum under `settings.method`."""
         from lowrank_compress.allocate import LayerCandidate
-        from lowrank_compress.calibration import (
-            SELF,
-            calibration_warnings,
-            collect_stats,
-            make_batches,
-            sample_batches,
-        )
+        from lowrank_compress.calibration import SELF
         from lowrank_compress.loading import is_causal_lm, load_model
         from lowrank_compress.spectrum import spectrum_stats
-        from lowrank_compress.text import load_text, text_fingerprint
+        from lowrank_compress.text import load_text
 
         self = cls()
         self.model_path, self.allow_pickle = model_path, allow_pickle
@@ -252,6 +248,11 @@ class Prepared:
             )
             if settings.method == "svd":
                 text, needs_data = None, False
+        if settings.self_mix > 0 and not causal and not self_generated and needs_data:
+            settings = dataclasses.replace(settings, self_mix=0.0)
+            (warn or (lambda m: None))(
+                f"{type(model).__name__} cannot generate its own samples; calibrating on the text alone (--self-mix 0)"
+            )
         self.settings, self.model = settings, model
         self.targets = targets = find_targets(model, settings.target, settings.ignore)
         for t in targets:
@@ -262,53 +263,7 @@ class Prepared:
         self.total_before = sum(p.numel() for p in model.parameters())  # tied tensors are yielded once
 
         if needs_data:
-            if self_generated:
-                if not causal:
-                    raise LowrankError(f"{type(model).__name__} cannot generate; pass a calibration text")
-                batches = sample_batches(
-                    model, self.tokenizer, samples=settings.samples, seq_len=settings.seq_len, seed=settings.seed,
-                    device=settings.device, progress=lambda done, total: report("sampling calibration", done, total),
-                )  # fmt: skip
-                self.tick("sampling")
-                fingerprint = hashlib.sha256(batches.numpy().tobytes()).hexdigest()
-            else:
-                assert text is not None
-                batches = make_batches(
-                    self.tokenizer,
-                    text,
-                    samples=settings.samples,
-                    seq_len=settings.seq_len,
-                    seed=settings.seed,
-                )
-                fingerprint = text_fingerprint(text)
-            notes = calibration_warnings(
-                batches, max(t.in_features for t in targets), getattr(model.config, "vocab_size", None)
-            )
-            for note in notes:
-                (warn or (lambda m: None))(note)
-            self.calibration_info = {
-                "source": settings.calibration,
-                "split": None if self_generated else "calibration",
-                "samples": settings.samples,
-                "seq_len": settings.seq_len,
-                "tokens": int(batches.numel()),
-                "text_sha256": fingerprint,  # of the token ids when self-generated
-                "seed": settings.seed,
-                "grad_samples": min(settings.grad_samples, settings.samples)
-                if settings.method == "fisher" or settings.policy == "sensitivity"
-                else 0,
-                "warnings": notes,
-            }
-            self.stats = collect_stats(
-                model,
-                batches,
-                [t.name for t in targets],
-                fisher=settings.method == "fisher",
-                sensitivity=settings.policy == "sensitivity",
-                grad_samples=settings.grad_samples,
-                device=settings.device,
-                progress=lambda done, total: report("calibration", done, total),
-            )
+            self._calibrate(text, causal, warn or (lambda m: None))
             self.tick("calibration")
 
         # Spectra only (what the allocator reads), so memory never holds every layer's factors at once; `write`
@@ -329,6 +284,116 @@ class Prepared:
             report("spectra", i + 1, len(targets))
         self.tick("spectra")
         return self
+
+    def _calibrate(self, text: str | None, causal: bool, warn: Callable[[str], None]) -> None:
+        """Calibration windows (from the text, sampled from the model, or a mix of both), their warnings, and the
+        per-layer statistics pooled over them: `self.stats`, `self.calibration_batches`, `self.calibration_info`."""
+        from lowrank_compress.calibration import (
+            SELF,
+            blend_stats,
+            calibration_warnings,
+            collect_stats,
+            make_batches,
+            narrow_calibration_warning,
+            sample_batches,
+            self_sample_count,
+        )
+        from lowrank_compress.text import text_fingerprint
+
+        settings, model, report = self.settings, self.model, self.report
+        self_generated = settings.calibration == SELF
+        if self_generated and not causal:
+            raise LowrankError(f"{type(model).__name__} cannot generate; pass a calibration text")
+        mix = 1.0 if self_generated else settings.self_mix
+        n_self = self_sample_count(settings.samples, mix)
+        n_text = settings.samples - n_self
+        # gradient windows: shared out like the windows, or all from the self-generated part
+        gradients = settings.method == "fisher" or settings.policy == "sensitivity"
+        grad_total = min(settings.grad_samples, settings.samples) if gradients else 0
+        if settings.grad_source == "self" and n_self:
+            grad_self = min(grad_total, n_self)
+        else:
+            grad_self = min(self_sample_count(grad_total, n_self / settings.samples), n_self)
+        grads = {"text": min(grad_total - grad_self, n_text), "self": grad_self}
+
+        batches: dict[str, torch.Tensor] = {}
+        if n_text:
+            assert text is not None
+            batches["text"] = make_batches(
+                self.tokenizer, text, samples=n_text, seq_len=settings.seq_len, seed=settings.seed
+            )
+        if n_self:
+            length = settings.seq_len if self_generated else (settings.self_seq_len or settings.seq_len)
+            batches["self"] = sample_batches(
+                model, self.tokenizer, samples=n_self, seq_len=length, seed=settings.seed, batch_size=n_self,
+                device=settings.device, progress=lambda done, total: report("sampling calibration", done, total),
+            )  # fmt: skip
+            self.tick("sampling")
+        self.calibration_batches = batches
+        # size and repetitiveness of the user's text (of the samples when there is no text); the size counts all
+        own = batches.get("text", batches.get("self"))
+        assert own is not None
+        notes = calibration_warnings(
+            own, max(t.in_features for t in self.targets), getattr(model.config, "vocab_size", None),
+            extra_tokens=sum(int(b.numel()) for b in batches.values()) - int(own.numel()),
+        )  # fmt: skip
+        for note in notes:
+            warn(note)
+
+        check = len(batches) == 2  # the narrow-text check compares the two parts
+        losses: dict[str, list[float]] = {part: [] for part in batches}
+        parts, done = [], 0
+        for part, rows in batches.items():
+            stats = collect_stats(
+                model, rows, [t.name for t in self.targets], fisher=settings.method == "fisher" and grads[part] > 0,
+                sensitivity=settings.policy == "sensitivity" and grads[part] > 0, grad_samples=max(grads[part], 1),
+                device=settings.device, losses=losses[part] if check else None,
+                progress=lambda d, total, at=done: report("calibration", at + d, at + total),
+            )  # fmt: skip
+            done += rows.shape[0]
+            parts.append((stats, rows.shape[0] / settings.samples))
+        self.stats = parts[0][0] if len(parts) == 1 else blend_stats(parts)
+
+        perplexity = None
+        if check:
+            mean_loss = {part: sum(v) / len(v) for part, v in losses.items()}
+            perplexity = {part: math.exp(v) for part, v in mean_loss.items()}
+            narrow = narrow_calibration_warning(mean_loss["text"], mean_loss["self"])
+            if narrow:
+                notes.append(narrow)
+                warn(narrow)
+
+        sha = {}
+        if "text" in batches:
+            assert text is not None
+            sha["text"] = text_fingerprint(text)
+        if "self" in batches:
+            sha["self"] = hashlib.sha256(batches["self"].numpy().tobytes()).hexdigest()  # of the token ids
+        self.calibration_info = {
+            "source": settings.calibration,
+            "split": "calibration" if "text" in batches else None,
+            "samples": settings.samples,
+            "seq_len": settings.seq_len,
+            "tokens": sum(int(b.numel()) for b in batches.values()),
+            "text_sha256": sha.get("text", sha.get("self")),
+            "seed": settings.seed,
+            "grad_samples": sum(grads.values()),
+            "self_mix": mix,
+            "parts": {
+                part: {
+                    "samples": batches[part].shape[0],
+                    "seq_len": batches[part].shape[1],
+                    "tokens": int(batches[part].numel()),
+                    "sha256": sha[part],
+                    "grad_samples": grads[part],
+                }
+                if part in batches
+                else None
+                for part in ("text", "self")
+            },
+            "perplexity": perplexity,  # the source model's on each part: the narrow-text check
+            "warnings": notes,
+        }
 
     def _decompose(self, t: Target, spectrum_only: bool = False) -> Decomposition:
         from lowrank_compress.factorize import decompose

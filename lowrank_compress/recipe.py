@@ -13,7 +13,9 @@ from lowrank_compress.allocate import POLICIES
 from lowrank_compress.errors import BudgetError, LowrankError
 from lowrank_compress.factorize import METHODS
 
-__all__ = ["METHODS", "POLICIES", "FactorizeSettings", "build_settings", "load_recipe"]
+__all__ = ["GRAD_SOURCES", "METHODS", "POLICIES", "FactorizeSettings", "build_settings", "load_recipe"]
+
+GRAD_SOURCES: tuple[str, ...] = ("mix", "self")
 
 
 @dataclass
@@ -35,6 +37,13 @@ class FactorizeSettings:
     # whiten: a loading of the Gram by this fraction of its mean diagonal (GPTQ-style damping); 0 is SVD-LLM, larger
     # values blend the objective toward plain SVD
     damping: float = 0.0
+    # fraction of the calibration windows (and of the gradient windows) sampled from the model itself and pooled
+    # with the text's: statistics that also cover what the model usually sees, not only the narrow text; 0 = off
+    self_mix: float = 0.0
+    # tokens per self-generated window (None: seq_len); shorter windows sample faster
+    self_seq_len: int | None = None
+    # where the loss gradients (sensitivity, fisher) come from: "mix" (both parts) or "self" (self-generated only)
+    grad_source: str = "mix"
     device: str = "cpu"
 
     def validate(self) -> FactorizeSettings:
@@ -49,6 +58,16 @@ class FactorizeSettings:
         if not 0.0 <= self.damping < 1e3:
             raise LowrankError(
                 f"damping must be a fraction of the Gram's mean diagonal in [0, 1000), got {self.damping}"
+            )
+        if not 0.0 <= self.self_mix <= 1.0:
+            raise LowrankError(
+                f"self-mix must be a fraction of the calibration windows in [0, 1], got {self.self_mix}"
+            )
+        if self.self_seq_len is not None and self.self_seq_len < 2:
+            raise LowrankError(f"self-seq-len must be at least 2, got {self.self_seq_len}")
+        if self.grad_source not in GRAD_SOURCES:
+            raise LowrankError(
+                f"unknown grad-source {self.grad_source!r}; choose one of {', '.join(GRAD_SOURCES)}"
             )
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise LowrankError(f"energy must be in (0, 1], got {self.energy}")
@@ -66,6 +85,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "budget": (float, int),
     "energy": (float, int, type(None)),
     "damping": (float, int),
+    "self_mix": (float, int),
+    "self_seq_len": (int, type(None)),
     "samples": (int,),
     "seq_len": (int,),
     "grad_samples": (int,),
@@ -113,7 +134,7 @@ def build_settings(recipe: str | Path | None = None, **overrides: Any) -> Factor
     for key in ("target", "ignore"):
         if key in values:
             values[key] = list(values[key])
-    for key in ("budget", "damping"):
+    for key in ("budget", "damping", "self_mix"):
         if key in values:
             values[key] = float(values[key])
     return FactorizeSettings(**values).validate()

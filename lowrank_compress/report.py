@@ -165,18 +165,43 @@ def _evaluation_lines(ev: dict[str, Any] | None) -> list[str]:
     return [*lines, ""]
 
 
+def _calibration_line(cal: dict[str, Any]) -> str:
+    """The model card's calibration cell: source, split, tokens, windows and fingerprints of each part."""
+    if not cal.get("source"):
+        return "none (data-free)"
+    parts = cal.get("parts") or {}
+    text, own = parts.get("text"), parts.get("self")
+    if text and own:  # a mixed set (--self-mix)
+        return (
+            f"{cal['source']} ({cal['split']} split), {text['samples']} x {text['seq_len']} tokens, sha256 "
+            f"{text['sha256'][:16]}..., mixed with {own['samples']} x {own['seq_len']} tokens sampled from the model "
+            f"itself (self-mix {cal['self_mix']:g}), sha256 {own['sha256'][:16]}...; {cal['tokens']:,} tokens, "
+            f"seed {cal['seed']}"
+        )
+    where = "sampled from the model itself" if cal["source"] == "self" or not text and own else cal["source"]
+    split = "" if cal.get("split") is None else f" ({cal['split']} split)"
+    return (
+        f"{where}{split}, {cal['tokens']:,} tokens ({cal['samples']} x {cal['seq_len']}, seed {cal['seed']}), "
+        f"sha256 {cal['text_sha256'][:16]}..."
+    )
+
+
+def _perplexity_lines(perplexity: dict[str, float] | None) -> list[str]:
+    if not perplexity:
+        return []
+    return [
+        f"The source model's perplexity on the calibration text: {perplexity['text']:.3g}; on its own samples: "
+        f"{perplexity['self']:.3g}.",
+        "",
+    ]
+
+
 def factorize_model_card(report: dict[str, Any], source: str) -> str:
     """The README.md model card written beside a factorized model."""
     s = report["summary"]
     st = report["settings"]
     cal = report["calibration"]
-    cal_line = (
-        "none (data-free)"
-        if not cal.get("source")
-        else f"{'sampled from the model itself' if cal['source'] == 'self' else cal['source']}"
-        f"{'' if cal.get('split') is None else ' (' + cal['split'] + ' split)'}, {cal['tokens']:,} tokens "
-        f"({cal['samples']} x {cal['seq_len']}, seed {cal['seed']}), sha256 {cal['text_sha256'][:16]}..."
-    )
+    cal_line = _calibration_line(cal)
     dense = [x for x in report["layers"] if x["rank"] is None]
     lines = [
         "---",
@@ -197,6 +222,7 @@ def factorize_model_card(report: dict[str, Any], source: str) -> str:
         f"| layers kept dense | {len(dense)} |",
         f"| calibration | {cal_line} |",
         "",
+        *_perplexity_lines(cal.get("perplexity")),
         *[f"**Calibration warning:** {w}" for w in cal.get("warnings") or []],
         "",
         *_evaluation_lines(report.get("evaluation")),

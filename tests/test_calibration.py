@@ -430,3 +430,99 @@ def test_self_generated_batches_are_seeded_and_start_like_a_document(style: str)
     torch.manual_seed(0)
     sample_batches(model, tok, samples=1, seq_len=4)
     assert torch.equal(torch.rand(3), x)
+
+
+# --------------------------------------------------------------------------------------------------- mixed sets
+
+
+def test_self_sample_count_keeps_both_parts_when_mixing() -> None:
+    from lowrank_compress.calibration import self_sample_count
+
+    assert [self_sample_count(16, m) for m in (0.0, 0.25, 0.5, 1.0)] == [0, 4, 8, 16]
+    assert self_sample_count(2, 0.01) == 1  # a mix never rounds its self part away
+    assert self_sample_count(2, 0.99) == 1  # ... nor its text part
+    assert self_sample_count(1, 0.5) in (0, 1)
+
+
+def test_blended_statistics_of_equal_windows_are_the_pooled_statistics() -> None:
+    """Two parts of equal-length windows weighted by their window counts give exactly the statistics of all windows
+    at once; shared Grams (q/k) stay shared; the gradient mean is the count-weighted mean."""
+    from lowrank_compress.calibration import blend_stats
+
+    model = tiny_llama()
+    batches = torch.randint(0, 300, (6, 10), generator=torch.Generator().manual_seed(2))
+    names = [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
+    whole = collect_stats(model, batches, names, batch_size=2)
+    a = collect_stats(model, batches[:4], names, batch_size=2, sensitivity=True)
+    b = collect_stats(model, batches[4:], names, batch_size=2, sensitivity=True)
+    mixed = blend_stats([(a, 4 / 6), (b, 2 / 6)])
+    for n in names:
+        assert mixed[n].n_tokens == 60
+        assert_gram_close(mixed[n].gram, whole[n].gram)
+        torch.testing.assert_close(mixed[n].abs_sum, whole[n].abs_sum, rtol=1e-9, atol=1e-9)
+        expected = (a[n].out_grad_sq * 4 + b[n].out_grad_sq * 2) / 6
+        assert mixed[n].out_grad_sq == pytest.approx(expected, rel=1e-12)
+    assert mixed[names[0]].gram is mixed[names[1]].gram
+    # only one part measured gradients: the blend takes them from it
+    plain = collect_stats(model, batches[:4], names, batch_size=2)
+    assert blend_stats([(plain, 0.5), (b, 0.5)])[names[2]].out_grad_sq == b[names[2]].out_grad_sq
+
+
+def test_blend_weights_are_shares_of_the_statistics_whatever_the_window_length() -> None:
+    """A part of short windows weighted 1/2 holds half of the per-token second moment, not a share by tokens."""
+    from lowrank_compress.calibration import blend_stats
+
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(3)
+    long, short = torch.randint(0, 300, (2, 24), generator=gen), torch.randint(0, 300, (2, 6), generator=gen)
+    name = "model.layers.1.mlp.up_proj"
+    a, b = collect_stats(model, long, [name])[name], collect_stats(model, short, [name])[name]
+    mixed = blend_stats([({name: a}, 0.5), ({name: b}, 0.5)])[name]
+    n = a.n_tokens + b.n_tokens
+    assert mixed.n_tokens == n
+    torch.testing.assert_close(mixed.gram / n, 0.5 * a.gram / a.n_tokens + 0.5 * b.gram / b.n_tokens)
+    with pytest.raises(CalibrationError):
+        blend_stats([({name: a}, 0.0)])
+
+
+def test_window_losses_are_each_windows_mean_next_token_loss() -> None:
+    model = tiny_llama(seed=4)
+    batches = torch.randint(0, 300, (3, 9), generator=torch.Generator().manual_seed(4))
+    name = "model.layers.0.mlp.up_proj"
+    losses: list[float] = []
+    stats = collect_stats(model, batches, [name], batch_size=2, losses=losses)
+    with torch.no_grad():
+        logits = model(input_ids=batches).logits
+    expected = [float(F.cross_entropy(logits[i, :-1], batches[i, 1:])) for i in range(3)]
+    assert losses == pytest.approx(expected, rel=1e-5)
+    assert_gram_close(stats[name].gram, collect_stats(model, batches, [name])[name].gram)  # same statistics
+
+
+def test_narrow_calibration_warning_threshold() -> None:
+    import math
+
+    from lowrank_compress.calibration import NARROW_PERPLEXITY_FACTOR, narrow_calibration_warning
+
+    edge = math.log(NARROW_PERPLEXITY_FACTOR)
+    assert narrow_calibration_warning(3.0, 3.0) is None
+    assert narrow_calibration_warning(3.0 - 0.99 * edge, 3.0) is None
+    assert narrow_calibration_warning(3.0 + 0.99 * edge, 3.0) is None
+    low = narrow_calibration_warning(
+        0.1, 3.0
+    )  # repetitive text: the model predicts it far better than its own
+    high = narrow_calibration_warning(9.0, 3.0)
+    assert low is not None and "more predictable" in low and "--self-mix" in low and "\n" not in low
+    assert high is not None and "less predictable" in high
+    assert narrow_calibration_warning(float("nan"), 3.0) is None
+
+
+def test_token_count_warning_counts_pooled_self_generated_tokens() -> None:
+    from lowrank_compress.calibration import calibration_warnings
+
+    text = torch.arange(100).reshape(2, 50)
+    assert calibration_warnings(text, 64, 300)  # 100 tokens < 2 x 64
+    assert not calibration_warnings(text, 64, 300, extra_tokens=40)

@@ -120,7 +120,7 @@ def test_whiten_layer_is_the_optimal_truncation_on_the_calibration_inputs(
     from lowrank_compress.text import load_text
 
     src = models["gqa"]
-    settings = build_settings(method="whiten", policy="uniform", budget=0.5, **FAST)
+    settings = build_settings(method="whiten", policy="uniform", budget=0.5, self_mix=0.0, **FAST)
     result = factorize_model(src, tmp_path / "out", settings)
     name = "model.layers.1.mlp.down_proj"
     # the layer's inputs on the same calibration windows, captured from the dense model by a plain hook
@@ -326,6 +326,12 @@ def test_bad_inputs_fail_cleanly_and_touch_nothing(models: dict[str, Path], tmp_
     assert "unknown key" in _fails_cleanly(run("factorize", src, "-o", out, "--recipe", recipe), out)
     recipe.write_text("budget: lots\n")
     assert "wrong type" in _fails_cleanly(run("factorize", src, "-o", out, "--recipe", recipe), out)
+    recipe.write_text("self_mix: 1.5\n")
+    assert "self-mix" in _fails_cleanly(run("factorize", src, "-o", out, "--recipe", recipe), out)
+    recipe.write_text("grad_source: text\n")
+    assert "grad-source" in _fails_cleanly(run("factorize", src, "-o", out, "--recipe", recipe), out)
+    _fails_cleanly(run("factorize", src, "-o", out, "--self-mix", "-0.1"), out, (2,))
+    _fails_cleanly(run("factorize", src, "-o", out, "--self-mix", "2"), out, (2,))
     _fails_cleanly(run("factorize", src, "-o", out, "--max-shard-size", "big"), out, (2,))
     _fails_cleanly(run("factorize", src, "-o", out, "--method", "qr"), out, (2,))
     assert fingerprint(src) == before
@@ -435,3 +441,120 @@ def test_self_generated_calibration(models: dict[str, Path], tmp_path: Path) -> 
         run("factorize", models["bert"], "-o", out, "--calibration", "self", "--policy", "uniform"), out
     )
     assert "cannot generate" in line
+
+
+# ------------------------------------------------------------------------------------------------ mixed calibration
+
+
+def test_self_mix_zero_is_exactly_the_text_calibration(models: dict[str, Path]) -> None:
+    """self_mix 0: the windows and statistics are make_batches + collect_stats on the text, nothing sampled."""
+    from lowrank_compress.calibration import collect_stats, make_batches
+    from lowrank_compress.pipeline import Prepared
+    from lowrank_compress.text import load_text
+
+    settings = build_settings(self_mix=0.0, **FAST)
+    prepared = Prepared.load(models["llama"], settings)
+    batches = make_batches(
+        prepared.tokenizer, load_text("builtin", split="calibration"), samples=8, seq_len=64, seed=0
+    )
+    assert list(prepared.calibration_batches) == ["text"]
+    assert torch.equal(prepared.calibration_batches["text"], batches)
+    names = [t.name for t in prepared.targets]
+    expected = collect_stats(prepared.model, batches, names, sensitivity=True, grad_samples=2)
+    for n in names:
+        assert torch.equal(prepared.stats[n].gram, expected[n].gram)
+        assert prepared.stats[n].out_grad_sq == expected[n].out_grad_sq
+    info = prepared.calibration_info
+    assert "sampling" not in prepared.tick.laps
+    assert info["parts"]["self"] is None and info["perplexity"] is None and info["self_mix"] == 0.0
+    assert info["tokens"] == 8 * 64 and info["grad_samples"] == 2
+
+
+def test_mixed_calibration_is_seeded_and_splits_windows_and_gradients(models: dict[str, Path]) -> None:
+    from lowrank_compress.calibration import blend_stats, collect_stats, sample_batches
+    from lowrank_compress.pipeline import Prepared
+
+    src = models["llama"]
+    settings = build_settings(
+        self_mix=0.25, **FAST
+    )  # 8 windows: 6 of text, 2 sampled; 2 gradient windows: 1 + 1
+    a, b = Prepared.load(src, settings), Prepared.load(src, settings)
+    other = Prepared.load(src, build_settings(self_mix=0.25, seed=1, **FAST))
+    text, own = a.calibration_batches["text"], a.calibration_batches["self"]
+    assert text.shape == (6, 64) and own.shape == (2, 64)
+    bos = a.tokenizer.bos_token_id
+    for rows in (text, own):
+        assert (rows[:, 0] == bos).all() and not (rows[:, 1:] == bos).any()
+    assert torch.equal(own, sample_batches(a.model, a.tokenizer, samples=2, seq_len=64, seed=0))
+    assert all(torch.equal(a.calibration_batches[k], b.calibration_batches[k]) for k in ("text", "self"))
+    assert not torch.equal(own, other.calibration_batches["self"])
+    names = [t.name for t in a.targets]
+    for n in names:
+        assert (
+            torch.equal(a.stats[n].gram, b.stats[n].gram) and a.stats[n].out_grad_sq == b.stats[n].out_grad_sq
+        )
+    # the statistics are the blend of each part's own, weighted by window counts
+    parts = [collect_stats(a.model, x, names, sensitivity=True, grad_samples=1) for x in (text, own)]
+    expected = blend_stats([(parts[0], 6 / 8), (parts[1], 2 / 8)])
+    for n in names:
+        torch.testing.assert_close(a.stats[n].gram, expected[n].gram)
+        assert a.stats[n].out_grad_sq == pytest.approx(expected[n].out_grad_sq, rel=1e-9)
+    info = a.calibration_info
+    assert info["self_mix"] == 0.25 and info["tokens"] == 8 * 64 and info["grad_samples"] == 2
+    assert info["parts"]["text"]["samples"] == 6 and info["parts"]["self"]["samples"] == 2
+    assert info["parts"]["text"]["grad_samples"] == 1 and info["parts"]["self"]["grad_samples"] == 1
+    assert info["parts"]["self"]["sha256"] == hashlib.sha256(own.numpy().tobytes()).hexdigest()
+    assert info["parts"]["text"]["sha256"] == info["text_sha256"]
+    assert set(info["perplexity"]) == {"text", "self"}
+    # shorter self-generated windows, gradients from them alone
+    c = Prepared.load(src, build_settings(self_mix=0.5, self_seq_len=32, grad_source="self", **FAST))
+    assert c.calibration_batches["text"].shape == (4, 64) and c.calibration_batches["self"].shape == (4, 32)
+    parts = c.calibration_info["parts"]
+    assert parts["text"]["grad_samples"] == 0 and parts["self"]["grad_samples"] == 2
+    assert c.calibration_info["tokens"] == 4 * 64 + 4 * 32
+
+
+def test_calibration_far_from_the_models_own_samples_is_warned_about(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A model with a sharply peaked head predicts its own samples almost surely and real text terribly: the text's
+    perplexity is far from its samples', so the set is called narrow; a plain random model sees no difference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    peaked = tmp_path / "peaked"
+    model = AutoModelForCausalLM.from_pretrained(models["llama"])
+    with torch.no_grad():
+        model.lm_head.weight.mul_(300.0)
+    model.save_pretrained(peaked)
+    AutoTokenizer.from_pretrained(models["llama"]).save_pretrained(peaked)
+    settings = build_settings(self_mix=0.25, policy="uniform", **FAST)
+    warnings: list[str] = []
+    result = factorize_model(peaked, tmp_path / "out", settings, warn=warnings.append)
+    assert len(warnings) == 1 and "less predictable" in warnings[0], warnings
+    ppl = result.calibration["perplexity"]
+    assert ppl["text"] > 4 * ppl["self"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["calibration"]["perplexity"] == ppl and report["calibration"]["warnings"] == warnings
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Calibration warning" in card and "on its own samples" in card and "self-mix 0.25" in card
+
+    warnings.clear()
+    plain = factorize_model(models["llama"], tmp_path / "plain", settings, warn=warnings.append)
+    assert not warnings and plain.calibration["perplexity"] is not None
+
+
+def test_models_that_cannot_generate_calibrate_on_the_text_alone(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    warnings: list[str] = []
+    settings = build_settings(self_mix=0.5, policy="uniform", **FAST)
+    result = factorize_model(models["bert"], tmp_path / "out", settings, warn=warnings.append)
+    assert any("cannot generate its own samples" in w for w in warnings)
+    assert result.settings.self_mix == 0.0 and result.calibration["parts"]["self"] is None
+    res = run("factorize", models["llama"], "-o", tmp_path / "cli", "--self-mix", "0.25", "--self-seq-len", 32,
+              "--grad-source", "self", *("--samples", 8, "--seq-len", 64, "--grad-samples", 2, "--json"))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["settings"]["self_mix"] == 0.25 and data["calibration"]["parts"]["self"]["seq_len"] == 32
+    recipe = yaml.safe_load((tmp_path / "cli" / "recipe.yaml").read_text())
+    assert (recipe["self_mix"], recipe["self_seq_len"], recipe["grad_source"]) == (0.25, 32, "self")
