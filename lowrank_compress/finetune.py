@@ -402,6 +402,11 @@ def finetune(
                 optimizer.zero_grad(set_to_none=True)
                 mean_loss = float(accelerator.reduce(torch.tensor(loss_sum / settings.grad_accum, device=device),
                                                      reduction="mean"))  # fmt: skip
+                if not math.isfinite(mean_loss):
+                    raise LowrankError(
+                        f"the training loss is {mean_loss} at step {step + 1}: MODEL has non-finite weights or --lr "
+                        f"{settings.lr:g} is too high; nothing was written to {out}"
+                    )
                 losses.append(mean_loss)
                 if settings.truncate_every and (step + 1) % settings.truncate_every == 0 and step + 1 < total:
                     params = _truncate_factors(trainer, optimizer, settings.truncate_energy)

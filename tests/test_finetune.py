@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,21 @@ def test_bad_inputs_fail_cleanly(factorized: Path, dense: Path, data: Path, tmp_
     assert "drop --quantize" in _fails_cleanly(
         run("finetune", factorized, "--data", data, "--train", "factors", "--quantize", "nf4", *base), out
     )
+
+
+def test_a_non_finite_loss_stops_training_and_writes_nothing(dense: Path, data: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-model"
+    shutil.copytree(dense, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "o"
+    res = run(
+        "finetune", broken, "--data", data, "--steps", "2", "--seq-len", "64", "--eval-tokens", "0", "-o", out
+    )
+    assert "training loss is nan at step 1" in _fails_cleanly(res, out)
 
 
 def test_missing_bitsandbytes_fails_cleanly(
