@@ -168,6 +168,7 @@ def sample_batches(
     seq_len: int,
     seed: int = 0,
     temperature: float = 1.0,
+    random_start: bool = False,
     batch_size: int = 8,
     device: str = "cpu",
     progress: ProgressFn | None = None,
@@ -179,6 +180,10 @@ def sample_batches(
     separates documents in training; then plain ancestral sampling (temperature 1: no top-k/top-p truncation, so
     the samples keep the model's full distribution) with EOS suppressed, so every row is full length. Seeded:
     the same model, seed and sizes give the same tokens.
+
+    random_start: the token after the prefix is drawn uniformly from the ordinary (non-special) vocabulary, as
+    LLM-QAT does for data-free calibration. From the bare prefix a model mostly opens web prose; a random first
+    token sends each row into another of its domains (code, lists, numbers, other languages).
     """
     from transformers import GenerationConfig
 
@@ -194,11 +199,18 @@ def sample_batches(
                 "the tokenizer has no BOS or EOS token to start self-generated calibration from; pass a text"
             )
         prefix = [int(start)]
-    new = seq_len - len(prefix)
+    new = seq_len - len(prefix) - int(random_start)
     if new < 1:
         raise CalibrationError(
             f"--seq-len {seq_len} leaves no room to sample after the {len(prefix)}-token prefix"
         )
+    starts = None
+    if random_start:
+        vocab = min(len(tokenizer), int(getattr(model.config, "vocab_size", None) or len(tokenizer)))
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        ordinary = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
+        pick = torch.randint(len(ordinary), (samples,), generator=torch.Generator().manual_seed(seed))
+        starts = ordinary[pick]
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     config = GenerationConfig(
@@ -213,7 +225,10 @@ def sample_batches(
             torch.manual_seed(seed)
             for done, start_row in enumerate(range(0, samples, batch_size), start=1):
                 n = min(batch_size, samples - start_row)
-                ids = torch.tensor([prefix] * n, dtype=torch.long, device=device)
+                ids = torch.tensor([prefix] * n, dtype=torch.long)
+                if starts is not None:
+                    ids = torch.cat([ids, starts[start_row : start_row + n, None]], dim=1)
+                ids = ids.to(device)
                 with quiet_transformers():
                     out = model.generate(
                         input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config

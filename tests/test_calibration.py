@@ -432,6 +432,21 @@ def test_self_generated_batches_are_seeded_and_start_like_a_document(style: str)
     assert torch.equal(torch.rand(3), x)
 
 
+def test_random_start_draws_each_rows_first_token_from_the_ordinary_vocabulary() -> None:
+    from lowrank_compress.calibration import sample_batches
+
+    model, tok = tiny_llama(), make_tokenizer("bos")
+    kw = dict(samples=40, seq_len=6, batch_size=16, random_start=True)
+    a = sample_batches(model, tok, seed=5, **kw)
+    assert torch.equal(a, sample_batches(model, tok, seed=5, **kw))  # seeded, batching included
+    assert not torch.equal(a[:, 1], sample_batches(model, tok, seed=6, **kw)[:, 1])
+    assert a.shape == (40, 6) and (a[:, 0] == tok.bos_token_id).all()
+    firsts = a[:, 1].tolist()
+    assert not set(firsts) & set(tok.all_special_ids)
+    assert all(0 <= t < len(tok) for t in firsts)
+    assert len(set(firsts)) >= 30  # 40 uniform draws from ~296 tokens: a handful of repeats at most
+
+
 # --------------------------------------------------------------------------------------------------- mixed sets
 
 
