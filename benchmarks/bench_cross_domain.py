@@ -22,14 +22,14 @@ from _common import run_child, save
 ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = {"python": "builtin", "fiction": str(ROOT.parent / "shared" / "data" / "devils-dictionary.txt")}
 CONFIGS = {  # label -> settings beyond the defaults
-    "whiten+uniform": {"policy": "uniform", "self_mix": 0.0},
-    "sensitivity, no mix": {"self_mix": 0.0},
+    "whiten+uniform, text only": {"policy": "uniform", "self_mix": 0.0},
+    "text only (previous default)": {"self_mix": 0.0},
     "default": {},
-    "mix 0.25": {"self_mix": 0.25},
     "mix 0.5": {"self_mix": 0.5},
-    "mix 0.25, self grads": {"self_mix": 0.25, "grad_source": "self"},
-    "mix 0.5, self grads": {"self_mix": 0.5, "grad_source": "self"},
-    "mix 0.5, self 256": {"self_mix": 0.5, "self_seq_len": 256},
+    "mix 0.75": {"self_mix": 0.75},
+    "prefix start": {"self_start": "prefix"},
+    "self grads": {"grad_source": "self"},
+    "self only": {"self_mix": 1.0},
 }
 
 PPL = """
@@ -97,10 +97,10 @@ def main() -> None:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     print(
-        f"\n{'budget':>6} {'calibrated on':14} {'config':26} {'in-domain':>10} {'cross':>10} {'cross/in':>9}"
+        f"\n{'budget':>6} {'calibrated on':14} {'config':32} {'in-domain':>10} {'cross':>10} {'cross/in':>9}"
     )
     for r in rows:
-        print(f"{r['budget']:>6} {r['calibrated_on']:14} {r['config']:26} {r['in_domain_ratio']:>10.3f} "
+        print(f"{r['budget']:>6} {r['calibrated_on']:14} {r['config']:32} {r['in_domain_ratio']:>10.3f} "
               f"{r['cross_domain_ratio']:>10.3f} {r['quotient']:>9.2f}")  # fmt: skip
     path = save(
         _arg("--out", "cross_domain"),

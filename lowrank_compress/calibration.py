@@ -298,17 +298,6 @@ def narrow_calibration_warning(text_loss: float, self_loss: float) -> str | None
     )
 
 
-def self_sample_count(samples: int, mix: float) -> int:
-    """How many of `samples` calibration windows are sampled from the model at self-mix fraction `mix`:
-    round(mix * samples), but at least one when mix > 0 and at least one text window when mix < 1, so neither part
-    silently vanishes."""
-    if mix <= 0.0:
-        return 0
-    if mix >= 1.0:
-        return samples
-    return min(max(round(mix * samples), 1), samples - 1)
-
-
 def blend_stats(parts: Sequence[tuple[dict[str, LayerStats], float]]) -> dict[str, LayerStats]:
     """Statistics of several calibration sets (each with a weight) pooled as one.
 

@@ -18,7 +18,7 @@ from rich.table import Table
 from lowrank_compress import __version__
 from lowrank_compress.errors import LowrankError, TrainingInterrupted
 from lowrank_compress.finetune import FinetuneSettings
-from lowrank_compress.recipe import GRAD_SOURCES, METHODS, POLICIES, FactorizeSettings
+from lowrank_compress.recipe import GRAD_SOURCES, METHODS, POLICIES, SELF_STARTS, FactorizeSettings
 
 _DEFAULTS = FactorizeSettings()
 _FT = FinetuneSettings()
@@ -284,9 +284,12 @@ def settings_options(f: Any) -> Any:
         click.option("--damping", type=float, default=_DEFAULTS.damping, show_default=True,
                      help="whiten: add this fraction of the Gram's mean diagonal (hedges against narrow calibration)."),
         click.option("--self-mix", type=click.FloatRange(0.0, 1.0), default=_DEFAULTS.self_mix, show_default=True,
-                     help="Fraction of calibration windows sampled from the model itself, pooled with the text's."),
+                     help="Share of the statistics from --samples windows sampled from the model, beside the text's "
+                          "(0: text only, nothing sampled)."),
         click.option("--self-seq-len", type=int, default=None, show_default="--seq-len",
-                     help="Tokens per self-generated window in a --self-mix set."),
+                     help="Tokens per self-generated window."),
+        click.option("--self-start", type=click.Choice(SELF_STARTS), default=_DEFAULTS.self_start,
+                     show_default=True, help="Self-generated windows open on a random ordinary token, or the bare BOS."),
         click.option("--grad-source", type=click.Choice(GRAD_SOURCES), default=_DEFAULTS.grad_source,
                      show_default=True, help="Windows for loss gradients: the whole mix, or the self-generated ones."),
         click.option("--rank-multiple", type=int, default=_DEFAULTS.rank_multiple, show_default=True,
@@ -334,7 +337,11 @@ def _settings(ctx: click.Context, flags: dict[str, Any], **extra: Any) -> Factor
     return settings
 
 
-_PHASES = {"calibration": "calibrating", "spectra": "layer spectra", "factors": "factorizing layers"}
+_PHASES = {
+    "calibration (text)": "calibrating on the text",
+    "calibration (self)": "calibrating on the model's samples",
+    "sampling calibration": "sampling calibration windows from the model",
+    "spectra": "layer spectra", "factors": "factorizing layers"}
 
 
 @cli.command(context_settings=CONTEXT)

@@ -296,7 +296,6 @@ class Prepared:
             make_batches,
             narrow_calibration_warning,
             sample_batches,
-            self_sample_count,
         )
         from lowrank_compress.text import text_fingerprint
 
@@ -305,16 +304,15 @@ class Prepared:
         if self_generated and not causal:
             raise LowrankError(f"{type(model).__name__} cannot generate; pass a calibration text")
         mix = 1.0 if self_generated else settings.self_mix
-        n_self = self_sample_count(settings.samples, mix)
-        n_text = settings.samples - n_self
-        # gradient windows: shared out like the windows, or all from the self-generated part
+        # each part has `samples` windows (and up to `grad_samples` gradient windows); `mix` weighs their statistics
+        n_text = settings.samples if mix < 1.0 else 0
+        n_self = settings.samples if mix > 0.0 else 0
         gradients = settings.method == "fisher" or settings.policy == "sensitivity"
-        grad_total = min(settings.grad_samples, settings.samples) if gradients else 0
-        if settings.grad_source == "self" and n_self:
-            grad_self = min(grad_total, n_self)
-        else:
-            grad_self = min(self_sample_count(grad_total, n_self / settings.samples), n_self)
-        grads = {"text": min(grad_total - grad_self, n_text), "self": grad_self}
+        grad_n = min(settings.grad_samples, settings.samples) if gradients else 0
+        grads = {
+            "text": 0 if settings.grad_source == "self" and n_self else min(grad_n, n_text),
+            "self": min(grad_n, n_self),
+        }
 
         batches: dict[str, torch.Tensor] = {}
         if n_text:
@@ -326,7 +324,8 @@ class Prepared:
             length = settings.seq_len if self_generated else (settings.self_seq_len or settings.seq_len)
             batches["self"] = sample_batches(
                 model, self.tokenizer, samples=n_self, seq_len=length, seed=settings.seed, batch_size=n_self,
-                device=settings.device, progress=lambda done, total: report("sampling calibration", done, total),
+                random_start=settings.self_start == "random", device=settings.device,
+                progress=lambda done, total: report("sampling calibration", done, total),
             )  # fmt: skip
             self.tick("sampling")
         self.calibration_batches = batches
@@ -342,16 +341,15 @@ class Prepared:
 
         check = len(batches) == 2  # the narrow-text check compares the two parts
         losses: dict[str, list[float]] = {part: [] for part in batches}
-        parts, done = [], 0
+        parts = []
         for part, rows in batches.items():
             stats = collect_stats(
                 model, rows, [t.name for t in self.targets], fisher=settings.method == "fisher" and grads[part] > 0,
                 sensitivity=settings.policy == "sensitivity" and grads[part] > 0, grad_samples=max(grads[part], 1),
                 device=settings.device, losses=losses[part] if check else None,
-                progress=lambda d, total, at=done: report("calibration", at + d, at + total),
+                progress=lambda d, total, part=part: report(f"calibration ({part})", d, total),
             )  # fmt: skip
-            done += rows.shape[0]
-            parts.append((stats, rows.shape[0] / settings.samples))
+            parts.append((stats, mix if part == "self" else 1.0 - mix))
         self.stats = parts[0][0] if len(parts) == 1 else blend_stats(parts)
 
         perplexity = None
@@ -379,6 +377,7 @@ class Prepared:
             "seed": settings.seed,
             "grad_samples": sum(grads.values()),
             "self_mix": mix,
+            "self_start": settings.self_start if "self" in batches else None,
             "parts": {
                 part: {
                     "samples": batches[part].shape[0],

@@ -13,9 +13,18 @@ from lowrank_compress.allocate import POLICIES
 from lowrank_compress.errors import BudgetError, LowrankError
 from lowrank_compress.factorize import METHODS
 
-__all__ = ["GRAD_SOURCES", "METHODS", "POLICIES", "FactorizeSettings", "build_settings", "load_recipe"]
+__all__ = [
+    "GRAD_SOURCES",
+    "METHODS",
+    "POLICIES",
+    "SELF_STARTS",
+    "FactorizeSettings",
+    "build_settings",
+    "load_recipe",
+]
 
 GRAD_SOURCES: tuple[str, ...] = ("mix", "self")
+SELF_STARTS: tuple[str, ...] = ("random", "prefix")
 
 
 @dataclass
@@ -37,11 +46,15 @@ class FactorizeSettings:
     # whiten: a loading of the Gram by this fraction of its mean diagonal (GPTQ-style damping); 0 is SVD-LLM, larger
     # values blend the objective toward plain SVD
     damping: float = 0.0
-    # fraction of the calibration windows (and of the gradient windows) sampled from the model itself and pooled
-    # with the text's: statistics that also cover what the model usually sees, not only the narrow text; 0 = off
-    self_mix: float = 0.0
+    # share of the pooled calibration statistics that comes from `samples` windows sampled from the model itself,
+    # beside the text's `samples` windows: the factors then also fit what the model usually sees, not only the
+    # calibration text (chosen by benchmarks/bench_cross_domain.py); 0 = the text alone, nothing sampled
+    self_mix: float = 0.6
     # tokens per self-generated window (None: seq_len); shorter windows sample faster
     self_seq_len: int | None = None
+    # how each self-generated window starts after the BOS/EOS prefix: "random" (a uniformly drawn ordinary token,
+    # which spreads the samples over the model's domains) or "prefix" (the bare prefix: mostly web prose)
+    self_start: str = "random"
     # where the loss gradients (sensitivity, fisher) come from: "mix" (both parts) or "self" (self-generated only)
     grad_source: str = "mix"
     device: str = "cpu"
@@ -61,8 +74,10 @@ class FactorizeSettings:
             )
         if not 0.0 <= self.self_mix <= 1.0:
             raise LowrankError(
-                f"self-mix must be a fraction of the calibration windows in [0, 1], got {self.self_mix}"
+                f"self-mix must be the self-generated share of the calibration statistics in [0, 1], got {self.self_mix}"
             )
+        if self.self_start not in SELF_STARTS:
+            raise LowrankError(f"unknown self-start {self.self_start!r}; choose one of {', '.join(SELF_STARTS)}")
         if self.self_seq_len is not None and self.self_seq_len < 2:
             raise LowrankError(f"self-seq-len must be at least 2, got {self.self_seq_len}")
         if self.grad_source not in GRAD_SOURCES:

@@ -450,15 +450,6 @@ def test_random_start_draws_each_rows_first_token_from_the_ordinary_vocabulary()
 # --------------------------------------------------------------------------------------------------- mixed sets
 
 
-def test_self_sample_count_keeps_both_parts_when_mixing() -> None:
-    from lowrank_compress.calibration import self_sample_count
-
-    assert [self_sample_count(16, m) for m in (0.0, 0.25, 0.5, 1.0)] == [0, 4, 8, 16]
-    assert self_sample_count(2, 0.01) == 1  # a mix never rounds its self part away
-    assert self_sample_count(2, 0.99) == 1  # ... nor its text part
-    assert self_sample_count(1, 0.5) in (0, 1)
-
-
 def test_blended_statistics_of_equal_windows_are_the_pooled_statistics() -> None:
     """Two parts of equal-length windows weighted by their window counts give exactly the statistics of all windows
     at once; shared Grams (q/k) stay shared; the gradient mean is the count-weighted mean."""

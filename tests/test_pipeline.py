@@ -330,6 +330,9 @@ def test_bad_inputs_fail_cleanly_and_touch_nothing(models: dict[str, Path], tmp_
     assert "self-mix" in _fails_cleanly(run("factorize", src, "-o", out, "--recipe", recipe), out)
     recipe.write_text("grad_source: text\n")
     assert "grad-source" in _fails_cleanly(run("factorize", src, "-o", out, "--recipe", recipe), out)
+    recipe.write_text("self_start: eos\n")
+    assert "self-start" in _fails_cleanly(run("factorize", src, "-o", out, "--recipe", recipe), out)
+    _fails_cleanly(run("factorize", src, "-o", out, "--self-start", "eos"), out, (2,))
     _fails_cleanly(run("factorize", src, "-o", out, "--self-mix", "-0.1"), out, (2,))
     _fails_cleanly(run("factorize", src, "-o", out, "--self-mix", "2"), out, (2,))
     _fails_cleanly(run("factorize", src, "-o", out, "--max-shard-size", "big"), out, (2,))
@@ -390,7 +393,7 @@ def test_small_or_repetitive_calibration_is_warned_about_and_recorded(
     for name, (extra, expected) in cases.items():
         warnings: list[str] = []
         out = tmp_path / name
-        settings = build_settings(method="whiten", policy="uniform", **extra)
+        settings = build_settings(method="whiten", policy="uniform", self_mix=0.0, **extra)  # the text alone
         result = factorize_model(src, out, settings, warn=warnings.append)
         assert len(warnings) == len(expected), (name, warnings)
         assert all(e in w for e, w in zip(expected, warnings, strict=True))
@@ -470,22 +473,21 @@ def test_self_mix_zero_is_exactly_the_text_calibration(models: dict[str, Path]) 
     assert info["tokens"] == 8 * 64 and info["grad_samples"] == 2
 
 
-def test_mixed_calibration_is_seeded_and_splits_windows_and_gradients(models: dict[str, Path]) -> None:
+def test_mixed_calibration_pools_the_text_with_as_many_seeded_self_samples(models: dict[str, Path]) -> None:
     from lowrank_compress.calibration import blend_stats, collect_stats, sample_batches
     from lowrank_compress.pipeline import Prepared
 
     src = models["llama"]
-    settings = build_settings(
-        self_mix=0.25, **FAST
-    )  # 8 windows: 6 of text, 2 sampled; 2 gradient windows: 1 + 1
+    settings = build_settings(self_mix=0.25, **FAST)  # 8 text windows + 8 sampled, 2 gradient windows in each
     a, b = Prepared.load(src, settings), Prepared.load(src, settings)
     other = Prepared.load(src, build_settings(self_mix=0.25, seed=1, **FAST))
     text, own = a.calibration_batches["text"], a.calibration_batches["self"]
-    assert text.shape == (6, 64) and own.shape == (2, 64)
+    assert text.shape == (8, 64) and own.shape == (8, 64)
     bos = a.tokenizer.bos_token_id
     for rows in (text, own):
         assert (rows[:, 0] == bos).all() and not (rows[:, 1:] == bos).any()
-    assert torch.equal(own, sample_batches(a.model, a.tokenizer, samples=2, seq_len=64, seed=0))
+    expected_own = sample_batches(a.model, a.tokenizer, samples=8, seq_len=64, seed=0, random_start=True)
+    assert torch.equal(own, expected_own)
     assert all(torch.equal(a.calibration_batches[k], b.calibration_batches[k]) for k in ("text", "self"))
     assert not torch.equal(own, other.calibration_batches["self"])
     names = [t.name for t in a.targets]
@@ -493,25 +495,34 @@ def test_mixed_calibration_is_seeded_and_splits_windows_and_gradients(models: di
         assert (
             torch.equal(a.stats[n].gram, b.stats[n].gram) and a.stats[n].out_grad_sq == b.stats[n].out_grad_sq
         )
-    # the statistics are the blend of each part's own, weighted by window counts
-    parts = [collect_stats(a.model, x, names, sensitivity=True, grad_samples=1) for x in (text, own)]
-    expected = blend_stats([(parts[0], 6 / 8), (parts[1], 2 / 8)])
+    # the statistics are the blend of each part's own: a quarter from the samples
+    parts = [collect_stats(a.model, x, names, sensitivity=True, grad_samples=2) for x in (text, own)]
+    expected = blend_stats([(parts[0], 0.75), (parts[1], 0.25)])
     for n in names:
         torch.testing.assert_close(a.stats[n].gram, expected[n].gram)
         assert a.stats[n].out_grad_sq == pytest.approx(expected[n].out_grad_sq, rel=1e-9)
+        torch.testing.assert_close(  # pooled sums: the Gram is 3:1 text to samples, scaled to all 16 windows
+            a.stats[n].gram, 2 * (0.75 * parts[0][n].gram + 0.25 * parts[1][n].gram)
+        )
     info = a.calibration_info
-    assert info["self_mix"] == 0.25 and info["tokens"] == 8 * 64 and info["grad_samples"] == 2
-    assert info["parts"]["text"]["samples"] == 6 and info["parts"]["self"]["samples"] == 2
-    assert info["parts"]["text"]["grad_samples"] == 1 and info["parts"]["self"]["grad_samples"] == 1
+    assert info["self_mix"] == 0.25 and info["self_start"] == "random"
+    assert info["tokens"] == 16 * 64 and info["grad_samples"] == 4
+    assert info["parts"]["text"]["samples"] == 8 and info["parts"]["self"]["samples"] == 8
+    assert info["parts"]["text"]["grad_samples"] == 2 and info["parts"]["self"]["grad_samples"] == 2
     assert info["parts"]["self"]["sha256"] == hashlib.sha256(own.numpy().tobytes()).hexdigest()
     assert info["parts"]["text"]["sha256"] == info["text_sha256"]
     assert set(info["perplexity"]) == {"text", "self"}
-    # shorter self-generated windows, gradients from them alone
-    c = Prepared.load(src, build_settings(self_mix=0.5, self_seq_len=32, grad_source="self", **FAST))
-    assert c.calibration_batches["text"].shape == (4, 64) and c.calibration_batches["self"].shape == (4, 32)
+    # shorter self-generated windows opened on the bare prefix, gradients from them alone
+    c = Prepared.load(
+        src, build_settings(self_mix=0.5, self_seq_len=32, self_start="prefix", grad_source="self", **FAST)
+    )
+    assert c.calibration_batches["text"].shape == (8, 64) and c.calibration_batches["self"].shape == (8, 32)
+    assert torch.equal(
+        c.calibration_batches["self"], sample_batches(c.model, c.tokenizer, samples=8, seq_len=32, seed=0)
+    )
     parts = c.calibration_info["parts"]
     assert parts["text"]["grad_samples"] == 0 and parts["self"]["grad_samples"] == 2
-    assert c.calibration_info["tokens"] == 4 * 64 + 4 * 32
+    assert c.calibration_info["tokens"] == 8 * 64 + 8 * 32 and c.calibration_info["self_start"] == "prefix"
 
 
 def test_calibration_far_from_the_models_own_samples_is_warned_about(
@@ -552,9 +563,10 @@ def test_models_that_cannot_generate_calibrate_on_the_text_alone(
     assert any("cannot generate its own samples" in w for w in warnings)
     assert result.settings.self_mix == 0.0 and result.calibration["parts"]["self"] is None
     res = run("factorize", models["llama"], "-o", tmp_path / "cli", "--self-mix", "0.25", "--self-seq-len", 32,
-              "--grad-source", "self", *("--samples", 8, "--seq-len", 64, "--grad-samples", 2, "--json"))  # fmt: skip
+              "--grad-source", "self", "--self-start", "prefix", *("--samples", 8, "--seq-len", 64, "--grad-samples", 2, "--json"))  # fmt: skip
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["settings"]["self_mix"] == 0.25 and data["calibration"]["parts"]["self"]["seq_len"] == 32
     recipe = yaml.safe_load((tmp_path / "cli" / "recipe.yaml").read_text())
     assert (recipe["self_mix"], recipe["self_seq_len"], recipe["grad_source"]) == (0.25, 32, "self")
+    assert recipe["self_start"] == "prefix" and data["calibration"]["self_start"] == "prefix"
