@@ -341,7 +341,9 @@ _PHASES = {
     "calibration (text)": "calibrating on the text",
     "calibration (self)": "calibrating on the model's samples",
     "sampling calibration": "sampling calibration windows from the model",
-    "spectra": "layer spectra", "factors": "factorizing layers"}
+    "spectra": "layer spectra",
+    "factors": "factorizing layers",
+}
 
 
 @cli.command(context_settings=CONTEXT)

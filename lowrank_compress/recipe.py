@@ -77,7 +77,9 @@ class FactorizeSettings:
                 f"self-mix must be the self-generated share of the calibration statistics in [0, 1], got {self.self_mix}"
             )
         if self.self_start not in SELF_STARTS:
-            raise LowrankError(f"unknown self-start {self.self_start!r}; choose one of {', '.join(SELF_STARTS)}")
+            raise LowrankError(
+                f"unknown self-start {self.self_start!r}; choose one of {', '.join(SELF_STARTS)}"
+            )
         if self.self_seq_len is not None and self.self_seq_len < 2:
             raise LowrankError(f"self-seq-len must be at least 2, got {self.self_seq_len}")
         if self.grad_source not in GRAD_SOURCES:
