@@ -49,3 +49,8 @@ def save(name: str, data: dict) -> Path:
 
 
 __all__ = ["machine", "resource", "run_child", "save"]
+
+
+def arg(flag: str, default: str) -> str:
+    """The value after `flag` on the command line, or `default`."""
+    return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import run_child, save
+from _common import arg, run_child, save
 
 ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = {"python": "builtin", "fiction": str(ROOT.parent / "shared" / "data" / "devils-dictionary.txt")}
@@ -65,13 +65,13 @@ RESULT = {{"ppl": ppl({out!r}), "kept": r.kept_fraction_targets, "seconds": sum(
 
 
 def main() -> None:
-    budgets = [float(x) for x in _arg("--budgets", "0.8").split(",")]
-    labels = _arg("--configs", ";".join(CONFIGS)).split(";")
+    budgets = [float(x) for x in arg("--budgets", "0.8").split(",")]
+    labels = arg("--configs", ";".join(CONFIGS)).split(";")
     unknown = [x for x in labels if x not in CONFIGS]
     if unknown:
         sys.exit(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
     configs = {label: CONFIGS[label] for label in labels}
-    calibrate_on = _arg("--calibrate-on", ",".join(DOMAINS)).split(",")
+    calibrate_on = arg("--calibrate-on", ",".join(DOMAINS)).split(",")
     if any(d not in DOMAINS for d in calibrate_on):
         sys.exit(f"--calibrate-on takes domains from {list(DOMAINS)}")
     dense = run_child(DENSE.format(domains=DOMAINS))
@@ -103,14 +103,10 @@ def main() -> None:
         print(f"{r['budget']:>6} {r['calibrated_on']:14} {r['config']:32} {r['in_domain_ratio']:>10.3f} "
               f"{r['cross_domain_ratio']:>10.3f} {r['quotient']:>9.2f}")  # fmt: skip
     path = save(
-        _arg("--out", "cross_domain"),
+        arg("--out", "cross_domain"),
         {"model": "SmolLM2-135M-Instruct Q4_1 GGUF", "dense": dense, "runs": rows},
     )
     print(f"wrote {path}")
-
-
-def _arg(flag: str, default: str) -> str:
-    return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
 
 
 if __name__ == "__main__":
