@@ -25,6 +25,7 @@ CONFIGS = {  # label -> settings beyond the defaults
     "whiten+uniform, text only": {"policy": "uniform", "self_mix": 0.0},
     "text only (previous default)": {"self_mix": 0.0},
     "default": {},
+    "default, seed 1": {"seed": 1},
     "mix 0.5": {"self_mix": 0.5},
     "mix 0.75": {"self_mix": 0.75},
     "prefix start": {"self_start": "prefix"},
