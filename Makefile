@@ -42,7 +42,7 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/bench_analyze.py
 	$(PY) benchmarks/bench_factorize.py
-	$(PY) benchmarks/bench_cross_domain.py
+	$(PY) benchmarks/bench_cross_domain.py --budgets 0.8,0.6 --configs "whiten+uniform, text only;text only (previous default);default"
 	$(PY) benchmarks/bench_finetune.py
 
 clean:

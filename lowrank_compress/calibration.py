@@ -182,8 +182,8 @@ def sample_batches(
     the same model, seed and sizes give the same tokens.
 
     random_start: the token after the prefix is drawn uniformly from the ordinary (non-special) vocabulary, as
-    LLM-QAT does for data-free calibration. From the bare prefix a model mostly opens web prose; a random first
-    token sends each row into another of its domains (code, lists, numbers, other languages).
+    LLM-QAT does for data-free calibration: the rows open in more varied ways than from the bare prefix, so they
+    spread wider over what the model writes (benchmarks/bench_cross_domain.py measures the effect).
     """
     from transformers import GenerationConfig
 

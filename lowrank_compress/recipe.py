@@ -53,7 +53,7 @@ class FactorizeSettings:
     # tokens per self-generated window (None: seq_len); shorter windows sample faster
     self_seq_len: int | None = None
     # how each self-generated window starts after the BOS/EOS prefix: "random" (a uniformly drawn ordinary token,
-    # which spreads the samples over the model's domains) or "prefix" (the bare prefix: mostly web prose)
+    # which varies how the samples open) or "prefix" (the bare prefix)
     self_start: str = "random"
     # where the loss gradients (sensitivity, fisher) come from: "mix" (both parts) or "self" (self-generated only)
     grad_source: str = "mix"
