@@ -282,9 +282,10 @@ miss boilerplate-heavy sets; a tighter one would flag ordinary technical text.
 """
 
 
-def narrow_calibration_warning(text_loss: float, self_loss: float) -> str | None:
+def narrow_calibration_warning(text_loss: float, self_loss: float, self_mix: float) -> str | None:
     """A warning when the model's perplexity on the calibration text (exp of its mean token loss `text_loss`) is more
-    than `NARROW_PERPLEXITY_FACTOR` times above or below its perplexity on its own samples; None otherwise."""
+    than `NARROW_PERPLEXITY_FACTOR` times above or below its perplexity on its own samples; None otherwise.
+    `self_mix` is the samples' share of the pooled statistics, which the advice mentions."""
     if not (math.isfinite(text_loss) and math.isfinite(self_loss)):
         return None
     if abs(text_loss - self_loss) <= math.log(NARROW_PERPLEXITY_FACTOR):
@@ -293,8 +294,8 @@ def narrow_calibration_warning(text_loss: float, self_loss: float) -> str | None
     kind = "far more predictable" if text_ppl < self_ppl else "far less predictable"
     return (
         f"the calibration text is {kind} to the model than its own samples (perplexity {text_ppl:.3g} vs "
-        f"{self_ppl:.3g}): it is narrow, and the factors will fit it at the expense of other text; use text like "
-        "what the model will see, or raise --self-mix"
+        f"{self_ppl:.3g}): it is narrow, and the factors fit it at the expense of other text (the model's samples, "
+        f"--self-mix {self_mix:g} of the statistics, offset part of that); use text like what the model will see"
     )
 
 

@@ -356,7 +356,7 @@ class Prepared:
         if check:
             mean_loss = {part: sum(v) / len(v) for part, v in losses.items()}
             perplexity = {part: math.exp(v) for part, v in mean_loss.items()}
-            narrow = narrow_calibration_warning(mean_loss["text"], mean_loss["self"])
+            narrow = narrow_calibration_warning(mean_loss["text"], mean_loss["self"], mix)
             if narrow:
                 notes.append(narrow)
                 warn(narrow)

@@ -514,16 +514,14 @@ def test_narrow_calibration_warning_threshold() -> None:
     from lowrank_compress.calibration import NARROW_PERPLEXITY_FACTOR, narrow_calibration_warning
 
     edge = math.log(NARROW_PERPLEXITY_FACTOR)
-    assert narrow_calibration_warning(3.0, 3.0) is None
-    assert narrow_calibration_warning(3.0 - 0.99 * edge, 3.0) is None
-    assert narrow_calibration_warning(3.0 + 0.99 * edge, 3.0) is None
-    low = narrow_calibration_warning(
-        0.1, 3.0
-    )  # repetitive text: the model predicts it far better than its own
-    high = narrow_calibration_warning(9.0, 3.0)
-    assert low is not None and "more predictable" in low and "--self-mix" in low and "\n" not in low
+    assert narrow_calibration_warning(3.0, 3.0, 0.5) is None
+    assert narrow_calibration_warning(3.0 - 0.99 * edge, 3.0, 0.5) is None
+    assert narrow_calibration_warning(3.0 + 0.99 * edge, 3.0, 0.5) is None
+    low = narrow_calibration_warning(0.1, 3.0, 0.6)  # repetitive text: the model predicts it far better than its own
+    high = narrow_calibration_warning(9.0, 3.0, 0.5)
+    assert low is not None and "more predictable" in low and "--self-mix 0.6" in low and "\n" not in low
     assert high is not None and "less predictable" in high
-    assert narrow_calibration_warning(float("nan"), 3.0) is None
+    assert narrow_calibration_warning(float("nan"), 3.0, 0.5) is None
 
 
 def test_token_count_warning_counts_pooled_self_generated_tokens() -> None:
