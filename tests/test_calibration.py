@@ -517,7 +517,9 @@ def test_narrow_calibration_warning_threshold() -> None:
     assert narrow_calibration_warning(3.0, 3.0, 0.5) is None
     assert narrow_calibration_warning(3.0 - 0.99 * edge, 3.0, 0.5) is None
     assert narrow_calibration_warning(3.0 + 0.99 * edge, 3.0, 0.5) is None
-    low = narrow_calibration_warning(0.1, 3.0, 0.6)  # repetitive text: the model predicts it far better than its own
+    low = narrow_calibration_warning(
+        0.1, 3.0, 0.6
+    )  # repetitive text: the model predicts it far better than its own
     high = narrow_calibration_warning(9.0, 3.0, 0.5)
     assert low is not None and "more predictable" in low and "--self-mix 0.6" in low and "\n" not in low
     assert high is not None and "less predictable" in high
