@@ -22,7 +22,12 @@ from _common import arg, run_child, save
 ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = {"python": "builtin", "fiction": str(ROOT.parent / "shared" / "data" / "devils-dictionary.txt")}
 CONFIGS = {  # label -> settings beyond the defaults
+    "svd+uniform": {"method": "svd", "policy": "uniform", "self_mix": 0.0},  # data-free
+    "asvd+uniform, text only": {"method": "asvd", "policy": "uniform", "self_mix": 0.0},
+    "fisher+uniform, text only": {"method": "fisher", "policy": "uniform", "self_mix": 0.0},
     "whiten+uniform, text only": {"policy": "uniform", "self_mix": 0.0},
+    "whiten+stable-rank, text only": {"policy": "stable-rank", "self_mix": 0.0},
+    "whiten+energy, text only": {"policy": "energy", "self_mix": 0.0},
     "text only (previous default)": {"self_mix": 0.0},
     "default": {},
     "default, seed 1": {"seed": 1},
