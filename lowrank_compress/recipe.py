@@ -74,7 +74,8 @@ class FactorizeSettings:
             )
         if not 0.0 <= self.self_mix <= 1.0:
             raise LowrankError(
-                f"self-mix must be the self-generated share of the calibration statistics in [0, 1], got {self.self_mix}"
+                "self-mix must be the self-generated share of the calibration statistics in [0, 1], "
+                f"got {self.self_mix}"
             )
         if self.self_start not in SELF_STARTS:
             raise LowrankError(

@@ -176,7 +176,8 @@ def _calibration_line(cal: dict[str, Any]) -> str:
         return (
             f"{cal['source']} ({cal['split']} split), {text['samples']} x {text['seq_len']} tokens, sha256 "
             f"{text['sha256'][:16]}..., pooled with {own['samples']} x {own['seq_len']} tokens sampled from the model "
-            f"itself{start} (self-mix {cal['self_mix']:g}: their share of the statistics), sha256 {own['sha256'][:16]}...; {cal['tokens']:,} tokens, "
+            f"itself{start} (self-mix {cal['self_mix']:g}: their share of the statistics), sha256 "
+            f"{own['sha256'][:16]}...; {cal['tokens']:,} tokens, "
             f"seed {cal['seed']}"
         )
     where = "sampled from the model itself" if cal["source"] == "self" or not text and own else cal["source"]
