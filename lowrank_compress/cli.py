@@ -182,9 +182,9 @@ def analyze(
     out = Output(json_mode)
     path = _model_or_default(model)
     if out_dir is not None:
-        from lowrank_compress.format import check_output_dir
+        from lowrank_compress.outdir import check_output_dir
 
-        check_output_dir(out_dir, overwrite, inputs=[Path(path)])
+        check_output_dir(out_dir, overwrite, inputs=[Path(path)], warn=out.warn, option="--out")
     with out.progress("analyzing layers") as update:
         result = run_analyze(
             path,
@@ -196,10 +196,10 @@ def analyze(
         )
     files: list[Path] = []
     if out_dir is not None:
-        from lowrank_compress.format import atomic_output_dir
+        from lowrank_compress.outdir import atomic_output_dir
         from lowrank_compress.report import write_analysis_report
 
-        with atomic_output_dir(out_dir, overwrite) as tmp:
+        with atomic_output_dir(out_dir, overwrite, [Path(path)], warn=out.warn, option="--out") as tmp:
             names = [p.name for p in write_analysis_report(result, tmp)]
         files = [out_dir / n for n in names]
     for name in result.summary()["non_finite_layers"]:

@@ -14,14 +14,11 @@ naming the tensor instead of transformers' silent random initialization of missi
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import os
 import shutil
 import struct
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +30,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowrank_compress.errors import FormatError, LowrankError
 from lowrank_compress.modules import LowRankLinear
+from lowrank_compress.outdir import atomic_output_dir, check_output_dir  # noqa: F401
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -602,68 +600,6 @@ def save_compressed(
         if path not in written:
             written.append(path)
     return sorted(set(written))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# output directory safety
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _is_within(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
-
-
-def check_output_dir(out: Path, overwrite: bool, inputs: list[Path] | tuple[Path, ...] = ()) -> None:
-    """Refuse, before any work, an output that would clobber something: a non-empty directory without
-    `overwrite`, a file, or a path equal to, inside, or containing one of the inputs."""
-    out = Path(out)
-    target = out.resolve()
-    for inp in inputs:
-        src = Path(inp).resolve()
-        if _is_within(target, src):
-            raise LowrankError(
-                f"{out}: the output is inside the input {inp}; never write into the input, pick another -o"
-            )
-        if _is_within(src, target):
-            raise LowrankError(f"{out}: the output directory contains the input {inp}; pick another -o")
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise LowrankError(f"{out}: exists and is not a directory; pick another -o")
-        if any(out.iterdir()) and not overwrite:
-            raise LowrankError(f"{out}: output directory is not empty; pass --overwrite or pick another -o")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(
-    out: Path, overwrite: bool, inputs: list[Path] | tuple[Path, ...] = ()
-) -> Iterator[Path]:
-    """Yield a fresh hidden directory beside `out`; on success it replaces `out` in one rename.
-
-    On any exception (KeyboardInterrupt included) the temporary directory is removed and `out` is untouched.
-    """
-    out = Path(out)
-    check_output_dir(out, overwrite, inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        check_output_dir(out, overwrite, inputs)  # something may have appeared meanwhile
-        if out.exists():
-            backup = out.parent / f".{out.name}.old-{tag}"
-            os.replace(out, backup)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(backup, out)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -88,8 +88,8 @@ def sweep(
     `keep_models`, under models/) into `out_dir`, atomically. window: default 512, or the model's context when
     shorter."""
     from lowrank_compress.evaluate import context_length, measure_speed, perplexity, speed_ratios
-    from lowrank_compress.format import atomic_output_dir, check_output_dir
     from lowrank_compress.loading import load_model, resolve
+    from lowrank_compress.outdir import atomic_output_dir, check_output_dir
     from lowrank_compress.pipeline import Prepared
     from lowrank_compress.report import write_json
     from lowrank_compress.text import load_text
@@ -97,7 +97,7 @@ def sweep(
     report = progress or (lambda *a: None)
     out_dir = Path(out_dir)
     source = resolve(model_path)
-    check_output_dir(out_dir, overwrite, inputs=[source.path, source.directory])
+    check_output_dir(out_dir, overwrite, inputs=[source.path, source.directory], warn=warn)
     text = load_text(data, split="heldout" if data == "builtin" else "all")
 
     def quality(model: Any, tokenizer: Any, label: str) -> Any:
@@ -114,7 +114,7 @@ def sweep(
     dense_q = quality(dense_model, tokenizer, "dense")
     dense_speed = None
     points: list[SweepPoint] = []
-    with atomic_output_dir(out_dir, overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
+    with atomic_output_dir(out_dir, overwrite, warn=warn) as tmp, tempfile.TemporaryDirectory() as scratch:
         for i, budget in enumerate(budgets):
             where = (tmp / "models" if keep_models else Path(scratch)) / f"budget-{budget:g}"
             written = prepared.write(where, budget)
@@ -145,7 +145,7 @@ def sweep(
                 )
             )
             del compressed
-            if not keep_models:
+            if not keep_models and where.parent == Path(scratch):  # only the sweep's own scratch copy
                 shutil.rmtree(where)
         result = SweepResult(
             model=str(model_path),

@@ -92,7 +92,13 @@ def test_out_writes_report_files_atomically(llama: Path, tmp_path: Path) -> None
     res = run("analyze", str(llama), "--out", str(out))
     assert res.exit_code == 0, res.output
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["report.json", "report.md", "spectra.png", "stable_rank_by_depth.png"]
+    assert names == [
+        ".lowrank-compress",
+        "report.json",
+        "report.md",
+        "spectra.png",
+        "stable_rank_by_depth.png",
+    ]
     data = json.loads((out / "report.json").read_text())
     assert len(data["layers"][0]["singular_values"]) == min(data["layers"][0]["shape"])
     assert (out / "spectra.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -633,6 +633,7 @@ def test_atomic_output_dir_success_and_failure(tmp_path: Path) -> None:
         assert tmp.parent == tmp_path and tmp.name.startswith(".") and not out.exists()
         (tmp / "a.txt").write_text("a")
     assert (out / "a.txt").read_text() == "a"
+    assert sorted(p.name for p in out.iterdir()) == [".lowrank-compress", "a.txt"]  # marked as ours
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
     fresh = tmp_path / "fresh"
@@ -646,7 +647,7 @@ def test_atomic_output_dir_success_and_failure(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), fmt.atomic_output_dir(out, overwrite=True) as tmp:
         (tmp / "b.txt").write_text("b")
         raise RuntimeError("boom")
-    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".lowrank-compress", "a.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -659,10 +660,15 @@ def test_atomic_output_dir_refuses_before_any_work(tmp_path: Path) -> None:
         ran.append(1)
     assert not ran and (out / "keep.txt").read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # --overwrite replaces only an output of ours, never a foreign folder
+    with pytest.raises(LowrankError, match="not a lowrank-compress output"), fmt.atomic_output_dir(out, True):
+        ran.append(1)
+    assert not ran and (out / "keep.txt").read_text() == "keep"
 
+    (out / ".lowrank-compress").write_text('{"tool": "lowrank-compress", "kind": "output"}')
     with fmt.atomic_output_dir(out, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".lowrank-compress", "new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
     empty = tmp_path / "empty"

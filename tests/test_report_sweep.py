@@ -115,7 +115,12 @@ def test_sweep_table_json_plot_and_kept_models(tmp_path: Path) -> None:
     lean = tmp_path / "lean"
     res = run("sweep", src, "--budgets", "0.7", "-o", lean, *SMALL_CAL, *SMALL_EVAL, "--no-speed")
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in lean.iterdir()) == ["sweep.json", "sweep.md", "sweep.png"]
+    assert sorted(p.name for p in lean.iterdir()) == [
+        ".lowrank-compress",
+        "sweep.json",
+        "sweep.md",
+        "sweep.png",
+    ]
     assert "perplexity" in res.stdout
 
 
