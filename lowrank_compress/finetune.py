@@ -16,11 +16,9 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import statistics
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,6 +31,17 @@ from torch import nn
 from lowrank_compress.adapters import ADAPTERS, MERGE_RANKS
 from lowrank_compress.errors import CalibrationError, LowrankError, TrainingInterrupted
 from lowrank_compress.modules import LowRankLinear
+from lowrank_compress.outdir import (
+    atomic_output_dir,
+    check_checkpoint_dir,
+    check_output_dir,
+    discard,
+    new_temp_dir,
+    ours,
+    remove_ours,
+    replace_dir,
+    replaceable,
+)
 
 QUANTIZE = ("none", "nf4")
 TRAIN = ("adapters", "factors")
@@ -240,18 +249,19 @@ def finetune(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from lowrank_compress.format import check_output_dir, read_quant_config
+    from lowrank_compress.format import read_quant_config
     from lowrank_compress.loading import load_model
 
     settings.validate()
     out = Path(out)
     report = progress or (lambda phase, done, total, label: None)
     say = warn or (lambda message: None)
-    check_output_dir(out, overwrite, inputs=[Path(model_path)])
+    check_output_dir(out, overwrite, inputs=[Path(model_path)], warn=warn)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
-    check_output_dir(ckpt_dir, True, inputs=[Path(model_path)])  # never inside MODEL
+    # apart from OUT and MODEL, and a checkpoint of ours (or empty): the finished run deletes it
+    check_checkpoint_dir(ckpt_dir, {"the output": out, "MODEL": Path(model_path)}, warn=warn)
     resuming_here = resume is not None and Path(resume).resolve() == ckpt_dir.resolve()
-    if ckpt_dir.exists() and not resuming_here and not overwrite:
+    if ours(ckpt_dir) == "checkpoint" and not resuming_here and not overwrite:
         raise LowrankError(
             f"{ckpt_dir}: a checkpoint of an earlier run is there; continue it with --resume {ckpt_dir}, "
             "or pass --overwrite to start afresh"
@@ -450,10 +460,8 @@ def finetune(
         resumed_from_step=start, warnings=warnings,
     )  # fmt: skip
     if accelerator.is_main_process:  # one writer; the other processes wait
-        from lowrank_compress.format import atomic_output_dir
-
         write_clock = time.perf_counter()
-        with atomic_output_dir(out, overwrite, inputs=[Path(model_path)]) as tmp:
+        with atomic_output_dir(out, overwrite, inputs=[Path(model_path)], warn=warn) as tmp:
             final = None
             if settings.train == "factors":
                 final = trainer.float()
@@ -477,7 +485,7 @@ def finetune(
             (tmp / "finetune.json").write_text(
                 json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8"
             )
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # OUT holds the result now
+        remove_ours(ckpt_dir, kinds=("checkpoint",), warn=warn)  # OUT holds the result now
     accelerator.wait_for_everyone()
     return result
 
@@ -640,12 +648,13 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _write_checkpoint(directory: Path, model: nn.Module, optimizer: Any, scheduler: Any, step: int,
                       losses: list[float], settings: FinetuneSettings, model_path: str | Path,
                       data: dict[str, Any]) -> None:  # fmt: skip
-    """Everything a resume needs, written to a temporary directory and renamed into place (never half-written)."""
+    """Everything a resume needs, written to a marked temporary directory and swapped into place (never
+    half-written; a crash leaves this checkpoint or the previous one)."""
     from safetensors.torch import save_file
 
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    tmp = None
     try:
+        tmp = new_temp_dir(directory, "checkpoint")
         save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         state = {
@@ -654,13 +663,14 @@ def _write_checkpoint(directory: Path, model: nn.Module, optimizer: Any, schedul
             "ranks": _ranks(model) if settings.train == "factors" else None,
         }  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        if not replaceable(directory, ("checkpoint",)):  # something else appeared there meanwhile
+            raise LowrankError(f"{directory}: not a lowrank-compress checkpoint any more; not replacing it")
+        replace_dir(tmp, directory)
+    except OSError as e:
+        discard(tmp)
+        raise LowrankError(f"cannot write the checkpoint {directory}: {e.strerror or e}") from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
 
 
