@@ -77,16 +77,33 @@ class Group(click.Group):
             raise
         except TrainingInterrupted as e:
             click.echo(str(e), err=True)
-            sys.exit(130)
+            sys.exit(_interrupt_code())
         except LowrankError as e:
             _fail(str(e))
         except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written", err=True)
-            sys.exit(130)
+            what = "terminated (SIGTERM)" if _TERMINATED else "interrupted"
+            click.echo(f"{what}; nothing was written", err=True)
+            sys.exit(_interrupt_code())
         except Exception as e:  # an unexpected failure is a bug: still one line unless debugging
             if os.environ.get("LOWRANK_DEBUG"):
                 raise
             _fail(f"unexpected {type(e).__name__}: {e} (this is a bug; LOWRANK_DEBUG=1 shows the traceback)")
+
+
+# SIGTERM (kill, a scheduler's time limit, torchrun stopping its workers) cleans up exactly like Ctrl-C: the handler
+# raises KeyboardInterrupt, so temporary directories are removed and finetune leaves a checkpoint; the exit code is
+# 143 (128 + SIGTERM) instead of Ctrl-C's 130. A second SIGTERM while cleaning up is ignored (SIGKILL still works).
+_TERMINATED: list[int] = []
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if not _TERMINATED:
+        _TERMINATED.append(signum)
+        raise KeyboardInterrupt
+
+
+def _interrupt_code() -> int:
+    return 143 if _TERMINATED else 130
 
 
 def _fail(message: str) -> None:
@@ -749,6 +766,10 @@ def _shard_size(text: str) -> str | int:
 
 
 def main() -> None:
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     cli(prog_name="lowrank-compress")
 
 
