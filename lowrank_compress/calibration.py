@@ -314,7 +314,7 @@ def blend_stats(parts: Sequence[tuple[dict[str, LayerStats], float]]) -> dict[st
         raise CalibrationError("no calibration statistics to blend (every weight is 0)")
     total_w = sum(w for _, w in parts)
     names = list(parts[0][0])
-    shared: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+    shared: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
     out: dict[str, LayerStats] = {}
     for name in names:
         layer = [(stats[name], w / total_w) for stats, w in parts]
@@ -323,17 +323,28 @@ def blend_stats(parts: Sequence[tuple[dict[str, LayerStats], float]]) -> dict[st
         if key not in shared:
             gram = sum(st.gram * (w * n_total / st.n_tokens) for st, w in layer)
             abs_sum = sum(st.abs_sum * (w * n_total / st.n_tokens) for st, w in layer)
-            shared[key] = (gram, abs_sum)  # type: ignore[assignment]
-        gram, abs_sum = shared[key]
-        rows = [(st, w) for st, w in layer if st.fisher_rows is not None]
-        fisher = None
-        if rows:
-            norm = n_total / sum(w for _, w in rows)
-            fisher = sum(st.fisher_rows * (w * norm / st.n_tokens) for st, w in rows)  # type: ignore[operator]
-        measured = [(st.out_grad_sq, w) for st, w in layer if st.out_grad_sq is not None]
-        grad = sum(g * w for g, w in measured) / sum(w for _, w in measured) if measured else None
-        out[name] = LayerStats(gram, abs_sum, n_total, fisher, grad)  # type: ignore[arg-type]
+            crosses = [st.cross * (w * n_total / st.n_tokens) for st, w in layer if st.cross is not None]
+            if crosses and len(crosses) != len(layer):
+                raise CalibrationError("internal: only some calibration parts have error-aware statistics")
+            shared[key] = (gram, abs_sum, sum(crosses) if crosses else None)  # type: ignore[assignment]
+        gram, abs_sum, cross = shared[key]
+        fisher, grad = blend_gradients(layer)
+        out[name] = LayerStats(gram, abs_sum, n_total, fisher, grad, cross)  # type: ignore[arg-type]
     return out
+
+
+def blend_gradients(layer: Sequence[tuple[LayerStats, float]]) -> tuple[torch.Tensor | None, float | None]:
+    """One layer's gradient statistics (fisher_rows, out_grad_sq) pooled over the parts that measured them, with
+    the parts' weights (summing to 1 over all parts); see `blend_stats`."""
+    n_total = sum(st.n_tokens for st, _ in layer)
+    rows = [(st, w) for st, w in layer if st.fisher_rows is not None]
+    fisher = None
+    if rows:
+        norm = n_total / sum(w for _, w in rows)
+        fisher = sum(st.fisher_rows * (w * norm / st.n_tokens) for st, w in rows)  # type: ignore[operator]
+    measured = [(st.out_grad_sq, w) for st, w in layer if st.out_grad_sq is not None]
+    grad = sum(g * w for g, w in measured) / sum(w for _, w in measured) if measured else None
+    return fisher, grad  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------------- statistics
@@ -354,6 +365,9 @@ class LayerStats:
     fisher_rows: torch.Tensor | None = None
     # mean squared loss gradient w.r.t. the layer output, per element (sensitivity)
     out_grad_sq: float | None = None
+    # (in x in) float64, error-aware fitting only: sum of x x'^T, x the layer's input in the dense model and x' its
+    # input when the block is fed the compressed prefix's hidden states; `gram` and `abs_sum` then describe x'
+    cross: torch.Tensor | None = None
 
 
 def _resolve_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
@@ -595,3 +609,68 @@ def no_cache_kwargs(model: nn.Module) -> dict[str, Any]:
     """Ask for no KV cache when the model has one: calibration never decodes, the cache only costs memory."""
     config = getattr(model, "config", None)
     return {"use_cache": False} if config is not None and hasattr(config, "use_cache") else {}
+
+
+class BlockStatistics:
+    """Input statistics of the target layers of one block, batch by batch (the block-sequential pipeline).
+
+    `record()` captures each target's input during one block call. `add(dense)` adds a batch's inputs to the sums
+    (X^T X, sum |X|); `add(dense, shifted)` adds the error-aware sums instead: X'^T X' and sum |X'| of the inputs
+    seen when the block is fed the compressed prefix's hidden states, and the cross term X^T X'. Layers that read
+    the same tensor (q/k/v, gate/up) share one set of sums, as in `collect_stats`.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.sums: dict[str, _InputSums] = {}
+        self.cross: dict[int, torch.Tensor] = {}  # id(sums) -> running cross term
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[dict[str, torch.Tensor]]:
+        seen: dict[str, torch.Tensor] = {}
+
+        def hook(name: str) -> Callable[..., None]:
+            def fn(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+                seen[name] = args[0].detach()
+
+            return fn
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.modules.items()]
+        try:
+            yield seen
+        finally:
+            for h in handles:
+                h.remove()
+
+    def add(self, dense: dict[str, torch.Tensor], shifted: dict[str, torch.Tensor] | None = None) -> None:
+        by_tensor: dict[int, _InputSums] = {}
+        for name in self.modules:
+            if name not in dense:
+                raise LowrankError(
+                    f"calibration target {name} was never called during the block's forward pass"
+                )
+            x = dense[name]
+            if name not in self.sums:  # first batch: layers reading one tensor share their sums from now on
+                self.sums[name] = by_tensor.get(id(x)) or _InputSums()
+            sums = self.sums[name]
+            if id(x) in by_tensor:
+                continue
+            by_tensor[id(x)] = sums
+            if shifted is None:
+                sums.add(x)
+                continue
+            xs = shifted[name]
+            sums.add(xs)
+            a = x.reshape(-1, x.shape[-1]).float()
+            b = xs.reshape(-1, xs.shape[-1]).float()
+            term = (a.T @ b).double()
+            key = id(sums)
+            self.cross[key] = term if key not in self.cross else self.cross[key] + term
+
+    def stats(self) -> dict[str, LayerStats]:
+        out = {}
+        for name, sums in self.sums.items():
+            assert sums.gram is not None and sums.abs_sum is not None
+            cross = self.cross.get(id(sums))
+            out[name] = LayerStats(sums.gram, sums.abs_sum, sums.n_tokens, cross=cross)
+        return out

@@ -85,6 +85,7 @@ TORCH_DTYPE_NAMES = {
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
 }
+_DTYPE_OF_NAME = {name: dtype for dtype, name in TORCH_DTYPE_NAMES.items()}
 
 
 @dataclass(frozen=True)
@@ -792,14 +793,23 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, as stored (raw layout), float32 on the CPU when it is a float tensor."""
+        t = self.read_stored(name)
+        if t.is_floating_point() and t.dtype != torch.float32:
+            t = t.to(torch.float32)
+        return t
+
+    def read_stored(self, name: str) -> torch.Tensor:
+        """One tensor in the dtype it is stored in (GGUF: dequantized to float32), for copying it unchanged."""
         if name not in self.tensors:
             close = difflib.get_close_matches(name, list(self.tensors), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else "; check the tensor name"
             raise CheckpointError(f"no tensor named {name!r} in {self.path}{hint}")
-        t = self._backend.read(name)
-        if t.is_floating_point() and t.dtype != torch.float32:
-            t = t.to(torch.float32)
-        return t
+        return self._backend.read(name)
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The floating dtype a tensor is stored in; float32 for GGUF's quantized types (read dequantizes)."""
+        dtype = _DTYPE_OF_NAME.get(self.tensors[name].dtype, torch.float32)
+        return dtype if dtype.is_floating_point else torch.float32
 
     def read_weight(self, target: LinearTarget) -> torch.Tensor:
         """The weight of a target as (out x in) float32; GPT-2 Conv1D weights (in x out) are transposed."""

@@ -6,6 +6,8 @@ that truncating the transformed SVD at rank r minimizes the method's own objecti
     svd     ||W - W_r||_F                 (data-free)
     asvd    ||(W - W_r) S||_F             S = diag(mean |x| ** alpha) per input channel
     whiten  ||(W - W_r) X^T||_F           X the calibration inputs; via the Cholesky factor L of X^T X
+            ||W X^T - W_r X'^T||_F        error-aware (stats.cross set): X' the inputs the layer sees behind the
+                                          compressed prefix, X its dense inputs (see `_error_aware_target`)
     fisher  ||D (W - W_r)||_F             D = diag(sqrt(fisher_rows / n_tokens)) per output row
 
 Rescaling the statistics by a constant (a mean instead of a sum) changes `s` and the error scale, never the factors.
@@ -177,7 +179,10 @@ def decompose(
             if cholesky_cache is not None:
                 cholesky_cache[id(stats.gram)] = cached
         chol, used = cached
-        u, s, vh = _svd(w @ chol, spectrum_only)
+        if getattr(stats, "cross", None) is None:
+            u, s, vh = _svd(w @ chol, spectrum_only)
+        else:
+            u, s, vh = _svd(_error_aware_target(w, stats, chol, used), spectrum_only)
         # v = Vh L^-1, solved as v L = Vh (triangular, never an explicit inverse)
         v = torch.linalg.solve_triangular(chol, vh, upper=False, left=False)
         return Decomposition(u, s, v, method, ridge=used)
@@ -216,6 +221,26 @@ def _svd(a: torch.Tensor, values_only: bool = False) -> tuple[torch.Tensor, torc
     u, proj = u[:, order], proj[order]
     vh = proj / s.clamp_min(torch.finfo(s.dtype).tiny)[:, None]
     return u, s, vh
+
+
+def _error_aware_target(w: torch.Tensor, stats: LayerStats, chol: torch.Tensor, rel: float) -> torch.Tensor:
+    """The whitened matrix whose truncated SVD solves the error-aware fit.
+
+    min over rank-r M of ||W X - M X'||^2 + rho ||(W - M)||^2 (X the dense inputs, X' the shifted ones, rho the
+    ridge/damping loading) has the unconstrained optimum M* = W (X^T X' + rho I) C^-1 with C = X'^T X' + rho I = L L^T,
+    and ||W X - M X'||^2 + rho ||W - M||^2 = const + ||(M* - M) L||^2. So truncating the SVD of
+    M* L = W (X^T X' + rho I) L^-T is optimal, exactly as SVD-LLM truncates W L; with X' = X it is W L.
+    """
+    in_f = w.shape[1]
+    assert stats.cross is not None
+    cross = _checked(stats.cross, (in_f, in_f), "cross", w.device)
+    gram = _checked(stats.gram, (in_f, in_f), "gram", w.device)
+    rho = rel * float(gram.diagonal().mean())
+    a = w @ cross
+    if rho > 0:
+        a = a + rho * w
+    # T L^T = A, L^T upper triangular
+    return torch.linalg.solve_triangular(chol.T, a, upper=True, left=False)
 
 
 def _checked(t: torch.Tensor, shape: tuple[int, ...], what: str, device: torch.device) -> torch.Tensor:

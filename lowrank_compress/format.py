@@ -502,9 +502,6 @@ def save_compressed(
             f"{type(model).__name__} is custom (remote) code; the lowrank format never uses trust_remote_code, "
             "so only architectures built into transformers can be written"
         )
-    clash = [k for k in quant_info if k in _RESERVED_KEYS]
-    if clash:
-        raise ValueError(f"quant_info may not set {clash}: save_compressed writes them itself")
     actual = _factor_names(model)
     ranks = dict(ranks)
     if actual != ranks:
@@ -520,14 +517,7 @@ def save_compressed(
     for name in ranks:
         if f"{name}.weight" in tied:  # a reload would tie (and so refuse) this layer
             raise FormatError(_tied_message(name))
-    qc = _validate_quant_dict(
-        {"quant_method": QUANT_METHOD, "version": FORMAT_VERSION, "ranks": ranks, **dict(quant_info)},
-        "quantization_config",
-    )
-    try:
-        json.dumps(qc)
-    except TypeError as e:
-        raise ValueError(f"quant_info is not JSON-serializable: {e}") from e
+    qc = quantization_config(ranks, quant_info)
 
     # --- weights
     state_dict = _state_dict_to_write(model)
@@ -557,19 +547,62 @@ def save_compressed(
         path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         written.append(path)
 
-    # --- config: the model's own, without any other quantization (a GGUF flag) or remote-code keys
+    written += write_model_files(
+        out_dir, model, qc, dtype=model.dtype, tokenizer=tokenizer, source_dir=source_dir
+    )
+
+    # --- the caller's files (recipe.yaml, report.json, README.md)
+    for name, content in (extra_files or {}).items():
+        _check_extra_name(name)
+        path = out_dir / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+        if path not in written:
+            written.append(path)
+    return sorted(set(written))
+
+
+def quantization_config(ranks: Mapping[str, int], quant_info: Mapping[str, Any]) -> dict[str, Any]:
+    """The validated `quantization_config` of an output: quant_method, version, ranks, then the caller's keys."""
+    clash = [k for k in quant_info if k in _RESERVED_KEYS]
+    if clash:
+        raise ValueError(f"quant_info may not set {clash}: the format writes them itself")
+    qc = _validate_quant_dict(
+        {"quant_method": QUANT_METHOD, "version": FORMAT_VERSION, "ranks": dict(ranks), **dict(quant_info)},
+        "quantization_config",
+    )
+    try:
+        json.dumps(qc)
+    except TypeError as e:
+        raise ValueError(f"quant_info is not JSON-serializable: {e}") from e
+    return qc
+
+
+def write_model_files(
+    out_dir: Path,
+    model: PreTrainedModel,
+    quantization_config: Mapping[str, Any],
+    *,
+    dtype: torch.dtype,
+    tokenizer: Any = None,
+    source_dir: Path | None = None,
+) -> list[Path]:
+    """config.json (the model's config with `quantization_config`, no GGUF flag, no remote-code keys), the
+    generation config and the tokenizer files of an output; `model` may be a skeleton on the meta device."""
+    written: list[Path] = []
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.architectures = [type(model).__name__]
-    config.dtype = str(model.dtype).removeprefix("torch.")
+    config.dtype = str(dtype).removeprefix("torch.")
     config_dict = _clean_config_dict(config.to_diff_dict())
-    config_dict["quantization_config"] = qc
+    config_dict["quantization_config"] = dict(quantization_config)
     path = out_dir / CONFIG_NAME
     path.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     written.append(path)
 
-    # --- generation config and tokenizer
     src_gen = Path(source_dir) / GENERATION_CONFIG_NAME if source_dir is not None else None
     if src_gen is not None and src_gen.is_file():
         shutil.copyfile(src_gen, out_dir / GENERATION_CONFIG_NAME)
@@ -588,18 +621,7 @@ def save_compressed(
             if src.is_file():
                 shutil.copyfile(src, out_dir / name)
                 written.append(out_dir / name)
-
-    # --- the caller's files (recipe.yaml, report.json, README.md)
-    for name, content in (extra_files or {}).items():
-        _check_extra_name(name)
-        path = out_dir / name
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content, encoding="utf-8")
-        if path not in written:
-            written.append(path)
-    return sorted(set(written))
+    return written
 
 
 # --------------------------------------------------------------------------------------------------------------

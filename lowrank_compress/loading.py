@@ -101,7 +101,7 @@ def load_model(
 
 def _load(source: ModelSource, kwargs: dict[str, Any], device: str, dtype: torch.dtype, allow_pickle: bool,
           need_tokenizer: bool) -> tuple[nn.Module, Any, ModelSource]:  # fmt: skip
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(source.directory, **kwargs)
     cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
@@ -112,14 +112,21 @@ def _load(source: ModelSource, kwargs: dict[str, Any], device: str, dtype: torch
     if source.gguf_file:
         _drop_gguf_flag(model)
     model.to(device).eval()
-    tokenizer = None
+    return model, load_tokenizer(source, required=need_tokenizer), source
+
+
+def load_tokenizer(source: ModelSource, required: bool = True) -> Any:
+    """The model's tokenizer (from its directory or GGUF file); None when absent and not `required`."""
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
+        with _gguf_loading(), quiet_transformers():
+            return AutoTokenizer.from_pretrained(source.directory, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        if need_tokenizer:
+        if required:
             raise CheckpointError(f"{source.path}: no usable tokenizer ({_first_line(e)})") from e
-    return model, tokenizer, source
+    return None
 
 
 @contextmanager

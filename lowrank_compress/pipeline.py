@@ -1,7 +1,9 @@
-"""`factorize_model`: the whole factorize job, from a checkpoint to a written lowrank output.
+"""`factorize_model`: the whole factorize job, from a checkpoint to a written lowrank output, one block at a time.
 
-load -> pick targets -> calibration statistics -> one SVD per layer -> ranks under the budget -> LowRankLinear
--> atomic write (weights, config, recipe.yaml, report.json, model card).
+open the checkpoint (a skeleton on the meta device) -> pick targets -> calibration windows -> pass 1, block by
+block: statistics, spectra, then gradients backwards -> ranks for the whole model under the budget -> pass 2,
+block by block: factors fitted to the dense block's outputs from the compressed prefix's inputs, streamed into
+shards -> config, recipe.yaml, report.json, model card -> atomic rename.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from lowrank_compress import __version__
 from lowrank_compress.errors import LowrankError
+from lowrank_compress.memory import PeakMemory
 from lowrank_compress.modules import is_conv1d
 from lowrank_compress.recipe import FactorizeSettings
 
@@ -179,28 +182,51 @@ def factorize_model(
     )
 
 
+BATCH = 4
+"""Calibration windows per block call: the batch size of the statistics pass, as `collect_stats` uses."""
+
+
 class Prepared:
-    """Everything factorize computes before the budget matters: the loaded model, its targets, calibration
-    statistics and each layer's spectrum. `write` then allocates ranks for one budget and writes an output, as often
-    as wanted (a budget sweep calibrates once)."""
+    """Everything factorize computes before the budget matters, from one block-by-block pass over the checkpoint:
+    the calibration windows, each target's spectrum (what the allocator reads) and sensitivity. `write` then
+    allocates ranks for one budget and streams an output, as often as wanted (a budget sweep calibrates once).
+
+    Memory holds one block, the calibration hidden states and one block's statistics, whatever the depth: the
+    model is a `StreamedModel` over the checkpoint (see sequential.py).
+    """
 
     def __init__(self) -> None:  # built by `load`
         self.model_path: str | Path = ""
         self.settings = FactorizeSettings()
         self.allow_pickle = False
-        self.model: Any = None
+        self.streamed: Any = None
         self.tokenizer: Any = None
         self.source: Any = None
         self.targets: list[Target] = []
-        self.stats: dict[str, Any] = {}
         self.candidates: list[Any] = []
         self.calibration_info: dict[str, Any] = {"source": None}
         # the calibration windows by part ("text", "self"), kept so a caller can see exactly what was measured
         self.calibration_batches: dict[str, torch.Tensor] = {}
+        self.part_weights: dict[str, float] = {}
+        self.grad_rows: dict[str, list[int]] = {}
+        # pass 1's pooled statistics per layer, only with keep_stats (tests, small models)
+        self.stats: dict[str, Any] = {}
         self.total_before = 0
         self.report: ProgressFn = lambda *a: None
+        self.warn: Callable[[str], None] = lambda m: None
         self.tick = _Stopwatch()
-        self._cholesky_cache: dict[int, Any] = {}
+        self.block_peaks: list[float] = []
+        # pass 1's gradient statistics per target: (fisher_rows, out_grad_sq)
+        self._gradients: dict[str, tuple[Any, float | None]] = {}
+
+    @property
+    def needs_data(self) -> bool:
+        return self.settings.method != "svd" or self.settings.policy == "sensitivity"
+
+    @property
+    def model(self) -> nn.Module:
+        """The architecture (on the meta device outside a block pass)."""
+        return self.streamed.model
 
     @classmethod
     def load(
@@ -211,162 +237,345 @@ class Prepared:
         allow_pickle: bool = False,
         progress: ProgressFn | None = None,
         warn: Callable[[str], None] | None = None,
+        keep_stats: bool = False,
     ) -> Prepared:
-        """Load, pick targets, calibrate, and compute every target's spectrum under `settings.method`."""
-        from lowrank_compress.allocate import LayerCandidate
-        from lowrank_compress.calibration import SELF
-        from lowrank_compress.loading import is_causal_lm, load_model
-        from lowrank_compress.spectrum import spectrum_stats
-        from lowrank_compress.text import load_text
+        """Open the checkpoint, pick targets, draw the calibration windows and run pass 1 (statistics, spectra,
+        sensitivities, block by block)."""
+        from lowrank_compress.checkpoint import Checkpoint
+        from lowrank_compress.loading import is_causal_lm, load_tokenizer, resolve
+        from lowrank_compress.sequential import StreamedModel
 
         self = cls()
         self.model_path, self.allow_pickle = model_path, allow_pickle
-        self.report = report = progress or (lambda *a: None)
+        self.report = progress or (lambda *a: None)
+        self.warn = warn or (lambda m: None)
         settings.validate()
-        needs_data = settings.method != "svd" or settings.policy == "sensitivity"
-        self_generated = settings.calibration == SELF
-        text = (
-            load_text(settings.calibration, split="calibration")
-            if needs_data and not self_generated
-            else None
+        self.source = source = resolve(model_path)
+        ckpt = Checkpoint.open(
+            source.path if source.gguf_file else source.directory, allow_pickle=allow_pickle
         )
-        model, self.tokenizer, self.source = load_model(
-            model_path, device=settings.device, allow_pickle=allow_pickle
+        self.streamed = StreamedModel(ckpt, device=settings.device)
+        model = self.streamed.model
+        causal = is_causal_lm(model.config)
+        self.settings = settings = self._applicable(settings, causal)
+        self.tokenizer = load_tokenizer(source, required=self.needs_data)
+        self.targets = find_targets(model, settings.target, settings.ignore)
+        outside = [t.name for t in self.targets if self.streamed.block_of(t.name) is None]
+        if outside:
+            raise LowrankError(
+                f"{outside[0]} is outside the repeated blocks; factorize compresses the Linear layers inside the "
+                "blocks, one block at a time; drop it from --target"
+            )
+        tied = self.streamed.tied
+        self.total_before = sum(
+            p.numel() for n, p in model.named_parameters(remove_duplicate=False) if n not in tied
         )
         self.tick("load")
-        causal = is_causal_lm(model.config)
+        if self.needs_data:
+            self._draw_calibration(causal)
+        self._pass1(keep_stats)
+        return self
+
+    def _applicable(self, settings: FactorizeSettings, causal: bool) -> FactorizeSettings:
+        """The settings this model can run: encoders get the next best policy and no self-generated samples,
+        said out loud."""
+        from lowrank_compress.calibration import SELF
+
+        name = type(self.streamed.model).__name__
         if settings.method == "fisher" and not causal:
             raise LowrankError(
-                f"{type(model).__name__} has no language-model loss, which the fisher method needs; "
-                "use --method whiten, asvd or svd"
+                f"{name} has no language-model loss, which the fisher method needs; use --method whiten, asvd or svd"
             )
         if settings.policy == "sensitivity" and not causal:
-            # The sensitivity estimate needs a language-model loss; encoders get the next best policy, said out loud.
             settings = dataclasses.replace(settings, policy="uniform")
-            (warn or (lambda m: None))(
-                f"{type(model).__name__} has no language-model loss for the sensitivity policy; using --policy uniform"
-            )
-            if settings.method == "svd":
-                text, needs_data = None, False
-        if settings.self_mix > 0 and not causal and not self_generated and needs_data:
+            self.warn(f"{name} has no language-model loss for the sensitivity policy; using --policy uniform")
+        data = settings.method != "svd" or settings.policy == "sensitivity"
+        if settings.self_mix > 0 and not causal and settings.calibration != SELF and data:
             settings = dataclasses.replace(settings, self_mix=0.0)
-            (warn or (lambda m: None))(
-                f"{type(model).__name__} cannot generate its own samples; calibrating on the text alone (--self-mix 0)"
+            self.warn(f"{name} cannot generate its own samples; calibrating on the text alone (--self-mix 0)")
+        return settings
+
+    # -- calibration windows --
+
+    def _draw_calibration(self, causal: bool) -> None:
+        """The calibration windows (from the text, sampled from the model, or both), their weights, the gradient
+        windows of each part, and the warnings about size and repetitiveness."""
+        from lowrank_compress.calibration import (
+            SELF,
+            _spread,
+            calibration_warnings,
+            make_batches,
+            sample_batches,
+        )
+        from lowrank_compress.text import load_text
+
+        settings, streamed = self.settings, self.streamed
+        self_generated = settings.calibration == SELF
+        if self_generated and not causal:
+            raise LowrankError(f"{type(streamed.model).__name__} cannot generate; pass a calibration text")
+        mix = 1.0 if self_generated else settings.self_mix
+        batches: dict[str, torch.Tensor] = {}
+        if mix < 1.0:
+            text = load_text(settings.calibration, split="calibration")
+            self._text = text
+            batches["text"] = make_batches(
+                self.tokenizer, text, samples=settings.samples, seq_len=settings.seq_len, seed=settings.seed
             )
-        self.settings, self.model = settings, model
-        self.targets = targets = find_targets(model, settings.target, settings.ignore)
-        for t in targets:
-            if not bool(torch.isfinite(t.module.weight).all()):
+        if mix > 0.0:
+            length = settings.seq_len if self_generated else (settings.self_seq_len or settings.seq_len)
+            resident = streamed.fits_in_memory()
+            with streamed.whole(resident=resident) as model:
+                batches["self"] = sample_batches(
+                    model, self.tokenizer, samples=settings.samples, seq_len=length, seed=settings.seed,
+                    batch_size=settings.samples, random_start=settings.self_start == "random",
+                    device=settings.device, progress=lambda d, t: self.report("sampling calibration", d, t),
+                )  # fmt: skip
+            if not resident:
+                self.warn("the model is larger than half the free memory: sampling read each block per token")
+            self.tick("sampling")
+        self.calibration_batches = batches
+        self.part_weights = {part: (mix if part == "self" else 1.0 - mix) for part in batches}
+        gradients = settings.method == "fisher" or settings.policy == "sensitivity"
+        grad_n = min(settings.grad_samples, settings.samples) if gradients else 0
+        for part, rows in batches.items():
+            n = 0 if part == "text" and settings.grad_source == "self" and "self" in batches else grad_n
+            self.grad_rows[part] = _spread(rows.shape[0], n) if n else []
+        own = batches.get("text", batches.get("self"))
+        assert own is not None
+        self._notes = calibration_warnings(
+            own, max(t.in_features for t in self.targets), getattr(streamed.model.config, "vocab_size", None),
+            extra_tokens=sum(int(b.numel()) for b in batches.values()) - int(own.numel()),
+        )  # fmt: skip
+        for note in self._notes:
+            self.warn(note)
+
+    # -- pass 1 --
+
+    def _pass1(self, keep_stats: bool) -> None:
+        """Block by block: each target's spectrum under the method (from the pooled input statistics), its stable
+        rank, and, through a block-wise backward pass, its sensitivity (and Fisher rows)."""
+        from lowrank_compress.allocate import LayerCandidate
+
+        spectra: dict[str, Any] = {}
+        stable: dict[str, float] = {}
+        grads: dict[str, Any] = {}
+        self._gradients = grads
+        if self.needs_data:
+            flow = _Flow.start(self)
+            self._forward(flow, spectra, stable, keep_stats)
+            self._record_calibration(flow)
+            if any(self.grad_rows.values()):
+                grads.update(self._backward(flow, spectra, stable, keep_stats))
+            self.tick("calibration")
+        for i, names in self._blocks_with_targets():
+            if all(n in spectra for n in names):
+                continue
+            with self.streamed.block(i):
+                self._spectra(names, spectra, stable, stats={})
+        self.candidates = [
+            LayerCandidate(
+                name=t.name, out_features=t.out_features, in_features=t.in_features, decomposition=spectra[t.name],
+                stable_rank=stable[t.name], sensitivity=grads.get(t.name, (None, None))[1],
+            )
+            for t in self.targets
+        ]  # fmt: skip
+        self.tick("spectra")
+
+    def _blocks_with_targets(self) -> list[tuple[int, list[str]]]:
+        by_block: dict[int, list[str]] = {}
+        for t in self.targets:
+            by_block.setdefault(self.streamed.block_of(t.name), []).append(t.name)
+        return sorted(by_block.items())
+
+    def _target(self, name: str) -> Target:
+        return next(t for t in self.targets if t.name == name)
+
+    def _spectra(
+        self, names: list[str], spectra: dict[str, Any], stable: dict[str, float], stats: dict
+    ) -> None:
+        """Spectrum (singular values only) and stable rank of each named target of the loaded block."""
+        from lowrank_compress.spectrum import spectrum_stats
+
+        cache: dict[int, Any] = {}
+        for name in names:
+            t = self._target(name)
+            if not bool(torch.isfinite(t.weight()).all()):
                 raise LowrankError(
                     f"{t.name} has NaN or Inf weights; fix the checkpoint or keep the layer dense with --ignore '{t.name}'"
                 )
-        self.total_before = sum(p.numel() for p in model.parameters())  # tied tensors are yielded once
+            spectra[name] = self._decompose(t, stats.get(name), cache, spectrum_only=True)
+            # reported, and read by the stable-rank policy: five digits are plenty, twice as fast as 1e-7
+            stable[name] = spectrum_stats(t.weight(), fast=True, tol=1e-5).stable_rank
+            self.report("spectra", len(spectra), len(self.targets))
 
-        if needs_data:
-            self._calibrate(text, causal, warn or (lambda m: None))
-            self.tick("calibration")
+    def _decompose(
+        self, t: Target, stats: Any, cache: dict[int, Any], spectrum_only: bool = False
+    ) -> Decomposition:
+        from lowrank_compress.factorize import decompose
 
-        # Spectra only (what the allocator reads), so memory never holds every layer's factors at once; `write`
-        # recomputes the factors of the layers it factorizes.
-        for i, t in enumerate(targets):
-            st = self.stats.get(t.name)
-            self.candidates.append(
-                LayerCandidate(
-                    name=t.name,
-                    out_features=t.out_features,
-                    in_features=t.in_features,
-                    decomposition=self._decompose(t, spectrum_only=True),
-                    # reported, and read by the stable-rank policy: five digits are plenty, twice as fast as 1e-7
-                    stable_rank=spectrum_stats(t.weight(), fast=True, tol=1e-5).stable_rank,
-                    sensitivity=st.out_grad_sq if st is not None else None,
-                )
+        return decompose(
+            t.weight(), self.settings.method, stats, damping=self.settings.damping, cholesky_cache=cache,
+            spectrum_only=spectrum_only,
+        )  # fmt: skip
+
+    def _block_targets(self, i: int) -> dict[str, nn.Module]:
+        return {t.name: t.module for t in self.targets if self.streamed.block_of(t.name) == i}
+
+    def _forward(
+        self, flow: _Flow, spectra: dict[str, Any], stable: dict[str, float], keep_stats: bool
+    ) -> None:
+        from lowrank_compress.calibration import BlockStatistics, blend_stats
+
+        n = len(self.streamed.blocks)
+        for i in range(n):
+            modules = self._block_targets(i)
+            with self.streamed.block(i) as block, PeakMemory(self.streamed.device) as peak:
+                parts = []
+                for part in flow.ids:
+                    flow.stash_inputs(part, i)
+                    sums = BlockStatistics(modules)
+                    for b in range(len(flow.hidden[part])):
+                        with sums.record() as seen:
+                            flow.hidden[part][b] = flow.run(block, part, b, flow.hidden[part][b])
+                        if modules:
+                            sums.add(seen)
+                    if modules:
+                        parts.append((sums.stats(), self.part_weights[part]))
+                if modules:
+                    stats = parts[0][0] if len(parts) == 1 else blend_stats(parts)
+                    if keep_stats:
+                        self.stats.update(stats)
+                    if self.settings.method != "fisher":
+                        self._spectra(list(modules), spectra, stable, stats)
+            self.block_peaks.append(peak.mb)
+            self.report(f"pass 1, block {i + 1}/{n} (peak {peak.mb:,.0f} MB)", i + 1, n)
+
+    def _backward(
+        self, flow: _Flow, spectra: dict[str, Any], stable: dict[str, float], keep_stats: bool
+    ) -> dict[str, tuple[torch.Tensor | None, float | None]]:
+        """Loss gradients through the blocks in reverse, one block in memory, recomputing each block's forward
+        from its stored input (one window at a time, as `collect_stats` does): per target the mean squared
+        gradient of its output (sensitivity) and, for fisher, the squared weight gradient per output row."""
+        from lowrank_compress.calibration import blend_gradients
+
+        fisher = self.settings.method == "fisher"
+        streamed = self.streamed
+        upstream = {part: [] for part in flow.ids}
+        for part, rows in self.grad_rows.items():
+            for r in rows:
+                final = flow.row(part, r).to(streamed.device).requires_grad_(True)
+                with torch.enable_grad():
+                    loss = streamed.head_loss(final, flow.ids[part][r : r + 1])
+                    upstream[part].append(torch.autograd.grad(loss, final)[0].detach())
+        n = len(streamed.blocks)
+        out: dict[str, tuple[torch.Tensor | None, float | None]] = {}
+        for i in reversed(range(n)):
+            modules = self._block_targets(i)
+            with streamed.block(i) as block:
+                parts = []
+                for part, rows in self.grad_rows.items():
+                    if rows:
+                        measured = self._block_gradients(
+                            block, modules, flow, part, i, upstream[part], fisher
+                        )
+                        parts.append((measured, self.part_weights[part]))
+                for name in modules:
+                    fisher_rows, grad = blend_gradients([(m[name], w) for m, w in parts])
+                    out[name] = (fisher_rows, grad)
+                    if keep_stats and name in self.stats:
+                        self.stats[name].fisher_rows, self.stats[name].out_grad_sq = fisher_rows, grad
+                if fisher and modules:
+                    self._gradients.update(out)
+                    self._spectra(list(modules), spectra, stable, self._fisher_stats(modules))
+            for part in flow.ids:
+                flow.stash[part].pop(i, None)
+            self.report(f"gradients, block {n - i}/{n}", n - i, n)
+        return out
+
+    def _block_gradients(
+        self, block: nn.Module, modules: dict[str, nn.Module], flow: _Flow, part: str, i: int,
+        upstream: list[torch.Tensor], fisher: bool,
+    ) -> dict[str, Any]:  # fmt: skip
+        """One part's gradient statistics of block i's targets; `upstream` (the loss gradients at the block's
+        output, one per gradient window) is replaced by the gradients at its input."""
+        from lowrank_compress.calibration import LayerStats
+
+        sq = dict.fromkeys(modules, 0.0)
+        count = dict.fromkeys(modules, 0)
+        rows: dict[str, torch.Tensor] = {}
+
+        def hook(name: str) -> Callable[..., None]:
+            def fn(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+                def grad_hook(g: torch.Tensor) -> None:
+                    sq[name] += float(g.detach().double().pow(2).sum())
+                    count[name] += g.numel()
+
+                output.register_hook(grad_hook)
+
+            return fn
+
+        weights = [m.weight for m in modules.values()] if fisher else []
+        handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+        try:
+            for w in weights:
+                w.requires_grad_(True)
+            for k, h in enumerate(flow.stash[part][i]):
+                h = h.to(self.streamed.device).requires_grad_(True)
+                with torch.enable_grad():
+                    out = self.streamed.run_block(block, h, flow.grad_ctx[part][k])
+                    got = torch.autograd.grad(out, [h, *weights], grad_outputs=upstream[k])
+                upstream[k] = got[0].detach()
+                for (name, m), g in zip(modules.items(), got[1:], strict=False):  # empty without fisher
+                    r = g.detach().double().pow(2).sum(dim=0 if is_conv1d(m) else 1)
+                    rows[name] = r if name not in rows else rows[name] + r
+        finally:
+            for w in weights:
+                w.requires_grad_(False)
+            for h in handles:
+                h.remove()
+        tokens = int(flow.ids[part].numel())
+        return {
+            n: LayerStats(
+                torch.empty(0), torch.empty(0), tokens, rows.get(n), sq[n] / count[n] if count[n] else None
             )
-            report("spectra", i + 1, len(targets))
-        self.tick("spectra")
-        return self
-
-    def _calibrate(self, text: str | None, causal: bool, warn: Callable[[str], None]) -> None:
-        """Calibration windows (from the text, sampled from the model, or a mix of both), their warnings, and the
-        per-layer statistics pooled over them: `self.stats`, `self.calibration_batches`, `self.calibration_info`."""
-        from lowrank_compress.calibration import (
-            SELF,
-            blend_stats,
-            calibration_warnings,
-            collect_stats,
-            make_batches,
-            narrow_calibration_warning,
-            sample_batches,
-        )
-        from lowrank_compress.text import text_fingerprint
-
-        settings, model, report = self.settings, self.model, self.report
-        self_generated = settings.calibration == SELF
-        if self_generated and not causal:
-            raise LowrankError(f"{type(model).__name__} cannot generate; pass a calibration text")
-        mix = 1.0 if self_generated else settings.self_mix
-        # each part has `samples` windows (and up to `grad_samples` gradient windows); `mix` weighs their statistics
-        n_text = settings.samples if mix < 1.0 else 0
-        n_self = settings.samples if mix > 0.0 else 0
-        gradients = settings.method == "fisher" or settings.policy == "sensitivity"
-        grad_n = min(settings.grad_samples, settings.samples) if gradients else 0
-        grads = {
-            "text": 0 if settings.grad_source == "self" and n_self else min(grad_n, n_text),
-            "self": min(grad_n, n_self),
+            for n in modules
         }
 
-        batches: dict[str, torch.Tensor] = {}
-        if n_text:
-            assert text is not None
-            batches["text"] = make_batches(
-                self.tokenizer, text, samples=n_text, seq_len=settings.seq_len, seed=settings.seed
-            )
-        if n_self:
-            length = settings.seq_len if self_generated else (settings.self_seq_len or settings.seq_len)
-            batches["self"] = sample_batches(
-                model, self.tokenizer, samples=n_self, seq_len=length, seed=settings.seed, batch_size=n_self,
-                random_start=settings.self_start == "random", device=settings.device,
-                progress=lambda done, total: report("sampling calibration", done, total),
-            )  # fmt: skip
-            self.tick("sampling")
-        self.calibration_batches = batches
-        # size and repetitiveness of the user's text (of the samples when there is no text); the size counts all
-        own = batches.get("text", batches.get("self"))
-        assert own is not None
-        notes = calibration_warnings(
-            own, max(t.in_features for t in self.targets), getattr(model.config, "vocab_size", None),
-            extra_tokens=sum(int(b.numel()) for b in batches.values()) - int(own.numel()),
-        )  # fmt: skip
-        for note in notes:
-            warn(note)
+    def _record_calibration(self, flow: _Flow) -> None:
+        """calibration_info for report.json, with the narrow-text check (the model's loss on each part, from the
+        last block's outputs) when both parts are there."""
+        from lowrank_compress.calibration import narrow_calibration_warning
+        from lowrank_compress.text import text_fingerprint
 
-        check = len(batches) == 2  # the narrow-text check compares the two parts
-        losses: dict[str, list[float]] = {part: [] for part in batches}
-        parts = []
-        for part, rows in batches.items():
-            stats = collect_stats(
-                model, rows, [t.name for t in self.targets], fisher=settings.method == "fisher" and grads[part] > 0,
-                sensitivity=settings.policy == "sensitivity" and grads[part] > 0, grad_samples=max(grads[part], 1),
-                device=settings.device, losses=losses[part] if check else None,
-                progress=lambda d, total, part=part: report(f"calibration ({part})", d, total),
-            )  # fmt: skip
-            parts.append((stats, mix if part == "self" else 1.0 - mix))
-        self.stats = parts[0][0] if len(parts) == 1 else blend_stats(parts)
-
+        settings, batches = self.settings, self.calibration_batches
+        notes = list(self._notes)
         perplexity = None
-        if check:
-            mean_loss = {part: sum(v) / len(v) for part, v in losses.items()}
+        if len(batches) == 2:
+            mean_loss = {}
+            for part in batches:
+                with torch.no_grad():
+                    losses = [
+                        self.streamed.head_loss(
+                            h.to(self.streamed.device),
+                            flow.ids[part][b * BATCH : (b + 1) * BATCH],
+                            per_row=True,
+                        )
+                        for b, h in enumerate(flow.hidden[part])
+                    ]
+                mean_loss[part] = float(torch.cat(losses).mean())
             perplexity = {part: math.exp(v) for part, v in mean_loss.items()}
-            narrow = narrow_calibration_warning(mean_loss["text"], mean_loss["self"], mix)
+            narrow = narrow_calibration_warning(
+                mean_loss["text"], mean_loss["self"], self.part_weights["self"]
+            )
             if narrow:
                 notes.append(narrow)
-                warn(narrow)
-
+                self.warn(narrow)
         sha = {}
         if "text" in batches:
-            assert text is not None
-            sha["text"] = text_fingerprint(text)
+            sha["text"] = text_fingerprint(self._text)
         if "self" in batches:
             sha["self"] = hashlib.sha256(batches["self"].numpy().tobytes()).hexdigest()  # of the token ids
+        grads = {part: len(self.grad_rows.get(part, [])) for part in ("text", "self")}
         self.calibration_info = {
             "source": settings.calibration,
             "split": "calibration" if "text" in batches else None,
@@ -376,7 +585,7 @@ class Prepared:
             "text_sha256": sha.get("text", sha.get("self")),
             "seed": settings.seed,
             "grad_samples": sum(grads.values()),
-            "self_mix": mix,
+            "self_mix": self.part_weights.get("self", 0.0),
             "self_start": settings.self_start if "self" in batches else None,
             "parts": {
                 part: {
@@ -389,22 +598,14 @@ class Prepared:
                 if part in batches
                 else None
                 for part in ("text", "self")
-            },
+            },  # fmt: skip
             "perplexity": perplexity,  # the source model's on each part: the narrow-text check
             "warnings": notes,
+            "error_aware": settings.error_aware,
+            "refine_steps": settings.refine_steps,
         }
 
-    def _decompose(self, t: Target, spectrum_only: bool = False) -> Decomposition:
-        from lowrank_compress.factorize import decompose
-
-        return decompose(
-            t.weight(),
-            self.settings.method,
-            self.stats.get(t.name),
-            damping=self.settings.damping,
-            cholesky_cache=self._cholesky_cache,
-            spectrum_only=spectrum_only,
-        )
+    # -- pass 2 --
 
     def write(
         self,
@@ -415,98 +616,251 @@ class Prepared:
         max_shard_size: str | int = "2GB",
         evaluate: bool = False,
     ) -> FactorizeResult:
-        """Allocate ranks for `budget`, factorize, and write the output atomically. The model is left dense again."""
+        """Allocate ranks for `budget`, then stream the output block by block (pass 2), atomically."""
         from lowrank_compress.allocate import allocate
-        from lowrank_compress.format import atomic_output_dir, save_compressed
-        from lowrank_compress.modules import LowRankLinear
+        from lowrank_compress.format import atomic_output_dir, quantization_config, write_model_files
+        from lowrank_compress.writer import ShardWriter
 
         settings = dataclasses.replace(self.settings, budget=budget).validate()
-        out, model, targets, tick, report = Path(out), self.model, self.targets, self.tick, self.report
+        out, tick = Path(out), self.tick
         ranks = allocate(
             self.candidates, budget, settings.policy, energy=settings.energy, multiple=settings.rank_multiple
         )
         tick("allocate")
-
-        layers: list[LayerResult] = []
-        kept_ranks: dict[str, int] = {}
-        for i, (t, cand) in enumerate(zip(targets, self.candidates, strict=True)):
-            rank = ranks[t.name]
-            err = cand.decomposition.truncation_error()
-            total_err = float(err[0])
-            shape = (t.out_features, t.in_features)
-            dense_params = t.out_features * t.in_features
-            if rank is None:
-                layers.append(
-                    LayerResult(t.name, shape, None, dense_params, dense_params, 0.0, cand.stable_rank)
-                )
-                continue
-            up, down = self._decompose(t).factors(rank, dtype=t.module.weight.dtype)
-            bias = t.module.bias.detach() if t.module.bias is not None else None
-            device = t.module.weight.device
-            _set_module(model, t.name, LowRankLinear.from_factors(up.to(device), down.to(device), bias))
-            kept_ranks[t.name] = rank
-            rel = math.sqrt(float(err[rank]) / total_err) if total_err > 0 else 0.0
-            layers.append(
-                LayerResult(t.name, shape, rank, dense_params, rank * sum(shape), rel, cand.stable_rank)
-            )
-            report("factors", i + 1, len(targets))
-        work_dtype = model.dtype
-        source_dtype = _source_dtype(self.source)
-        if source_dtype is not None:
-            model.to(
-                source_dtype
-            )  # calibration ran in float32; untouched tensors go back to the source's dtype
-        tick("factors")
-
         result = FactorizeResult(
-            output=out,
-            settings=settings,
-            layers=layers,
-            total_params_before=self.total_before,
-            total_params_after=0,
-            target_params_before=sum(x.params_before for x in layers),
-            target_params_after=sum(x.params_after for x in layers),
-            calibration=self.calibration_info,
-            timings={},
+            output=out, settings=settings, layers=[], total_params_before=self.total_before, total_params_after=0,
+            target_params_before=0, target_params_after=0, calibration=self.calibration_info, timings={},
             spectra=_extreme_spectra(self.candidates),
-        )
-        quant_info = {"method": settings.method, "policy": settings.policy, "budget": budget}
-        try:
-            with atomic_output_dir(out, overwrite) as tmp:
-                written = save_compressed(
-                    model,
-                    tmp,
-                    ranks=kept_ranks,
-                    quant_info=quant_info,
-                    tokenizer=self.tokenizer,
-                    source_dir=self.source.directory,
-                    max_shard_size=max_shard_size,
-                )
-                shapes = written_shapes(tmp)
-                result.total_params_after = sum(math.prod(s) for s in shapes.values())
-                result.target_params_after = sum(_written_target_params(shapes, x) for x in layers)
-                tick("write")
-                if evaluate:
-                    from lowrank_compress.evaluate import evaluate_models
+        )  # fmt: skip
+        with atomic_output_dir(out, overwrite) as tmp:
+            writer = ShardWriter(tmp, max_shard_size)
+            result.layers, dtype = self._stream_factors(ranks, writer)
+            written = writer.finalize()
+            kept = {x.name: x.rank for x in result.layers if x.rank is not None}
+            quant = {"method": settings.method, "policy": settings.policy, "budget": budget}
+            if self.needs_data:
+                quant["error_aware"] = settings.error_aware
+            written += write_model_files(
+                tmp, self.streamed.model, quantization_config(kept, quant), dtype=dtype, tokenizer=self.tokenizer,
+                source_dir=self.source.directory,
+            )  # fmt: skip
+            shapes = written_shapes(tmp)
+            result.total_params_after = sum(math.prod(s) for s in shapes.values())
+            result.target_params_before = sum(x.params_before for x in result.layers)
+            result.target_params_after = sum(_written_target_params(shapes, x) for x in result.layers)
+            tick("factors and write")
+            if evaluate:
+                from lowrank_compress.evaluate import evaluate_models
 
-                    evaluation = evaluate_models(
-                        tmp,
-                        self.model_path,
-                        device=settings.device,
-                        allow_pickle=self.allow_pickle,
-                        progress=report,
-                    ).to_dict()
-                    evaluation["models"][0]["path"] = str(out)
-                    result.evaluation = evaluation
-                    tick("evaluate")
-                result.timings = dict(tick.laps)
-                result.files = sorted({p.name for p in written} | {"recipe.yaml", "report.json", "README.md"})
-                _write_sidecars(tmp, result, self.model_path)
-        finally:  # dense again, in the working dtype, for the next budget
-            model.to(work_dtype)
-            for t in targets:
-                _set_module(model, t.name, t.module)
+                evaluation = evaluate_models(
+                    tmp,
+                    self.model_path,
+                    device=settings.device,
+                    allow_pickle=self.allow_pickle,
+                    progress=self.report,
+                ).to_dict()
+                evaluation["models"][0]["path"] = str(out)
+                result.evaluation = evaluation
+                tick("evaluate")
+            result.timings = dict(tick.laps)
+            result.timings["peak_block_mb"] = max(self.block_peaks, default=0.0)
+            result.files = sorted({p.name for p in written} | {"recipe.yaml", "report.json", "README.md"})
+            _write_sidecars(tmp, result, self.model_path)
         return result
+
+    def _stream_factors(
+        self, ranks: dict[str, int | None], writer: Any
+    ) -> tuple[list[LayerResult], torch.dtype]:
+        """Pass 2: the outer tensors copied as stored; then per block, its targets factorized at their ranks (fitted
+        to the dense block's inputs, or error-aware to the compressed prefix's), refined if asked, and written with
+        the block's other tensors as stored. Returns each target's result and the factors' dtype."""
+        streamed, ckpt = self.streamed, self.streamed.ckpt
+        for name in streamed.outer_tensors():
+            writer.add(name, ckpt.read_stored(name))
+        fit_needs_data = self.settings.method in ("whiten", "asvd") or self.settings.refine_steps > 0
+        flow = _Flow.start(self) if fit_needs_data else None
+        layers: dict[str, LayerResult] = {}
+        dtype = torch.float32
+        n = len(streamed.blocks)
+        for i in range(n):
+            modules = self._block_targets(i)
+            with streamed.block(i) as block, PeakMemory(streamed.device) as peak:
+                stats = (
+                    self._pass2_stats(block, modules, flow)
+                    if flow is not None
+                    else self._fisher_stats(modules)
+                )
+                swapped = {}
+                cache: dict[int, Any] = {}
+                for name in modules:
+                    layer, factors = self._factorize(self._target(name), ranks[name], stats.get(name), cache)
+                    layers[name] = layer
+                    if factors is not None:
+                        swapped[name] = factors
+                        streamed.set_block_module(name, factors)
+                if flow is not None:
+                    if swapped and self.settings.refine_steps:
+                        _refine(streamed, block, swapped, flow, self.settings.refine_steps)
+                    flow.advance(block, compressed=bool(swapped) or flow.shifted)
+                dtype = self._write_block(i, swapped, writer) or dtype
+                for name in swapped:
+                    streamed.set_block_module(name, modules[name])
+            self.block_peaks.append(peak.mb)
+            self.report(f"pass 2, block {i + 1}/{n} (peak {peak.mb:,.0f} MB)", i + 1, n)
+        return [layers[t.name] for t in self.targets], dtype
+
+    def _pass2_stats(self, block: nn.Module, modules: dict[str, nn.Module], flow: _Flow) -> dict[str, Any]:
+        """The block's pooled input statistics for the fit: dense inputs X, or (error-aware, once the prefix is
+        compressed) the shifted inputs X' with the cross term X^T X'. Also computes the dense block's outputs."""
+        from lowrank_compress.calibration import BlockStatistics, blend_stats
+
+        shifted = self.settings.error_aware and flow.shifted
+        parts = []
+        for part in flow.ids:
+            sums = BlockStatistics(modules)
+            for b in range(len(flow.hidden[part])):
+                with sums.record() as dense:
+                    flow.dense_out[part][b] = flow.run(block, part, b, flow.hidden[part][b])
+                if shifted:
+                    with sums.record() as moved:
+                        flow.run(block, part, b, flow.compressed[part][b])
+                if modules:
+                    sums.add(dense, moved if shifted else None)
+            parts.append((sums.stats(), self.part_weights[part]))
+        if not modules:
+            return {}
+        return parts[0][0] if len(parts) == 1 else blend_stats(parts)
+
+    def _fisher_stats(self, modules: dict[str, nn.Module]) -> dict[str, Any]:
+        """The Fisher rows pass 1 measured, as the statistics the fisher method reads (empty for other methods)."""
+        from lowrank_compress.calibration import LayerStats
+
+        if self.settings.method != "fisher":
+            return {}
+        tokens = sum(int(b.numel()) for b in self.calibration_batches.values())
+        return {n: LayerStats(torch.empty(0), torch.empty(0), tokens, self._gradients[n][0]) for n in modules}
+
+    def _factorize(
+        self, t: Target, rank: int | None, stats: Any, cache: dict[int, Any]
+    ) -> tuple[LayerResult, nn.Module | None]:
+        from lowrank_compress.modules import LowRankLinear
+
+        shape = (t.out_features, t.in_features)
+        dense = t.out_features * t.in_features
+        stable = next(c.stable_rank for c in self.candidates if c.name == t.name)
+        if rank is None:
+            return LayerResult(t.name, shape, None, dense, dense, 0.0, stable), None
+        dec = self._decompose(t, stats, cache)
+        err = dec.truncation_error()
+        rel = math.sqrt(float(err[rank]) / float(err[0])) if float(err[0]) > 0 else 0.0
+        up, down = dec.factors(rank, dtype=torch.float32)
+        bias = t.module.bias.detach() if t.module.bias is not None else None
+        device = t.module.weight.device
+        module = LowRankLinear.from_factors(up.to(device), down.to(device), bias)
+        module.requires_grad_(False)
+        return LayerResult(t.name, shape, rank, dense, rank * sum(shape), rel, stable), module
+
+    def _write_block(self, i: int, swapped: dict[str, nn.Module], writer: Any) -> torch.dtype | None:
+        """Block i's tensors: factors in the stored dtype of the weight they replace, the rest as stored."""
+        streamed, ckpt = self.streamed, self.streamed.ckpt
+        factor_of = {streamed.ckpt_name[f"{name}.weight"]: (name, m) for name, m in swapped.items()}
+        dtype = None
+        for stored in streamed.block_tensors(i):
+            if stored not in factor_of:
+                writer.add(stored, ckpt.read_stored(stored))
+                continue
+            _, module = factor_of[stored]
+            dtype = ckpt.stored_dtype(stored)
+            base = stored.removesuffix(".weight")
+            writer.add(f"{base}.down.weight", module.down.weight.to(dtype))
+            writer.add(f"{base}.up.weight", module.up.weight.to(dtype))
+        return dtype
+
+
+class _Flow:
+    """The calibration windows' hidden states on their way through the blocks, per part ("text", "self").
+
+    `hidden` are the dense model's (the inputs of the block about to run); in pass 2 `compressed` are the
+    compressed prefix's (the same tensors until a block is factorized: `shifted` says when they part) and
+    `dense_out` the dense block's outputs, the targets of the fit. `stash` keeps the inputs of the gradient windows
+    for the block-wise backward pass. With --offload they live on the CPU and visit the device per batch.
+    """
+
+    def __init__(self, prepared: Prepared) -> None:
+        streamed, settings = prepared.streamed, prepared.settings
+        self.streamed = streamed
+        self.store = torch.device("cpu") if settings.offload else streamed.device
+        self.ids = prepared.calibration_batches
+        self.grad_rows = prepared.grad_rows
+        self.ctx = {part: streamed.capture(rows, BATCH) for part, rows in self.ids.items()}
+        self.grad_ctx = {
+            part: streamed.capture(rows[self.grad_rows[part]], 1) if self.grad_rows.get(part) else []
+            for part, rows in self.ids.items()
+        }
+        self.hidden = {part: [c.hidden.to(self.store) for c in ctx] for part, ctx in self.ctx.items()}
+        self.compressed = {part: list(h) for part, h in self.hidden.items()}
+        self.dense_out: dict[str, list[Any]] = {part: [None] * len(h) for part, h in self.hidden.items()}
+        self.stash: dict[str, dict[int, list[torch.Tensor]]] = {part: {} for part in self.ids}
+        self.shifted = False
+
+    @classmethod
+    def start(cls, prepared: Prepared) -> _Flow:
+        return cls(prepared)
+
+    def run(self, block: nn.Module, part: str, b: int, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.streamed.run_block(block, hidden.to(self.streamed.device), self.ctx[part][b])
+        return out.to(self.store)
+
+    def row(self, part: str, r: int) -> torch.Tensor:
+        """Window r's current hidden states (1 x seq x hidden)."""
+        return self.hidden[part][r // BATCH][r % BATCH : r % BATCH + 1]
+
+    def stash_inputs(self, part: str, i: int) -> None:
+        self.stash[part][i] = [self.row(part, r).clone() for r in self.grad_rows.get(part, [])]
+
+    def advance(self, block: nn.Module, compressed: bool) -> None:
+        """After block i of pass 2: the dense hidden states become the dense block's outputs; the compressed ones
+        go through the (factorized) block when the prefix differs from the dense model, else follow the dense."""
+        for part in self.ids:
+            if compressed:
+                self.compressed[part] = [
+                    self.run(block, part, b, h) for b, h in enumerate(self.compressed[part])
+                ]
+            else:
+                self.compressed[part] = list(self.dense_out[part])
+            self.hidden[part] = self.dense_out[part]
+            self.dense_out[part] = [None] * len(self.hidden[part])
+        self.shifted = self.shifted or compressed
+
+
+def _refine(streamed: Any, block: nn.Module, swapped: dict[str, nn.Module], flow: _Flow, steps: int) -> None:
+    """A few Adam steps on the block's factors so that the compressed block, fed the compressed prefix's hidden
+    states, reproduces the dense block's outputs (AA-SVD's block-wise refinement); relative mean squared error."""
+    params = [p for m in swapped.values() for p in (m.up.weight, m.down.weight)]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=REFINE_LR)
+    batches = [(part, b) for part in flow.ids for b in range(len(flow.hidden[part]))]
+    device = streamed.device
+    try:
+        for step in range(steps):
+            part, b = batches[step % len(batches)]
+            target = flow.dense_out[part][b].to(device)
+            with torch.enable_grad():
+                out = streamed.run_block(block, flow.compressed[part][b].to(device), flow.ctx[part][b])
+                loss = (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-30)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+
+
+REFINE_LR = 1e-4
+"""Adam's step for --refine-steps: factors are balanced (entries of order 1e-2), so 1e-4 moves them by about 1%."""
 
 
 def _write_sidecars(directory: Path, result: FactorizeResult, model_path: str | Path) -> None:

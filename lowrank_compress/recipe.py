@@ -57,7 +57,14 @@ class FactorizeSettings:
     self_start: str = "random"
     # where the loss gradients (sensitivity, fisher) come from: "mix" (both parts) or "self" (self-generated only)
     grad_source: str = "mix"
+    # fit each layer to the dense model's outputs while feeding it the compressed prefix's inputs (AA-SVD /
+    # SVD-LLM V2 style, closed form); False: fit to the dense inputs alone (SVD-LLM)
+    error_aware: bool = True
+    # Adam steps per block refining its factors against the dense block's outputs (0: closed form only)
+    refine_steps: int = 0
     device: str = "cpu"
+    # keep the calibration hidden states on the CPU while blocks run on --device (a GPU smaller than they are)
+    offload: bool = False
 
     def validate(self) -> FactorizeSettings:
         if not 0.0 < self.budget < 1.0:
@@ -89,6 +96,8 @@ class FactorizeSettings:
             )
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise LowrankError(f"energy must be in (0, 1], got {self.energy}")
+        if self.refine_steps < 0:
+            raise LowrankError(f"refine-steps must be 0 or more, got {self.refine_steps}")
         for name in ("samples", "seq_len", "grad_samples", "rank_multiple"):
             if getattr(self, name) < 1:
                 raise LowrankError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -112,7 +121,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "rank_multiple": (int,),
     "target": (list,),
     "ignore": (list,),
+    "refine_steps": (int,),
 }
+_BOOLS = ("error_aware", "offload")
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -137,6 +148,10 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
             f"recipe {p}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
         )
     for key, value in data.items():
+        if key in _BOOLS:
+            if not isinstance(value, bool):
+                raise LowrankError(f"recipe {p}: {key} must be true or false")
+            continue
         expected = _TYPES.get(key, (str,))
         if isinstance(value, bool) or not isinstance(value, expected):
             raise LowrankError(f"recipe {p}: {key} has the wrong type ({type(value).__name__})")

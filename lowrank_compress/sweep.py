@@ -1,6 +1,6 @@
 """Budget sweep: factorize one model at several budgets and evaluate each, the curve a user reads to choose a budget.
 
-Calibration and spectra are computed once (`pipeline.Prepared`); each budget is then an allocation, a write and an
+Calibration and spectra are computed once (`pipeline.Prepared`, pass 1); each budget is then an allocation, a write and an
 evaluation. Perplexity and speed are measured against the dense model, loaded once; speed interleaves the two.
 """
 
@@ -107,7 +107,8 @@ def sweep(
         )  # fmt: skip
 
     prepared = Prepared.load(model_path, settings, allow_pickle=allow_pickle, progress=report, warn=warn)
-    dense_model, tokenizer = prepared.model, prepared.tokenizer
+    # the dense model, whole, for its perplexity and speed (factorize itself streams it block by block)
+    dense_model, tokenizer, _ = load_model(model_path, device=settings.device, allow_pickle=allow_pickle)
     context = context_length(dense_model)
     window = window or (min(512, context) if context else 512)
     seq_lens = [n for n in (128, 512) if context is None or n <= context] or [context]

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import lowrank_compress
 from lowrank_compress.cli import cli
+from lowrank_compress.loading import load_model
 from lowrank_compress.pipeline import factorize_model
 from lowrank_compress.recipe import build_settings
 from tests.fixtures import load_state_dict, tiny_bert, tiny_gpt2, tiny_llama
@@ -120,7 +121,9 @@ def test_whiten_layer_is_the_optimal_truncation_on_the_calibration_inputs(
     from lowrank_compress.text import load_text
 
     src = models["gqa"]
-    settings = build_settings(method="whiten", policy="uniform", budget=0.5, self_mix=0.0, **FAST)
+    settings = build_settings(
+        method="whiten", policy="uniform", budget=0.5, self_mix=0.0, error_aware=False, **FAST
+    )
     result = factorize_model(src, tmp_path / "out", settings)
     name = "model.layers.1.mlp.down_proj"
     # the layer's inputs on the same calibration windows, captured from the dense model by a plain hook
@@ -456,17 +459,18 @@ def test_self_mix_zero_is_exactly_the_text_calibration(models: dict[str, Path]) 
     from lowrank_compress.text import load_text
 
     settings = build_settings(self_mix=0.0, **FAST)
-    prepared = Prepared.load(models["llama"], settings)
+    prepared = Prepared.load(models["llama"], settings, keep_stats=True)
+    dense = load_model(models["llama"])[0]
     batches = make_batches(
         prepared.tokenizer, load_text("builtin", split="calibration"), samples=8, seq_len=64, seed=0
     )
     assert list(prepared.calibration_batches) == ["text"]
     assert torch.equal(prepared.calibration_batches["text"], batches)
     names = [t.name for t in prepared.targets]
-    expected = collect_stats(prepared.model, batches, names, sensitivity=True, grad_samples=2)
-    for n in names:
-        assert torch.equal(prepared.stats[n].gram, expected[n].gram)
-        assert prepared.stats[n].out_grad_sq == expected[n].out_grad_sq
+    expected = collect_stats(dense, batches, names, sensitivity=True, grad_samples=2)
+    for n in names:  # the block-by-block passes compute what the whole model computes
+        torch.testing.assert_close(prepared.stats[n].gram, expected[n].gram, rtol=1e-6, atol=1e-6)
+        assert prepared.stats[n].out_grad_sq == pytest.approx(expected[n].out_grad_sq, rel=1e-5)
     info = prepared.calibration_info
     assert "sampling" not in prepared.tick.laps
     assert info["parts"]["self"] is None and info["perplexity"] is None and info["self_mix"] == 0.0
@@ -479,14 +483,15 @@ def test_mixed_calibration_pools_the_text_with_as_many_seeded_self_samples(model
 
     src = models["llama"]
     settings = build_settings(self_mix=0.25, **FAST)  # 8 text windows + 8 sampled, 2 gradient windows in each
-    a, b = Prepared.load(src, settings), Prepared.load(src, settings)
+    a, b = Prepared.load(src, settings, keep_stats=True), Prepared.load(src, settings, keep_stats=True)
+    dense = load_model(src)[0]
     other = Prepared.load(src, build_settings(self_mix=0.25, seed=1, **FAST))
     text, own = a.calibration_batches["text"], a.calibration_batches["self"]
     assert text.shape == (8, 64) and own.shape == (8, 64)
     bos = a.tokenizer.bos_token_id
     for rows in (text, own):
         assert (rows[:, 0] == bos).all() and not (rows[:, 1:] == bos).any()
-    expected_own = sample_batches(a.model, a.tokenizer, samples=8, seq_len=64, seed=0, random_start=True)
+    expected_own = sample_batches(dense, a.tokenizer, samples=8, seq_len=64, seed=0, random_start=True)
     assert torch.equal(own, expected_own)
     assert all(torch.equal(a.calibration_batches[k], b.calibration_batches[k]) for k in ("text", "self"))
     assert not torch.equal(own, other.calibration_batches["self"])
@@ -496,13 +501,13 @@ def test_mixed_calibration_pools_the_text_with_as_many_seeded_self_samples(model
             torch.equal(a.stats[n].gram, b.stats[n].gram) and a.stats[n].out_grad_sq == b.stats[n].out_grad_sq
         )
     # the statistics are the blend of each part's own: a quarter from the samples
-    parts = [collect_stats(a.model, x, names, sensitivity=True, grad_samples=2) for x in (text, own)]
+    parts = [collect_stats(dense, x, names, sensitivity=True, grad_samples=2) for x in (text, own)]
     expected = blend_stats([(parts[0], 0.75), (parts[1], 0.25)])
     for n in names:
-        torch.testing.assert_close(a.stats[n].gram, expected[n].gram)
-        assert a.stats[n].out_grad_sq == pytest.approx(expected[n].out_grad_sq, rel=1e-9)
+        torch.testing.assert_close(a.stats[n].gram, expected[n].gram, rtol=1e-6, atol=1e-6)
+        assert a.stats[n].out_grad_sq == pytest.approx(expected[n].out_grad_sq, rel=1e-5)
         torch.testing.assert_close(  # pooled sums: the Gram is 3:1 text to samples, scaled to all 16 windows
-            a.stats[n].gram, 2 * (0.75 * parts[0][n].gram + 0.25 * parts[1][n].gram)
+            a.stats[n].gram, 2 * (0.75 * parts[0][n].gram + 0.25 * parts[1][n].gram), rtol=1e-6, atol=1e-6
         )
     info = a.calibration_info
     assert info["self_mix"] == 0.25 and info["self_start"] == "random"
@@ -518,7 +523,7 @@ def test_mixed_calibration_pools_the_text_with_as_many_seeded_self_samples(model
     )
     assert c.calibration_batches["text"].shape == (8, 64) and c.calibration_batches["self"].shape == (8, 32)
     assert torch.equal(
-        c.calibration_batches["self"], sample_batches(c.model, c.tokenizer, samples=8, seq_len=32, seed=0)
+        c.calibration_batches["self"], sample_batches(dense, c.tokenizer, samples=8, seq_len=32, seed=0)
     )
     parts = c.calibration_info["parts"]
     assert parts["text"]["grad_samples"] == 0 and parts["self"]["grad_samples"] == 2

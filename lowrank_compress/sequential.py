@@ -1,0 +1,319 @@
+"""A model that lives in its checkpoint: a skeleton on the meta device whose decoder blocks are read, run and
+released one at a time, so that memory holds one block whatever the depth.
+
+This is how llm-compressor's sequential pipeline and mergekit's streaming merges keep 70B models within one device:
+
+- `StreamedModel` builds the architecture from the config with parameters on the meta device (buffers such as rotary
+  frequencies are real: they are computed, not stored), reads the "outer" tensors (embeddings, final norm, head)
+  once, and materializes block i from the checkpoint on demand (`block(i)`), releasing it afterwards.
+- `capture` runs the model up to the first block and keeps, per calibration batch, the block's input hidden states
+  and the other arguments the model passes every block (attention mask, rotary embeddings, ...).
+- `run_block` pushes hidden states through one block; `head_loss` runs the part after the blocks (final norm, head,
+  loss) on given final hidden states, by feeding them in place of the blocks' output: no per-architecture code.
+- `resident` / `streaming` make the whole model callable (sampling with `generate`) either by loading every block
+  (when it fits in memory) or by loading each block just before it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_compress.checkpoint import Checkpoint, _NameMap, _tied_map
+from lowrank_compress.errors import LowrankError
+
+
+class _Stop(Exception):
+    """Raised by the catcher in front of block 0 once it has the block's inputs."""
+
+
+@dataclass
+class BlockInput:
+    """One calibration batch as block 0 receives it: hidden states and the arguments shared by every block."""
+
+    hidden: torch.Tensor
+    args: tuple[Any, ...]  # positional arguments after the hidden states
+    kwargs: dict[str, Any]
+
+
+class StreamedModel:
+    """A transformers model built on the meta device over a `Checkpoint`; see the module docstring."""
+
+    def __init__(self, ckpt: Checkpoint, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.ckpt, self.device, self.dtype = ckpt, torch.device(device), dtype
+        self.model = _skeleton(ckpt)
+        self.model.eval()
+        names = _NameMap(self.model)
+        self.ckpt_name: dict[str, str] = {}  # model parameter/buffer name -> checkpoint tensor name
+        for name in ckpt.tensors:
+            m = names.to_model(name)
+            if m is not None:
+                self.ckpt_name.setdefault(m, name)
+        self._module_names = {c.rsplit(".", 1)[0]: m.rsplit(".", 1)[0] for m, c in self.ckpt_name.items()}
+        self.tied = _tied_map(self.model)
+        self.block_returns_tuple = False  # learnt from the first block that runs
+        self.blocks_name, self.blocks = _find_blocks(self.model)
+        self._check_complete()
+        self._outer_loaded = False
+
+    # -- names --
+
+    def block_of(self, model_name: str) -> int | None:
+        """The index of the block holding this module or tensor (model naming), None outside the blocks."""
+        prefix = self.blocks_name + "."
+        if not model_name.startswith(prefix):
+            return None
+        head = model_name[len(prefix) :].split(".", 1)[0]
+        return int(head) if head.isdigit() else None
+
+    def to_model_name(self, ckpt_module: str) -> str | None:
+        """A checkpoint module name (a weight's name without ".weight") in the model's naming."""
+        return self._module_names.get(ckpt_module)
+
+    def block_tensors(self, i: int) -> list[str]:
+        """Checkpoint tensors that belong to block i."""
+        return [c for m, c in self.ckpt_name.items() if self.block_of(m) == i]
+
+    def outer_tensors(self) -> list[str]:
+        """Checkpoint tensors outside the blocks (embeddings, final norm, head, ...)."""
+        inside = {c for m, c in self.ckpt_name.items() if self.block_of(m) is not None}
+        return [c for c in self.ckpt.tensors if c not in inside]
+
+    # -- loading and releasing --
+
+    def _check_complete(self) -> None:
+        """Every parameter the architecture needs is stored (or tied to one that is), with the right shape."""
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if name in self.tied:
+                continue
+            stored = self.ckpt_name.get(name)
+            if stored is None:
+                raise LowrankError(
+                    f"{self.ckpt.path}: tensor {name} of {type(self.model).__name__} is missing from the checkpoint; "
+                    "the weights do not match config.json"
+                )
+            shape = tuple(self.ckpt.tensors[stored].shape)
+            if shape != tuple(p.shape):
+                raise LowrankError(
+                    f"{self.ckpt.path}: tensor {stored} has shape {list(shape)} but the config expects "
+                    f"{list(p.shape)}; the weights do not match config.json"
+                )
+
+    def _materialize(self, params: Sequence[str]) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in params:
+            value = self.ckpt.read(self.ckpt_name[name])
+            if value.is_floating_point():
+                value = value.to(self.dtype)
+            set_module_tensor_to_device(self.model, name, self.device, value=value)
+
+    def load_outer(self) -> None:
+        """Read everything outside the blocks and tie what the config ties."""
+        if self._outer_loaded:
+            return
+        names = [n for n, _ in self.model.named_parameters(remove_duplicate=False)]
+        outer = [n for n in names if self.block_of(n) is None and n not in self.tied]
+        self._materialize(outer)
+        self._materialize(
+            [n for n, b in self.model.named_buffers() if b.device.type == "meta" and n in self.ckpt_name]
+        )
+        for target, source in self.tied.items():
+            parent_name, _, leaf = target.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, leaf, self.model.get_parameter(source))
+        self._outer_loaded = True
+
+    def load_block(self, i: int) -> nn.Module:
+        block = self.blocks[i]
+        prefix = f"{self.blocks_name}.{i}."
+        self._materialize([prefix + n for n, _ in block.named_parameters()])
+        return block
+
+    def release_block(self, i: int) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        prefix = f"{self.blocks_name}.{i}."
+        for n, _ in list(self.blocks[i].named_parameters()):
+            set_module_tensor_to_device(self.model, prefix + n, "meta")
+
+    @contextlib.contextmanager
+    def block(self, i: int) -> Iterator[nn.Module]:
+        """Block i with its weights read from the checkpoint; released (back on the meta device) afterwards."""
+        try:
+            yield self.load_block(i)
+        finally:
+            self.release_block(i)
+
+    def set_block_module(self, name: str, module: nn.Module) -> None:
+        """Swap a module inside the model (a factorized layer for a dense one)."""
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(self.model.get_submodule(parent_name) if parent_name else self.model, leaf, module)
+
+    # -- running --
+
+    def capture(self, batches: torch.Tensor, batch_size: int) -> list[BlockInput]:
+        """Block 0's inputs for each batch of `batches` (rows of token ids), computed by the outer modules only."""
+        self.load_outer()
+        captured: list[BlockInput] = []
+        first = self.blocks[0]
+
+        def catch(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            captured.append(BlockInput(hidden.detach(), tuple(args[1:]), kwargs))
+            raise _Stop
+
+        handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for start in range(0, batches.shape[0], batch_size):
+                    ids = batches[start : start + batch_size].to(self.device)
+                    with contextlib.suppress(_Stop):
+                        self.model(input_ids=ids, **_no_cache(self.model))
+        finally:
+            handle.remove()
+        if len(captured) != -(-batches.shape[0] // batch_size):
+            raise LowrankError(f"internal: {type(self.model).__name__} did not reach its first block")
+        return captured
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, inp: BlockInput) -> torch.Tensor:
+        out = block(hidden, *inp.args, **inp.kwargs)
+        self.block_returns_tuple = isinstance(out, tuple)
+        return out[0] if isinstance(out, tuple) else out
+
+    def head_loss(self, final: torch.Tensor, ids: torch.Tensor, *, per_row: bool = False) -> torch.Tensor:
+        """The language-model loss of the model whose last block output `final` (mean over tokens; per row with
+        `per_row`). The blocks are bypassed: block 0 returns `final`, the others pass it through."""
+        from lowrank_compress.calibration import no_cache_kwargs
+
+        self.load_outer()
+        with self._bypass(final):
+            out = self.model(input_ids=ids.to(self.device), **no_cache_kwargs(self.model))
+        logits = out.logits.float()
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), ids[:, 1:].to(logits.device), reduction="none"
+        ).mean(dim=1)
+        return losses if per_row else losses.mean()
+
+    @contextlib.contextmanager
+    def _bypass(self, final: torch.Tensor) -> Iterator[None]:
+        """Every block's computation replaced: block 0 returns `final`, the others pass their input through."""
+        wrap = (lambda h: (h,)) if self.block_returns_tuple else (lambda h: h)
+
+        def bypass(i: int) -> Any:
+            def forward(hidden_states: Any = None, *args: Any, **kwargs: Any) -> Any:
+                return wrap(final if i == 0 else hidden_states)
+
+            return forward
+
+        for i, b in enumerate(self.blocks):
+            b.forward = bypass(i)  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            for b in self.blocks:
+                del b.forward  # back to the class's forward
+
+    @contextlib.contextmanager
+    def whole(self, resident: bool) -> Iterator[nn.Module]:
+        """The whole model, callable as usual (`generate` included): every block loaded for the duration
+        (`resident`), or each block loaded just before it runs and released right after."""
+        self.load_outer()
+        handles = []
+        try:
+            if resident:
+                for i in range(len(self.blocks)):
+                    self.load_block(i)
+            else:
+                for i, b in enumerate(self.blocks):
+                    handles.append(b.register_forward_pre_hook(self._onload(i)))
+                    handles.append(b.register_forward_hook(self._offload(i)))
+            yield self.model
+        finally:
+            for h in handles:
+                h.remove()
+            for i in range(len(self.blocks)):
+                self.release_block(i)
+
+    def _onload(self, i: int) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            self.load_block(i)
+
+        return hook
+
+    def _offload(self, i: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self.release_block(i)
+
+        return hook
+
+    def fits_in_memory(self, fraction: float = 0.5) -> bool:
+        """Whether all blocks at the working dtype take less than `fraction` of the memory available now."""
+        size = sum(p.numel() for p in self.model.parameters()) * torch.finfo(self.dtype).bits // 8
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return size < fraction * free
+        return size < fraction * available_memory()
+
+
+def _no_cache(model: nn.Module) -> dict[str, Any]:
+    from lowrank_compress.calibration import no_cache_kwargs
+
+    return no_cache_kwargs(model)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux MemAvailable; a generous guess elsewhere)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def _skeleton(ckpt: Checkpoint) -> nn.Module:
+    """The checkpoint's architecture with parameters on the meta device and real (computed) buffers."""
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from lowrank_compress.calibration import quiet_transformers
+
+    arch = ckpt.architecture
+    if arch is None or ckpt.config is None:
+        raise LowrankError(
+            f"{ckpt.path}: no architecture transformers can build from its config; factorize needs a model "
+            "directory with config.json (or a GGUF file of a supported architecture)"
+        )
+    cfg = CONFIG_MAPPING[ckpt.config["model_type"]].from_dict(dict(ckpt.config))
+    cls = getattr(transformers, arch, None)
+    with init_empty_weights(include_buffers=False), quiet_transformers():
+        if isinstance(cls, type):
+            return cls(cfg)
+        return (AutoModelForCausalLM if arch.endswith("ForCausalLM") else AutoModel).from_config(cfg)
+
+
+def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated blocks: the ModuleList of same-class modules holding the most parameters."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise LowrankError(f"{type(model).__name__} has no repeated blocks to process one at a time")
+    return best[1], best[2]

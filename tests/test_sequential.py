@@ -1,0 +1,248 @@
+"""Block-sequential factorize: the streamed passes reproduce the whole-model computation, the error-aware fit is the
+least-squares optimum, the writer holds one shard, and memory does not grow with depth.
+
+References come from the whole model loaded by transformers (collect_stats' hooks, one forward and backward over
+the full network), numpy least squares and alternating least squares, never from the pipeline's own passes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowrank_compress.allocate import LayerCandidate, allocate
+from lowrank_compress.calibration import LayerStats, collect_stats, make_batches
+from lowrank_compress.factorize import decompose
+from lowrank_compress.loading import load_model
+from lowrank_compress.pipeline import factorize_model, find_targets
+from lowrank_compress.recipe import build_settings
+from lowrank_compress.spectrum import spectrum_stats
+from lowrank_compress.text import load_text
+from lowrank_compress.writer import ShardWriter
+from tests.fixtures import load_state_dict, tiny_bert, tiny_gguf, tiny_gpt2, tiny_llama
+
+FAST = {"samples": 8, "seq_len": 64, "grad_samples": 2, "self_mix": 0.0}
+
+
+def reference(src: Path, settings) -> dict[str, tuple[int | None, np.ndarray | None]]:
+    """Today's in-memory factorization from the public pieces: the whole model, collect_stats over it, one
+    decomposition per layer, the allocator. Returns name -> (rank, up @ down)."""
+    model, tok, _ = load_model(src)
+    targets = find_targets(model, [], [])
+    names = [t.name for t in targets]
+    needs_grad = settings.policy == "sensitivity" or settings.method == "fisher"
+    stats = {}
+    if settings.method != "svd" or needs_grad:
+        batches = make_batches(
+            tok, load_text("builtin", split="calibration"), samples=settings.samples, seq_len=settings.seq_len,
+            seed=settings.seed,
+        )  # fmt: skip
+        stats = collect_stats(
+            model, batches, names, fisher=settings.method == "fisher", sensitivity=needs_grad,
+            grad_samples=settings.grad_samples,
+        )  # fmt: skip
+    cands = [
+        LayerCandidate(
+            t.name, t.out_features, t.in_features, decompose(t.weight(), settings.method, stats.get(t.name)),
+            stable_rank=spectrum_stats(t.weight(), fast=True, tol=1e-5).stable_rank,
+            sensitivity=stats[t.name].out_grad_sq if stats else None,
+        )
+        for t in targets
+    ]  # fmt: skip
+    ranks = allocate(cands, settings.budget, settings.policy, energy=settings.energy)
+    out = {}
+    for c in cands:
+        r = ranks[c.name]
+        out[c.name] = (r, None if r is None else c.decomposition.reconstruct(r).numpy())
+    return out
+
+
+def product(sd: dict[str, torch.Tensor], name: str) -> np.ndarray:
+    return sd[f"{name}.up.weight"].double().numpy() @ sd[f"{name}.down.weight"].double().numpy()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("seq")
+    return {
+        "llama": tiny_llama(root),
+        "gqa-sharded": tiny_llama(root, gqa=True, sharded=True),
+        "tied": tiny_llama(root, tied=True),
+        "gpt2": tiny_gpt2(root),
+        "bert": tiny_bert(root),
+        "gguf": tiny_gguf(root),
+    }
+
+
+CASES = [
+    ("llama", {"method": "whiten", "policy": "sensitivity"}),
+    ("gqa-sharded", {"method": "asvd", "policy": "uniform"}),
+    ("tied", {"method": "whiten", "policy": "energy", "energy": 0.8}),
+    ("gpt2", {"method": "fisher", "policy": "sensitivity"}),
+    ("bert", {"method": "whiten", "policy": "uniform"}),
+    ("gguf", {"method": "whiten", "policy": "sensitivity"}),
+    ("llama", {"method": "svd", "policy": "stable-rank"}),
+]
+
+
+@pytest.mark.parametrize(("kind", "extra"), CASES, ids=[f"{k}-{e['method']}-{e['policy']}" for k, e in CASES])
+def test_streaming_without_error_aware_fit_reproduces_the_whole_model_factorization(
+    models: dict[str, Path], tmp_path: Path, kind: str, extra: dict
+) -> None:
+    settings = build_settings(budget=0.6, error_aware=False, **FAST, **extra)
+    src = models[kind]
+    result = factorize_model(src, tmp_path / "out", settings)
+    expected = reference(src, settings)
+    written = load_state_dict(tmp_path / "out")
+    assert {x.name: x.rank for x in result.layers} == {n: r for n, (r, _) in expected.items()}
+    for name, (rank, w) in expected.items():
+        if rank is None:
+            continue
+        got = product(written, name)  # whitening amplifies float32 round-off in the inputs: 1e-3, not 1e-6
+        assert np.linalg.norm(got - w) <= 1e-3 * np.linalg.norm(w), name
+    # untouched tensors keep their names and bytes (GGUF: its dequantized values)
+    if kind != "gguf":
+        source = load_state_dict(src)
+        for name, t in source.items():
+            if name in written:
+                assert torch.equal(written[name], t), name
+
+
+# ------------------------------------------------------------------------------------------------ the closed form
+
+
+def _objective(w, x, xs, m) -> float:
+    return float(np.linalg.norm(w @ x - m @ xs) ** 2)
+
+
+def _als(w: np.ndarray, x: np.ndarray, xs: np.ndarray, r: int, iters: int = 3000) -> np.ndarray:
+    """Brute force: alternating least squares on M = A B for min ||W X - A B X'||_F (columns are tokens)."""
+    rng = np.random.default_rng(0)
+    y = w @ x
+    b = rng.standard_normal((r, x.shape[0]))
+    for _ in range(iters):
+        a = np.linalg.lstsq((b @ xs).T, y.T, rcond=None)[0].T
+        # vec(A B X') = (X'^T kron A) vec(B): solve for B by least squares
+        kron = np.kron(xs.T, a)
+        b = np.linalg.lstsq(kron, y.reshape(-1, order="F"), rcond=None)[0].reshape(r, -1, order="F")
+    return a @ b
+
+
+def test_error_aware_fit_is_the_least_squares_optimum() -> None:
+    """min over rank r of ||W X - M X'||_F (AA-SVD / SVD-LLM V2's anchored objective): the closed form equals
+    plain least squares at full rank and alternating least squares at rank r; with X' = X it is SVD-LLM's
+    (W L)_r L^-1."""
+    rng = np.random.default_rng(1)
+    out_f, in_f, n = 6, 5, 40
+    w = rng.standard_normal((out_f, in_f))
+    x = rng.standard_normal((in_f, n))
+    xs = x + 0.3 * rng.standard_normal((in_f, n))  # the shifted inputs behind a compressed prefix
+    stats = LayerStats(
+        gram=torch.from_numpy(xs @ xs.T), abs_sum=torch.from_numpy(np.abs(xs).sum(1)), n_tokens=n,
+        cross=torch.from_numpy(x @ xs.T),
+    )  # fmt: skip
+    dec = decompose(torch.from_numpy(w), "whiten", stats)
+    full = np.linalg.lstsq(xs.T, (w @ x).T, rcond=None)[0].T
+    np.testing.assert_allclose(dec.reconstruct(in_f).numpy(), full, rtol=1e-8, atol=1e-8)
+    for r in (1, 2, 3):
+        ours = dec.reconstruct(r).numpy()
+        brute = _als(w, x, xs, r)
+        assert _objective(w, x, xs, ours) <= _objective(w, x, xs, brute) * (1 + 1e-6)
+        assert _objective(w, x, xs, ours) == pytest.approx(_objective(w, x, xs, brute), rel=1e-4)
+    # X' = X: SVD-LLM's truncation, factor for factor
+    same = LayerStats(
+        torch.from_numpy(x @ x.T), torch.from_numpy(np.abs(x).sum(1)), n, cross=torch.from_numpy(x @ x.T)
+    )
+    plain = LayerStats(torch.from_numpy(x @ x.T), torch.from_numpy(np.abs(x).sum(1)), n)
+    a, b = decompose(torch.from_numpy(w), "whiten", same), decompose(torch.from_numpy(w), "whiten", plain)
+    torch.testing.assert_close(a.s, b.s, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(a.reconstruct(2), b.reconstruct(2), rtol=1e-9, atol=1e-9)
+
+
+def test_error_aware_default_fits_better_than_dense_inputs_alone(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The point of the error-aware fit: the compressed model's last hidden states are closer to the dense model's
+    on the calibration windows than SVD-LLM's, whose layers never see the errors before them."""
+    src = models["llama"]
+    common = dict(budget=0.5, method="whiten", policy="uniform", **FAST)
+    factorize_model(src, tmp_path / "aware", build_settings(error_aware=True, **common))
+    factorize_model(src, tmp_path / "plain", build_settings(error_aware=False, **common))
+    dense, tok, _ = load_model(src)
+    batches = make_batches(tok, load_text("builtin", split="calibration"), samples=8, seq_len=64, seed=0)
+
+    def last_hidden(model) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=batches, output_hidden_states=True).hidden_states[-1]
+
+    target = last_hidden(dense)
+    errors = {
+        k: float((last_hidden(load_model(tmp_path / k)[0]) - target).norm()) for k in ("aware", "plain")
+    }
+    assert errors["aware"] < errors["plain"]
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+
+
+def test_writer_holds_one_shard_and_finalizes_names_and_index(tmp_path: Path) -> None:
+    tensors = {f"t{i}": torch.full((250,), float(i)) for i in range(10)}  # 1000 bytes each
+    writer = ShardWriter(tmp_path, max_shard_size=2500)
+    for name, t in tensors.items():
+        writer.add(name, t)
+        assert writer.held_tensors <= 2
+    files = writer.finalize()
+    assert writer.max_held_bytes <= 2500
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert shards == [f"model-{i:05d}-of-00005.safetensors" for i in range(1, 6)]
+    assert sorted(set(index["weight_map"].values())) == shards and len(files) == 6
+    assert index["metadata"]["total_size"] == 10_000
+    for name, t in tensors.items():
+        assert torch.equal(load_file(str(tmp_path / index["weight_map"][name]))[name], t)
+    assert not list(tmp_path.glob(".shard-*"))
+
+
+def test_an_interrupted_run_leaves_no_output(models: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    from lowrank_compress import pipeline
+
+    calls = []
+
+    def interrupt(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    original = pipeline.Prepared._write_block
+    monkeypatch.setattr(pipeline.Prepared, "_write_block", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        factorize_model(models["llama"], tmp_path / "out", build_settings(method="svd", policy="uniform"))
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_weights_in_memory_do_not_grow_with_depth(tmp_path: Path, monkeypatch) -> None:
+    """At most one block's parameters (and the outer ones) are ever materialized, with 2 layers as with 8."""
+    from lowrank_compress.sequential import StreamedModel
+
+    peaks = {}
+    original = StreamedModel.load_block
+
+    def counting(self, i):
+        block = original(self, i)
+        live = sum(p.numel() for p in self.model.parameters() if p.device.type != "meta")
+        peaks[self.ckpt.path.name] = max(peaks.get(self.ckpt.path.name, 0), live)
+        return block
+
+    monkeypatch.setattr(StreamedModel, "load_block", counting)
+    settings = build_settings(budget=0.6, policy="uniform", **FAST)
+    for layers in (2, 8):
+        src = tiny_llama(tmp_path, num_layers=layers, name=f"deep{layers}")
+        factorize_model(src, tmp_path / f"out{layers}", settings)
+    assert peaks["deep2"] == peaks["deep8"] > 0
