@@ -36,6 +36,13 @@ CONFIGS = {  # label -> settings beyond the defaults
     "prefix start": {"self_start": "prefix"},
     "self grads": {"grad_source": "self"},
     "self only": {"self_mix": 1.0},
+    # the block-sequential fit (DESIGN.md section 2): each layer fitted to the dense inputs (SVD-LLM), or to the
+    # dense outputs from the compressed prefix's inputs, with or without damping or a block-wise refinement
+    "dense-input fit": {"error_aware": False},
+    "error-aware fit": {"error_aware": True},
+    "error-aware, damping 0.1": {"error_aware": True, "damping": 0.1},
+    "error-aware, refine 32": {"error_aware": True, "refine_steps": 32},
+    "dense-input fit, refine 32": {"error_aware": False, "refine_steps": 32},
 }
 
 PPL = """

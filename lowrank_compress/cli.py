@@ -311,6 +311,13 @@ def settings_options(f: Any) -> Any:
                      show_default=True, help="Windows for loss gradients: the whole mix, or the self-generated ones."),
         click.option("--rank-multiple", type=int, default=_DEFAULTS.rank_multiple, show_default=True,
                      help="Round ranks to a multiple of this."),
+        click.option("--error-aware/--no-error-aware", default=_DEFAULTS.error_aware, show_default=True,
+                     help="whiten/asvd: fit each layer to the dense model's outputs from the inputs it sees behind "
+                          "the already compressed blocks (off: fit to the dense inputs, as SVD-LLM)."),
+        click.option("--refine-steps", type=int, default=_DEFAULTS.refine_steps, show_default=True,
+                     help="Adam steps per block refining its factors against the dense block's outputs."),
+        click.option("--offload/--no-offload", default=_DEFAULTS.offload, show_default=True,
+                     help="Keep calibration hidden states in CPU memory while blocks run on --device."),
         target_option,
         ignore_option,
         click.option("--recipe", type=click.Path(path_type=Path),
@@ -355,11 +362,8 @@ def _settings(ctx: click.Context, flags: dict[str, Any], **extra: Any) -> Factor
 
 
 _PHASES = {
-    "calibration (text)": "calibrating on the text",
-    "calibration (self)": "calibrating on the model's samples",
     "sampling calibration": "sampling calibration windows from the model",
     "spectra": "layer spectra",
-    "factors": "factorizing layers",
 }
 
 

@@ -15,9 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -30,6 +28,7 @@ from torch import nn
 
 from lowrank_compress.adapters import ADAPTERS, MERGE_RANKS
 from lowrank_compress.errors import CalibrationError, LowrankError, TrainingInterrupted
+from lowrank_compress.memory import PeakMemory
 from lowrank_compress.modules import LowRankLinear
 from lowrank_compress.outdir import (
     atomic_output_dir,
@@ -387,7 +386,7 @@ def finetune(
     step_times: list[float] = []
     tokens_per_step = per_step * settings.seq_len
     step = start
-    memory = _PeakMemory(device)
+    memory = PeakMemory(device)
     with memory:
         try:
             for step in range(start, total):
@@ -592,50 +591,6 @@ def _set_ranks(model: nn.Module, ranks: dict[str, int]) -> None:
 
 def _ranks(model: nn.Module) -> dict[str, int]:
     return {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
-
-
-class _PeakMemory:
-    """Peak memory while training: CUDA's allocator peak on a GPU; on CPU the process RSS, sampled every 50 ms
-    from /proc (Linux; elsewhere the process-lifetime peak), so loading and evaluation do not count."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> _PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif Path("/proc/self/statm").is_file():
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
-        while not self._stop.is_set():
-            rss = int(Path("/proc/self/statm").read_text().split()[1]) * page
-            self.peak = max(self.peak, rss)
-            self._stop.wait(0.05)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    @property
-    def mb(self) -> float | None:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        if self._thread is not None:
-            return self.peak / 2**20
-        try:
-            import resource
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        except ImportError:  # not on POSIX
-            return None
 
 
 # --------------------------------------------------------------------------------------------------- checkpoints

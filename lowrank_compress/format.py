@@ -31,6 +31,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from lowrank_compress.errors import FormatError, LowrankError
 from lowrank_compress.modules import LowRankLinear
 from lowrank_compress.outdir import atomic_output_dir, check_output_dir  # noqa: F401
+from lowrank_compress.writer import WEIGHTS_INDEX_NAME, ShardWriter
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -39,8 +40,6 @@ QUANT_METHOD = "lowrank"
 FORMAT_VERSION = 1
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 # Tokenizer files copied verbatim from a source directory when no tokenizer object is given.
 TOKENIZER_FILES = (
@@ -489,9 +488,6 @@ def save_compressed(
     Tokenizer files come from `tokenizer.save_pretrained`, else are copied from `source_dir`; generation_config is
     copied from `source_dir` when it has one, else written from the model.
     """
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise LowrankError(
@@ -527,25 +523,13 @@ def save_compressed(
         in_f, out_f, has_bias = _dense_shape(modules[name])
         _check_factor_tensors(shapes, name, rank, in_f, out_f, has_bias)
 
-    written: list[Path] = []
-    split = split_torch_state_dict_into_shards(
-        state_dict, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
-    )
     for stale in list(out_dir.glob("model*.safetensors")) + [out_dir / WEIGHTS_INDEX_NAME]:
-        if stale.is_file() and stale.name not in split.filename_to_tensors:
+        if stale.is_file():
             stale.unlink()
-    for filename, names in split.filename_to_tensors.items():
-        path = out_dir / filename
-        save_file({n: state_dict[n] for n in names}, str(path), metadata={"format": "pt"})
-        written.append(path)
-    if split.is_sharded:
-        index = {
-            "metadata": {**split.metadata, "total_parameters": sum(t.numel() for t in state_dict.values())},
-            "weight_map": dict(sorted(split.tensor_to_filename.items())),
-        }
-        path = out_dir / WEIGHTS_INDEX_NAME
-        path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        written.append(path)
+    writer = ShardWriter(out_dir, max_shard_size)
+    for name, tensor in state_dict.items():
+        writer.add(name, tensor)
+    written = writer.finalize()
 
     written += write_model_files(
         out_dir, model, qc, dtype=model.dtype, tokenizer=tokenizer, source_dir=source_dir

@@ -372,6 +372,7 @@ class Prepared:
                 continue
             with self.streamed.block(i):
                 self._spectra(names, spectra, stable, stats={})
+            self.report("pass 1: spectra, block", i + 1, len(self.streamed.blocks))
         self.candidates = [
             LayerCandidate(
                 name=t.name, out_features=t.out_features, in_features=t.in_features, decomposition=spectra[t.name],
@@ -406,7 +407,6 @@ class Prepared:
             spectra[name] = self._decompose(t, stats.get(name), cache, spectrum_only=True)
             # reported, and read by the stable-rank policy: five digits are plenty, twice as fast as 1e-7
             stable[name] = spectrum_stats(t.weight(), fast=True, tol=1e-5).stable_rank
-            self.report("spectra", len(spectra), len(self.targets))
 
     def _decompose(
         self, t: Target, stats: Any, cache: dict[int, Any], spectrum_only: bool = False
@@ -701,7 +701,9 @@ class Prepared:
                 if flow is not None:
                     if swapped and self.settings.refine_steps:
                         _refine(streamed, block, swapped, flow, self.settings.refine_steps)
-                    flow.advance(block, compressed=bool(swapped) or flow.shifted)
+                    # the compressed prefix's hidden states are needed by the error-aware fit and the refinement
+                    track = self.settings.error_aware or self.settings.refine_steps > 0
+                    flow.advance(block, compressed=track and (bool(swapped) or flow.shifted))
                 dtype = self._write_block(i, swapped, writer) or dtype
                 for name in swapped:
                     streamed.set_block_module(name, modules[name])
@@ -911,22 +913,6 @@ def _written_target_params(shapes: dict[str, tuple[int, ...]], layer: LayerResul
     if missing:
         raise LowrankError(f"internal: the written model lacks {missing[0]}")
     return sum(math.prod(shapes[n]) for n in names)
-
-
-def _source_dtype(source: Any) -> torch.dtype | None:
-    """The floating dtype the source checkpoint stores (None for GGUF, which is dequantized to float32)."""
-    from lowrank_compress.loading import read_config
-
-    config = read_config(source) or {}
-    name = config.get("dtype") or config.get("torch_dtype")
-    dtype = getattr(torch, str(name), None) if name else None
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 class _Stopwatch:

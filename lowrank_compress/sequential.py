@@ -27,6 +27,9 @@ from torch import nn
 from lowrank_compress.checkpoint import Checkpoint, _NameMap, _tied_map
 from lowrank_compress.errors import LowrankError
 
+CACHE_FRACTION = 0.25
+"""A model whose tensors (at the working dtype) take less than this share of the available memory is cached."""
+
 
 class _Stop(Exception):
     """Raised by the catcher in front of block 0 once it has the block's inputs."""
@@ -60,6 +63,11 @@ class StreamedModel:
         self.blocks_name, self.blocks = _find_blocks(self.model)
         self._check_complete()
         self._outer_loaded = False
+        self._params = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+        # A model far smaller than memory keeps its tensors once read (the passes read every block two or three
+        # times; GGUF dequantization is slow); a large one is read anew each time, so memory stays one block.
+        small = self.nbytes() < CACHE_FRACTION * available_memory()
+        self._cache: dict[str, torch.Tensor] | None = {} if small else None
 
     # -- names --
 
@@ -108,10 +116,16 @@ class StreamedModel:
         from accelerate.utils import set_module_tensor_to_device
 
         for name in params:
-            value = self.ckpt.read(self.ckpt_name[name])
-            if value.is_floating_point():
-                value = value.to(self.dtype)
+            value = self._cache.get(name) if self._cache is not None else None
+            if value is None:
+                value = self.ckpt.read(self.ckpt_name[name])
+                if value.is_floating_point():
+                    value = value.to(self.dtype)
+                if self._cache is not None:
+                    self._cache[name] = value
             set_module_tensor_to_device(self.model, name, self.device, value=value)
+            if name in self._params:
+                self.model.get_parameter(name).requires_grad_(False)
 
     def load_outer(self) -> None:
         """Read everything outside the blocks and tie what the config ties."""
@@ -253,9 +267,13 @@ class StreamedModel:
 
         return hook
 
+    def nbytes(self) -> int:
+        """The model's parameters at the working dtype."""
+        return sum(p.numel() for p in self.model.parameters()) * torch.finfo(self.dtype).bits // 8
+
     def fits_in_memory(self, fraction: float = 0.5) -> bool:
-        """Whether all blocks at the working dtype take less than `fraction` of the memory available now."""
-        size = sum(p.numel() for p in self.model.parameters()) * torch.finfo(self.dtype).bits // 8
+        """Whether all blocks at the working dtype take less than `fraction` of the device memory available now."""
+        size = self.nbytes()
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return size < fraction * free
