@@ -44,6 +44,7 @@ bench: setup
 	$(PY) benchmarks/bench_factorize.py
 	$(PY) benchmarks/bench_cross_domain.py --budgets 0.8,0.6 --configs "whiten+uniform, text only;text only (previous default);default"
 	$(PY) benchmarks/bench_finetune.py
+	$(PY) benchmarks/bench_scale.py --layers 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo-out

@@ -70,7 +70,7 @@ from lowrank_compress.demo import default_model_path
 from lowrank_compress.pipeline import factorize_model
 from lowrank_compress.recipe import build_settings
 r = factorize_model(default_model_path(), {out!r}, build_settings(calibration={cal!r}, budget={budget}, **{extra!r}))
-RESULT = {{"ppl": ppl({out!r}), "kept": r.kept_fraction_targets, "seconds": sum(r.timings.values()),
+RESULT = {{"ppl": ppl({out!r}), "kept": r.kept_fraction_targets, "seconds": sum(v for k, v in r.timings.items() if not k.endswith("_mb")),
           "timings": r.timings, "calibration_perplexity": r.calibration.get("perplexity"),
           "warnings": r.calibration.get("warnings")}}
 """

@@ -3,6 +3,7 @@
     python benchmarks/bench_scale.py                          # 4 layers, every config; writes results/scale.json
     python benchmarks/bench_scale.py --layers 32 --configs data-free
     python benchmarks/bench_scale.py --layers 2,4 --configs data-free --out scale-depth
+    python benchmarks/bench_scale.py --tiny --out scale-tiny      # a dry run on a small shape
 
 The checkpoint is generated here (never committed): hidden 4096, intermediate 11008, 32 heads, `--layers` decoder
 layers, SmolLM2's tokenizer (vocab 49152), bf16 weights drawn N(0, 0.02) in 2 GB shards, written with the project's
@@ -42,9 +43,15 @@ SHAPE = {
     "num_attention_heads": 32,
     "num_key_value_heads": 32,
 }
+TINY = {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+}  # --tiny
 
 
-def make_checkpoint(directory: Path, layers: int) -> int:
+def make_checkpoint(directory: Path, layers: int, shape: dict) -> int:
     """Write the random checkpoint; returns its size in bytes."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig
@@ -59,11 +66,11 @@ def make_checkpoint(directory: Path, layers: int) -> int:
     vocab = len(tok)
     config = LlamaConfig(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=4096,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
-                         dtype="bfloat16", architectures=["LlamaForCausalLM"], **SHAPE)  # fmt: skip
+                         dtype="bfloat16", architectures=["LlamaForCausalLM"], **shape)  # fmt: skip
     config.save_pretrained(directory)
     gen = torch.Generator().manual_seed(0)
     writer = ShardWriter(directory, "2GB")
-    h, f = SHAPE["hidden_size"], SHAPE["intermediate_size"]
+    h, f = shape["hidden_size"], shape["intermediate_size"]
 
     def rand(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
@@ -108,7 +115,7 @@ def run(model: Path, out: Path, flags: list[str], samples: str) -> dict:
     report = json.loads(proc.stdout)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return {"wall_s": round(wall, 1), "peak_rss_mb": round(peak_kb / 1024), "output_bytes": size,
-            "timings_s": report["timings_s"], "kept_fraction_targets": report["summary"]["kept_fraction_targets"],
+            "timings_s": report["timings_s"], "peak_block_mb": report["peak_block_mb"], "kept_fraction_targets": report["summary"]["kept_fraction_targets"],
             "warnings": report["calibration"].get("warnings")}  # fmt: skip
 
 
@@ -116,11 +123,12 @@ def main() -> None:
     layer_counts = [int(x) for x in arg("--layers", "4").split(",")]
     labels = arg("--configs", ";".join(CONFIGS)).split(";")
     samples = arg("--samples", "16")
+    shape = TINY if "--tiny" in sys.argv else SHAPE
     rows = []
     with tempfile.TemporaryDirectory(dir=arg("--tmp", None)) as tmp:
         for layers in layer_counts:
             model = Path(tmp) / f"llama7b-shape-{layers}"
-            size = make_checkpoint(model, layers)
+            size = make_checkpoint(model, layers, shape)
             print(f"{layers} layers: checkpoint {size / 1e9:.2f} GB", flush=True)
             for label in labels:
                 out = Path(tmp) / f"out-{label}"
@@ -135,7 +143,7 @@ def main() -> None:
         print(
             f"{r['layers']:>6} {r['config']:10} {r['wall_s']:>8} {r['peak_rss_mb']:>12} {r['output_bytes'] / 1e9:>10.2f}"
         )
-    print(f"wrote {save(arg('--out', 'scale'), {'shape': SHAPE, 'runs': rows})}")
+    print(f"wrote {save(arg('--out', 'scale'), {'shape': shape, 'runs': rows})}")
 
 
 if __name__ == "__main__":

@@ -270,6 +270,9 @@ class _Backend(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing to release
         """Release open files (nothing by default)."""
 
+    def release(self) -> None:  # noqa: B027 - optional hook
+        """Drop what a later read can recreate (a mapped shard's pages), keeping the backend usable."""
+
 
 class _SafetensorsBackend(_Backend):
     """Tensors spread over one or more files; one `safe_open` handle is kept, for the file read last."""
@@ -312,6 +315,9 @@ class _SafetensorsBackend(_Backend):
     def close(self) -> None:
         self._handle = None
         self._open_path = None
+
+    def release(self) -> None:
+        self.close()  # reopened on the next read; the mapped pages are not counted meanwhile
 
 
 class _PickleBackend(_Backend):
@@ -1004,6 +1010,10 @@ class Checkpoint:
 
     def close(self) -> None:
         self._backend.close()
+
+    def release(self) -> None:
+        """Unmap the shard read last (the next read maps it again): its pages then stop counting as memory."""
+        self._backend.release()
 
     def __enter__(self) -> Checkpoint:
         return self

@@ -238,7 +238,7 @@ def _error_aware_target(w: torch.Tensor, stats: LayerStats, chol: torch.Tensor, 
     rho = rel * float(gram.diagonal().mean())
     a = w @ cross
     if rho > 0:
-        a = a + rho * w
+        a.add_(w, alpha=rho)
     # T L^T = A, L^T upper triangular
     return torch.linalg.solve_triangular(chol.T, a, upper=True, left=False)
 
@@ -270,7 +270,8 @@ def _cholesky_with_ridge(gram: torch.Tensor, ridge: float, damping: float) -> tu
     rho starts at `damping`; while the factorization fails or has a pivot below the floor, rho = damping + ridge,
     then the ridge grows tenfold each try.
     """
-    g = 0.5 * (gram + gram.T)
+    g = gram + gram.T  # one working copy: symmetrized, then loaded in place (a Gram can take gigabytes)
+    g.mul_(0.5)
     mean_diag = float(g.diagonal().mean())
     if not mean_diag > 0.0:
         raise CalibrationError(
@@ -280,14 +281,14 @@ def _cholesky_with_ridge(gram: torch.Tensor, ridge: float, damping: float) -> tu
     if ridge <= 0.0 or damping < 0.0:
         raise ValueError(f"ridge must be > 0 and damping >= 0, got ridge={ridge}, damping={damping}")
     tries = [damping] + [damping + ridge * 10.0**i for i in range(int(math.log10(_MAX_RIDGE / ridge)) + 2)]
+    applied = 0.0
     for rel in tries:
-        loaded = g
-        if rel > 0:
-            loaded = g.clone()
-            loaded.diagonal().add_(rel * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(loaded)
+        g.diagonal().add_((rel - applied) * mean_diag)
+        applied = rel
+        chol, info = torch.linalg.cholesky_ex(g)
         if int(info) == 0 and float(chol.diagonal().min()) ** 2 >= _PIVOT_FLOOR * mean_diag:
             return chol, rel
+        del chol
     raise CalibrationError(
         f"the calibration Gram is not positive definite even with a ridge of {tries[-1]:g} x its mean diagonal; "
         "check the calibration statistics"

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +109,8 @@ class FactorizeResult:
     evaluation: dict[str, Any] | None = None  # evaluate_models(OUT, baseline=MODEL).to_dict() with --evaluate
     # normalized spectra (of the method's transformed weight) of the most and least compressible layers
     spectra: dict[str, list[float]] = field(default_factory=dict)
+    # the largest memory held while one block was processed (process RSS on CPU, allocator peak on CUDA)
+    peak_block_mb: float = 0.0
 
     @property
     def kept_fraction_targets(self) -> float:
@@ -134,6 +138,7 @@ class FactorizeResult:
             },
             "calibration": self.calibration,
             "timings_s": self.timings,
+            "peak_block_mb": self.peak_block_mb,
             "layers": [
                 {
                     "module": x.name,
@@ -216,6 +221,11 @@ class Prepared:
         self.warn: Callable[[str], None] = lambda m: None
         self.tick = _Stopwatch()
         self.block_peaks: list[float] = []
+        self._text: str | None = None  # the calibration text, when there is one
+        self._notes: list[str] = []  # warnings about the calibration windows
+        self._sampling: str | None = (
+            None  # "resident" or "streamed": how the self-generated windows were drawn
+        )
         # pass 1's gradient statistics per target: (fisher_rows, out_grad_sq)
         self._gradients: dict[str, tuple[Any, float | None]] = {}
 
@@ -330,8 +340,12 @@ class Prepared:
                     batch_size=settings.samples, random_start=settings.self_start == "random",
                     device=settings.device, progress=lambda d, t: self.report("sampling calibration", d, t),
                 )  # fmt: skip
+            self._sampling = "resident" if resident else "streamed"
             if not resident:
-                self.warn("the model is larger than half the free memory: sampling read each block per token")
+                self.warn(
+                    "the model does not fit in half the free memory: sampling reads each block from the checkpoint "
+                    "for every token (slow; --self-mix 0 skips the sampling)"
+                )
             self.tick("sampling")
         self.calibration_batches = batches
         self.part_weights = {part: (mix if part == "self" else 1.0 - mix) for part in batches}
@@ -488,7 +502,7 @@ class Prepared:
                     self._gradients.update(out)
                     self._spectra(list(modules), spectra, stable, self._fisher_stats(modules))
             for part in flow.ids:
-                flow.stash[part].pop(i, None)
+                flow.drop_stash(part, i)
             self.report(f"gradients, block {n - i}/{n}", n - i, n)
         return out
 
@@ -519,7 +533,7 @@ class Prepared:
         try:
             for w in weights:
                 w.requires_grad_(True)
-            for k, h in enumerate(flow.stash[part][i]):
+            for k, h in enumerate(flow.stashed(part, i)):
                 h = h.to(self.streamed.device).requires_grad_(True)
                 with torch.enable_grad():
                     out = self.streamed.run_block(block, h, flow.grad_ctx[part][k])
@@ -572,7 +586,7 @@ class Prepared:
                 self.warn(narrow)
         sha = {}
         if "text" in batches:
-            sha["text"] = text_fingerprint(self._text)
+            sha["text"] = text_fingerprint(self._text or "")
         if "self" in batches:
             sha["self"] = hashlib.sha256(batches["self"].numpy().tobytes()).hexdigest()  # of the token ids
         grads = {part: len(self.grad_rows.get(part, [])) for part in ("text", "self")}
@@ -601,6 +615,8 @@ class Prepared:
             },  # fmt: skip
             "perplexity": perplexity,  # the source model's on each part: the narrow-text check
             "warnings": notes,
+            # how the self-generated windows were sampled: every block in memory, or each read per token
+            "self_sampling": self._sampling,
             "error_aware": settings.error_aware,
             "refine_steps": settings.refine_steps,
         }
@@ -663,7 +679,7 @@ class Prepared:
                 result.evaluation = evaluation
                 tick("evaluate")
             result.timings = dict(tick.laps)
-            result.timings["peak_block_mb"] = max(self.block_peaks, default=0.0)
+            result.peak_block_mb = max(self.block_peaks, default=0.0)
             result.files = sorted({p.name for p in written} | {"recipe.yaml", "report.json", "README.md"})
             _write_sidecars(tmp, result, self.model_path)
         return result
@@ -692,12 +708,21 @@ class Prepared:
                 )
                 swapped = {}
                 cache: dict[int, Any] = {}
+                users = Counter(id(st.gram) for st in stats.values())
                 for name in modules:
                     layer, factors = self._factorize(self._target(name), ranks[name], stats.get(name), cache)
                     layers[name] = layer
                     if factors is not None:
                         swapped[name] = factors
                         streamed.set_block_module(name, factors)
+                    used = stats.pop(
+                        name, None
+                    )  # a group's statistics and Cholesky factor go with its last layer
+                    if used is not None:
+                        users[id(used.gram)] -= 1
+                        if not users[id(used.gram)]:
+                            cache.pop(id(used.gram), None)
+                    del used
                 if flow is not None:
                     if swapped and self.settings.refine_steps:
                         _refine(streamed, block, swapped, flow, self.settings.refine_steps)
@@ -784,8 +809,8 @@ class _Flow:
 
     `hidden` are the dense model's (the inputs of the block about to run); in pass 2 `compressed` are the
     compressed prefix's (the same tensors until a block is factorized: `shifted` says when they part) and
-    `dense_out` the dense block's outputs, the targets of the fit. `stash` keeps the inputs of the gradient windows
-    for the block-wise backward pass. With --offload they live on the CPU and visit the device per batch.
+    `dense_out` the dense block's outputs, the targets of the fit. The inputs of the gradient windows are stashed on
+    disk for the block-wise backward pass. With --offload they live on the CPU and visit the device per batch.
     """
 
     def __init__(self, prepared: Prepared) -> None:
@@ -802,7 +827,8 @@ class _Flow:
         self.hidden = {part: [c.hidden.to(self.store) for c in ctx] for part, ctx in self.ctx.items()}
         self.compressed = {part: list(h) for part, h in self.hidden.items()}
         self.dense_out: dict[str, list[Any]] = {part: [None] * len(h) for part, h in self.hidden.items()}
-        self.stash: dict[str, dict[int, list[torch.Tensor]]] = {part: {} for part in self.ids}
+        # the gradient windows' inputs of every block, spilled to disk so that memory does not grow with depth
+        self._spill = tempfile.TemporaryDirectory(prefix="lowrank-compress-stash-")
         self.shifted = False
 
     @classmethod
@@ -819,7 +845,25 @@ class _Flow:
         return self.hidden[part][r // BATCH][r % BATCH : r % BATCH + 1]
 
     def stash_inputs(self, part: str, i: int) -> None:
-        self.stash[part][i] = [self.row(part, r).clone() for r in self.grad_rows.get(part, [])]
+        """Keep block i's inputs of the gradient windows for the backward pass (on disk)."""
+        from safetensors.torch import save_file
+
+        rows = self.grad_rows.get(part, [])
+        if rows:
+            tensors = {str(k): self.row(part, r).to("cpu").contiguous() for k, r in enumerate(rows)}
+            save_file(tensors, self._stash_path(part, i))
+
+    def stashed(self, part: str, i: int) -> list[torch.Tensor]:
+        from safetensors.torch import load_file
+
+        tensors = load_file(self._stash_path(part, i))
+        return [tensors[str(k)] for k in range(len(tensors))]
+
+    def drop_stash(self, part: str, i: int) -> None:
+        Path(self._stash_path(part, i)).unlink(missing_ok=True)
+
+    def _stash_path(self, part: str, i: int) -> str:
+        return str(Path(self._spill.name) / f"{part}-{i}.safetensors")
 
     def advance(self, block: nn.Module, compressed: bool) -> None:
         """After block i of pass 2: the dense hidden states become the dense block's outputs; the compressed ones

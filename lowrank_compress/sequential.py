@@ -27,8 +27,9 @@ from torch import nn
 from lowrank_compress.checkpoint import Checkpoint, _NameMap, _tied_map
 from lowrank_compress.errors import LowrankError
 
-CACHE_FRACTION = 0.25
-"""A model whose tensors (at the working dtype) take less than this share of the available memory is cached."""
+CACHE_BYTES = 2 * 2**30
+"""A model whose tensors at the working dtype take less than this (and less than a quarter of the available memory)
+keeps them once read; larger models are read anew each time, so that memory holds one block."""
 
 
 class _Stop(Exception):
@@ -66,7 +67,7 @@ class StreamedModel:
         self._params = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
         # A model far smaller than memory keeps its tensors once read (the passes read every block two or three
         # times; GGUF dequantization is slow); a large one is read anew each time, so memory stays one block.
-        small = self.nbytes() < CACHE_FRACTION * available_memory()
+        small = self.nbytes() < min(CACHE_BYTES, available_memory() // 4)
         self._cache: dict[str, torch.Tensor] | None = {} if small else None
 
     # -- names --
@@ -147,6 +148,7 @@ class StreamedModel:
         block = self.blocks[i]
         prefix = f"{self.blocks_name}.{i}."
         self._materialize([prefix + n for n, _ in block.named_parameters()])
+        self.ckpt.release()
         return block
 
     def release_block(self, i: int) -> None:

@@ -122,7 +122,7 @@ def test_whiten_layer_is_the_optimal_truncation_on_the_calibration_inputs(
 
     src = models["gqa"]
     settings = build_settings(
-        method="whiten", policy="uniform", budget=0.5, self_mix=0.0, error_aware=False, **FAST
+        method="whiten", policy="uniform", budget=0.5, self_mix=0.0, error_aware=False, damping=0.0, **FAST
     )
     result = factorize_model(src, tmp_path / "out", settings)
     name = "model.layers.1.mlp.down_proj"
@@ -412,15 +412,21 @@ def test_small_or_repetitive_calibration_is_warned_about_and_recorded(
 def test_damping_zero_is_plain_whitening_and_damping_moves_toward_svd(
     models: dict[str, Path], tmp_path: Path
 ) -> None:
+    """On the dense inputs (--no-error-aware), damping 0 is SVD-LLM and heavy damping approaches plain SVD."""
     src = models["llama"]
-    common = {"method": "whiten", "policy": "uniform", "budget": 0.5, "samples": 8, "seq_len": 64}
-    plain = factorize_model(src, tmp_path / "plain", build_settings(**common))
-    zero = factorize_model(src, tmp_path / "zero", build_settings(damping=0.0, **common))
+    common = {
+        "method": "whiten",
+        "policy": "uniform",
+        "budget": 0.5,
+        "samples": 8,
+        "seq_len": 64,
+        "error_aware": False,
+    }
+    plain = factorize_model(src, tmp_path / "plain", build_settings(damping=0.0, **common))
     heavy = factorize_model(src, tmp_path / "heavy", build_settings(damping=1e2, **common))
     svd = factorize_model(src, tmp_path / "svd", build_settings(**{**common, "method": "svd"}))
-    a, b = load_state_dict(tmp_path / "plain"), load_state_dict(tmp_path / "zero")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [x.rank for x in plain.layers] == [x.rank for x in zero.layers] == [x.rank for x in svd.layers]
+    a = load_state_dict(tmp_path / "plain")
+    assert [x.rank for x in plain.layers] == [x.rank for x in heavy.layers] == [x.rank for x in svd.layers]
     original = load_state_dict(src)
     heavy_sd, svd_sd = load_state_dict(tmp_path / "heavy"), load_state_dict(tmp_path / "svd")
     for layer in heavy.layers:

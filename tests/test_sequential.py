@@ -48,7 +48,8 @@ def reference(src: Path, settings) -> dict[str, tuple[int | None, np.ndarray | N
         )  # fmt: skip
     cands = [
         LayerCandidate(
-            t.name, t.out_features, t.in_features, decompose(t.weight(), settings.method, stats.get(t.name)),
+            t.name, t.out_features, t.in_features,
+            decompose(t.weight(), settings.method, stats.get(t.name), damping=settings.damping),
             stable_rank=spectrum_stats(t.weight(), fast=True, tol=1e-5).stable_rank,
             sensitivity=stats[t.name].out_grad_sq if stats else None,
         )
@@ -246,3 +247,61 @@ def test_weights_in_memory_do_not_grow_with_depth(tmp_path: Path, monkeypatch) -
         src = tiny_llama(tmp_path, num_layers=layers, name=f"deep{layers}")
         factorize_model(src, tmp_path / f"out{layers}", settings)
     assert peaks["deep2"] == peaks["deep8"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_blocks_with_offloaded_hidden_states_match_the_cpu_run(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """--device cuda moves one block at a time to the GPU; --offload keeps the hidden states on the CPU. Same ranks,
+    factors within float tolerance of the CPU run, and the output reloads on either device."""
+    settings = dict(budget=0.6, **FAST)
+    cpu = factorize_model(models["llama"], tmp_path / "cpu", build_settings(**settings))
+    gpu = factorize_model(
+        models["llama"], tmp_path / "gpu", build_settings(device="cuda", offload=True, **settings)
+    )
+    assert [x.rank for x in cpu.layers] == [x.rank for x in gpu.layers]
+    a, b = load_state_dict(tmp_path / "cpu"), load_state_dict(tmp_path / "gpu")
+    for layer in cpu.layers:
+        if layer.rank is not None:
+            w = product(a, layer.name)
+            assert np.linalg.norm(product(b, layer.name) - w) <= 1e-3 * np.linalg.norm(w), layer.name
+
+
+def test_a_target_outside_the_blocks_is_refused_in_one_line(models: dict[str, Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from lowrank_compress.cli import cli
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli, ["factorize", str(models["llama"]), "-o", str(out), "--target", "lm_head"]
+    )
+    assert result.exit_code == 1
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and "outside the repeated blocks" in lines[0]
+    assert not out.exists()
+
+
+def test_refinement_brings_the_blocks_closer_to_the_dense_outputs(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """--refine-steps: Adam steps on each block's factors against the dense block's outputs lower the compressed
+    model's error on the calibration windows (AA-SVD's block-wise refinement)."""
+    src = models["llama"]
+    common = dict(budget=0.5, method="whiten", policy="uniform", **FAST)
+    factorize_model(src, tmp_path / "closed", build_settings(**common))
+    factorize_model(src, tmp_path / "refined", build_settings(refine_steps=40, **common))
+    dense, tok, _ = load_model(src)
+    batches = make_batches(tok, load_text("builtin", split="calibration"), samples=8, seq_len=64, seed=0)
+
+    def last_hidden(model) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=batches, output_hidden_states=True).hidden_states[-1]
+
+    target = last_hidden(dense)
+    errors = {
+        k: float((last_hidden(load_model(tmp_path / k)[0]) - target).norm()) for k in ("closed", "refined")
+    }
+    assert errors["refined"] < errors["closed"]
