@@ -165,6 +165,19 @@ def test_error_aware_fit_is_the_least_squares_optimum() -> None:
     torch.testing.assert_close(a.reconstruct(2), b.reconstruct(2), rtol=1e-9, atol=1e-9)
 
 
+def last_hidden_errors(src: Path, outputs: dict[str, Path]) -> dict[str, float]:
+    """||h - h_dense|| of each compressed output's last hidden states on the calibration windows."""
+    dense, tok, _ = load_model(src)
+    batches = make_batches(tok, load_text("builtin", split="calibration"), samples=8, seq_len=64, seed=0)
+
+    def last_hidden(model) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=batches, output_hidden_states=True).hidden_states[-1]
+
+    target = last_hidden(dense)
+    return {k: float((last_hidden(load_model(p)[0]) - target).norm()) for k, p in outputs.items()}
+
+
 def test_error_aware_default_fits_better_than_dense_inputs_alone(
     models: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -174,17 +187,7 @@ def test_error_aware_default_fits_better_than_dense_inputs_alone(
     common = dict(budget=0.5, method="whiten", policy="uniform", **FAST)
     factorize_model(src, tmp_path / "aware", build_settings(error_aware=True, **common))
     factorize_model(src, tmp_path / "plain", build_settings(error_aware=False, **common))
-    dense, tok, _ = load_model(src)
-    batches = make_batches(tok, load_text("builtin", split="calibration"), samples=8, seq_len=64, seed=0)
-
-    def last_hidden(model) -> torch.Tensor:
-        with torch.no_grad():
-            return model(input_ids=batches, output_hidden_states=True).hidden_states[-1]
-
-    target = last_hidden(dense)
-    errors = {
-        k: float((last_hidden(load_model(tmp_path / k)[0]) - target).norm()) for k in ("aware", "plain")
-    }
+    errors = last_hidden_errors(src, {k: tmp_path / k for k in ("aware", "plain")})
     assert errors["aware"] < errors["plain"]
 
 
@@ -293,15 +296,5 @@ def test_refinement_brings_the_blocks_closer_to_the_dense_outputs(
     common = dict(budget=0.5, method="whiten", policy="uniform", **FAST)
     factorize_model(src, tmp_path / "closed", build_settings(**common))
     factorize_model(src, tmp_path / "refined", build_settings(refine_steps=40, **common))
-    dense, tok, _ = load_model(src)
-    batches = make_batches(tok, load_text("builtin", split="calibration"), samples=8, seq_len=64, seed=0)
-
-    def last_hidden(model) -> torch.Tensor:
-        with torch.no_grad():
-            return model(input_ids=batches, output_hidden_states=True).hidden_states[-1]
-
-    target = last_hidden(dense)
-    errors = {
-        k: float((last_hidden(load_model(tmp_path / k)[0]) - target).norm()) for k in ("closed", "refined")
-    }
+    errors = last_hidden_errors(src, {k: tmp_path / k for k in ("closed", "refined")})
     assert errors["refined"] < errors["closed"]
