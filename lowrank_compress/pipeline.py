@@ -208,6 +208,8 @@ class Prepared:
         self.tokenizer: Any = None
         self.source: Any = None
         self.targets: list[Target] = []
+        self._targets_by_name: dict[str, Target] = {}
+        self._stable_ranks: dict[str, float] = {}  # per target, from pass 1
         self.candidates: list[Any] = []
         self.calibration_info: dict[str, Any] = {"source": None}
         # the calibration windows by part ("text", "self"), kept so a caller can see exactly what was measured
@@ -270,6 +272,7 @@ class Prepared:
         self.settings = settings = self._applicable(settings, causal)
         self.tokenizer = load_tokenizer(source, required=self.needs_data)
         self.targets = find_targets(model, settings.target, settings.ignore)
+        self._targets_by_name = {t.name: t for t in self.targets}
         outside = [t.name for t in self.targets if self.streamed.block_of(t.name) is None]
         if outside:
             raise LowrankError(
@@ -375,7 +378,7 @@ class Prepared:
         grads: dict[str, Any] = {}
         self._gradients = grads
         if self.needs_data:
-            flow = _Flow.start(self)
+            flow = _Flow(self)
             self._forward(flow, spectra, stable, keep_stats)
             self._record_calibration(flow)
             if any(self.grad_rows.values()):
@@ -387,6 +390,7 @@ class Prepared:
             with self.streamed.block(i):
                 self._spectra(names, spectra, stable, stats={})
             self.report("pass 1: spectra, block", i + 1, len(self.streamed.blocks))
+        self._stable_ranks = stable
         self.candidates = [
             LayerCandidate(
                 name=t.name, out_features=t.out_features, in_features=t.in_features, decomposition=spectra[t.name],
@@ -403,7 +407,7 @@ class Prepared:
         return sorted(by_block.items())
 
     def _target(self, name: str) -> Target:
-        return next(t for t in self.targets if t.name == name)
+        return self._targets_by_name[name]
 
     def _spectra(
         self, names: list[str], spectra: dict[str, Any], stable: dict[str, float], stats: dict
@@ -694,7 +698,7 @@ class Prepared:
         for name in streamed.outer_tensors():
             writer.add(name, ckpt.read_stored(name))
         fit_needs_data = self.settings.method in ("whiten", "asvd") or self.settings.refine_steps > 0
-        flow = _Flow.start(self) if fit_needs_data else None
+        flow = _Flow(self) if fit_needs_data else None
         layers: dict[str, LayerResult] = {}
         dtype = torch.float32
         n = len(streamed.blocks)
@@ -774,7 +778,7 @@ class Prepared:
 
         shape = (t.out_features, t.in_features)
         dense = t.out_features * t.in_features
-        stable = next(c.stable_rank for c in self.candidates if c.name == t.name)
+        stable = self._stable_ranks[t.name]
         if rank is None:
             return LayerResult(t.name, shape, None, dense, dense, 0.0, stable), None
         dec = self._decompose(t, stats, cache)
@@ -830,10 +834,6 @@ class _Flow:
         # the gradient windows' inputs of every block, spilled to disk so that memory does not grow with depth
         self._spill = tempfile.TemporaryDirectory(prefix="lowrank-compress-stash-")
         self.shifted = False
-
-    @classmethod
-    def start(cls, prepared: Prepared) -> _Flow:
-        return cls(prepared)
 
     def run(self, block: nn.Module, part: str, b: int, hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_compress.calibration import no_cache_kwargs
 from lowrank_compress.checkpoint import Checkpoint, _NameMap, _tied_map
 from lowrank_compress.errors import LowrankError
 
@@ -191,7 +192,7 @@ class StreamedModel:
                 for start in range(0, batches.shape[0], batch_size):
                     ids = batches[start : start + batch_size].to(self.device)
                     with contextlib.suppress(_Stop):
-                        self.model(input_ids=ids, **_no_cache(self.model))
+                        self.model(input_ids=ids, **no_cache_kwargs(self.model))
         finally:
             handle.remove()
         if len(captured) != -(-batches.shape[0] // batch_size):
@@ -206,8 +207,6 @@ class StreamedModel:
     def head_loss(self, final: torch.Tensor, ids: torch.Tensor, *, per_row: bool = False) -> torch.Tensor:
         """The language-model loss of the model whose last block output `final` (mean over tokens; per row with
         `per_row`). The blocks are bypassed: block 0 returns `final`, the others pass it through."""
-        from lowrank_compress.calibration import no_cache_kwargs
-
         self.load_outer()
         with self._bypass(final):
             out = self.model(input_ids=ids.to(self.device), **no_cache_kwargs(self.model))
@@ -280,12 +279,6 @@ class StreamedModel:
             free, _ = torch.cuda.mem_get_info(self.device)
             return size < fraction * free
         return size < fraction * available_memory()
-
-
-def _no_cache(model: nn.Module) -> dict[str, Any]:
-    from lowrank_compress.calibration import no_cache_kwargs
-
-    return no_cache_kwargs(model)
 
 
 def available_memory() -> int:
