@@ -368,6 +368,9 @@ class LayerStats:
     # (in x in) float64, error-aware fitting only: sum of x x'^T, x the layer's input in the dense model and x' its
     # input when the block is fed the compressed prefix's hidden states; `gram` and `abs_sum` then describe x'
     cross: torch.Tensor | None = None
+    # (out x in) float64, error-aware fitting only, in place of `cross` for a layer with fewer outputs than inputs
+    # (down_proj: 4096 x 11008 rather than 11008^2): W times the cross term, summed directly as sum of (W x) x'^T
+    weighted_cross: torch.Tensor | None = None
 
 
 def _resolve_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
@@ -401,18 +404,32 @@ class _InputSums:
         self.abs_sum: torch.Tensor | None = None
         self.n_tokens = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        # The product runs in float32 (twice as fast as float64 on CPUs, and a batch has only thousands of rows);
-        # the running sums are float64, so accuracy does not decay with the number of batches.
+    def add(self, x: torch.Tensor, weight: float = 1.0) -> None:
+        """Add a batch's sums, multiplied by `weight` (a calibration part's share, see `BlockStatistics.add`).
+
+        The product runs in float32 (twice as fast as float64 on CPUs, and a batch has only thousands of rows);
+        the running sums are float64, so accuracy does not decay with the number of batches."""
         flat = x.detach().reshape(-1, x.shape[-1]).float()
-        gram = (flat.T @ flat).double()
-        abs_sum = flat.abs().sum(0, dtype=torch.float64)
-        if self.gram is None:
-            self.gram, self.abs_sum = gram, abs_sum
-        else:
-            self.gram += gram
-            self.abs_sum += abs_sum
+        self.gram = add_product(self.gram, flat, flat, weight)
+        abs_sum = flat.abs().sum(0, dtype=torch.float64).mul_(weight)
+        self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum.add_(abs_sum)
         self.n_tokens += flat.shape[0]
+
+
+PRODUCT_COLUMNS = 1024
+"""Columns of a^T b computed at a time by `add_product`."""
+
+
+def add_product(
+    total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, weight: float = 1.0
+) -> torch.Tensor:
+    """`total + weight a^T b` in float64, in place, the product taken in float32 a slab of columns at a time: a whole
+    float32 product and its float64 copy would add 1.5x the Gram (1.4 GB for a 11008-wide layer) for a moment."""
+    if total is None:
+        total = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64, device=a.device)
+    for j in range(0, b.shape[1], PRODUCT_COLUMNS):
+        total[:, j : j + PRODUCT_COLUMNS].add_(a.T @ b[:, j : j + PRODUCT_COLUMNS], alpha=weight)
+    return total
 
 
 class _Accumulator:
@@ -611,6 +628,16 @@ def no_cache_kwargs(model: nn.Module) -> dict[str, Any]:
     return {"use_cache": False} if config is not None and hasattr(config, "use_cache") else {}
 
 
+def part_scales(shares: dict[str, float], tokens: dict[str, int]) -> dict[str, float]:
+    """Per calibration part, the factor on its sums that pools the parts as `blend_stats` does: the part's share
+    of the statistics (shares normalized over the parts with a positive share) x total tokens / part tokens."""
+    total_share = sum(w for w in shares.values() if w > 0)
+    if total_share <= 0:
+        raise CalibrationError("no calibration statistics to blend (every weight is 0)")
+    total_tokens = sum(tokens[p] for p, w in shares.items() if w > 0)
+    return {p: (w / total_share) * total_tokens / tokens[p] if w > 0 else 0.0 for p, w in shares.items()}
+
+
 class BlockStatistics:
     """Input statistics of the target layers of one block, batch by batch (the block-sequential pipeline).
 
@@ -618,12 +645,16 @@ class BlockStatistics:
     (X^T X, sum |X|); `add(dense, shifted)` adds the error-aware sums instead: X'^T X' and sum |X'| of the inputs
     seen when the block is fed the compressed prefix's hidden states, and the cross term X^T X'. Layers that read
     the same tensor (q/k/v, gate/up) share one set of sums, as in `collect_stats`.
+
+    Several calibration parts pool into one set of sums as `blend_stats` pools them: `add(..., weight=w)` with
+    w = share x total tokens / part tokens (`part_scales`), so the mixture never holds a second copy of the sums.
     """
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
         self.sums: dict[str, _InputSums] = {}
         self.cross: dict[int, torch.Tensor] = {}  # id(sums) -> running cross term
+        self.weighted: dict[str, torch.Tensor] = {}  # name -> running W X^T X', where that is the smaller one
 
     @contextlib.contextmanager
     def record(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -642,35 +673,46 @@ class BlockStatistics:
             for h in handles:
                 h.remove()
 
-    def add(self, dense: dict[str, torch.Tensor], shifted: dict[str, torch.Tensor] | None = None) -> None:
-        by_tensor: dict[int, _InputSums] = {}
+    def add(
+        self, dense: dict[str, torch.Tensor], shifted: dict[str, torch.Tensor] | None = None, weight: float = 1.0
+    ) -> None:
+        groups: dict[int, list[str]] = {}  # layers reading one tensor share their sums
         for name in self.modules:
             if name not in dense:
                 raise LowrankError(
                     f"calibration target {name} was never called during the block's forward pass"
                 )
-            x = dense[name]
-            if name not in self.sums:  # first batch: layers reading one tensor share their sums from now on
-                self.sums[name] = by_tensor.get(id(x)) or _InputSums()
-            sums = self.sums[name]
-            if id(x) in by_tensor:
-                continue
-            by_tensor[id(x)] = sums
+            groups.setdefault(id(dense[name]), []).append(name)
+        for names in groups.values():
+            sums = self.sums.get(names[0]) or _InputSums()
+            self.sums.update(dict.fromkeys(names, sums))
+            x = dense[names[0]]
             if shifted is None:
-                sums.add(x)
+                sums.add(x, weight)
                 continue
-            xs = shifted[name]
-            sums.add(xs)
+            xs = shifted[names[0]]
+            sums.add(xs, weight)
             a = x.reshape(-1, x.shape[-1]).float()
             b = xs.reshape(-1, xs.shape[-1]).float()
-            term = (a.T @ b).double()
-            key = id(sums)
-            self.cross[key] = term if key not in self.cross else self.cross[key] + term
+            weights = {n: _dense_weight(self.modules[n]) for n in names}
+            if sum(w.shape[0] for w in weights.values()) < a.shape[1]:
+                for n, w in weights.items():
+                    self.weighted[n] = add_product(self.weighted.get(n), a @ w.float().T, b, weight)
+            else:
+                self.cross[id(sums)] = add_product(self.cross.get(id(sums)), a, b, weight)
 
     def stats(self) -> dict[str, LayerStats]:
         out = {}
         for name, sums in self.sums.items():
             assert sums.gram is not None and sums.abs_sum is not None
             cross = self.cross.get(id(sums))
-            out[name] = LayerStats(sums.gram, sums.abs_sum, sums.n_tokens, cross=cross)
+            out[name] = LayerStats(
+                sums.gram, sums.abs_sum, sums.n_tokens, cross=cross, weighted_cross=self.weighted.get(name)
+            )
         return out
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    """A Linear (or GPT-2 Conv1D) layer's weight as (out x in)."""
+    w = module.weight.detach()
+    return w.T if is_conv1d(module) else w

@@ -6,7 +6,7 @@ that truncating the transformed SVD at rank r minimizes the method's own objecti
     svd     ||W - W_r||_F                 (data-free)
     asvd    ||(W - W_r) S||_F             S = diag(mean |x| ** alpha) per input channel
     whiten  ||(W - W_r) X^T||_F           X the calibration inputs; via the Cholesky factor L of X^T X
-            ||W X^T - W_r X'^T||_F        error-aware (stats.cross set): X' the inputs the layer sees behind the
+            ||W X^T - W_r X'^T||_F        error-aware (stats.cross or weighted_cross): X' the inputs the layer sees behind the
                                           compressed prefix, X its dense inputs (see `_error_aware_target`)
     fisher  ||D (W - W_r)||_F             D = diag(sqrt(fisher_rows / n_tokens)) per output row
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -129,8 +129,9 @@ def decompose(
     asvd_alpha: float = 0.5,
     ridge: float = DEFAULT_RIDGE,
     damping: float = 0.0,
-    cholesky_cache: dict[int, tuple[torch.Tensor, float]] | None = None,
+    cholesky_cache: dict[int, Whitening] | None = None,
     spectrum_only: bool = False,
+    consume_stats: bool = False,
 ) -> Decomposition:
     """One float64 SVD of `w` (out x in) under `method`; see the module docstring for the objectives.
 
@@ -145,6 +146,10 @@ def decompose(
         keep ridge and damping the same.
     spectrum_only: compute singular values alone (no factors: `stored_rank` 0, like `truncate(0)`), about twice
         as fast; what a rank allocator reads.
+    consume_stats: whiten with damping >= 1e-3 only: factorize the Gram in place (it then holds the Cholesky
+        factor: read it through `cholesky_cache` only), saving a copy of it (1 GB for a 11008-wide layer). The
+        damping makes a failed factorization (which would need the original for a larger ridge) impossible in
+        practice; it is then an error.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -175,17 +180,18 @@ def decompose(
         cached = cholesky_cache.get(id(stats.gram)) if cholesky_cache is not None else None
         if cached is None:
             gram = _checked(stats.gram, (in_f, in_f), "gram", w.device)
-            cached = _cholesky_with_ridge(gram, ridge, damping)
+            in_place = consume_stats and damping >= _IN_PLACE_DAMPING
+            cached = _cholesky_in_place(gram, damping) if in_place else _cholesky_with_ridge(gram, ridge, damping)
             if cholesky_cache is not None:
                 cholesky_cache[id(stats.gram)] = cached
-        chol, used = cached
-        if getattr(stats, "cross", None) is None:
+        chol = cached.chol
+        if getattr(stats, "cross", None) is None and getattr(stats, "weighted_cross", None) is None:
             u, s, vh = _svd(w @ chol, spectrum_only)
         else:
-            u, s, vh = _svd(_error_aware_target(w, stats, chol, used), spectrum_only)
+            u, s, vh = _svd(_error_aware_target(w, stats, cached), spectrum_only)
         # v = Vh L^-1, solved as v L = Vh (triangular, never an explicit inverse)
         v = torch.linalg.solve_triangular(chol, vh, upper=False, left=False)
-        return Decomposition(u, s, v, method, ridge=used)
+        return Decomposition(u, s, v, method, ridge=cached.rel)
 
     # fisher
     if stats.fisher_rows is None:
@@ -218,12 +224,13 @@ def _svd(a: torch.Tensor, values_only: bool = False) -> tuple[torch.Tensor, torc
     proj = u.T @ a  # row i = s_i * v_i
     s = torch.linalg.vector_norm(proj, dim=1)
     s, order = torch.sort(s, descending=True)  # round-off may swap near-equal neighbours
-    u, proj = u[:, order], proj[order]
-    vh = proj / s.clamp_min(torch.finfo(s.dtype).tiny)[:, None]
+    if not bool((order == torch.arange(len(order), device=order.device)).all()):
+        u, proj = u[:, order], proj[order]
+    vh = proj.div_(s.clamp_min(torch.finfo(s.dtype).tiny)[:, None])  # in place: a layer's worth of float64
     return u, s, vh
 
 
-def _error_aware_target(w: torch.Tensor, stats: LayerStats, chol: torch.Tensor, rel: float) -> torch.Tensor:
+def _error_aware_target(w: torch.Tensor, stats: LayerStats, whitening: Whitening) -> torch.Tensor:
     """The whitened matrix whose truncated SVD solves the error-aware fit.
 
     min over rank-r M of ||W X - M X'||^2 + rho ||(W - M)||^2 (X the dense inputs, X' the shifted ones, rho the
@@ -231,16 +238,16 @@ def _error_aware_target(w: torch.Tensor, stats: LayerStats, chol: torch.Tensor, 
     and ||W X - M X'||^2 + rho ||W - M||^2 = const + ||(M* - M) L||^2. So truncating the SVD of
     M* L = W (X^T X' + rho I) L^-T is optimal, exactly as SVD-LLM truncates W L; with X' = X it is W L.
     """
-    in_f = w.shape[1]
-    assert stats.cross is not None
-    cross = _checked(stats.cross, (in_f, in_f), "cross", w.device)
-    gram = _checked(stats.gram, (in_f, in_f), "gram", w.device)
-    rho = rel * float(gram.diagonal().mean())
-    a = w @ cross
+    out_f, in_f = w.shape
+    rho = whitening.rel * whitening.mean_diag
+    if stats.weighted_cross is not None:  # W X^T X', summed directly
+        a = _checked(stats.weighted_cross, (out_f, in_f), "weighted_cross", w.device).clone()
+    else:
+        a = w @ _checked(stats.cross, (in_f, in_f), "cross", w.device)
     if rho > 0:
         a.add_(w, alpha=rho)
     # T L^T = A, L^T upper triangular
-    return torch.linalg.solve_triangular(chol.T, a, upper=True, left=False)
+    return torch.linalg.solve_triangular(whitening.chol.T, a, upper=True, left=False)
 
 
 def _checked(t: torch.Tensor, shape: tuple[int, ...], what: str, device: torch.device) -> torch.Tensor:
@@ -264,31 +271,63 @@ def _floored(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_min(_SCALE_FLOOR * mean)
 
 
-def _cholesky_with_ridge(gram: torch.Tensor, ridge: float, damping: float) -> tuple[torch.Tensor, float]:
-    """Lower Cholesky factor of gram + rho * mean(diag) * I and the relative rho used.
+class Whitening(NamedTuple):
+    """The lower Cholesky factor of gram + rel * mean_diag * I, with rel and the Gram's mean diagonal."""
 
-    rho starts at `damping`; while the factorization fails or has a pivot below the floor, rho = damping + ridge,
-    then the ridge grows tenfold each try.
-    """
-    g = gram + gram.T  # one working copy: symmetrized, then loaded in place (a Gram can take gigabytes)
-    g.mul_(0.5)
-    mean_diag = float(g.diagonal().mean())
+    chol: torch.Tensor
+    rel: float
+    mean_diag: float
+
+
+_IN_PLACE_DAMPING = 1e-3
+"""The least damping under which `decompose(consume_stats=True)` factorizes a Gram in place."""
+
+
+def _cholesky_in_place(gram: torch.Tensor, damping: float) -> Whitening:
+    """`_cholesky_with_ridge` without a working copy: the Gram (positive semi-definite up to round-off) plus
+    `damping` x its mean diagonal is factorized where it lies. LAPACK reads the lower triangle only."""
+    mean_diag = _mean_diagonal(gram)
+    gram.diagonal().add_(damping * mean_diag)
+    info = torch.empty((), dtype=torch.int32, device=gram.device)
+    torch.linalg.cholesky_ex(gram, out=(gram, info))
+    if int(info) != 0 or float(gram.diagonal().min()) ** 2 < _PIVOT_FLOOR * mean_diag:
+        raise CalibrationError(
+            f"the calibration Gram is not positive definite even with a damping of {damping:g} x its mean diagonal; "
+            "check the calibration statistics"
+        )
+    return Whitening(gram, damping, mean_diag)
+
+
+def _mean_diagonal(gram: torch.Tensor) -> float:
+    mean_diag = float(gram.diagonal().mean())
     if not mean_diag > 0.0:
         raise CalibrationError(
             "the calibration Gram is zero: the layer saw only zero inputs; use more or other calibration text, "
             "or keep this layer dense"
         )
+    return mean_diag
+
+
+def _cholesky_with_ridge(gram: torch.Tensor, ridge: float, damping: float) -> Whitening:
+    """Lower Cholesky factor of gram + rho * mean(diag) * I and the relative rho used.
+
+    rho starts at `damping`; while the factorization fails or has a pivot below the floor, rho = damping + ridge,
+    then the ridge grows tenfold each try.
+    """
+    g = gram + gram.T  # one working copy (a Gram can take gigabytes): symmetrized, loaded, factorized in place
+    g.mul_(0.5)
+    mean_diag = _mean_diagonal(g)
     if ridge <= 0.0 or damping < 0.0:
         raise ValueError(f"ridge must be > 0 and damping >= 0, got ridge={ridge}, damping={damping}")
     tries = [damping] + [damping + ridge * 10.0**i for i in range(int(math.log10(_MAX_RIDGE / ridge)) + 2)]
-    applied = 0.0
-    for rel in tries:
-        g.diagonal().add_((rel - applied) * mean_diag)
-        applied = rel
-        chol, info = torch.linalg.cholesky_ex(g)
-        if int(info) == 0 and float(chol.diagonal().min()) ** 2 >= _PIVOT_FLOOR * mean_diag:
-            return chol, rel
-        del chol
+    info = torch.empty((), dtype=torch.int32, device=g.device)
+    for k, rel in enumerate(tries):
+        if k:  # the failed try overwrote the working copy
+            torch.add(gram, gram.T, out=g).mul_(0.5)
+        g.diagonal().add_(rel * mean_diag)
+        torch.linalg.cholesky_ex(g, out=(g, info))
+        if int(info) == 0 and float(g.diagonal().min()) ** 2 >= _PIVOT_FLOOR * mean_diag:
+            return Whitening(g, rel, mean_diag)
     raise CalibrationError(
         f"the calibration Gram is not positive definite even with a ridge of {tries[-1]:g} x its mean diagonal; "
         "check the calibration statistics"

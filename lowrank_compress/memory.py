@@ -48,3 +48,26 @@ class PeakMemory:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def return_free_memory() -> None:
+    """Hand the allocator's free pages back to the system (glibc's `malloc_trim`; nothing elsewhere).
+
+    Tensors below glibc's mmap threshold (up to 32 MB once it adapts) come from its heaps, which keep freed pages:
+    between blocks they would count as resident memory that nothing uses, and the peak would grow block by block.
+    """
+    import ctypes
+    import ctypes.util
+
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _libc = ctypes.CDLL(name) if name else False
+        except OSError:
+            _libc = False
+    if _libc and hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)
+
+
+_libc: object = None

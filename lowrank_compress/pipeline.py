@@ -410,30 +410,36 @@ class Prepared:
         return self._targets_by_name[name]
 
     def _spectra(
-        self, names: list[str], spectra: dict[str, Any], stable: dict[str, float], stats: dict
-    ) -> None:
-        """Spectrum (singular values only) and stable rank of each named target of the loaded block."""
+        self, names: list[str], spectra: dict[str, Any], stable: dict[str, float], stats: dict,
+        free: bool = False,
+    ) -> None:  # fmt: skip
+        """Spectrum (singular values only) and stable rank of each named target of the loaded block. `free`: each
+        layer's statistics leave `stats` once used, a shared Gram and its Cholesky factor with their last layer."""
         from lowrank_compress.spectrum import spectrum_stats
 
         cache: dict[int, Any] = {}
+        users = Counter(id(st.gram) for st in stats.values())
         for name in names:
             t = self._target(name)
             if not bool(torch.isfinite(t.weight()).all()):
                 raise LowrankError(
                     f"{t.name} has NaN or Inf weights; fix the checkpoint or keep the layer dense with --ignore '{t.name}'"
                 )
-            spectra[name] = self._decompose(t, stats.get(name), cache, spectrum_only=True)
+            spectra[name] = self._decompose(t, stats.get(name), cache, spectrum_only=True, consume=free)
             # reported, and read by the stable-rank policy: five digits are plenty, twice as fast as 1e-7
             stable[name] = spectrum_stats(t.weight(), fast=True, tol=1e-5).stable_rank
+            if free:
+                _release_stats(stats, name, users, cache)
 
     def _decompose(
-        self, t: Target, stats: Any, cache: dict[int, Any], spectrum_only: bool = False
+        self, t: Target, stats: Any, cache: dict[int, Any], spectrum_only: bool = False, consume: bool = False
     ) -> Decomposition:
+        """`consume`: the statistics are not read again (their Gram may become its Cholesky factor)."""
         from lowrank_compress.factorize import decompose
 
         return decompose(
             t.weight(), self.settings.method, stats, damping=self.settings.damping, cholesky_cache=cache,
-            spectrum_only=spectrum_only,
+            spectrum_only=spectrum_only, consume_stats=consume,
         )  # fmt: skip
 
     def _block_targets(self, i: int) -> dict[str, nn.Module]:
@@ -442,29 +448,30 @@ class Prepared:
     def _forward(
         self, flow: _Flow, spectra: dict[str, Any], stable: dict[str, float], keep_stats: bool
     ) -> None:
-        from lowrank_compress.calibration import BlockStatistics, blend_stats
+        from lowrank_compress.calibration import BlockStatistics
 
         n = len(self.streamed.blocks)
+        scales = self._part_scales()
         for i in range(n):
             modules = self._block_targets(i)
             with self.streamed.block(i) as block, PeakMemory(self.streamed.device) as peak:
-                parts = []
+                sums = BlockStatistics(modules)
                 for part in flow.ids:
                     flow.stash_inputs(part, i)
-                    sums = BlockStatistics(modules)
                     for b in range(len(flow.hidden[part])):
                         with sums.record() as seen:
                             flow.hidden[part][b] = flow.run(block, part, b, flow.hidden[part][b])
-                        if modules:
-                            sums.add(seen)
-                    if modules:
-                        parts.append((sums.stats(), self.part_weights[part]))
+                        if modules and scales[part]:
+                            sums.add(seen, weight=scales[part])
+                        del seen
                 if modules:
-                    stats = parts[0][0] if len(parts) == 1 else blend_stats(parts)
+                    stats = sums.stats()
+                    del sums
                     if keep_stats:
                         self.stats.update(stats)
                     if self.settings.method != "fisher":
-                        self._spectra(list(modules), spectra, stable, stats)
+                        self._spectra(list(modules), spectra, stable, stats, free=not keep_stats)
+                    del stats
             self.block_peaks.append(peak.mb)
             self.report(f"pass 1, block {i + 1}/{n} (peak {peak.mb:,.0f} MB)", i + 1, n)
 
@@ -479,12 +486,13 @@ class Prepared:
         fisher = self.settings.method == "fisher"
         streamed = self.streamed
         upstream = {part: [] for part in flow.ids}
-        for part, rows in self.grad_rows.items():
-            for r in rows:
-                final = flow.row(part, r).to(streamed.device).requires_grad_(True)
-                with torch.enable_grad():
-                    loss = streamed.head_loss(final, flow.ids[part][r : r + 1])
-                    upstream[part].append(torch.autograd.grad(loss, final)[0].detach())
+        with streamed.outer(embeddings=False):
+            for part, rows in self.grad_rows.items():
+                for r in rows:
+                    final = flow.row(part, r).to(streamed.device).requires_grad_(True)
+                    with torch.enable_grad():
+                        loss = streamed.head_loss(final, flow.ids[part][r : r + 1])
+                        upstream[part].append(torch.autograd.grad(loss, final)[0].detach())
         n = len(streamed.blocks)
         out: dict[str, tuple[torch.Tensor | None, float | None]] = {}
         for i in reversed(range(n)):
@@ -571,7 +579,7 @@ class Prepared:
         if len(batches) == 2:
             mean_loss = {}
             for part in batches:
-                with torch.no_grad():
+                with torch.no_grad(), self.streamed.outer(embeddings=False):
                     losses = [
                         self.streamed.head_loss(
                             h.to(self.streamed.device),
@@ -719,14 +727,7 @@ class Prepared:
                     if factors is not None:
                         swapped[name] = factors
                         streamed.set_block_module(name, factors)
-                    used = stats.pop(
-                        name, None
-                    )  # a group's statistics and Cholesky factor go with its last layer
-                    if used is not None:
-                        users[id(used.gram)] -= 1
-                        if not users[id(used.gram)]:
-                            cache.pop(id(used.gram), None)
-                    del used
+                    _release_stats(stats, name, users, cache)
                 if flow is not None:
                     if swapped and self.settings.refine_steps:
                         _refine(streamed, block, swapped, flow, self.settings.refine_steps)
@@ -743,24 +744,29 @@ class Prepared:
     def _pass2_stats(self, block: nn.Module, modules: dict[str, nn.Module], flow: _Flow) -> dict[str, Any]:
         """The block's pooled input statistics for the fit: dense inputs X, or (error-aware, once the prefix is
         compressed) the shifted inputs X' with the cross term X^T X'. Also computes the dense block's outputs."""
-        from lowrank_compress.calibration import BlockStatistics, blend_stats
+        from lowrank_compress.calibration import BlockStatistics
 
         shifted = self.settings.error_aware and flow.shifted
-        parts = []
+        scales = self._part_scales()
+        sums = BlockStatistics(modules)
         for part in flow.ids:
-            sums = BlockStatistics(modules)
             for b in range(len(flow.hidden[part])):
                 with sums.record() as dense:
                     flow.dense_out[part][b] = flow.run(block, part, b, flow.hidden[part][b])
                 if shifted:
                     with sums.record() as moved:
                         flow.run(block, part, b, flow.compressed[part][b])
-                if modules:
-                    sums.add(dense, moved if shifted else None)
-            parts.append((sums.stats(), self.part_weights[part]))
-        if not modules:
-            return {}
-        return parts[0][0] if len(parts) == 1 else blend_stats(parts)
+                if modules and scales[part]:
+                    sums.add(dense, moved if shifted else None, weight=scales[part])
+                dense = moved = None
+        return sums.stats() if modules else {}
+
+    def _part_scales(self) -> dict[str, float]:
+        """The factor on each calibration part's sums that pools the parts by their weights (`part_scales`)."""
+        from lowrank_compress.calibration import part_scales
+
+        tokens = {part: int(ids.numel()) for part, ids in self.calibration_batches.items()}
+        return part_scales(self.part_weights, tokens)
 
     def _fisher_stats(self, modules: dict[str, nn.Module]) -> dict[str, Any]:
         """The Fisher rows pass 1 measured, as the statistics the fisher method reads (empty for other methods)."""
@@ -781,7 +787,7 @@ class Prepared:
         stable = self._stable_ranks[t.name]
         if rank is None:
             return LayerResult(t.name, shape, None, dense, dense, 0.0, stable), None
-        dec = self._decompose(t, stats, cache)
+        dec = self._decompose(t, stats, cache, consume=True)  # pass 2 drops each layer's statistics after it
         err = dec.truncation_error()
         rel = math.sqrt(float(err[rank]) / float(err[0])) if float(err[0]) > 0 else 0.0
         up, down = dec.factors(rank, dtype=torch.float32)
@@ -808,6 +814,15 @@ class Prepared:
         return dtype
 
 
+def _release_stats(stats: dict[str, Any], name: str, users: Counter, cache: dict[int, Any]) -> None:
+    """A layer's statistics leave `stats`; a shared Gram and its Cholesky factor go with their last layer."""
+    used = stats.pop(name, None)
+    if used is not None:
+        users[id(used.gram)] -= 1
+        if not users[id(used.gram)]:
+            cache.pop(id(used.gram), None)
+
+
 class _Flow:
     """The calibration windows' hidden states on their way through the blocks, per part ("text", "self").
 
@@ -823,11 +838,12 @@ class _Flow:
         self.store = torch.device("cpu") if settings.offload else streamed.device
         self.ids = prepared.calibration_batches
         self.grad_rows = prepared.grad_rows
-        self.ctx = {part: streamed.capture(rows, BATCH) for part, rows in self.ids.items()}
-        self.grad_ctx = {
-            part: streamed.capture(rows[self.grad_rows[part]], 1) if self.grad_rows.get(part) else []
-            for part, rows in self.ids.items()
-        }
+        with streamed.outer():
+            self.ctx = {part: streamed.capture(rows, BATCH) for part, rows in self.ids.items()}
+            self.grad_ctx = {
+                part: streamed.capture(rows[self.grad_rows[part]], 1) if self.grad_rows.get(part) else []
+                for part, rows in self.ids.items()
+            }
         self.hidden = {part: [c.hidden.to(self.store) for c in ctx] for part, ctx in self.ctx.items()}
         self.compressed = {part: list(h) for part, h in self.hidden.items()}
         self.dense_out: dict[str, list[Any]] = {part: [None] * len(h) for part, h in self.hidden.items()}

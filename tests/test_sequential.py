@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from lowrank_compress.allocate import LayerCandidate, allocate
-from lowrank_compress.calibration import LayerStats, collect_stats, make_batches
+from lowrank_compress.calibration import BlockStatistics, LayerStats, collect_stats, make_batches
 from lowrank_compress.factorize import decompose
 from lowrank_compress.loading import load_model
 from lowrank_compress.pipeline import factorize_model, find_targets
@@ -165,6 +166,49 @@ def test_error_aware_fit_is_the_least_squares_optimum() -> None:
     torch.testing.assert_close(a.reconstruct(2), b.reconstruct(2), rtol=1e-9, atol=1e-9)
 
 
+def test_a_wide_layer_keeps_w_times_the_cross_term_and_fits_the_same() -> None:
+    """For a layer with fewer outputs than inputs (down_proj) the error-aware sums hold W X^T X' (out x in) instead
+    of X^T X' (in x in); both give M* L = W (X^T X' + rho I) L^-T, so the same factors."""
+    torch.manual_seed(0)
+    wide, tall = nn.Linear(12, 4, bias=False).double(), nn.Linear(4, 12, bias=False).double()
+    x, xs = torch.randn(2, 30, 12, dtype=torch.float64), torch.randn(2, 30, 12, dtype=torch.float64)
+    sums = BlockStatistics({"wide": wide})
+    for b in range(2):
+        sums.add({"wide": x[b]}, {"wide": xs[b]}, weight=0.5)
+    got = sums.stats()["wide"]
+    flat, flat_s = x.reshape(-1, 12).numpy(), xs.reshape(-1, 12).numpy()
+    w = wide.weight.detach().numpy()
+    assert got.cross is None
+    np.testing.assert_allclose(got.weighted_cross.numpy(), 0.5 * w @ flat.T @ flat_s, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.gram.numpy(), 0.5 * flat_s.T @ flat_s, rtol=1e-5, atol=1e-5)
+    as_cross = LayerStats(got.gram, got.abs_sum, got.n_tokens, cross=torch.from_numpy(0.5 * flat.T @ flat_s))
+    for damping in (0.0, 0.1):
+        a = decompose(wide.weight.detach(), "whiten", got, damping=damping)
+        b = decompose(wide.weight.detach(), "whiten", as_cross, damping=damping)
+        torch.testing.assert_close(a.reconstruct(3), b.reconstruct(3), rtol=1e-5, atol=1e-6)
+    tall_sums = BlockStatistics({"tall": tall})
+    tall_sums.add({"tall": x[0, :, :4]}, {"tall": xs[0, :, :4]})
+    assert tall_sums.stats()["tall"].weighted_cross is None and tall_sums.stats()["tall"].cross is not None
+
+
+def test_consuming_the_statistics_factorizes_the_same_without_a_copy() -> None:
+    """`consume_stats`: the Gram becomes its own Cholesky factor (no working copy) and the factors are the same as
+    from the symmetrized copy; without damping the Gram is left alone (a larger ridge may need the original)."""
+    torch.manual_seed(0)
+    w, x = torch.randn(6, 9, dtype=torch.float64), torch.randn(40, 9, dtype=torch.float64)
+    fresh = lambda: LayerStats(x.T @ x, x.abs().sum(0), 40)  # noqa: E731
+    ref = decompose(w, "whiten", fresh(), damping=0.1)
+    consumed = fresh()
+    gram = consumed.gram.clone()
+    got = decompose(w, "whiten", consumed, damping=0.1, consume_stats=True)
+    torch.testing.assert_close(got.reconstruct(4), ref.reconstruct(4), rtol=1e-9, atol=1e-9)
+    loaded = gram + 0.1 * gram.diagonal().mean() * torch.eye(9, dtype=torch.float64)
+    torch.testing.assert_close(consumed.gram, torch.linalg.cholesky(loaded))
+    kept = fresh()
+    decompose(w, "whiten", kept, damping=0.0, consume_stats=True)
+    torch.testing.assert_close(kept.gram, gram)
+
+
 def last_hidden_errors(src: Path, outputs: dict[str, Path]) -> dict[str, float]:
     """||h - h_dense|| of each compressed output's last hidden states on the calibration windows."""
     dense, tok, _ = load_model(src)
@@ -194,14 +238,19 @@ def test_error_aware_default_fits_better_than_dense_inputs_alone(
 # ------------------------------------------------------------------------------------------------ streaming
 
 
-def test_writer_holds_one_shard_and_finalizes_names_and_index(tmp_path: Path) -> None:
+def test_writer_holds_no_tensor_and_finalizes_names_and_index(tmp_path: Path) -> None:
+    import weakref
+
     tensors = {f"t{i}": torch.full((250,), float(i)) for i in range(10)}  # 1000 bytes each
     writer = ShardWriter(tmp_path, max_shard_size=2500)
-    for name, t in tensors.items():
+    for name in list(tensors):
+        t = tensors.pop(name)
+        gone = weakref.ref(t)
         writer.add(name, t)
-        assert writer.held_tensors <= 2
+        del t
+        assert gone() is None, "the writer kept a reference to a tensor it has written"
+    tensors = {f"t{i}": torch.full((250,), float(i)) for i in range(10)}
     files = writer.finalize()
-    assert writer.max_held_bytes <= 2500
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
     assert shards == [f"model-{i:05d}-of-00005.safetensors" for i in range(1, 6)]
@@ -298,3 +347,23 @@ def test_refinement_brings_the_blocks_closer_to_the_dense_outputs(
     factorize_model(src, tmp_path / "refined", build_settings(refine_steps=40, **common))
     errors = last_hidden_errors(src, {k: tmp_path / k for k in ("closed", "refined")})
     assert errors["refined"] < errors["closed"]
+
+
+def test_writer_output_is_plain_safetensors_in_every_dtype(tmp_path: Path) -> None:
+    """What the streaming writer puts on disk is what safetensors itself reads, dtype for dtype."""
+    from safetensors import safe_open
+
+    tensors = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16), "f16": torch.randn(7).half(), "f64": torch.randn(2, 2).double(),
+        "i64": torch.arange(5), "flag": torch.tensor([True, False, True]), "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4), "strided": torch.randn(4, 6)[:, ::2],
+    }  # fmt: skip
+    writer = ShardWriter(tmp_path)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    assert writer.finalize() == [tmp_path / "model.safetensors"]
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        for name, t in tensors.items():
+            got = f.get_tensor(name)
+            assert got.dtype == t.dtype and torch.equal(got, t), name
