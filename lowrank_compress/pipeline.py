@@ -225,9 +225,9 @@ class Prepared:
         self.block_peaks: list[float] = []
         self._text: str | None = None  # the calibration text, when there is one
         self._notes: list[str] = []  # warnings about the calibration windows
-        self._sampling: str | None = (
-            None  # "resident" or "streamed": how the self-generated windows were drawn
-        )
+        # how the self-generated windows were drawn: "resident (float32)" (or at the stored half precision when
+        # float32 does not fit), or "streamed" (each block read per token)
+        self._sampling: str | None = None
         # pass 1's gradient statistics per target: (fisher_rows, out_grad_sq)
         self._gradients: dict[str, tuple[Any, float | None]] = {}
 
@@ -336,14 +336,20 @@ class Prepared:
             )
         if mix > 0.0:
             length = settings.seq_len if self_generated else (settings.self_seq_len or settings.seq_len)
-            resident = streamed.fits_in_memory()
-            with streamed.whole(resident=resident) as model:
+            dtype = streamed.resident_dtype()
+            resident = dtype is not None
+            if resident and dtype != streamed.dtype:
+                self.warn(
+                    f"the model does not fit in half the free memory at float32: sampling at {_dtype_name(dtype)}, "
+                    "the dtype its checkpoint stores"
+                )
+            with streamed.whole(resident=resident, dtype=dtype) as model:
                 batches["self"] = sample_batches(
                     model, self.tokenizer, samples=settings.samples, seq_len=length, seed=settings.seed,
                     batch_size=settings.samples, random_start=settings.self_start == "random",
                     device=settings.device, progress=lambda d, t: self.report("sampling calibration", d, t),
                 )  # fmt: skip
-            self._sampling = "resident" if resident else "streamed"
+            self._sampling = "streamed" if dtype is None else f"resident ({_dtype_name(dtype)})"
             if not resident:
                 self.warn(
                     "the model does not fit in half the free memory: sampling reads each block from the checkpoint "
@@ -812,6 +818,10 @@ class Prepared:
             writer.add(f"{base}.down.weight", module.down.weight.to(dtype))
             writer.add(f"{base}.up.weight", module.up.weight.to(dtype))
         return dtype
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _release_stats(stats: dict[str, Any], name: str, users: Counter, cache: dict[int, Any]) -> None:

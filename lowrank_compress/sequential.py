@@ -115,29 +115,33 @@ class StreamedModel:
                     f"{list(p.shape)}; the weights do not match config.json"
                 )
 
-    def _materialize(self, params: Sequence[str]) -> None:
+    def _materialize(self, params: Sequence[str], dtype: torch.dtype | None = None) -> None:
+        """Read these parameters (at `dtype`, default the working dtype) onto the device."""
         from accelerate.utils import set_module_tensor_to_device
 
+        dtype = dtype or self.dtype
+        cache = self._cache if dtype == self.dtype else None
         for name in params:
-            value = self._cache.get(name) if self._cache is not None else None
+            value = cache.get(name) if cache is not None else None
             if value is None:
                 value = self.ckpt.read(self.ckpt_name[name])
                 if value.is_floating_point():
-                    value = value.to(self.dtype)
-                if self._cache is not None:
-                    self._cache[name] = value
+                    value = value.to(dtype)
+                if cache is not None:
+                    cache[name] = value
             set_module_tensor_to_device(self.model, name, self.device, value=value)
             if name in self._params:
                 self.model.get_parameter(name).requires_grad_(False)
 
     @contextlib.contextmanager
-    def outer(self, embeddings: bool = True) -> Iterator[None]:
+    def outer(self, embeddings: bool = True, dtype: torch.dtype | None = None) -> Iterator[None]:
         """Everything outside the blocks (embeddings, final norm, head) read for the duration, tied as the config
         ties it, and released after: on a 7B model with a 49k vocabulary they take 1.6 GB at float32. Without
-        `embeddings` the input embeddings stay unread (unless the head shares them): `head_loss` needs none."""
+        `embeddings` the input embeddings stay unread (unless the head shares them): `head_loss` needs none.
+        `dtype` (default the working dtype) applies to what this call reads."""
         wanted = [n for n in self._outer_params(embeddings) if n not in self._outer_loaded]
         if wanted:
-            self._materialize(wanted)
+            self._materialize(wanted, dtype)
             self._outer_loaded.update(wanted)
             self._materialize(
                 [n for n, b in self.model.named_buffers() if b.device.type == "meta" and n in self.ckpt_name]
@@ -177,10 +181,10 @@ class StreamedModel:
             set_module_tensor_to_device(self.model, n, "meta")
         return_free_memory()
 
-    def load_block(self, i: int) -> nn.Module:
+    def load_block(self, i: int, dtype: torch.dtype | None = None) -> nn.Module:
         block = self.blocks[i]
         prefix = f"{self.blocks_name}.{i}."
-        self._materialize([prefix + n for n, _ in block.named_parameters()])
+        self._materialize([prefix + n for n, _ in block.named_parameters()], dtype)
         self.ckpt.release()
         return block
 
@@ -265,15 +269,16 @@ class StreamedModel:
                 del b.forward  # back to the class's forward
 
     @contextlib.contextmanager
-    def whole(self, resident: bool) -> Iterator[nn.Module]:
+    def whole(self, resident: bool, dtype: torch.dtype | None = None) -> Iterator[nn.Module]:
         """The whole model, callable as usual (`generate` included): every block loaded for the duration
-        (`resident`), or each block loaded just before it runs and released right after."""
+        (`resident`, at `dtype`: see `resident_dtype`), or each block loaded just before it runs and released right
+        after."""
         handles = []
         try:
-            with self.outer():
+            with self.outer(dtype=dtype if resident else None):
                 if resident:
                     for i in range(len(self.blocks)):
-                        self.load_block(i)
+                        self.load_block(i, dtype)
                 else:
                     for i, b in enumerate(self.blocks):
                         handles.append(b.register_forward_pre_hook(self._onload(i)))
@@ -297,17 +302,30 @@ class StreamedModel:
 
         return hook
 
-    def nbytes(self) -> int:
-        """The model's parameters at the working dtype."""
-        return sum(p.numel() for p in self.model.parameters()) * torch.finfo(self.dtype).bits // 8
+    def nbytes(self, dtype: torch.dtype | None = None) -> int:
+        """The model's parameters at `dtype` (default the working dtype)."""
+        return sum(p.numel() for p in self.model.parameters()) * torch.finfo(dtype or self.dtype).bits // 8
 
-    def fits_in_memory(self, fraction: float = 0.5) -> bool:
-        """Whether all blocks at the working dtype take less than `fraction` of the device memory available now."""
-        size = self.nbytes()
+    def fits_in_memory(self, fraction: float = 0.5, dtype: torch.dtype | None = None) -> bool:
+        """Whether the whole model at `dtype` (default the working dtype) takes less than `fraction` of the device
+        memory available now."""
+        size = self.nbytes(dtype)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return size < fraction * free
         return size < fraction * available_memory()
+
+    def resident_dtype(self, fraction: float = 0.5) -> torch.dtype | None:
+        """The dtype at which the whole model can stay in memory (for sampling): the working dtype when it fits in
+        `fraction` of the free memory, else the half-precision dtype the checkpoint stores (a 7B model: 27 GB at
+        float32, 13.5 GB at bfloat16) when that fits, else None (stream it block by block)."""
+        if self.fits_in_memory(fraction):
+            return self.dtype
+        stored = {self.ckpt.stored_dtype(c) for m, c in self.ckpt_name.items() if m in self._params}
+        half = [d for d in (torch.bfloat16, torch.float16) if d in stored]
+        if half and self.fits_in_memory(fraction, half[0]):
+            return half[0]
+        return None
 
 
 def available_memory() -> int:

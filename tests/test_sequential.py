@@ -367,3 +367,24 @@ def test_writer_output_is_plain_safetensors_in_every_dtype(tmp_path: Path) -> No
         for name, t in tensors.items():
             got = f.get_tensor(name)
             assert got.dtype == t.dtype and torch.equal(got, t), name
+
+
+def test_sampling_falls_back_to_the_stored_half_precision_then_to_streaming(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that does not fit in memory at float32 but does at the bfloat16 its checkpoint stores is sampled
+    resident at bfloat16 (said in a warning and in report.json); one that fits at neither is streamed."""
+    import lowrank_compress.sequential as sequential
+    from lowrank_compress.pipeline import Prepared
+
+    src = tiny_llama(tmp_path, dtype=torch.bfloat16)
+    settings = build_settings(**{**FAST, "self_mix": 0.5, "samples": 2, "seq_len": 16, "grad_samples": 1})
+    n = sum(t.numel() for t in load_state_dict(src).values())
+    # sampling keeps the model when it takes under half the free memory: 4n bytes at float32, 2n at bfloat16
+    for free, expected in ((6 * n, "resident (bfloat16)"), (2 * n, "streamed")):
+        monkeypatch.setattr(sequential, "available_memory", lambda free=free: free)
+        warnings: list[str] = []
+        prepared = Prepared.load(src, settings, warn=warnings.append)
+        assert prepared.calibration_info["self_sampling"] == expected
+        assert prepared.calibration_batches["self"].shape == (2, 16)
+        assert any("sampling at bfloat16" in w for w in warnings) == (expected != "streamed")
