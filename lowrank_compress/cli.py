@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -150,7 +151,27 @@ def cli() -> None:
     """
 
 
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses nan and inf (which every range check lets through), optionally in a range."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE = FiniteFloat()
+
+
 def _model_or_default(model: str | None) -> str:
+    if model is not None and not model.strip():
+        raise click.BadParameter(
+            "an empty path (an unset variable?); pass a model, or leave MODEL out for the built-in one",
+            param_hint="MODEL",
+        )
     if model:
         return model
     from lowrank_compress.demo import default_model_path
@@ -286,7 +307,7 @@ def settings_options(f: Any) -> Any:
                      help="SVD variant."),
         click.option("--policy", type=click.Choice(POLICIES), default=_DEFAULTS.policy, show_default=True,
                      help="Rank allocation."),
-        click.option("--energy", type=float, default=None,
+        click.option("--energy", type=FINITE, default=None,
                      help="energy policy: the kept energy (default: met to the budget)."),
         click.option("--calibration", default=_DEFAULTS.calibration, show_default=True, metavar="FILE|builtin|self",
                      help="Calibration text (.txt, .jsonl with a 'text' field), builtin, or self (sampled from the model)."),
@@ -298,9 +319,9 @@ def settings_options(f: Any) -> Any:
                      help="Calibration sequences used for loss gradients (sensitivity policy, fisher method)."),
         click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True,
                      help="Seed for calibration windows."),
-        click.option("--damping", type=float, default=_DEFAULTS.damping, show_default=True,
+        click.option("--damping", type=FINITE, default=_DEFAULTS.damping, show_default=True,
                      help="whiten: add this fraction of the Gram's mean diagonal (hedges against narrow calibration)."),
-        click.option("--self-mix", type=click.FloatRange(0.0, 1.0), default=_DEFAULTS.self_mix, show_default=True,
+        click.option("--self-mix", type=FiniteFloat(0.0, 1.0), default=_DEFAULTS.self_mix, show_default=True,
                      help="Share of the statistics from --samples windows sampled from the model, beside the text's "
                           "(0: text only, nothing sampled)."),
         click.option("--self-seq-len", type=int, default=None, show_default="--seq-len",
@@ -373,7 +394,7 @@ _PHASES = {
     "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output directory."
 )
 @click.option(
-    "--budget", type=float, default=_DEFAULTS.budget, show_default=True,
+    "--budget", type=FINITE, default=_DEFAULTS.budget, show_default=True,
     help="Fraction of targeted Linear params kept, 0 < b < 1.",
 )  # fmt: skip
 @settings_options
@@ -600,7 +621,7 @@ def report(outputs: tuple[Path, ...], out_dir: Path | None, json_mode: bool) -> 
 )
 @click.option("--adapter", type=click.Choice(["lora", "dora"]), default=_FT.adapter, show_default=True)
 @click.option("--rank", type=int, default=_FT.rank, show_default=True, help="Adapter rank.")
-@click.option("--alpha", type=float, default=None, help="LoRA alpha.  [default: 2 x rank]")
+@click.option("--alpha", type=FINITE, default=None, help="LoRA alpha.  [default: 2 x rank]")
 @click.option(
     "--quantize",
     type=click.Choice(["none", "nf4"]),
@@ -610,9 +631,9 @@ def report(outputs: tuple[Path, ...], out_dir: Path | None, json_mode: bool) -> 
 )
 @click.option("--steps", type=int, default=None, help="Optimizer steps.  [default: one epoch]")
 @click.option(
-    "--epochs", type=float, default=None, help="Passes over the training text (instead of --steps)."
+    "--epochs", type=FINITE, default=None, help="Passes over the training text (instead of --steps)."
 )
-@click.option("--lr", type=float, default=_FT.lr, show_default=True, help="Peak learning rate.")
+@click.option("--lr", type=FINITE, default=_FT.lr, show_default=True, help="Peak learning rate.")
 @click.option(
     "--batch-size", type=int, default=_FT.batch_size, show_default=True, help="Sequences per micro-batch."
 )
@@ -627,9 +648,9 @@ def report(outputs: tuple[Path, ...], out_dir: Path | None, json_mode: bool) -> 
     "--seq-len", type=int, default=_FT.seq_len, show_default=True, help="Tokens per packed sequence."
 )
 @click.option(
-    "--warmup", type=float, default=_FT.warmup, show_default=True, help="Warmup, as a fraction of the steps."
+    "--warmup", type=FINITE, default=_FT.warmup, show_default=True, help="Warmup, as a fraction of the steps."
 )
-@click.option("--weight-decay", type=float, default=_FT.weight_decay, show_default=True)
+@click.option("--weight-decay", type=FINITE, default=_FT.weight_decay, show_default=True)
 @click.option("--eval-data", default=None, metavar="FILE", help="Held-out text scored before and after.")
 @click.option(
     "--eval-tokens",
@@ -660,7 +681,7 @@ def report(outputs: tuple[Path, ...], out_dir: Path | None, json_mode: bool) -> 
 )
 @click.option(
     "--nuclear",
-    type=float,
+    type=FINITE,
     default=_FT.nuclear,
     show_default=True,
     help="factors: weight of the TRP nuclear-norm penalty.",
@@ -672,7 +693,7 @@ def report(outputs: tuple[Path, ...], out_dir: Path | None, json_mode: bool) -> 
     show_default=True,
     help="factors: every N steps cut each layer to the rank keeping --truncate-energy (0: never).",
 )
-@click.option("--truncate-energy", type=float, default=_FT.truncate_energy, show_default=True)
+@click.option("--truncate-energy", type=FINITE, default=_FT.truncate_energy, show_default=True)
 @click.option(
     "--precision",
     type=click.Choice(["auto", "fp32", "bf16"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,10 @@ class FactorizeSettings:
     offload: bool = False
 
     def validate(self) -> FactorizeSettings:
+        for f in dataclasses.fields(self):  # first: nan passes every comparison below
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise LowrankError(f"{f.name.replace('_', '-')} must be a finite number, got {value}")
         if not 0.0 < self.budget < 1.0:
             raise BudgetError(
                 f"budget must be strictly between 0 and 1 (the fraction of target params kept), got {self.budget}"
@@ -127,17 +132,33 @@ _TYPES: dict[str, tuple[type, ...]] = {
 _BOOLS = ("error_aware", "offload")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice (it would silently keep the last value)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a recipe file into a dict of settings; unknown keys, wrong types or bad YAML are errors naming the file."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except FileNotFoundError:
         raise LowrankError(f"recipe {p}: no such file") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
-        raise LowrankError(f"recipe {p}: not valid YAML{at}") from e
+        problem = f": {e.problem}" if isinstance(e, yaml.constructor.ConstructorError) and e.problem else ""
+        raise LowrankError(f"recipe {p}: not valid YAML{at}{problem}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):

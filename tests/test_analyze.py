@@ -162,6 +162,8 @@ def test_bad_inputs_give_one_line(llama: Path, tmp_path: Path) -> None:
 def test_usage_errors_exit_2(llama: Path) -> None:
     assert run("analyze", str(llama), "--top", "x").exit_code == 2
     assert run("analyze", "--bogus").exit_code == 2
+    res = run("analyze", "")  # an unset "$MODEL": not the built-in model
+    assert res.exit_code == 2 and "empty path" in res.stderr and "Traceback" not in res.output
 
 
 def test_version_and_help() -> None:

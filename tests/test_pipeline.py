@@ -340,6 +340,15 @@ def test_bad_inputs_fail_cleanly_and_touch_nothing(models: dict[str, Path], tmp_
     _fails_cleanly(run("factorize", src, "-o", out, "--self-mix", "2"), out, (2,))
     _fails_cleanly(run("factorize", src, "-o", out, "--max-shard-size", "big"), out, (2,))
     _fails_cleanly(run("factorize", src, "-o", out, "--method", "qr"), out, (2,))
+    recipe.write_text("budget: 0.5\nmethod: svd\nbudget: 0.7\n")  # YAML would keep the last one silently
+    line = _fails_cleanly(run("factorize", src, "-o", out, "--recipe", recipe), out)
+    assert "'budget' is given twice" in line and "line 3" in line
+    recipe.write_text("damping: .nan\n")
+    assert "finite" in _fails_cleanly(run("factorize", src, "-o", out, "--recipe", recipe), out)
+    for flag in ("--damping", "--budget", "--self-mix", "--energy"):  # nan passes every range check
+        for value in ("nan", "inf"):
+            assert value in _fails_cleanly(run("factorize", src, "-o", out, flag, value), out, (2,))
+    assert "empty path" in _fails_cleanly(run("factorize", "", "-o", out), out, (2,))  # an unset "$MODEL"
     assert fingerprint(src) == before
 
 
