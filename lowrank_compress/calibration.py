@@ -674,7 +674,10 @@ class BlockStatistics:
                 h.remove()
 
     def add(
-        self, dense: dict[str, torch.Tensor], shifted: dict[str, torch.Tensor] | None = None, weight: float = 1.0
+        self,
+        dense: dict[str, torch.Tensor],
+        shifted: dict[str, torch.Tensor] | None = None,
+        weight: float = 1.0,
     ) -> None:
         groups: dict[int, list[str]] = {}  # layers reading one tensor share their sums
         for name in self.modules:

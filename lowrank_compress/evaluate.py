@@ -158,6 +158,24 @@ def context_length(model: nn.Module) -> int | None:
     return limit if isinstance(limit, int) and limit > 0 else None
 
 
+def fit_sequence_length(
+    model: nn.Module, length: int, option: str, default: int, warn: Callable[[str], None]
+) -> int:
+    """`length`, checked against the model's context: past it, learned position embeddings index out of range and
+    rotary ones run on positions the model never saw (and attention grows quadratically). A length the user chose
+    is refused in one line; the option's `default` is shortened to the context, with a warning."""
+    limit = context_length(model)
+    if limit is None or length <= limit:
+        return length
+    if length == default:
+        warn(f"the model's context is {limit} tokens: using {option} {limit} (the default is {default})")
+        return limit
+    raise LowrankError(
+        f"{option} {length} is longer than the model's context of {limit} tokens "
+        f"(max_position_embeddings in its config); use at most {limit}"
+    )
+
+
 def _length(span: tuple[int, int, int]) -> int:
     return span[1] - span[0]
 

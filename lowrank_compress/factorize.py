@@ -181,7 +181,9 @@ def decompose(
         if cached is None:
             gram = _checked(stats.gram, (in_f, in_f), "gram", w.device)
             in_place = consume_stats and damping >= _IN_PLACE_DAMPING
-            cached = _cholesky_in_place(gram, damping) if in_place else _cholesky_with_ridge(gram, ridge, damping)
+            cached = (
+                _cholesky_in_place(gram, damping) if in_place else _cholesky_with_ridge(gram, ridge, damping)
+            )
             if cholesky_cache is not None:
                 cholesky_cache[id(stats.gram)] = cached
         chol = cached.chol
@@ -314,7 +316,9 @@ def _cholesky_with_ridge(gram: torch.Tensor, ridge: float, damping: float) -> Wh
     rho starts at `damping`; while the factorization fails or has a pivot below the floor, rho = damping + ridge,
     then the ridge grows tenfold each try.
     """
-    g = gram + gram.T  # one working copy (a Gram can take gigabytes): symmetrized, loaded, factorized in place
+    g = (
+        gram + gram.T
+    )  # one working copy (a Gram can take gigabytes): symmetrized, loaded, factorized in place
     g.mul_(0.5)
     mean_diag = _mean_diagonal(g)
     if ridge <= 0.0 or damping < 0.0:

@@ -293,6 +293,10 @@ def finetune(
         require_bitsandbytes()
     quant_config = read_quant_config(source.directory) if factorized else None
 
+    from lowrank_compress.evaluate import fit_sequence_length
+
+    seq_len = fit_sequence_length(model, settings.seq_len, "--seq-len", FinetuneSettings.seq_len, say)
+    settings = dataclasses.replace(settings, seq_len=seq_len)
     train_text, eval_text, data_names = _texts(settings)
     rows = pack(tokenizer, train_text, settings.seq_len)
     data_info = {

@@ -270,6 +270,8 @@ class Prepared:
         model = self.streamed.model
         causal = is_causal_lm(model.config)
         self.settings = settings = self._applicable(settings, causal)
+        if self.needs_data:
+            self.settings = settings = self._fit_lengths(settings)
         self.tokenizer = load_tokenizer(source, required=self.needs_data)
         self.targets = find_targets(model, settings.target, settings.ignore)
         self._targets_by_name = {t.name: t for t in self.targets}
@@ -307,6 +309,18 @@ class Prepared:
             settings = dataclasses.replace(settings, self_mix=0.0)
             self.warn(f"{name} cannot generate its own samples; calibrating on the text alone (--self-mix 0)")
         return settings
+
+    def _fit_lengths(self, settings: FactorizeSettings) -> FactorizeSettings:
+        """The calibration windows within the model's context (see `fit_sequence_length`)."""
+        from lowrank_compress.evaluate import fit_sequence_length
+
+        seq_len = fit_sequence_length(
+            self.model, settings.seq_len, "--seq-len", FactorizeSettings.seq_len, self.warn
+        )
+        self_seq_len = settings.self_seq_len
+        if self_seq_len is not None and settings.self_mix > 0:
+            self_seq_len = fit_sequence_length(self.model, self_seq_len, "--self-seq-len", -1, self.warn)
+        return dataclasses.replace(settings, seq_len=seq_len, self_seq_len=self_seq_len)
 
     # -- calibration windows --
 

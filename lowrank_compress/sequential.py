@@ -162,7 +162,12 @@ class StreamedModel:
         if embeddings:
             return names
         inputs = self.model.get_input_embeddings()
-        skip = {f"{m}.{p}" for m, mod in self.model.named_modules() if mod is inputs for p, _ in mod.named_parameters()}
+        skip = {
+            f"{m}.{p}"
+            for m, mod in self.model.named_modules()
+            if mod is inputs
+            for p, _ in mod.named_parameters()
+        }
         return [n for n in names if n not in skip or n in self.tied.values()]
 
     def _tie(self) -> None:

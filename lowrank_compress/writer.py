@@ -66,7 +66,9 @@ class ShardWriter:
         if name in self._names:
             raise LowrankError(f"internal: tensor {name} written twice")
         if tensor.dtype not in TORCH_DTYPE_NAMES:
-            raise LowrankError(f"internal: tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
+            raise LowrankError(
+                f"internal: tensor {name} has dtype {tensor.dtype}, which safetensors cannot store"
+            )
         t = tensor.detach().to("cpu").contiguous()
         size = t.numel() * t.element_size()
         if self._entries and self._offset + size > self.limit:
@@ -87,7 +89,9 @@ class ShardWriter:
         if self._data is None:
             return
         self._data.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        header = json.dumps(
+            {"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")
+        ).encode()
         header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         data = self._path(".data")
         path = self._path(".safetensors")

@@ -132,7 +132,7 @@ def tiny_llama(
         num_attention_heads=4,
         num_key_value_heads=2 if gqa else 4,
         vocab_size=vocab_size,
-        max_position_embeddings=256,
+        max_position_embeddings=1024,
         tie_word_embeddings=tied,
         bos_token_id=1,
         eos_token_id=2,

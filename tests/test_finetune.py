@@ -230,6 +230,10 @@ def test_bad_inputs_fail_cleanly(factorized: Path, dense: Path, data: Path, tmp_
     assert "drop --quantize" in _fails_cleanly(
         run("finetune", factorized, "--data", data, "--train", "factors", "--quantize", "nf4", *base), out
     )
+    long = ["--steps", "1", "--seq-len", "100000", "-o", out]  # used to hang for minutes
+    assert "longer than the model's context" in _fails_cleanly(
+        run("finetune", factorized, "--data", data, *long), out
+    )
     for flag in ("--alpha", "--lr", "--warmup"):  # blamed on the wrong option before it was checked here
         res = run("finetune", factorized, "--data", data, flag, "nan", *base)
         assert res.exit_code == 2 and not out.exists() and "Traceback" not in res.output

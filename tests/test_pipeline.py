@@ -349,7 +349,24 @@ def test_bad_inputs_fail_cleanly_and_touch_nothing(models: dict[str, Path], tmp_
         for value in ("nan", "inf"):
             assert value in _fails_cleanly(run("factorize", src, "-o", out, flag, value), out, (2,))
     assert "empty path" in _fails_cleanly(run("factorize", "", "-o", out), out, (2,))  # an unset "$MODEL"
+    # the model's context is 1024 tokens; on GPT-2 a window past it used to hang or raise an IndexError
+    line = _fails_cleanly(run("factorize", src, "-o", out, "--seq-len", 1500), out)
+    assert "--seq-len 1500 is longer than the model's context of 1024 tokens" in line
+    line = _fails_cleanly(run("factorize", models["gpt2"], "-o", out, "--seq-len", 100_000), out)
+    assert "--seq-len 100000 is longer than the model's context" in line
     assert fingerprint(src) == before
+
+
+def test_the_default_window_is_shortened_to_a_short_context(models: dict[str, Path], tmp_path: Path) -> None:
+    """The default --seq-len (512) on a model whose context is shorter becomes the context, said in a warning and
+    recorded in the recipe; an explicit longer one is refused (above)."""
+    out = tmp_path / "out"
+    warnings: list[str] = []
+    settings = build_settings(budget=0.7, samples=4, grad_samples=1, self_mix=0.0)
+    factorize_model(models["gpt2"], out, settings, warn=warnings.append)
+    context = json.loads((models["gpt2"] / "config.json").read_text())["n_positions"]
+    assert context < 512 and f"using --seq-len {context}" in " ".join(warnings)
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["seq_len"] == context
 
 
 def test_nan_weights_name_the_layer(models: dict[str, Path], tmp_path: Path) -> None:
