@@ -416,7 +416,7 @@ def evaluate_models(
     a file is scored whole. window: default 512, or the model's context when shorter (speed sequence lengths are
     capped the same way). Speed is measured for both models interleaved (see `measure_speed`).
     """
-    from lowrank_compress.loading import load_model
+    from lowrank_compress.loading import load_model, require_finite, require_language_model
     from lowrank_compress.text import load_text, text_fingerprint
 
     t0 = time.perf_counter()
@@ -427,6 +427,8 @@ def evaluate_models(
     paths = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
     for role, path in paths.items():
         m, tok, _ = load_model(path, device=device, allow_pickle=allow_pickle)
+        require_language_model(m.config, path, "evaluate")
+        require_finite(m, path)
         loaded[role] = (m, tok)
     limits = [n for n in (context_length(m) for m, _ in loaded.values()) if n is not None]
     context = min(limits) if limits else None

@@ -64,6 +64,23 @@ def read_config(source: ModelSource) -> dict[str, Any] | None:
         raise CheckpointError(f"{cfg}: not valid JSON ({e}); is the model directory complete?") from e
 
 
+def require_language_model(config: Any, path: str | Path, command: str) -> None:
+    """One line when `command` (which scores next-token perplexity) is given an encoder."""
+    if not is_causal_lm(config):
+        arch = (getattr(config, "architectures", None) or [getattr(config, "model_type", "this model")])[0]
+        raise LowrankError(
+            f"{path}: {arch} is not a causal language model; {command} scores next-token perplexity, which it "
+            "cannot compute (factorize and analyze take encoders)"
+        )
+
+
+def require_finite(model: nn.Module, path: str | Path) -> None:
+    """One line naming the first parameter with NaN or Inf values: every figure computed from it would be nan."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise LowrankError(f"{path}: {name} has NaN or Inf values; fix or re-create the checkpoint")
+
+
 def is_causal_lm(config: Any) -> bool:
     """True when the config's architecture has a language-model head we can compute a loss with."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

@@ -266,6 +266,12 @@ class Prepared:
         ckpt = Checkpoint.open(
             source.path if source.gguf_file else source.directory, allow_pickle=allow_pickle
         )
+        quant = (ckpt.config or {}).get("quantization_config") or {}
+        if quant.get("quant_method") == "lowrank":
+            raise LowrankError(
+                f"{model_path} is already factorized (a lowrank-compress output); factorize its dense source "
+                "instead (finetune and evaluate take this one)"
+            )
         self.streamed = StreamedModel(ckpt, device=settings.device)
         model = self.streamed.model
         causal = is_causal_lm(model.config)

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from lowrank_compress.errors import BudgetError
@@ -88,7 +89,7 @@ def sweep(
     `keep_models`, under models/) into `out_dir`, atomically. window: default 512, or the model's context when
     shorter."""
     from lowrank_compress.evaluate import context_length, measure_speed, perplexity, speed_ratios
-    from lowrank_compress.loading import load_model, resolve
+    from lowrank_compress.loading import load_model, require_finite, require_language_model, resolve
     from lowrank_compress.outdir import atomic_output_dir, check_output_dir
     from lowrank_compress.pipeline import Prepared
     from lowrank_compress.report import write_json
@@ -106,9 +107,19 @@ def sweep(
             progress=lambda done, total: report(f"perplexity ({label})", done, total),
         )  # fmt: skip
 
+    from lowrank_compress.checkpoint import Checkpoint
+
+    with Checkpoint.open(
+        source.path if source.gguf_file else source.directory, allow_pickle=allow_pickle
+    ) as ckpt:
+        arch, model_type = ckpt.architecture, (ckpt.config or {}).get("model_type")
+    require_language_model(
+        SimpleNamespace(architectures=[arch] if arch else None, model_type=model_type), model_path, "sweep"
+    )
     prepared = Prepared.load(model_path, settings, allow_pickle=allow_pickle, progress=report, warn=warn)
     # the dense model, whole, for its perplexity and speed (factorize itself streams it block by block)
     dense_model, tokenizer, _ = load_model(model_path, device=settings.device, allow_pickle=allow_pickle)
+    require_finite(dense_model, model_path)
     context = context_length(dense_model)
     window = window or (min(512, context) if context else 512)
     seq_lens = [n for n in (128, 512) if context is None or n <= context] or [context]

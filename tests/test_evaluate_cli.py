@@ -94,3 +94,36 @@ def test_bad_inputs(pair: tuple[Path, Path], tmp_path: Path) -> None:
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (args, res.stderr)
     assert run("evaluate", dense, "--max-tokens", "-1").exit_code == 2
+
+
+def test_what_cannot_be_scored_is_refused_in_one_line(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """An encoder (no next-token loss: it crashed on 'logits'), NaN weights (a nan perplexity with exit 0, or a
+    crash under --json), and a factorize output fed to factorize again."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dense, compressed = pair
+    broken = tmp_path / "nan"
+    shutil.copytree(dense, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    encoder = tiny_bert(tmp_path)
+    cases = [
+        (("evaluate", encoder, *SMALL), "BertModel is not a causal language model; evaluate"),
+        (("evaluate", dense, "--baseline", encoder, *SMALL), "BertModel is not a causal language model"),
+        (
+            ("sweep", encoder, "--budgets", "0.8", "-o", tmp_path / "sw"),
+            "BertModel is not a causal language model; sweep",
+        ),
+        (("evaluate", broken, *SMALL), "model.layers.0.mlp.up_proj.weight has NaN or Inf values"),
+        (("evaluate", broken, *SMALL, "--json"), "model.layers.0.mlp.up_proj.weight has NaN or Inf values"),
+        (("factorize", compressed, "-o", tmp_path / "again"), "is already factorized"),
+    ]
+    for args, needle in cases:
+        res = run(*args)
+        assert res.exit_code == 1, (args, res.output)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (args, res.stderr)
+        assert res.stdout == "" and not (tmp_path / "sw").exists() and not (tmp_path / "again").exists()
