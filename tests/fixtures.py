@@ -207,7 +207,7 @@ def tiny_bert(
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         vocab_size=vocab_size,
-        max_position_embeddings=256,
+        max_position_embeddings=1024,
         pad_token_id=0,
     )
     model = _build(config, BertForMaskedLM if masked_lm else BertModel, seed)
