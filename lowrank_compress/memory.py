@@ -50,12 +50,20 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def return_free_memory() -> None:
-    """Hand the allocator's free pages back to the system (glibc's `malloc_trim`; nothing elsewhere).
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
-    Tensors below glibc's mmap threshold (up to 32 MB once it adapts) come from its heaps, which keep freed pages:
-    between blocks they would count as resident memory that nothing uses, and the peak would grow block by block.
-    """
+
+def map_large_allocations(threshold: int = 2**20) -> None:
+    """Serve every allocation of `threshold` bytes or more with its own mapping (glibc's `mallopt`), returned to
+    the system when freed. glibc's default threshold adapts upward to 32 MB, so hidden-state batches and product
+    slabs (1-32 MB) land in its heaps, whose fragments `malloc_trim` cannot give back (bench_scale, 4 layers,
+    text-only: 5,590 -> 5,446 MB peak RSS, same wall time)."""
+    libc = _c_library()
+    if libc and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
+
+
+def _c_library() -> object:
     import ctypes
     import ctypes.util
 
@@ -66,8 +74,18 @@ def return_free_memory() -> None:
             _libc = ctypes.CDLL(name) if name else False
         except OSError:
             _libc = False
-    if _libc and hasattr(_libc, "malloc_trim"):
-        _libc.malloc_trim(0)
+    return _libc
+
+
+def return_free_memory() -> None:
+    """Hand the allocator's free pages back to the system (glibc's `malloc_trim`; nothing elsewhere).
+
+    Tensors below glibc's mmap threshold (up to 32 MB once it adapts) come from its heaps, which keep freed pages:
+    between blocks they would count as resident memory that nothing uses, and the peak would grow block by block.
+    """
+    libc = _c_library()
+    if libc and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 _libc: object = None
