@@ -177,15 +177,7 @@ def decompose(
         return Decomposition(u, s, vh / scale, method)
 
     if method == "whiten":
-        cached = cholesky_cache.get(id(stats.gram)) if cholesky_cache is not None else None
-        if cached is None:
-            gram = _checked(stats.gram, (in_f, in_f), "gram", w.device)
-            in_place = consume_stats and damping >= _IN_PLACE_DAMPING
-            cached = (
-                _cholesky_in_place(gram, damping) if in_place else _cholesky_with_ridge(gram, ridge, damping)
-            )
-            if cholesky_cache is not None:
-                cholesky_cache[id(stats.gram)] = cached
+        cached = _whitening(stats, in_f, w.device, ridge, damping, cholesky_cache, consume_stats)
         chol = cached.chol
         if getattr(stats, "cross", None) is None and getattr(stats, "weighted_cross", None) is None:
             u, s, vh = _svd(w @ chol, spectrum_only)
@@ -271,6 +263,22 @@ def _floored(x: torch.Tensor) -> torch.Tensor:
     if mean <= 0.0:
         return torch.ones_like(x)
     return x.clamp_min(_SCALE_FLOOR * mean)
+
+
+def _whitening(
+    stats: LayerStats, in_f: int, device: torch.device, ridge: float, damping: float,
+    cache: dict[int, Whitening] | None, consume: bool,
+) -> Whitening:  # fmt: skip
+    """The Cholesky factor of the layer's (loaded) Gram: from `cache` when layers share the Gram, else computed (in
+    place when the statistics may be consumed and the damping makes a retry impossible in practice)."""
+    cached = cache.get(id(stats.gram)) if cache is not None else None
+    if cached is None:
+        gram = _checked(stats.gram, (in_f, in_f), "gram", device)
+        in_place = consume and damping >= _IN_PLACE_DAMPING
+        cached = _cholesky_in_place(gram, damping) if in_place else _cholesky_with_ridge(gram, ridge, damping)
+        if cache is not None:
+            cache[id(stats.gram)] = cached
+    return cached
 
 
 class Whitening(NamedTuple):

@@ -68,6 +68,19 @@ def parse_budgets(text: str) -> list[float]:
     return budgets
 
 
+def _require_language_model(source: Any, model_path: str | Path, allow_pickle: bool) -> None:
+    """Refuse an encoder from its checkpoint's header and config, before any calibration runs."""
+    from lowrank_compress.checkpoint import Checkpoint
+    from lowrank_compress.loading import require_language_model
+
+    with Checkpoint.open(
+        source.path if source.gguf_file else source.directory, allow_pickle=allow_pickle
+    ) as ckpt:
+        arch, model_type = ckpt.architecture, (ckpt.config or {}).get("model_type")
+    config = SimpleNamespace(architectures=[arch] if arch else None, model_type=model_type)
+    require_language_model(config, model_path, "sweep")
+
+
 def sweep(
     model_path: str | Path,
     budgets: Sequence[float],
@@ -89,7 +102,7 @@ def sweep(
     `keep_models`, under models/) into `out_dir`, atomically. window: default 512, or the model's context when
     shorter."""
     from lowrank_compress.evaluate import context_length, measure_speed, perplexity, speed_ratios
-    from lowrank_compress.loading import load_model, require_finite, require_language_model, resolve
+    from lowrank_compress.loading import load_model, require_finite, resolve
     from lowrank_compress.outdir import atomic_output_dir, check_output_dir
     from lowrank_compress.pipeline import Prepared
     from lowrank_compress.report import write_json
@@ -107,15 +120,7 @@ def sweep(
             progress=lambda done, total: report(f"perplexity ({label})", done, total),
         )  # fmt: skip
 
-    from lowrank_compress.checkpoint import Checkpoint
-
-    with Checkpoint.open(
-        source.path if source.gguf_file else source.directory, allow_pickle=allow_pickle
-    ) as ckpt:
-        arch, model_type = ckpt.architecture, (ckpt.config or {}).get("model_type")
-    require_language_model(
-        SimpleNamespace(architectures=[arch] if arch else None, model_type=model_type), model_path, "sweep"
-    )
+    _require_language_model(source, model_path, allow_pickle)
     prepared = Prepared.load(model_path, settings, allow_pickle=allow_pickle, progress=report, warn=warn)
     # the dense model, whole, for its perplexity and speed (factorize itself streams it block by block)
     dense_model, tokenizer, _ = load_model(model_path, device=settings.device, allow_pickle=allow_pickle)
