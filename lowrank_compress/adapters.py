@@ -172,10 +172,11 @@ def extract_adapters(peft_model: Any, adapter: str = "default") -> tuple[nn.Modu
 
 def grow(up: torch.Tensor, down: torch.Tensor, delta: AdapterDelta) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact merge of an adapter into factors: rank r + r_a, product W + b a (row-scaled for DoRA)."""
-    up2 = torch.cat([up.double(), delta.b.double()], dim=1)
-    down2 = torch.cat([down.double(), delta.a.double()], dim=0)
+    here = {"device": up.device, "dtype": torch.float64}  # the deltas were taken off to the CPU
+    up2 = torch.cat([up.to(**here), delta.b.to(**here)], dim=1)
+    down2 = torch.cat([down.to(**here), delta.a.to(**here)], dim=0)
     if delta.magnitude is not None:
-        up2 = up2 * _dora_scale(up2 @ down2, delta.magnitude)[:, None]
+        up2 = up2 * _dora_scale(up2 @ down2, delta.magnitude.to(**here))[:, None]
     return up2, down2
 
 

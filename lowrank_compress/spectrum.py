@@ -48,7 +48,13 @@ def energy_rank(s: torch.Tensor, energy: float) -> int:
     cumulative = torch.cumsum(e, 0) / total
     # a tiny tolerance so that energy=1.0 does not hinge on the last ulp of the cumulative sum
     return min(
-        int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=torch.float64))) + 1, len(s)
+        int(
+            torch.searchsorted(
+                cumulative, torch.tensor(energy - 1e-12, dtype=torch.float64, device=cumulative.device)
+            )
+        )
+        + 1,
+        len(s),
     )
 
 
@@ -75,7 +81,10 @@ def power_spectral_norm(
     if work.shape[1] <= work.shape[0]:
         work = work.T  # iterate on the smaller Gram side (rows of `work`), never formed explicitly
     gen = torch.Generator().manual_seed(seed)
-    q = torch.linalg.qr(torch.randn(work.shape[0], min(block, *work.shape), generator=gen)).Q
+    start = torch.randn(
+        work.shape[0], min(block, *work.shape), generator=gen
+    )  # the same start on every device
+    q = torch.linalg.qr(start.to(work.device)).Q
     sigma = 0.0
     for _ in range(iters):
         z = work.T @ q  # (other side) x k

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from lowrank_compress.cli import cli
@@ -127,3 +128,15 @@ def test_what_cannot_be_scored_is_refused_in_one_line(pair: tuple[Path, Path], t
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (args, res.stderr)
         assert res.stdout == "" and not (tmp_path / "sw").exists() and not (tmp_path / "again").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_scores_what_the_cpu_scores(pair: tuple[Path, Path]) -> None:
+    """--device cuda: the same perplexity as the CPU run on the same text (float32 on both), within round-off."""
+    scores = {}
+    for device in ("cpu", "cuda"):
+        res = run("evaluate", pair[1], *SMALL, "--device", device, "--json")
+        assert res.exit_code == 0, res.output
+        scores[device] = json.loads(res.stdout)["models"][0]["perplexity"]
+    assert scores["cuda"] == pytest.approx(scores["cpu"], rel=1e-4)

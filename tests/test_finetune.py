@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -319,3 +320,19 @@ def test_smollm2_lora_lowers_held_out_perplexity_and_keep_merge_keeps_the_size(t
     assert result.params_after == result.params_before
     reloaded = lowrank_compress.load(tmp_path / "ft")
     assert sum(q.numel() for q in reloaded.parameters()) == result.params_after
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_runs_on_the_gpu_and_the_merge_reloads_on_the_cpu(
+    factorized: Path, data: Path, tmp_path: Path
+) -> None:
+    """With a GPU, finetune trains there (accelerate picks it), the loss stays finite and falls from its first
+    step, and the merged factors load on the CPU."""
+    res = run("finetune", factorized, "--data", data, "-o", tmp_path / "o", "--steps", "8", "--seq-len", "64",
+              "--rank", "2", "--lr", "5e-3", "--eval-tokens", "512", "--merge", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["device"].startswith("cuda") and doc["kind"] == "lowrank"
+    assert all(map(math.isfinite, doc["losses"])) and min(doc["losses"][4:]) < doc["losses"][0]
+    assert torch.isfinite(logits(lowrank_compress.load(tmp_path / "o"))).all()
