@@ -38,7 +38,9 @@ CONFIGS = {  # label -> settings beyond the defaults
     "self only": {"self_mix": 1.0},
     # the block-sequential fit (DESIGN.md section 2): each layer fitted to the dense inputs (SVD-LLM), or to the
     # dense outputs from the compressed prefix's inputs, with or without damping or a block-wise refinement
+    "dense-input fit, no damping": {"error_aware": False, "damping": 0.0},  # the default before the block fit
     "dense-input fit": {"error_aware": False},
+    "refine 8": {"refine_steps": 8},
     "error-aware fit": {"error_aware": True},
     "error-aware, damping 0.1": {"error_aware": True, "damping": 0.1},
     "error-aware, refine 32": {"error_aware": True, "refine_steps": 32},

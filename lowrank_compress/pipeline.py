@@ -228,6 +228,7 @@ class Prepared:
         # how the self-generated windows were drawn: "resident (float32)" (or at the stored half precision when
         # float32 does not fit), or "streamed" (each block read per token)
         self._sampling: str | None = None
+        self._sampling_peak_mb: float | None = None  # the memory held while sampling (RSS, or the GPU allocator's)
         # pass 1's gradient statistics per target: (fisher_rows, out_grad_sq)
         self._gradients: dict[str, tuple[Any, float | None]] = {}
 
@@ -363,13 +364,14 @@ class Prepared:
                     f"the model does not fit in half the free memory at float32: sampling at {_dtype_name(dtype)}, "
                     "the dtype its checkpoint stores"
                 )
-            with streamed.whole(resident=resident, dtype=dtype) as model:
+            with streamed.whole(resident=resident, dtype=dtype) as model, PeakMemory(settings.device) as peak:
                 batches["self"] = sample_batches(
                     model, self.tokenizer, samples=settings.samples, seq_len=length, seed=settings.seed,
                     batch_size=settings.samples, random_start=settings.self_start == "random",
                     device=settings.device, progress=lambda d, t: self.report("sampling calibration", d, t),
                 )  # fmt: skip
             self._sampling = "streamed" if dtype is None else f"resident ({_dtype_name(dtype)})"
+            self._sampling_peak_mb = round(peak.mb, 1)
             if not resident:
                 self.warn(
                     "the model does not fit in half the free memory: sampling reads each block from the checkpoint "
@@ -655,6 +657,7 @@ class Prepared:
             "warnings": notes,
             # how the self-generated windows were sampled: every block in memory, or each read per token
             "self_sampling": self._sampling,
+            "self_sampling_peak_mb": self._sampling_peak_mb,
             "error_aware": settings.error_aware,
             "refine_steps": settings.refine_steps,
         }

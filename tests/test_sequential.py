@@ -386,5 +386,6 @@ def test_sampling_falls_back_to_the_stored_half_precision_then_to_streaming(
         warnings: list[str] = []
         prepared = Prepared.load(src, settings, warn=warnings.append)
         assert prepared.calibration_info["self_sampling"] == expected
+        assert prepared.calibration_info["self_sampling_peak_mb"] > 0  # the memory the sampling held
         assert prepared.calibration_batches["self"].shape == (2, 16)
         assert any("sampling at bfloat16" in w for w in warnings) == (expected != "streamed")
