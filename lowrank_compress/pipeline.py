@@ -228,7 +228,9 @@ class Prepared:
         # how the self-generated windows were drawn: "resident (float32)" (or at the stored half precision when
         # float32 does not fit), or "streamed" (each block read per token)
         self._sampling: str | None = None
-        self._sampling_peak_mb: float | None = None  # the memory held while sampling (RSS, or the GPU allocator's)
+        self._sampling_peak_mb: float | None = (
+            None  # the memory held while sampling (RSS, or the GPU allocator's)
+        )
         # pass 1's gradient statistics per target: (fisher_rows, out_grad_sq)
         self._gradients: dict[str, tuple[Any, float | None]] = {}
 
