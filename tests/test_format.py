@@ -36,6 +36,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lowrank_compress import format as fmt
 from lowrank_compress.errors import FormatError, LowrankError
+from lowrank_compress.loading import load_model
 from lowrank_compress.modules import LowRankLinear
 
 RANK = 8
@@ -545,6 +546,29 @@ def test_outputs_written_before_the_guard_still_load(kind: str, tmp_path: Path) 
     for loaded in (case.auto.from_pretrained(tmp_path / "out"), fmt.load(tmp_path / "out")):
         assert torch.equal(outputs(loaded, x), outputs(case.model, x))
         assert loaded.config.quantization_config.version == 1
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "older"])
+def test_an_output_that_lost_its_quantization_config_is_refused(guarded: bool, tmp_path: Path) -> None:
+    """Never evaluate random layers: lowrank_compress.load and the evaluate/finetune loader refuse it; plain
+    from_pretrained of a guarded output still stops at the guard."""
+    case = build("llama", tmp_path)
+    out = tmp_path / "out"
+    write(case, out)
+    if not guarded:
+        downgrade_to_version_1(out)
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    message = "load guard but no quantization_config" if guarded else "no quantization_config"
+    with pytest.raises(FormatError, match=message):
+        fmt.load(out)
+    message = "load guard but no quantization_config" if guarded else "would be randomly initialized"
+    with pytest.raises(FormatError, match=message):
+        load_model(out, need_tokenizer=False)
+    if guarded:
+        with pytest.raises(ValueError, match="import lowrank_compress"):
+            AutoModelForCausalLM.from_pretrained(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
