@@ -198,14 +198,14 @@ def _refuse_unloaded_factors(info: dict[str, Any], path: Path) -> None:
         for k in unexpected
         if k.endswith(".down.weight") and k.removesuffix(".down.weight") + ".up.weight" in unexpected
     }
-    random = sorted(
+    uninitialized = sorted(
         k for k in info.get("missing_keys") or () if _same_module(k.removesuffix(".weight"), factors)
     )
-    if random:
+    if uninitialized:
         raise FormatError(
-            f"{path}: {len(random)} weights such as {random[0]} would be randomly initialized: the checkpoint holds "
-            "lowrank factors but config.json has no lowrank quantization_config; restore the output's original "
-            "config.json or re-create the output"
+            f"{path}: {len(uninitialized)} weights such as {uninitialized[0]} would be randomly initialized: the "
+            "checkpoint holds lowrank factors but config.json has no lowrank quantization_config; restore the "
+            "output's original config.json or re-create the output"
         )
 
 
