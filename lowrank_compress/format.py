@@ -10,6 +10,12 @@ Loading needs no remote code: `register()` (run by `import lowrank_compress`) ad
 `LowRankLinear` on the meta device before the weights are read. Before any weight is read the quantizer checks
 the checkpoint headers for every factor tensor, by name and shape, so a missing or misshapen factor is an error
 naming the tensor instead of transformers' silent random initialization of missing keys.
+
+Without the package, transformers skips an unknown quant_method with a warning and would initialize the factorized
+layers at random. So config.json also carries a load guard (format version 2): `transformers_weights`, the key
+naming the weight file that transformers reads, set to a sentence that is not a file name. transformers validates
+that key before it reads or initializes any weight and raises a ValueError quoting it, which tells the user to
+install and import lowrank_compress. The quantizer lifts the guard before that check (see `_lift_load_guard`).
 """
 
 from __future__ import annotations
@@ -37,7 +43,18 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 QUANT_METHOD = "lowrank"
-FORMAT_VERSION = 1
+# 1: factors + quantization_config. 2: config.json also carries the load guard, which a version-1 reader cannot
+# lift; the version check makes such a reader say "upgrade" instead of failing on the guard.
+FORMAT_VERSION = 2
+
+# The config.json key transformers reads as the name of the weight file (`_get_resolved_checkpoint_files`), and
+# our value for it: not a *.safetensors name, so transformers refuses it, quoting it, before touching any weight.
+LOAD_GUARD_KEY = "transformers_weights"
+_LOAD_GUARD_PREFIX = "lowrank-compress output:"
+LOAD_GUARD = (
+    f"{_LOAD_GUARD_PREFIX} run `pip install lowrank-compress` and `import lowrank_compress` before "
+    "from_pretrained; without it the factorized layers would load as random weights"
+)
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -210,6 +227,13 @@ class LowrankHfQuantizer(HfQuantizer):
         self._validated = False
         self._dense_kinds: dict[str, type[nn.Module]] = {}
 
+    def update_attn_implementation(self, config: Any) -> Any:
+        """Lift the load guard: transformers reads `config.transformers_weights` right after building the quantizer
+        (`get_hf_quantizer`, then `_get_resolved_checkpoint_files`), and this is the quantizer hook that runs in
+        between with the model config. It gets a copy of the user's config, so nothing outside the load changes."""
+        _lift_load_guard(config)
+        return super().update_attn_implementation(config)
+
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         if not self.pre_quantized:
             raise FormatError(
@@ -282,6 +306,19 @@ class LowrankHfQuantizer(HfQuantizer):
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:
         return True
+
+
+def is_load_guard(value: Any) -> bool:
+    """True for a load guard written by any lowrank-compress version (they share the prefix, not the wording)."""
+    return isinstance(value, str) and value.startswith(_LOAD_GUARD_PREFIX)
+
+
+def _lift_load_guard(config: Any) -> None:
+    """Drop our guard from a loaded config, so that transformers loads the default weight files and the loaded
+    model's config (saved again, or dequantized into a dense model) does not carry it. A `transformers_weights`
+    that names a real file is left alone."""
+    if is_load_guard(getattr(config, LOAD_GUARD_KEY, None)):
+        delattr(config, LOAD_GUARD_KEY)
 
 
 def _check_factor_tensors(
@@ -573,8 +610,9 @@ def write_model_files(
     tokenizer: Any = None,
     source_dir: Path | None = None,
 ) -> list[Path]:
-    """config.json (the model's config with `quantization_config`, no GGUF flag, no remote-code keys), the
-    generation config and the tokenizer files of an output; `model` may be a skeleton on the meta device."""
+    """config.json (the model's config with `quantization_config` and the load guard, no GGUF flag, no remote-code
+    keys), the generation config and the tokenizer files of an output; `model` may be a skeleton on the meta
+    device."""
     written: list[Path] = []
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
@@ -583,6 +621,8 @@ def write_model_files(
     config.dtype = str(dtype).removeprefix("torch.")
     config_dict = _clean_config_dict(config.to_diff_dict())
     config_dict["quantization_config"] = dict(quantization_config)
+    # replaces any weight-file name of the source too: an output's weights always have the default names
+    config_dict[LOAD_GUARD_KEY] = LOAD_GUARD
     path = out_dir / CONFIG_NAME
     path.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     written.append(path)
@@ -626,8 +666,19 @@ def read_quant_config(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{cfg_path}: not readable JSON ({e}); the output is damaged, re-create it") from e
     if not isinstance(config, dict) or "quantization_config" not in config:
-        raise FormatError(f"{cfg_path}: no quantization_config; this is not a lowrank-compress output")
+        raise FormatError(_no_quant_config_message(cfg_path, config))
     return _validate_quant_dict(config["quantization_config"], str(cfg_path))
+
+
+def _no_quant_config_message(cfg_path: Path, config: Any) -> str:
+    """A config.json with our load guard but no quantization_config is an output whose config was edited or
+    replaced: say that, rather than "not an output", so the user restores it instead of loading it elsewhere."""
+    if isinstance(config, dict) and is_load_guard(config.get(LOAD_GUARD_KEY)):
+        return (
+            f"{cfg_path}: has lowrank-compress's load guard but no quantization_config, so the factorized layers "
+            "cannot be rebuilt; restore the output's original config.json or re-create the output"
+        )
+    return f"{cfg_path}: no quantization_config; this is not a lowrank-compress output"
 
 
 def _is_causal_lm(architecture: str) -> bool:

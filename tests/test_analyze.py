@@ -182,3 +182,32 @@ def test_analyze_smollm2() -> None:
     assert len(result.layers) == 30 * 7
     assert result.total_params == 134_515_008  # SmolLM2-135M, tied embeddings stored once
     assert all(x.finite and 1.0 < x.stable_rank < x.break_even_rank for x in result.layers)
+
+
+def test_the_load_guard_changes_nothing_for_readers(factorized: Path, tmp_path: Path) -> None:
+    """factorize writes the load guard into config.json; safetensors, the checkpoint reader and analyze read the
+    output exactly as they read it without the guard."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from lowrank_compress.checkpoint import Checkpoint
+    from lowrank_compress.format import LOAD_GUARD, LOAD_GUARD_KEY
+
+    assert json.loads((factorized / "config.json").read_text())[LOAD_GUARD_KEY] == LOAD_GUARD
+    unguarded = tmp_path / "unguarded"
+    shutil.copytree(factorized, unguarded)
+    config = json.loads((unguarded / "config.json").read_text())
+    del config[LOAD_GUARD_KEY]
+    (unguarded / "config.json").write_text(json.dumps(config))
+
+    with safe_open(factorized / "model.safetensors", "pt") as fh:
+        names = set(fh.keys())
+    assert {n for n in names if n.endswith(".down.weight")}
+    for path in (factorized, unguarded):
+        assert set(Checkpoint.open(path).tensors) == names
+    guarded_result, plain_result = analyze(factorized), analyze(unguarded)
+    assert [(x.module, x.stable_rank) for x in guarded_result.layers] == [
+        (x.module, x.stable_rank) for x in plain_result.layers
+    ]
+    assert guarded_result.skipped == plain_result.skipped

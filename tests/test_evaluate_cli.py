@@ -140,3 +140,33 @@ def test_cuda_scores_what_the_cpu_scores(pair: tuple[Path, Path]) -> None:
         assert res.exit_code == 0, res.output
         scores[device] = json.loads(res.stdout)["models"][0]["perplexity"]
     assert scores["cuda"] == pytest.approx(scores["cpu"], rel=1e-4)
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "older"])
+def test_an_output_that_lost_its_quantization_config_is_not_evaluated(
+    pair: tuple[Path, Path], guarded: bool, tmp_path: Path
+) -> None:
+    """Without its quantization_config the factorized layers would be random: evaluate (and finetune, through the
+    same loader) refuses in one line. An output from before the load guard is caught after loading, by its
+    factor tensors left unused."""
+    import shutil
+
+    from lowrank_compress.format import LOAD_GUARD_KEY
+
+    out = tmp_path / "edited"
+    shutil.copytree(pair[1], out)
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    if not guarded:
+        del config[LOAD_GUARD_KEY]
+    (out / "config.json").write_text(json.dumps(config))
+    needle = "load guard but no quantization_config" if guarded else "would be randomly initialized"
+    for args in (("evaluate", out, *SMALL), ("evaluate", pair[0], "--baseline", out, *SMALL, "--json")):
+        res = run(*args)
+        assert res.exit_code == 1, (args, res.output)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (args, res.stderr)
+        assert res.stdout == ""
+    # factorize reads tensors by name, so the dense weights it expects are simply missing
+    res = run("factorize", out, "-o", tmp_path / "again")
+    assert res.exit_code == 1 and "is missing from the checkpoint" in res.stderr, res.output

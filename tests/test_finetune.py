@@ -15,6 +15,7 @@ import lowrank_compress
 from lowrank_compress.cli import cli
 from lowrank_compress.errors import TrainingInterrupted
 from lowrank_compress.finetune import FinetuneSettings, batch_rows, finetune, pack
+from lowrank_compress.format import LOAD_GUARD, LOAD_GUARD_KEY
 from lowrank_compress.modules import LowRankLinear
 from tests.fixtures import tiny_llama, tiny_tokenizer, training_text
 
@@ -88,6 +89,8 @@ def test_lora_adapters_load_with_peft_and_match_the_exact_merge(
     assert float((with_adapters - before).abs().max()) > 1e-4  # training changed something
     reloaded = lowrank_compress.load(tmp_path / "merged")
     torch.testing.assert_close(logits(reloaded), with_adapters, rtol=1e-4, atol=1e-4)
+    # the merged output is an output like factorize's: plain transformers without the package refuses it
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())[LOAD_GUARD_KEY] == LOAD_GUARD
     # grow: every factorized layer gained the adapter's rank, and the count is the real one
     ranks_after = {n: m.rank for n, m in reloaded.named_modules() if isinstance(m, LowRankLinear)}
     assert ranks_after == {n: r + 4 for n, r in ranks_before.items()}

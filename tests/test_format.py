@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lowrank_compress import format as fmt
 from lowrank_compress.errors import FormatError, LowrankError
+from lowrank_compress.loading import load_model
 from lowrank_compress.modules import LowRankLinear
 
 RANK = 8
@@ -324,6 +328,7 @@ def test_config_json_carries_quantization_config_and_no_remote_code(tmp_path: Pa
     assert "gguf" not in json.dumps(config).lower()
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["model_type"] == "llama"
+    assert config[fmt.LOAD_GUARD_KEY] == fmt.LOAD_GUARD
     assert fmt.read_quant_config(tmp_path / "out") == config["quantization_config"]
 
 
@@ -331,6 +336,7 @@ def test_save_pretrained_of_a_loaded_model_round_trips(tmp_path: Path) -> None:
     case = build("gpt2", tmp_path)
     write(case, tmp_path / "out")
     loaded = fmt.load(tmp_path / "out")
+    assert not hasattr(loaded.config, fmt.LOAD_GUARD_KEY)  # lifted at load: a dense copy never inherits it
     loaded.save_pretrained(tmp_path / "again")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
     x = inputs()
@@ -442,6 +448,127 @@ def test_tokenizer_generation_config_and_extra_files(tmp_path: Path) -> None:
     assert (out2 / "generation_config.json").read_bytes() == (src / "generation_config.json").read_bytes()
     with pytest.raises(ValueError, match="file name"):
         fmt.save_compressed(case.model, out2, ranks=case.ranks, quant_info={}, extra_files={"../x": "no"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the load guard: without lowrank_compress an output fails loudly, never loads with random layers
+# ---------------------------------------------------------------------------------------------------------------
+
+# Run in a fresh interpreter: this test process has registered the quantizer. Plain transformers first (every
+# load must be refused), then the same calls after `import lowrank_compress`, saving the logits.
+_PLAIN_THEN_IMPORTED = """
+import sys
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModel, AutoModelForCausalLM, LlamaForCausalLM
+
+causal, encoder, logits_file = sys.argv[1:4]
+loads = ((AutoModelForCausalLM, causal), (LlamaForCausalLM, causal), (AutoModel, encoder))
+for cls, path in loads:
+    try:
+        cls.from_pretrained(path)
+    except ValueError as e:
+        print(f"refused {cls.__name__}: {e}")
+    else:
+        print(f"LOADED {cls.__name__}")
+assert "lowrank_compress" not in sys.modules
+import lowrank_compress  # noqa: E402,F401
+x = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+logits = {}
+for cls, path in loads:
+    with torch.no_grad():
+        out = cls.from_pretrained(path)(input_ids=x)
+    logits[cls.__name__] = out.logits if hasattr(out, "logits") else out.last_hidden_state
+save_file(logits, logits_file)
+"""
+
+
+def test_without_lowrank_compress_from_pretrained_fails_naming_it(tmp_path: Path) -> None:
+    llama, bert = build("llama", tmp_path), build("bert", tmp_path)
+    write(llama, tmp_path / "causal")
+    write(bert, tmp_path / "encoder")
+    logits_file = tmp_path / "logits.safetensors"
+    args = [tmp_path / "causal", tmp_path / "encoder", logits_file]
+    repo = str(Path(fmt.__file__).resolve().parents[1])  # the child imports the lowrank_compress under test
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-c", _PLAIN_THEN_IMPORTED, *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    refusals = [line for line in proc.stdout.splitlines() if line.startswith(("refused", "LOADED"))]
+    assert [line.split(":")[0] for line in refusals] == [
+        "refused AutoModelForCausalLM",
+        "refused LlamaForCausalLM",
+        "refused AutoModel",
+    ]
+    for line in refusals:
+        assert "pip install lowrank-compress" in line and "`import lowrank_compress`" in line, line
+    # after the import the very same calls load the factorized models, exactly
+    got = load_file(logits_file)
+    x = inputs()
+    assert torch.equal(got["AutoModelForCausalLM"], outputs(llama.model, x))
+    assert torch.equal(got["LlamaForCausalLM"], outputs(llama.model, x))
+    assert torch.equal(got["AutoModel"], outputs(bert.model, x))
+
+
+def test_the_load_guard_is_a_value_transformers_refuses() -> None:
+    """transformers accepts only *.safetensors / *.safetensors.index.json names (or adapter_model.bin) there."""
+    assert fmt.is_load_guard(fmt.LOAD_GUARD)
+    assert not fmt.LOAD_GUARD.endswith((".safetensors", ".safetensors.index.json", "adapter_model.bin"))
+    assert "lowrank_compress" in fmt.LOAD_GUARD and "pip install lowrank-compress" in fmt.LOAD_GUARD
+
+
+def test_only_our_guard_is_lifted() -> None:
+    config = LlamaConfig(**LLAMA)
+    # a repository's own weight file name is transformers' business
+    config.transformers_weights = "weights.safetensors"
+    fmt._lift_load_guard(config)
+    assert config.transformers_weights == "weights.safetensors"
+    config.transformers_weights = fmt.LOAD_GUARD
+    fmt._lift_load_guard(config)
+    assert not hasattr(config, "transformers_weights")
+
+
+def downgrade_to_version_1(out: Path) -> None:
+    """What an output written before the load guard looks like: no guard, quantization_config version 1."""
+    cfg_path = out / "config.json"
+    config = json.loads(cfg_path.read_text())
+    del config[fmt.LOAD_GUARD_KEY]
+    config["quantization_config"]["version"] = 1
+    cfg_path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "sharded"])
+def test_outputs_written_before_the_guard_still_load(kind: str, tmp_path: Path) -> None:
+    case = build(kind, tmp_path)
+    write(case, tmp_path / "out", max_shard_size=shard_size(kind))
+    downgrade_to_version_1(tmp_path / "out")
+    x = inputs()
+    for loaded in (case.auto.from_pretrained(tmp_path / "out"), fmt.load(tmp_path / "out")):
+        assert torch.equal(outputs(loaded, x), outputs(case.model, x))
+        assert loaded.config.quantization_config.version == 1
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "older"])
+def test_an_output_that_lost_its_quantization_config_is_refused(guarded: bool, tmp_path: Path) -> None:
+    """Never evaluate random layers: lowrank_compress.load and the evaluate/finetune loader refuse it; plain
+    from_pretrained of a guarded output still stops at the guard."""
+    case = build("llama", tmp_path)
+    out = tmp_path / "out"
+    write(case, out)
+    if not guarded:
+        downgrade_to_version_1(out)
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    message = "load guard but no quantization_config" if guarded else "no quantization_config"
+    with pytest.raises(FormatError, match=message):
+        fmt.load(out)
+    message = "load guard but no quantization_config" if guarded else "would be randomly initialized"
+    with pytest.raises(FormatError, match=message):
+        load_model(out, need_tokenizer=False)
+    if guarded:
+        with pytest.raises(ValueError, match="import lowrank_compress"):
+            AutoModelForCausalLM.from_pretrained(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
