@@ -19,11 +19,11 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from lowrank_compress.analyze import analyze
     from lowrank_compress.errors import LowrankError
     from lowrank_compress.evaluate import evaluate_models
-    from lowrank_compress.finetune import FinetuneSettings, finetune
+    from lowrank_compress.finetune import finetune
     from lowrank_compress.format import load
     from lowrank_compress.modules import LowRankLinear
     from lowrank_compress.pipeline import factorize_model
-    from lowrank_compress.recipe import FactorizeSettings, build_settings
+    from lowrank_compress.recipe import FactorizeSettings, FinetuneSettings, build_settings
     from lowrank_compress.sweep import sweep
 
     __version__: str
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
 # public name -> the module that defines it
 _LAZY = {
     "FactorizeSettings": "lowrank_compress.recipe",
-    "FinetuneSettings": "lowrank_compress.finetune",
+    "FinetuneSettings": "lowrank_compress.recipe",
     "LowRankLinear": "lowrank_compress.modules",
     "LowrankError": "lowrank_compress.errors",
     "analyze": "lowrank_compress.analyze",

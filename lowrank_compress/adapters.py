@@ -23,12 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_compress.choices import ADAPTERS, MERGE_RANKS
 from lowrank_compress.errors import LowrankError
 from lowrank_compress.modules import LowRankLinear, is_conv1d
 from lowrank_compress.plugins import quiet_bitsandbytes
-
-ADAPTERS: tuple[str, ...] = ("lora", "dora")
-MERGE_RANKS: tuple[str, ...] = ("grow", "keep")
 
 _REGISTERED = False
 

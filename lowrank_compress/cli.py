@@ -1,4 +1,9 @@
-"""The `lowrank-compress` command line: parses, calls the library, renders. No math here."""
+"""The `lowrank-compress` command line: parses, calls the library, renders. No math here.
+
+Start-up is kept light: this module imports click and the torch-free settings only, and each command imports the
+library it needs inside its function, after checking its arguments, so that `--help`, usage errors and refusals
+answer without importing torch, transformers or rich.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from lowrank_compress import __version__
+from lowrank_compress.choices import GRAD_SOURCES, METHODS, POLICIES, SELF_STARTS
 from lowrank_compress.errors import LowrankError, TrainingInterrupted
-from lowrank_compress.finetune import FinetuneSettings
-from lowrank_compress.recipe import GRAD_SOURCES, METHODS, POLICIES, SELF_STARTS, FactorizeSettings
+from lowrank_compress.recipe import FactorizeSettings, FinetuneSettings
 
 _DEFAULTS = FactorizeSettings()
 _FT = FinetuneSettings()
@@ -29,6 +30,8 @@ class Output:
     """One object that knows human vs JSON mode: results to stdout, progress and warnings to stderr."""
 
     def __init__(self, json_mode: bool) -> None:
+        from rich.console import Console
+
         self.json_mode = json_mode
         # Console text is not markup: tensor names contain "[" and "]".
         self.out = Console(markup=False, highlight=False, soft_wrap=False)
@@ -49,6 +52,8 @@ class Output:
     @contextmanager
     def progress(self, description: str, total: int | None = None) -> Iterator[Any]:
         """A transient progress bar on stderr; invisible when stderr is not a terminal. Yields update(done, total, label)."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
         bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -136,8 +141,21 @@ pickle_option = click.option(
 )
 
 
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """--version, reading the installed version only when asked (importlib.metadata takes a while)."""
+    if not value or ctx.resilient_parsing:
+        return
+    from lowrank_compress import __version__
+
+    click.echo(f"lowrank-compress, version {__version__}")
+    ctx.exit()
+
+
 @click.group(cls=Group, context_settings=CONTEXT)
-@click.version_option(__version__, "-V", "--version", prog_name="lowrank-compress")
+@click.option(
+    "-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+    help="Show the version and exit.",
+)  # fmt: skip
 def cli() -> None:
     """Post-training low-rank compression of transformer checkpoints.
 
@@ -215,14 +233,14 @@ def analyze(
 
     MODEL is a model directory, a .safetensors or .gguf file (default: the built-in SmolLM2-135M-Instruct).
     """
-    from lowrank_compress.analyze import analyze as run_analyze
-
     out = Output(json_mode)
     path = _model_or_default(model)
     if out_dir is not None:
         from lowrank_compress.outdir import check_output_dir
 
         check_output_dir(out_dir, overwrite, inputs=[Path(path)], warn=out.warn, option="--out")
+    from lowrank_compress.analyze import analyze as run_analyze
+
     with out.progress("analyzing layers") as update:
         result = run_analyze(
             path,
@@ -253,6 +271,8 @@ def analyze(
 
 
 def _render_analysis(out: Output, result: Any, top: int) -> None:
+    from rich.table import Table
+
     exact = result.mode == "exact"
     table = Table(title=f"{result.model} ({result.mode} mode)", title_justify="left")
     for col in ("layer", "shape", "stable rank", "SR / break-even"):
@@ -415,12 +435,12 @@ def factorize(ctx: click.Context, model: str | None, output: Path, overwrite: bo
 
     MODEL is a model directory or a .gguf file (default: the built-in SmolLM2-135M-Instruct).
     """
-    from lowrank_compress.pipeline import factorize_model
-
     out = Output(json_mode)
     settings = _settings(ctx, flags)
     shard_size = _shard_size(max_shard_size)
     path = _model_or_default(model)
+    from lowrank_compress.pipeline import factorize_model
+
     with out.progress("loading") as update:
         result = factorize_model(
             path,
@@ -472,9 +492,9 @@ def evaluate(model: str | None, baseline: str | None, data: str, max_tokens: int
 
     MODEL may be a dense checkpoint or a factorize output. With --baseline both are measured in the same run.
     """
+    _check_device(device)
     from lowrank_compress.evaluate import evaluate_models
 
-    _check_device(device)
     out = Output(json_mode)
     with out.progress("evaluating") as update:
         result = evaluate_models(
@@ -497,6 +517,8 @@ def evaluate(model: str | None, baseline: str | None, data: str, max_tokens: int
 
 
 def _render_evaluation(out: Output, data: dict[str, Any]) -> None:
+    from rich.table import Table
+
     table = Table(title=f"{data['data']} ({data['split']}), sha256 {data['text_sha256'][:12]}")
     models = data["models"]
     seq_lens = list((models[0]["prefill_tokens_per_s"] or {}).keys())
@@ -728,11 +750,10 @@ def finetune(model: str, output: Path, checkpoint_dir: Path | None, resume: Path
     MODEL is a factorize output (or a dense checkpoint: plain (Q)LoRA). Run it plainly on CPU or a GPU, or under
     `accelerate launch` on several GPUs. Ctrl-C leaves a checkpoint to --resume from and never a partial output.
     """
-    from lowrank_compress.finetune import FinetuneSettings
+    settings = FinetuneSettings(**flags).validate()
     from lowrank_compress.finetune import finetune as run_finetune
 
     out = Output(json_mode)
-    settings = FinetuneSettings(**flags).validate()
     with out.progress("finetune") as update:
         result = run_finetune(
             model, output, settings, resume=resume, checkpoint_dir=checkpoint_dir, overwrite=overwrite,
@@ -745,6 +766,8 @@ def finetune(model: str, output: Path, checkpoint_dir: Path | None, resume: Path
     if json_mode:
         out.emit_json(data)
         return
+    from rich.table import Table
+
     p = result.perplexity
     table = Table(title=f"{model} -> {output} ({result.kind})", title_justify="left")
     for col in ("", "perplexity"):

@@ -16,15 +16,20 @@ REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "numpy", "safetensors")
 
 
-def python(code: str, *args: object, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run `code` in a fresh interpreter that imports this checkout."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+def env() -> dict[str, str]:
+    """The environment of a fresh interpreter that imports this checkout."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def python(code: str, *args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter."""
     return subprocess.run(
         [sys.executable, "-c", code, *map(str, args)],
         capture_output=True,
         text=True,
-        env=env,
-        timeout=timeout,
+        env=env(),
+        cwd=cwd,
+        timeout=300,
     )
 
 
@@ -112,3 +117,45 @@ def test_a_fresh_import_loads_outputs_and_adapters_with_plain_transformers_and_p
     doc = last_json(python(_LOAD, factorized, path, order))
     assert "LowRankLinear" in doc["kinds"] and doc["lora"] == ["LowRankLoraLinear"]
     torch.testing.assert_close(torch.tensor(doc["logits"]), expected, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------- the CLI
+
+# Runs the console script's main() on each argument list in turn, in one fresh interpreter, and prints per list the
+# exit code and which heavy modules were imported by then.
+_CLI = """
+import json, sys
+from lowrank_compress.cli import main
+heavy, runs = json.loads(sys.argv[1]), []
+for args in json.loads(sys.argv[2]):
+    sys.argv = ["lowrank-compress", *args]
+    try:
+        main()
+    except SystemExit as e:
+        runs.append([e.code, [m for m in heavy if m in sys.modules]])
+print(json.dumps(runs))
+"""
+
+COMMANDS = ["analyze", "factorize", "evaluate", "report", "sweep", "finetune"]
+ANSWERS_WITHOUT_TORCH = [
+    (["--help"], 0),
+    (["--version"], 0),
+    *[([command, "--help"], 0) for command in COMMANDS],
+    (["factorize", "--bogus"], 2),
+    (["factorize"], 2),  # no -o
+    (["factorize", "-o", "out", "--budget", "nan"], 2),
+    (["factorize", "-o", "out", "--budget", "1.5"], 1),
+    (["sweep", "-o", "out", "--budgets", "0.9,2"], 1),
+    (["finetune", "model", "-o", "out", "--rank", "0"], 1),
+    (["nonsense"], 2),
+]
+
+
+def test_help_usage_errors_and_refused_settings_import_no_torch(tmp_path: Path) -> None:
+    """What needs no model answers without importing torch, transformers or peft (that import took seconds)."""
+    cases = [args for args, _ in ANSWERS_WITHOUT_TORCH]
+    proc = python(_CLI, json.dumps(HEAVY), json.dumps(cases), cwd=tmp_path)
+    runs = last_json(proc)
+    assert [code for code, _ in runs] == [code for _, code in ANSWERS_WITHOUT_TORCH], proc.stderr
+    assert all(imported == [] for _, imported in runs), runs
+    assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == []
