@@ -2,10 +2,18 @@
 
 Start-up is kept light: this module imports click and the torch-free settings only, and each command imports the
 library it needs inside its function, after checking its arguments, so that `--help`, usage errors and refusals
-answer without importing torch, transformers or rich.
+answer without importing torch, transformers or rich. The entry point is `console.main`, which handles Ctrl-C and
+SIGTERM before this module is imported.
 """
 
 from __future__ import annotations
+
+# `python -m lowrank_compress.cli` runs the console script's main: the signal handlers first, then this module is
+# imported again, as lowrank_compress.cli, and runs.
+if __name__ == "__main__":
+    from lowrank_compress.console import main
+
+    raise SystemExit(main())
 
 import json
 import math
@@ -19,6 +27,8 @@ from typing import Any
 import click
 
 from lowrank_compress.choices import GRAD_SOURCES, METHODS, POLICIES, SELF_STARTS
+from lowrank_compress.console import command_running, interrupt_code, interrupt_message
+from lowrank_compress.console import main as main  # the console script of earlier installs names cli:main
 from lowrank_compress.errors import LowrankError, TrainingInterrupted
 from lowrank_compress.recipe import FactorizeSettings, FinetuneSettings
 
@@ -74,22 +84,21 @@ class Output:
 
 
 class Group(click.Group):
-    """A click group with the project's single exit path for errors: one line, exit 1, no traceback."""
+    """A click group with the project's single exit path for errors: one line, exit 1, no traceback; Ctrl-C and
+    SIGTERM (console.py) one line, exit 130 and 143."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with command_running():
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except TrainingInterrupted as e:
-            click.echo(str(e), err=True)
-            sys.exit(_interrupt_code())
+            _exit_interrupted(str(e))
         except LowrankError as e:
             _fail(str(e))
         except KeyboardInterrupt:
-            what = "terminated (SIGTERM)" if _TERMINATED else "interrupted"
-            click.echo(f"{what}; nothing was written", err=True)
-            sys.exit(_interrupt_code())
+            _exit_interrupted(interrupt_message())
         except Exception as e:  # an unexpected failure is a bug: still one line unless debugging
             if os.environ.get("LOWRANK_DEBUG"):
                 raise
@@ -98,18 +107,10 @@ class Group(click.Group):
 
 # SIGTERM (kill, a scheduler's time limit, torchrun stopping its workers) cleans up exactly like Ctrl-C: the handler
 # raises KeyboardInterrupt, so temporary directories are removed and finetune leaves a checkpoint; the exit code is
-# 143 (128 + SIGTERM) instead of Ctrl-C's 130. A second SIGTERM while cleaning up is ignored (SIGKILL still works).
-_TERMINATED: list[int] = []
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    if not _TERMINATED:
-        _TERMINATED.append(signum)
-        raise KeyboardInterrupt
-
-
-def _interrupt_code() -> int:
-    return 143 if _TERMINATED else 130
+# 143 (128 + SIGTERM) instead of Ctrl-C's 130 (console.py).
+def _exit_interrupted(message: str) -> None:
+    click.echo(message, err=True)
+    sys.exit(interrupt_code())
 
 
 def _fail(message: str) -> None:
@@ -811,15 +812,3 @@ def _shard_size(text: str) -> str | int:
     raise click.BadParameter(
         f"{text!r} is not a size like 500MB, 2GB or a byte count", param_hint="--max-shard-size"
     )
-
-
-def main() -> None:
-    import signal
-
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    cli(prog_name="lowrank-compress")
-
-
-if __name__ == "__main__":
-    main()

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.fixtures import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "numpy", "safetensors")
@@ -125,7 +129,7 @@ def test_a_fresh_import_loads_outputs_and_adapters_with_plain_transformers_and_p
 # exit code and which heavy modules were imported by then.
 _CLI = """
 import json, sys
-from lowrank_compress.cli import main
+from lowrank_compress.console import main
 heavy, runs = json.loads(sys.argv[1]), []
 for args in json.loads(sys.argv[2]):
     sys.argv = ["lowrank-compress", *args]
@@ -159,3 +163,61 @@ def test_help_usage_errors_and_refused_settings_import_no_torch(tmp_path: Path) 
     assert [code for code, _ in runs] == [code for _, code in ANSWERS_WITHOUT_TORCH], proc.stderr
     assert all(imported == [] for _, imported in runs), runs
     assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------- Ctrl-C, SIGTERM
+
+# How the console script runs (`from lowrank_compress.console import main; sys.exit(main())`).
+_SCRIPT = "import sys; from lowrank_compress.console import main; sys.argv[0] = 'lowrank-compress'; sys.exit(main())"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("model"))
+
+
+@pytest.mark.parametrize(
+    ("entry", "after", "signum"),
+    [
+        ("-m", "click", signal.SIGINT),  # start-up: the CLI's own imports and argument parsing are ahead
+        ("script", "click", signal.SIGINT),
+        ("-m", "torch.", signal.SIGINT),  # in the command, while it imports torch
+        ("-m", "torch.", signal.SIGTERM),
+    ],
+)
+def test_a_signal_during_the_imports_is_one_line_and_exit_130_or_143(
+    model: Path, tmp_path: Path, entry: str, after: str, signum: int
+) -> None:
+    """The signal is sent once `-X importtime` reports that module imported: deterministic, and after the handlers
+    are in place (they come before the CLI's imports; Python's own start-up is the only time before them)."""
+    start = ["-m", "lowrank_compress.cli"] if entry == "-m" else ["-c", _SCRIPT]
+    cmd = [
+        sys.executable,
+        "-X",
+        "importtime",
+        *start,
+        "factorize",
+        str(model),
+        "-o",
+        "out",
+        "--method",
+        "svd",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stderr is not None
+        seen = re.compile(rf"^import time:.*\| +{re.escape(after)}")
+        lines = iter(proc.stderr.readline, "")
+        assert any(seen.match(line) for line in lines), "the import never happened"
+        proc.send_signal(signum)
+        rest = proc.stderr.read()
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    said = [line for line in rest.splitlines() if not line.startswith("import time:")]
+    what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    assert code == 128 + signum and said == [f"{what}; nothing was written"], rest[-3000:]
+    assert list(tmp_path.iterdir()) == []
