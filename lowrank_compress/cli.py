@@ -26,7 +26,7 @@ from typing import Any
 
 import click
 
-from lowrank_compress.choices import GRAD_SOURCES, METHODS, POLICIES, SELF_STARTS
+from lowrank_compress.choices import DEVICES, GRAD_SOURCES, METHODS, POLICIES, SELF_STARTS, check_device
 from lowrank_compress.console import command_running, interrupt_code, interrupt_message
 from lowrank_compress.console import main as main  # the console script of earlier installs names cli:main
 from lowrank_compress.errors import LowrankError, TrainingInterrupted
@@ -364,7 +364,7 @@ def settings_options(f: Any) -> Any:
         ignore_option,
         click.option("--recipe", type=click.Path(path_type=Path),
                      help="YAML settings; flags given on the command line win."),
-        click.option("--device", default=_DEFAULTS.device, show_default=True, help="cpu, cuda, cuda:N."),
+        click.option("--device", default=_DEFAULTS.device, show_default=True, help=f"{DEVICES}."),
     ]  # fmt: skip
     for option in reversed(options):
         f = option(f)
@@ -398,9 +398,7 @@ def _settings(ctx: click.Context, flags: dict[str, Any], **extra: Any) -> Factor
     for key in ("target", "ignore"):
         if given[key] is not None:
             given[key] = list(given[key])
-    settings = build_settings(flags.get("recipe"), **given, **extra)
-    _check_device(settings.device)
-    return settings
+    return build_settings(flags.get("recipe"), **given, **extra)  # checks --device too
 
 
 _PHASES = {
@@ -484,7 +482,7 @@ def factorize(ctx: click.Context, model: str | None, output: Path, overwrite: bo
     "--baseline", metavar="MODEL", help="A second model measured in the same run (ratios: MODEL / baseline)."
 )
 @eval_options
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N.")
+@click.option("--device", default="cpu", show_default=True, help=f"{DEVICES}.")
 @pickle_option
 @json_option
 def evaluate(model: str | None, baseline: str | None, data: str, max_tokens: int, window: int, stride: int,
@@ -493,7 +491,7 @@ def evaluate(model: str | None, baseline: str | None, data: str, max_tokens: int
 
     MODEL may be a dense checkpoint or a factorize output. With --baseline both are measured in the same run.
     """
-    _check_device(device)
+    check_device(device)
     from lowrank_compress.evaluate import evaluate_models
 
     out = Output(json_mode)
@@ -791,14 +789,6 @@ def finetune(model: str, output: Path, checkpoint_dir: Path | None, resume: Path
         out.out.print(
             f"wrote {output} ({result.params_after:,} params; load it after import lowrank_compress)"
         )
-
-
-def _check_device(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise LowrankError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
 
 
 def _shard_size(text: str) -> str | int:

@@ -22,6 +22,7 @@ from lowrank_compress.choices import (
     QUANTIZE,
     SELF_STARTS,
     TRAIN,
+    check_device,
 )
 from lowrank_compress.errors import BudgetError, LowrankError
 
@@ -116,6 +117,7 @@ class FactorizeSettings:
         for name in ("samples", "seq_len", "grad_samples", "rank_multiple"):
             if getattr(self, name) < 1:
                 raise LowrankError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        check_device(self.device)
         return self
 
     def to_yaml(self, header: str = "") -> str:

@@ -151,6 +151,8 @@ ANSWERS_WITHOUT_TORCH = [
     (["factorize", "-o", "out", "--budget", "1.5"], 1),
     (["sweep", "-o", "out", "--budgets", "0.9,2"], 1),
     (["finetune", "model", "-o", "out", "--rank", "0"], 1),
+    (["factorize", "-o", "out", "--device", "meta"], 1),
+    (["evaluate", "--device", "foo"], 1),
     (["nonsense"], 2),
 ]
 
