@@ -28,10 +28,10 @@ DEVICES = "cpu, cuda, cuda:N or mps"
 
 
 def check_device(device: str) -> str:
-    """`device` when this tool can run on it here, else one LowrankError line. torch takes strings that fail only
-    deep inside a run ("meta" gave an internal error, "cuda:7" on a one-GPU machine a CUDA error at the first
-    block) or that nothing here was made for; so only cpu, cuda, cuda:N below the GPU count, and mps where it is
-    available pass. torch is imported only to check cuda and mps."""
+    """`device` when this tool can run on it here, else one LowrankError line. Unchecked, a device string failed
+    only inside the run, after the model was read ("meta" and "foo" as internal errors, "cuda:N" beyond the GPUs
+    present in CUDA); so only cpu, cuda, cuda:N below the GPU count, and mps where it is available pass. torch is
+    imported only to check cuda and mps."""
     match = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", device)
     if match is None or (match[2] is not None and match[1] != "cuda"):
         raise LowrankError(f"--device {device!r} is not a device lowrank-compress runs on; use {DEVICES}")
