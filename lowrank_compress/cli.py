@@ -2,7 +2,7 @@
 
 Start-up is kept light: this module imports click and the torch-free settings only, and each command imports the
 library it needs inside its function, after checking its arguments, so that `--help`, usage errors and refusals
-answer without importing torch, transformers or rich. The entry point is `console.main`, which handles Ctrl-C and
+answer without importing torch or transformers. The entry point is `console.main`, which handles Ctrl-C and
 SIGTERM before this module is imported.
 """
 
