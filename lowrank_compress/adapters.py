@@ -8,8 +8,9 @@ factors' subspace. Merging keeps the layer factorized:
                                                                    calibration inputs when their statistics are given
 DoRA rescales rows: W' = diag(m / ||W + s B A||_row) (W + s B A), which is a row scaling of up' (exact as well).
 
-`register_peft()` (run by `import lowrank_compress`) teaches peft to wrap `LowRankLinear`, so adapters saved in
-PEFT's format load with plain `PeftModel.from_pretrained` on a factorized model.
+`register_peft()` (run by `import lowrank_compress`, or when peft is imported after it: see plugins.py) teaches peft to
+wrap `LowRankLinear`, so adapters saved in PEFT's format load with plain `PeftModel.from_pretrained` on a factorized
+model.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_compress.choices import ADAPTERS, MERGE_RANKS
 from lowrank_compress.errors import LowrankError
 from lowrank_compress.modules import LowRankLinear, is_conv1d
-
-ADAPTERS: tuple[str, ...] = ("lora", "dora")
-MERGE_RANKS: tuple[str, ...] = ("grow", "keep")
+from lowrank_compress.plugins import quiet_bitsandbytes
 
 _REGISTERED = False
 
@@ -85,14 +85,6 @@ def register_peft() -> None:
 
     LoraModel._create_new_module = staticmethod(create_new_module)
     _REGISTERED = True
-
-
-def quiet_bitsandbytes() -> None:
-    """bitsandbytes logs a warning on import on CPUs without its optional `kernels` package; it falls back and
-    works, so the message is noise for our users."""
-    import logging
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------------------------------- attaching

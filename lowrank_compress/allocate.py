@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lowrank_compress.choices import POLICIES
 from lowrank_compress.errors import BudgetError
 from lowrank_compress.factorize import Decomposition
 from lowrank_compress.spectrum import break_even_rank
-
-POLICIES: tuple[str, ...] = ("uniform", "energy", "stable-rank", "sensitivity")
 
 TOLERANCE = 0.005
 """How far (absolute, in kept fraction) the result may land from the budget."""

@@ -1,6 +1,19 @@
-"""The `lowrank-compress` command line: parses, calls the library, renders. No math here."""
+"""The `lowrank-compress` command line: parses, calls the library, renders. No math here.
+
+Start-up is kept light: this module imports click and the torch-free settings only, and each command imports the
+library it needs inside its function, after checking its arguments, so that `--help`, usage errors and refusals
+answer without importing torch or transformers. The entry point is `console.main`, which handles Ctrl-C and
+SIGTERM before this module is imported.
+"""
 
 from __future__ import annotations
+
+# `python -m lowrank_compress.cli` runs the console script's main: the signal handlers first, then this module is
+# imported again, as lowrank_compress.cli, and runs.
+if __name__ == "__main__":
+    from lowrank_compress.console import main
+
+    raise SystemExit(main())
 
 import json
 import math
@@ -12,14 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from lowrank_compress import __version__
+from lowrank_compress.choices import DEVICES, GRAD_SOURCES, METHODS, POLICIES, SELF_STARTS, check_device
+from lowrank_compress.console import command_running, interrupt_code, interrupt_message
+from lowrank_compress.console import main as main  # the console script of earlier installs names cli:main
 from lowrank_compress.errors import LowrankError, TrainingInterrupted
-from lowrank_compress.finetune import FinetuneSettings
-from lowrank_compress.recipe import GRAD_SOURCES, METHODS, POLICIES, SELF_STARTS, FactorizeSettings
+from lowrank_compress.recipe import FactorizeSettings, FinetuneSettings
 
 _DEFAULTS = FactorizeSettings()
 _FT = FinetuneSettings()
@@ -29,6 +40,8 @@ class Output:
     """One object that knows human vs JSON mode: results to stdout, progress and warnings to stderr."""
 
     def __init__(self, json_mode: bool) -> None:
+        from rich.console import Console
+
         self.json_mode = json_mode
         # Console text is not markup: tensor names contain "[" and "]".
         self.out = Console(markup=False, highlight=False, soft_wrap=False)
@@ -49,6 +62,8 @@ class Output:
     @contextmanager
     def progress(self, description: str, total: int | None = None) -> Iterator[Any]:
         """A transient progress bar on stderr; invisible when stderr is not a terminal. Yields update(done, total, label)."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
         bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -69,22 +84,21 @@ class Output:
 
 
 class Group(click.Group):
-    """A click group with the project's single exit path for errors: one line, exit 1, no traceback."""
+    """A click group with the project's single exit path for errors: one line, exit 1, no traceback; Ctrl-C and
+    SIGTERM (console.py) one line, exit 130 and 143."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with command_running():
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except TrainingInterrupted as e:
-            click.echo(str(e), err=True)
-            sys.exit(_interrupt_code())
+            _exit_interrupted(str(e))
         except LowrankError as e:
             _fail(str(e))
         except KeyboardInterrupt:
-            what = "terminated (SIGTERM)" if _TERMINATED else "interrupted"
-            click.echo(f"{what}; nothing was written", err=True)
-            sys.exit(_interrupt_code())
+            _exit_interrupted(interrupt_message())
         except Exception as e:  # an unexpected failure is a bug: still one line unless debugging
             if os.environ.get("LOWRANK_DEBUG"):
                 raise
@@ -93,18 +107,10 @@ class Group(click.Group):
 
 # SIGTERM (kill, a scheduler's time limit, torchrun stopping its workers) cleans up exactly like Ctrl-C: the handler
 # raises KeyboardInterrupt, so temporary directories are removed and finetune leaves a checkpoint; the exit code is
-# 143 (128 + SIGTERM) instead of Ctrl-C's 130. A second SIGTERM while cleaning up is ignored (SIGKILL still works).
-_TERMINATED: list[int] = []
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    if not _TERMINATED:
-        _TERMINATED.append(signum)
-        raise KeyboardInterrupt
-
-
-def _interrupt_code() -> int:
-    return 143 if _TERMINATED else 130
+# 143 (128 + SIGTERM) instead of Ctrl-C's 130 (console.py).
+def _exit_interrupted(message: str) -> None:
+    click.echo(message, err=True)
+    sys.exit(interrupt_code())
 
 
 def _fail(message: str) -> None:
@@ -136,8 +142,21 @@ pickle_option = click.option(
 )
 
 
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """--version, reading the installed version only when asked (importlib.metadata takes a while)."""
+    if not value or ctx.resilient_parsing:
+        return
+    from lowrank_compress import __version__
+
+    click.echo(f"lowrank-compress, version {__version__}")
+    ctx.exit()
+
+
 @click.group(cls=Group, context_settings=CONTEXT)
-@click.version_option(__version__, "-V", "--version", prog_name="lowrank-compress")
+@click.option(
+    "-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+    help="Show the version and exit.",
+)  # fmt: skip
 def cli() -> None:
     """Post-training low-rank compression of transformer checkpoints.
 
@@ -215,14 +234,14 @@ def analyze(
 
     MODEL is a model directory, a .safetensors or .gguf file (default: the built-in SmolLM2-135M-Instruct).
     """
-    from lowrank_compress.analyze import analyze as run_analyze
-
     out = Output(json_mode)
     path = _model_or_default(model)
     if out_dir is not None:
         from lowrank_compress.outdir import check_output_dir
 
         check_output_dir(out_dir, overwrite, inputs=[Path(path)], warn=out.warn, option="--out")
+    from lowrank_compress.analyze import analyze as run_analyze
+
     with out.progress("analyzing layers") as update:
         result = run_analyze(
             path,
@@ -253,6 +272,8 @@ def analyze(
 
 
 def _render_analysis(out: Output, result: Any, top: int) -> None:
+    from rich.table import Table
+
     exact = result.mode == "exact"
     table = Table(title=f"{result.model} ({result.mode} mode)", title_justify="left")
     for col in ("layer", "shape", "stable rank", "SR / break-even"):
@@ -343,7 +364,7 @@ def settings_options(f: Any) -> Any:
         ignore_option,
         click.option("--recipe", type=click.Path(path_type=Path),
                      help="YAML settings; flags given on the command line win."),
-        click.option("--device", default=_DEFAULTS.device, show_default=True, help="cpu, cuda, cuda:N."),
+        click.option("--device", default=_DEFAULTS.device, show_default=True, help=f"{DEVICES}."),
     ]  # fmt: skip
     for option in reversed(options):
         f = option(f)
@@ -377,9 +398,7 @@ def _settings(ctx: click.Context, flags: dict[str, Any], **extra: Any) -> Factor
     for key in ("target", "ignore"):
         if given[key] is not None:
             given[key] = list(given[key])
-    settings = build_settings(flags.get("recipe"), **given, **extra)
-    _check_device(settings.device)
-    return settings
+    return build_settings(flags.get("recipe"), **given, **extra)  # checks --device too
 
 
 _PHASES = {
@@ -415,12 +434,12 @@ def factorize(ctx: click.Context, model: str | None, output: Path, overwrite: bo
 
     MODEL is a model directory or a .gguf file (default: the built-in SmolLM2-135M-Instruct).
     """
-    from lowrank_compress.pipeline import factorize_model
-
     out = Output(json_mode)
     settings = _settings(ctx, flags)
     shard_size = _shard_size(max_shard_size)
     path = _model_or_default(model)
+    from lowrank_compress.pipeline import factorize_model
+
     with out.progress("loading") as update:
         result = factorize_model(
             path,
@@ -463,7 +482,7 @@ def factorize(ctx: click.Context, model: str | None, output: Path, overwrite: bo
     "--baseline", metavar="MODEL", help="A second model measured in the same run (ratios: MODEL / baseline)."
 )
 @eval_options
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N.")
+@click.option("--device", default="cpu", show_default=True, help=f"{DEVICES}.")
 @pickle_option
 @json_option
 def evaluate(model: str | None, baseline: str | None, data: str, max_tokens: int, window: int, stride: int,
@@ -472,9 +491,9 @@ def evaluate(model: str | None, baseline: str | None, data: str, max_tokens: int
 
     MODEL may be a dense checkpoint or a factorize output. With --baseline both are measured in the same run.
     """
+    check_device(device)
     from lowrank_compress.evaluate import evaluate_models
 
-    _check_device(device)
     out = Output(json_mode)
     with out.progress("evaluating") as update:
         result = evaluate_models(
@@ -497,6 +516,8 @@ def evaluate(model: str | None, baseline: str | None, data: str, max_tokens: int
 
 
 def _render_evaluation(out: Output, data: dict[str, Any]) -> None:
+    from rich.table import Table
+
     table = Table(title=f"{data['data']} ({data['split']}), sha256 {data['text_sha256'][:12]}")
     models = data["models"]
     seq_lens = list((models[0]["prefill_tokens_per_s"] or {}).keys())
@@ -728,11 +749,10 @@ def finetune(model: str, output: Path, checkpoint_dir: Path | None, resume: Path
     MODEL is a factorize output (or a dense checkpoint: plain (Q)LoRA). Run it plainly on CPU or a GPU, or under
     `accelerate launch` on several GPUs. Ctrl-C leaves a checkpoint to --resume from and never a partial output.
     """
-    from lowrank_compress.finetune import FinetuneSettings
+    settings = FinetuneSettings(**flags).validate()
     from lowrank_compress.finetune import finetune as run_finetune
 
     out = Output(json_mode)
-    settings = FinetuneSettings(**flags).validate()
     with out.progress("finetune") as update:
         result = run_finetune(
             model, output, settings, resume=resume, checkpoint_dir=checkpoint_dir, overwrite=overwrite,
@@ -745,6 +765,8 @@ def finetune(model: str, output: Path, checkpoint_dir: Path | None, resume: Path
     if json_mode:
         out.emit_json(data)
         return
+    from rich.table import Table
+
     p = result.perplexity
     table = Table(title=f"{model} -> {output} ({result.kind})", title_justify="left")
     for col in ("", "perplexity"):
@@ -769,14 +791,6 @@ def finetune(model: str, output: Path, checkpoint_dir: Path | None, resume: Path
         )
 
 
-def _check_device(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise LowrankError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-
-
 def _shard_size(text: str) -> str | int:
     """A shard size as huggingface_hub takes it ('500MB', '2GB', or bytes), checked here for a clear usage error."""
     import re
@@ -788,15 +802,3 @@ def _shard_size(text: str) -> str | int:
     raise click.BadParameter(
         f"{text!r} is not a size like 500MB, 2GB or a byte count", param_hint="--max-shard-size"
     )
-
-
-def main() -> None:
-    import signal
-
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    cli(prog_name="lowrank-compress")
-
-
-if __name__ == "__main__":
-    main()

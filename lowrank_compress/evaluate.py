@@ -416,9 +416,11 @@ def evaluate_models(
     a file is scored whole. window: default 512, or the model's context when shorter (speed sequence lengths are
     capped the same way). Speed is measured for both models interleaved (see `measure_speed`).
     """
+    from lowrank_compress.choices import check_device
     from lowrank_compress.loading import load_model, require_finite, require_language_model
     from lowrank_compress.text import load_text, text_fingerprint
 
+    check_device(str(device))
     t0 = time.perf_counter()
     split = "heldout" if data == "builtin" else "all"
     text = load_text(data, split=split)

@@ -23,12 +23,11 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from lowrank_compress.choices import METHODS
 from lowrank_compress.errors import CalibrationError, LowrankError
 
 if TYPE_CHECKING:  # the calibration module owns the dataclass; only its fields are used here
     from lowrank_compress.calibration import LayerStats
-
-METHODS: tuple[str, ...] = ("svd", "asvd", "whiten", "fisher")
 
 DEFAULT_RIDGE = 1e-10
 """First diagonal loading tried when the Gram is not (numerically) positive definite, relative to its mean diagonal."""

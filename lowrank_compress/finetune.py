@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_compress.adapters import ADAPTERS, MERGE_RANKS
 from lowrank_compress.errors import CalibrationError, LowrankError, TrainingInterrupted
 from lowrank_compress.memory import PeakMemory
 from lowrank_compress.modules import LowRankLinear
@@ -41,84 +40,11 @@ from lowrank_compress.outdir import (
     replace_dir,
     replaceable,
 )
+from lowrank_compress.recipe import FinetuneSettings
 
-QUANTIZE = ("none", "nf4")
-TRAIN = ("adapters", "factors")
-PRECISIONS = ("auto", "fp32", "bf16")
 CHECKPOINT_VERSION = 1
 
 ProgressFn = Callable[[str, int, int, str], None]
-
-
-@dataclass
-class FinetuneSettings:
-    """Exactly what a finetune run does; recorded in finetune.json and in each checkpoint (a resume must match)."""
-
-    data: str = "builtin"
-    eval_data: str | None = None
-    adapter: str = "lora"
-    rank: int = 16
-    alpha: float | None = None  # None: 2 x rank (LoRA scaling 2)
-    quantize: str = "none"
-    steps: int | None = None
-    epochs: float | None = None  # neither steps nor epochs: one epoch
-    lr: float = 1e-3
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 256
-    warmup: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    merge: bool = False
-    merge_rank: str = "grow"
-    train: str = "adapters"
-    nuclear: float = 0.0
-    truncate_every: int = 0
-    truncate_energy: float = 0.999
-    precision: str = "auto"
-    save_every: int = 50
-    eval_tokens: int = 16384
-    seed: int = 0
-
-    def validate(self) -> FinetuneSettings:
-        choices = {"adapter": ADAPTERS, "quantize": QUANTIZE, "merge_rank": MERGE_RANKS, "train": TRAIN,
-                   "precision": PRECISIONS}  # fmt: skip
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise LowrankError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
-        for name in ("rank", "batch_size", "grad_accum", "save_every"):
-            if getattr(self, name) < 1:
-                raise LowrankError(
-                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
-                )
-        if self.seq_len < 2:
-            raise LowrankError(f"--seq-len must be at least 2, got {self.seq_len}")
-        if self.steps is not None and self.epochs is not None:
-            raise LowrankError("give --steps or --epochs, not both")
-        if self.steps is not None and self.steps < 1:
-            raise LowrankError(f"--steps must be at least 1, got {self.steps}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise LowrankError(f"--epochs must be positive, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise LowrankError(f"--lr must be a positive number, got {self.lr}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise LowrankError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
-        if self.nuclear < 0 or self.truncate_every < 0 or not 0.0 < self.truncate_energy <= 1.0:
-            raise LowrankError("--nuclear and --truncate-every must be >= 0 and --truncate-energy in (0, 1]")
-        if self.train == "factors":
-            if self.quantize != "none":
-                raise LowrankError(
-                    "--train factors trains the factors in full precision; drop --quantize nf4"
-                )
-        elif self.nuclear or self.truncate_every:
-            raise LowrankError("--nuclear and --truncate-every apply to --train factors only")
-        if self.eval_tokens < 0:
-            raise LowrankError(f"--eval-tokens must be >= 0, got {self.eval_tokens}")
-        return self
-
-    @property
-    def lora_alpha(self) -> float:
-        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
 
 
 @dataclass

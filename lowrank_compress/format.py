@@ -5,8 +5,9 @@ An output directory is an ordinary Hugging Face model directory: safetensors sha
 caller's recipe, report and model card. A factorized module `M` is stored as `M.down.weight` (r x in),
 `M.up.weight` (out x r) and, when the dense layer had one, `M.bias`; every other tensor keeps its name and bytes.
 
-Loading needs no remote code: `register()` (run by `import lowrank_compress`) adds a quantization config and an
-`HfQuantizer` to transformers' registry, so `AutoModelForCausalLM.from_pretrained(OUT)` swaps the named modules for
+Loading needs no remote code: `register()` adds a quantization config and an `HfQuantizer` to transformers'
+registry (it runs when this module is imported, and `import lowrank_compress` imports it as soon as transformers'
+quantizer registry is imported: see plugins.py), so `AutoModelForCausalLM.from_pretrained(OUT)` swaps the named modules for
 `LowRankLinear` on the meta device before the weights are read. Before any weight is read the quantizer checks
 the checkpoint headers for every factor tensor, by name and shape, so a missing or misshapen factor is an error
 naming the tensor instead of transformers' silent random initialization of missing keys.
@@ -712,3 +713,8 @@ def load(
     if torch.device(device).type != "cpu":
         kwargs["device_map"] = {"": torch.device(device)}
     return model_class.from_pretrained(str(p), **kwargs)
+
+
+# Importing this module registers: it is what the import hook in plugins.py calls, and when this module is the one
+# importing transformers' registry (the hook then finds it half-initialized and leaves the call to this line).
+register()

@@ -1,0 +1,53 @@
+"""What the settings accept: method, policy, adapter and other names, and the device check.
+
+In a module of their own, importing only the standard library, so that the CLI can build its options (and answer
+`--help` or a usage error) and check `--device` without importing torch; the modules that use the names import
+them from here.
+"""
+
+from __future__ import annotations
+
+import re
+
+from lowrank_compress.errors import LowrankError
+
+# factorize
+METHODS: tuple[str, ...] = ("svd", "asvd", "whiten", "fisher")
+POLICIES: tuple[str, ...] = ("uniform", "energy", "stable-rank", "sensitivity")
+GRAD_SOURCES: tuple[str, ...] = ("mix", "self")
+SELF_STARTS: tuple[str, ...] = ("random", "prefix")
+
+# finetune
+ADAPTERS: tuple[str, ...] = ("lora", "dora")
+MERGE_RANKS: tuple[str, ...] = ("grow", "keep")
+QUANTIZE: tuple[str, ...] = ("none", "nf4")
+TRAIN: tuple[str, ...] = ("adapters", "factors")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+
+DEVICES = "cpu, cuda, cuda:N or mps"
+
+
+def check_device(device: str) -> str:
+    """`device` when this tool can run on it here, else one LowrankError line. Unchecked, a device string failed
+    only inside the run, after the model was read ("meta" and "foo" as internal errors, "cuda:N" beyond the GPUs
+    present in CUDA); so only cpu, cuda, cuda:N below the GPU count, and mps where it is available pass. torch is
+    imported only to check cuda and mps."""
+    match = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", device)
+    if match is None or (match[2] is not None and match[1] != "cuda"):
+        raise LowrankError(f"--device {device!r} is not a device lowrank-compress runs on; use {DEVICES}")
+    if device == "cpu":
+        return device
+    import torch
+
+    if match[1] == "mps":
+        if not torch.backends.mps.is_available():
+            raise LowrankError("--device mps: Apple's MPS is not available on this machine; use --device cpu")
+        return device
+    if not torch.cuda.is_available():
+        raise LowrankError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    count = torch.cuda.device_count()
+    if match[2] is not None and int(match[2]) >= count:
+        raise LowrankError(
+            f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
+    return device

@@ -1,0 +1,88 @@
+"""Registering with transformers and peft when they are imported, not when `lowrank_compress` is.
+
+`import lowrank_compress` must be all a user needs before `AutoModelForCausalLM.from_pretrained(OUT)` (transformers
+has to know quant_method "lowrank") and before `PeftModel.from_pretrained` on a factorized model (peft has to wrap
+`LowRankLinear`). Registering eagerly meant importing torch, transformers and peft (several seconds) on every
+`import lowrank_compress`, hence on every `lowrank-compress --help`. Instead `install()` registers right away
+with whatever is already imported, and puts a finder on `sys.meta_path` that registers the rest the moment its
+module finishes importing (the "post-import hook" of wrapt and PEP 369). Only the standard library is imported here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+# module whose import triggers the hook -> (module of ours, function to call there)
+HOOKS: dict[str, tuple[str, str]] = {
+    "transformers.quantizers.auto": ("lowrank_compress.format", "register"),
+    "peft.tuners.lora.model": ("lowrank_compress.adapters", "register_peft"),
+}
+
+
+def _run(trigger: str) -> None:
+    """Call the registration for `trigger`. A module of ours that is itself still being imported (it imported
+    `trigger`) has no function yet; it registers at its own end instead (format.py does)."""
+    module_name, function = HOOKS[trigger]
+    register = getattr(importlib.import_module(module_name), function, None)
+    if register is not None:
+        register()
+
+
+class _HookedLoader:
+    """The loader that found the module, running the hook after the module's code; all else is delegated."""
+
+    def __init__(self, loader: Any, trigger: str) -> None:
+        self._loader = loader
+        self._trigger = trigger
+
+    def create_module(self, spec: Any) -> ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        _run(self._trigger)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+class _PostImportFinder:
+    """A `sys.meta_path` finder that finds nothing itself: for the trigger modules it asks the other finders and
+    wraps the loader they return."""
+
+    lowrank_compress_hooks = True  # how install() recognizes an earlier instance (also after a reload)
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None) -> Any:
+        if fullname not in HOOKS:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _HookedLoader(spec.loader, fullname)
+                return spec
+        return None
+
+
+def quiet_bitsandbytes() -> None:
+    """bitsandbytes logs a warning on import on CPUs without its optional `kernels` package; it falls back and
+    works, so the message is noise for our users. Set before peft imports it."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def install() -> None:
+    """Register now with what is imported, later with the rest (idempotent)."""
+    quiet_bitsandbytes()
+    if not any(getattr(f, "lowrank_compress_hooks", False) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportFinder())
+    for trigger in HOOKS:
+        if trigger in sys.modules:
+            _run(trigger)
