@@ -37,7 +37,7 @@ from pathlib import Path
 from lowrank_compress.errors import LowrankError
 
 MARKER = ".lowrank-compress"
-KINDS = ("output", "checkpoint")
+KINDS = ("output", "checkpoint", "report")  # report: a folder `report -o DIR` created
 
 # Directories written before the marker existed: a file of this tool whose JSON object has these keys.
 _LEGACY_FILES = {
@@ -64,7 +64,7 @@ def _cause(e: OSError) -> str:
 
 
 def write_marker(directory: Path, kind: str = "output") -> None:
-    """Mark `directory` as made by lowrank-compress (an output or a finetune checkpoint)."""
+    """Mark `directory` as made by lowrank-compress (an output, a finetune checkpoint or a report folder)."""
     if kind not in KINDS:
         raise ValueError(f"unknown directory kind {kind!r}")
     data = {"tool": "lowrank-compress", "kind": kind, "marker_version": 1}
@@ -82,7 +82,7 @@ def _json_object(path: Path) -> dict | None:
 
 
 def marker_kind(directory: str | Path) -> str | None:
-    """ "output" or "checkpoint" when `directory` carries this tool's marker, else None."""
+    """The kind ("output", "checkpoint", "report") when `directory` carries this tool's marker, else None."""
     data = _json_object(Path(directory) / MARKER)
     if not data or data.get("tool") != "lowrank-compress":
         return None

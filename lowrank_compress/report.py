@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lowrank_compress.analyze import AnalysisResult
+from lowrank_compress.errors import LowrankError
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -251,8 +252,6 @@ def factorize_model_card(report: dict[str, Any], source: str) -> str:
 
 def read_factorize_report(output: Path) -> dict[str, Any]:
     """report.json of a factorize output, with a clear error when it is missing or not ours."""
-    from lowrank_compress.errors import LowrankError
-
     path = Path(output) / "report.json"
     try:
         data = json.loads(path.read_text())
@@ -430,6 +429,26 @@ def factorize_html(markdown_tables: str, images: dict[str, bytes]) -> str:
     )
 
 
+def _claim_report_dir(target: Path) -> None:
+    """The report may go into a new or empty folder (then marked as a report folder), a factorize output, or a
+    report folder of an earlier run, where it replaces the files it wrote then; never into a user's folder, whose
+    report.md it would overwrite."""
+    from lowrank_compress.outdir import ours, replaceable, write_marker
+
+    if ours(target) in ("output", "report"):
+        return
+    if not replaceable(target):
+        kind = (
+            "a file" if target.exists() and not target.is_dir() else "a folder lowrank-compress did not write"
+        )
+        raise LowrankError(f"-o {target}: {kind}; pass a new or empty folder, or a factorize output")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        write_marker(target, "report")
+    except OSError as e:
+        raise LowrankError(f"-o {target}: cannot create it ({e.strerror or e})") from None
+
+
 def write_factorize_report(outputs: list[Path], out_dir: Path | None = None) -> list[Path]:
     """report.md, report.html and the PNG plots for one or more factorize outputs, into out_dir (default: the first
     output). Each file is written whole, then moved into place."""
@@ -437,7 +456,7 @@ def write_factorize_report(outputs: list[Path], out_dir: Path | None = None) -> 
 
     reports = [read_factorize_report(o) for o in outputs]
     target = Path(out_dir) if out_dir is not None else Path(outputs[0])
-    target.mkdir(parents=True, exist_ok=True)
+    _claim_report_dir(target)
     images = factorize_plots(reports)
     markdown = factorize_markdown(reports, list(images))
     files = {

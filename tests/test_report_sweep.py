@@ -76,6 +76,31 @@ def test_report_renders_markdown_html_and_plots_with_the_reports_numbers(outputs
     assert "<script" not in html and "http" not in html  # self-contained
 
 
+def test_report_never_writes_over_a_users_folder(outputs, tmp_path: Path) -> None:
+    """`report -o DIR` into a folder of the user's (here one holding its own report.md) or onto a file is refused in
+    one line and changes nothing; a new folder is marked as a report folder, so a second report replaces the first."""
+    _, outs = outputs
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my notes\n")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep\n")
+    for dest in (mine, a_file):
+        res = run("report", outs[0], "-o", dest)
+        assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+        assert "pass a new or empty folder" in res.output
+    assert (
+        sorted(p.name for p in mine.iterdir()) == ["report.md"]
+        and (mine / "report.md").read_text() == "my notes\n"
+    )
+    assert a_file.read_text() == "keep\n"
+    fresh = tmp_path / "fresh"
+    for _ in range(2):
+        res = run("report", *outs, "-o", fresh)
+        assert res.exit_code == 0, res.output
+    assert (fresh / "report.md").is_file()
+
+
 def test_report_of_something_else_is_one_line(tmp_path: Path) -> None:
     res = run("report", tmp_path)
     assert res.exit_code == 1 and "report.json" in res.stderr and len(res.stderr.strip().splitlines()) == 1
