@@ -484,14 +484,7 @@ def _truncate_factors(model: nn.Module, optimizer: Any, energy: float) -> list[n
         with torch.no_grad():
             dec = decompose(m.up.weight.double() @ m.down.weight.double(), "svd")
             kept = torch.cumsum(dec.s**2, 0) / (dec.s**2).sum().clamp_min(1e-300)
-            rank = (
-                int(
-                    torch.searchsorted(
-                        kept, torch.tensor(energy, dtype=kept.dtype, device=kept.device)
-                    ).item()
-                )
-                + 1
-            )
+            rank = int(torch.searchsorted(kept, kept.new_tensor(energy))) + 1  # on kept's device
             if rank >= m.rank:
                 continue
             up, down = dec.factors(rank, dtype=m.up.weight.dtype)

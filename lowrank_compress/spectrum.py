@@ -48,12 +48,7 @@ def energy_rank(s: torch.Tensor, energy: float) -> int:
     cumulative = torch.cumsum(e, 0) / total
     # a tiny tolerance so that energy=1.0 does not hinge on the last ulp of the cumulative sum
     return min(
-        int(
-            torch.searchsorted(
-                cumulative, torch.tensor(energy - 1e-12, dtype=torch.float64, device=cumulative.device)
-            )
-        )
-        + 1,
+        int(torch.searchsorted(cumulative, cumulative.new_tensor(energy - 1e-12))) + 1,
         len(s),
     )
 
