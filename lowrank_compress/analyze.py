@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from lowrank_compress.checkpoint import Checkpoint, Skipped
+from lowrank_compress.errors import LowrankError
 from lowrank_compress.spectrum import ENERGIES, break_even_rank, factored_params, spectrum_stats
 
 #: Above this many parameters analyze uses the fast path unless told otherwise.
@@ -186,7 +187,15 @@ def analyze(
     """
     start = time.perf_counter()
     with Checkpoint.open(model, allow_pickle=allow_pickle) as ckpt:
+        ckpt.require_matches_config()
         targets, skipped = ckpt.linear_targets(target=target, ignore=ignore)
+        if not targets and (target or ignore):
+            given = " ".join(
+                [*(f"--target {p}" for p in target or ()), *(f"--ignore {p}" for p in ignore or ())]
+            )
+            raise LowrankError(
+                f"{model}: no Linear layer is left to analyze with {given}; check the patterns"
+            )
         total = ckpt.num_params
         use_fast = total > FAST_THRESHOLD_PARAMS if fast is None else fast
         layers: list[LayerAnalysis] = []

@@ -566,6 +566,11 @@ def _gguf_field(reader: Any, key: str) -> Any:
     return values[0] if values else None
 
 
+def _flat(e: BaseException) -> str:
+    """An exception's whole message on one line (validation errors put the detail on the second)."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
@@ -586,14 +591,20 @@ def _build_meta_model(
     """
     import transformers
     from accelerate import init_empty_weights
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoModel, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from lowrank_compress.calibration import quiet_transformers
 
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         return None
     try:
-        cfg = CONFIG_MAPPING[model_type].from_dict(dict(config))
+        with quiet_transformers():
+            cfg = CONFIG_MAPPING[model_type].from_dict(dict(config))
+    except (TypeError, ValueError, StrictDataclassError) as e:  # a known architecture, values it cannot take
+        raise CheckpointError(f"not a valid {model_type} config ({_flat(e)}); restore it") from None
     except Exception:
         return None
 
@@ -606,11 +617,13 @@ def _build_meta_model(
     builders += [(None, auto) for auto in autos]
     best: tuple[int, torch.nn.Module] | None = None
     tried: set[type] = set()
+    failure: Exception | None = None
     for arch, cls in builders:
         try:
-            with init_empty_weights(include_buffers=True):
+            with init_empty_weights(include_buffers=True), quiet_transformers():
                 model = cls(cfg) if arch is not None else cls.from_config(cfg)
-        except Exception:
+        except Exception as e:
+            failure = failure or e
             continue
         if type(model) in tried:
             continue
@@ -624,6 +637,8 @@ def _build_meta_model(
         if covered == len(tensor_names):
             break
     if best is None:
+        if isinstance(failure, (TypeError, ValueError, StrictDataclassError)):  # values it cannot take
+            raise CheckpointError(f"not a valid {model_type} config ({_flat(failure)}); restore it")
         return None
     model = best[1]
     full = cfg.to_dict()
@@ -840,9 +855,12 @@ class Checkpoint:
     def meta_model(self) -> torch.nn.Module | None:
         """The architecture on the meta device (built once from the config), or None without a usable config."""
         if self._meta is False:
-            self._meta = (
-                _build_meta_model(self.config, tensor_names=list(self.tensors)) if self.config else None
-            )
+            try:
+                self._meta = (
+                    _build_meta_model(self.config, tensor_names=list(self.tensors)) if self.config else None
+                )
+            except CheckpointError as e:
+                raise CheckpointError(f"{self.directory / 'config.json'}: {e}") from None
         return self._meta[0] if self._meta else None
 
     @property
@@ -998,6 +1016,82 @@ class Checkpoint:
                 reason = "not a Linear weight"
             skipped.append(Skipped(name, info.shape, reason))
         return candidates, skipped
+
+    # -- agreement with the config --
+
+    def require_matches_config(self) -> None:
+        """CheckpointError unless the weights are those of the config's architecture: every parameter stored (or tied
+        to one that is) with its shape, a factorized layer as its two factors, and no stored tensor foreign to it.
+        Loaders would otherwise initialize what is missing at random, and every figure would describe noise."""
+        model = self.meta_model()
+        if model is None:
+            return
+        names, tied = _NameMap(model), _tied_map(model)
+        stored = {m: n for n in self.tensors if (m := names.to_model(n)) is not None}
+        claimed = set(stored.values())
+        modules = dict(model.named_modules())
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if name in tied:
+                continue
+            if name in stored:
+                self._require_shape(stored[name], tuple(p.shape))
+                continue
+            module, _, leaf = name.rpartition(".")
+            factors = self._factors_of(module, names.prefix) if leaf == "weight" else None
+            if factors is None:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name} of {type(model).__name__} is missing from the checkpoint; the "
+                    "weights do not match config.json"
+                )
+            if not self.is_lowrank_output:
+                raise CheckpointError(
+                    f"{self.path}: {module} is stored as lowrank factors but config.json has no lowrank "
+                    "quantization_config; restore the output's original config.json or re-create the output"
+                )
+            self._require_factor_shapes(factors, modules[module], tuple(p.shape))
+            claimed.update(factors)
+        ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+        for n in self.tensors:
+            if n not in claimed and not any(r.search(n) for r in ignored):
+                raise CheckpointError(
+                    f"{self.path}: tensor {n} is not part of {type(model).__name__} as config.json describes it; "
+                    "the weights do not match config.json"
+                )
+
+    @property
+    def is_lowrank_output(self) -> bool:
+        """Whether config.json declares this tool's format (factorized layers stored as up / down factors)."""
+        qc = (self.config or {}).get("quantization_config")
+        return isinstance(qc, dict) and qc.get("quant_method") == "lowrank"
+
+    def _factors_of(self, module: str, prefix: str) -> tuple[str, str] | None:
+        """The stored (up, down) factor names of a factorized module, under any base-model prefix."""
+        for m in (module, f"{prefix}.{module}", module.removeprefix(prefix + ".")):
+            up, down = f"{m}.up.weight", f"{m}.down.weight"
+            if up in self.tensors and down in self.tensors:
+                return up, down
+        return None
+
+    def _require_factor_shapes(
+        self, factors: tuple[str, str], module: torch.nn.Module, dense: tuple[int, ...]
+    ) -> None:
+        from lowrank_compress.modules import is_conv1d
+
+        out_f, in_f = (dense[1], dense[0]) if is_conv1d(module) else dense
+        up, down = (self.tensors[f].shape for f in factors)
+        if len(up) != 2 or len(down) != 2 or up[0] != out_f or down[1] != in_f or up[1] != down[0]:
+            raise CheckpointError(
+                f"{self.path}: factors {factors[0]} {list(up)} and {factors[1]} {list(down)} do not make the "
+                f"{out_f} x {in_f} layer config.json describes; the weights do not match config.json"
+            )
+
+    def _require_shape(self, name: str, expected: tuple[int, ...]) -> None:
+        shape = tuple(self.tensors[name].shape)
+        if shape != expected:
+            raise CheckpointError(
+                f"{self.path}: tensor {name} has shape {list(shape)} but the config expects {list(expected)}; the "
+                "weights do not match config.json"
+            )
 
     def _identical_to(self, name: str, info: TensorInfo, embeddings: Iterable[TensorInfo]) -> str | None:
         """An embedding holding exactly the same values (a tied head saved twice), if any."""

@@ -795,10 +795,11 @@ def _shard_size(text: str) -> str | int:
     """A shard size as huggingface_hub takes it ('500MB', '2GB', or bytes), checked here for a clear usage error."""
     import re
 
-    if re.fullmatch(r"\d+", text):
-        return int(text)
-    if re.fullmatch(r"\d+(\.\d+)?[KMGT]B", text, flags=re.IGNORECASE):
-        return text.upper()
-    raise click.BadParameter(
-        f"{text!r} is not a size like 500MB, 2GB or a byte count", param_hint="--max-shard-size"
-    )
+    number = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]B)?", text, flags=re.IGNORECASE)
+    if number is None or (number.group(2) is None and "." in text):
+        raise click.BadParameter(
+            f"{text!r} is not a size like 500MB, 2GB or a byte count", param_hint="--max-shard-size"
+        )
+    if float(number.group(1)) <= 0:
+        raise click.BadParameter("a shard must be larger than 0 bytes", param_hint="--max-shard-size")
+    return text.upper() if number.group(2) else int(text)

@@ -132,7 +132,10 @@ def _texts(settings: FinetuneSettings) -> tuple[str, str | None, dict[str, Any]]
             {"train": f"{settings.data} (first half)", "eval": f"{settings.data} (second half)"},
         )
     train = load_text(settings.data)
-    held = load_text(settings.eval_data) if settings.eval_tokens else None
+    held = load_text(
+        settings.eval_data
+    )  # read even when unused (--eval-tokens 0): a wrong path is still an error
+    held = held if settings.eval_tokens else None
     return train, held, {"train": settings.data, "eval": settings.eval_data}
 
 

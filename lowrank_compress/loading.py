@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lowrank_compress.calibration import quiet_transformers
-from lowrank_compress.errors import CheckpointError, FormatError, LowrankError
+from lowrank_compress.errors import CheckpointError, LowrankError
 
 
 @dataclass
@@ -109,7 +109,10 @@ def load_model(
         _check_weights_present(source.directory, allow_pickle)
         _check_guarded_output(source)
     try:
-        with _gguf_loading():
+        with (
+            _gguf_loading()
+        ):  # one parse of a GGUF file for the check, the config, the weights and the tokenizer
+            _require_sound_weights(source)
             return _load(source, kwargs, device, dtype, allow_pickle, need_tokenizer)
     except LowrankError:
         raise
@@ -124,14 +127,9 @@ def _load(source: ModelSource, kwargs: dict[str, Any], device: str, dtype: torch
     config = AutoConfig.from_pretrained(source.directory, **kwargs)
     cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     with quiet_transformers():
-        model, info = cls.from_pretrained(
-            source.directory,
-            dtype=dtype,
-            use_safetensors=None if allow_pickle else True,
-            output_loading_info=True,
-            **kwargs,
+        model = cls.from_pretrained(
+            source.directory, dtype=dtype, use_safetensors=None if allow_pickle else True, **kwargs
         )
-    _refuse_unloaded_factors(info, source.path)
     if source.gguf_file:
         _drop_gguf_flag(model)
     model.to(device).eval()
@@ -179,6 +177,19 @@ def _gguf_loading() -> Iterator[None]:
         gguf_utils.tqdm = original_tqdm
 
 
+def _require_sound_weights(source: ModelSource) -> None:
+    """Read every header with the checkpoint reader that analyze and factorize use (corrupt files, sizes that lie)
+    and check that the weights are the config's architecture, before transformers would fill gaps at random.
+    Pickled checkpoints are skipped: reading their names means unpickling them, which loading does anyway."""
+    from lowrank_compress.checkpoint import Checkpoint
+
+    path = source.directory / source.gguf_file if source.gguf_file else source.directory
+    if source.gguf_file is None and not any(source.directory.glob("*.safetensors")):
+        return
+    with Checkpoint.open(path) as ckpt:
+        ckpt.require_matches_config()
+
+
 def _check_guarded_output(source: ModelSource) -> None:
     """A directory with lowrank-compress's load guard is an output: its quantization_config must be sound. Checked
     here because transformers, finding the guard but no quantization_config, would say to import this package."""
@@ -186,33 +197,6 @@ def _check_guarded_output(source: ModelSource) -> None:
 
     if is_load_guard((read_config(source) or {}).get(LOAD_GUARD_KEY)):
         read_quant_config(source.directory)
-
-
-def _refuse_unloaded_factors(info: dict[str, Any], path: Path) -> None:
-    """FormatError when factor tensors were left unused while dense weights were initialized at random: an output
-    whose config.json lost its quantization_config (one written before the load guard has nothing else to stop
-    transformers). Every figure computed from such a model would describe random layers."""
-    unexpected = set(info.get("unexpected_keys") or ())
-    factors = {
-        k.removesuffix(".down.weight")
-        for k in unexpected
-        if k.endswith(".down.weight") and k.removesuffix(".down.weight") + ".up.weight" in unexpected
-    }
-    uninitialized = sorted(
-        k for k in info.get("missing_keys") or () if _same_module(k.removesuffix(".weight"), factors)
-    )
-    if uninitialized:
-        raise FormatError(
-            f"{path}: {len(uninitialized)} weights such as {uninitialized[0]} would be randomly initialized: the "
-            "checkpoint holds lowrank factors but config.json has no lowrank quantization_config; restore the "
-            "output's original config.json or re-create the output"
-        )
-
-
-def _same_module(name: str, factors: set[str]) -> bool:
-    """Whether `name` is one of `factors`, allowing for the base-model prefix (`model.`, `bert.`) that loading with
-    another class of the same architecture adds or drops."""
-    return any(f == name or f.endswith("." + name) or name.endswith("." + f) for f in factors)
 
 
 def _check_weights_present(directory: Path, allow_pickle: bool) -> None:

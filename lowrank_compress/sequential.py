@@ -66,7 +66,7 @@ class StreamedModel:
         self.tied = _tied_map(self.model)
         self.block_returns_tuple = False  # learnt from the first block that runs
         self.blocks_name, self.blocks = _find_blocks(self.model)
-        self._check_complete()
+        ckpt.require_matches_config()
         self._outer_users = 0  # open `outer()` contexts
         self._outer_loaded: set[str] = set()
         self._params = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
@@ -99,24 +99,6 @@ class StreamedModel:
         return [c for c in self.ckpt.tensors if c not in inside]
 
     # -- loading and releasing --
-
-    def _check_complete(self) -> None:
-        """Every parameter the architecture needs is stored (or tied to one that is), with the right shape."""
-        for name, p in self.model.named_parameters(remove_duplicate=False):
-            if name in self.tied:
-                continue
-            stored = self.ckpt_name.get(name)
-            if stored is None:
-                raise LowrankError(
-                    f"{self.ckpt.path}: tensor {name} of {type(self.model).__name__} is missing from the checkpoint; "
-                    "the weights do not match config.json"
-                )
-            shape = tuple(self.ckpt.tensors[stored].shape)
-            if shape != tuple(p.shape):
-                raise LowrankError(
-                    f"{self.ckpt.path}: tensor {stored} has shape {list(shape)} but the config expects "
-                    f"{list(p.shape)}; the weights do not match config.json"
-                )
 
     def _materialize(self, params: Sequence[str], dtype: torch.dtype | None = None) -> None:
         """Read these parameters (at `dtype`, default the working dtype) onto the device."""

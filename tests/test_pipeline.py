@@ -339,6 +339,10 @@ def test_bad_inputs_fail_cleanly_and_touch_nothing(models: dict[str, Path], tmp_
     _fails_cleanly(run("factorize", src, "-o", out, "--self-mix", "-0.1"), out, (2,))
     _fails_cleanly(run("factorize", src, "-o", out, "--self-mix", "2"), out, (2,))
     _fails_cleanly(run("factorize", src, "-o", out, "--max-shard-size", "big"), out, (2,))
+    for empty in ("0", "0MB", "0.0GB"):  # every tensor would get a shard of its own
+        assert "larger than 0" in _fails_cleanly(
+            run("factorize", src, "-o", out, "--max-shard-size", empty), out, (2,)
+        )
     _fails_cleanly(run("factorize", src, "-o", out, "--method", "qr"), out, (2,))
     recipe.write_text("budget: 0.5\nmethod: svd\nbudget: 0.7\n")  # YAML would keep the last one silently
     line = _fails_cleanly(run("factorize", src, "-o", out, "--recipe", recipe), out)
