@@ -4,6 +4,7 @@ the process RSS (anonymous and file pages) and glibc's heap, to see whether anyt
     python benchmarks/profile_blocks.py --layers 8                  # hidden 2048, intermediate 5504 (a 1/2-scale 7B)
     python benchmarks/profile_blocks.py --layers 3 --shape 7b       # the Llama-2-7B block shape
     python benchmarks/profile_blocks.py --layers 8 --flags "--method svd --policy uniform"
+    python benchmarks/profile_blocks.py --layers 4 --shape 7b --census yes   # plus the live tensors after each block
 
 Default flags: text-only calibration (`--self-mix 0 --samples 16`). The checkpoint (random bf16, SmolLM2's
 tokenizer) is generated in a temporary directory by bench_scale.make_checkpoint. Lines go to stderr.
@@ -62,12 +63,36 @@ def heap_mb() -> tuple[float, float]:
     return info.arena / 2**20, info.hblkhd / 2**20
 
 
+def census(top: int = 6) -> str:
+    """Tensors reachable from Python holding 1 MB or more, by shape and dtype (storage counted once): what a block
+    left behind, where the heap figures only say how much."""
+    import gc
+    from collections import Counter
+
+    import torch
+
+    seen: set[int] = set()
+    sizes: Counter[str] = Counter()
+    for obj in gc.get_objects():
+        if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
+            continue
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() < 2**20:
+            continue
+        seen.add(storage.data_ptr())
+        sizes[f"{list(obj.shape)} {str(obj.dtype).removeprefix('torch.')}"] += storage.nbytes()
+    total = sum(sizes.values()) / 2**20
+    parts = ", ".join(f"{k}: {v / 2**20:,.0f}" for k, v in sizes.most_common(top))
+    return f"live tensors {total:,.0f} MB ({parts})"
+
+
 def main() -> None:
     from lowrank_compress.memory import PeakMemory
 
     layers = int(arg("--layers", "8"))
     shape = SHAPE if arg("--shape", "half") == "7b" else HALF
     flags = shlex.split(arg("--flags", "--self-mix 0 --samples 16"))
+    with_census = arg("--census", "no") == "yes"
     start = time.perf_counter()
     count = [0]
     exit_block = PeakMemory.__exit__
@@ -80,6 +105,8 @@ def main() -> None:
         print(f"block {count[0]:3d}: peak {self.mb:7.0f} MB | after: RSS {rss:7.0f} (anon {anon:7.0f}, file "
               f"{file:5.0f}), heap arenas {arena:6.0f}, mmapped {mapped:6.0f} | {time.perf_counter() - start:6.0f} s",
               file=sys.stderr, flush=True)  # fmt: skip
+        if with_census:
+            print(f"           {census()}", file=sys.stderr, flush=True)
 
     PeakMemory.__exit__ = logged_exit  # type: ignore[method-assign]
     from lowrank_compress.cli import main as cli
