@@ -1039,12 +1039,12 @@ class Checkpoint:
             module, _, leaf = name.rpartition(".")
             factors = self._factors_of(module, names.prefix) if leaf == "weight" else None
             if factors is None:
-                raise CheckpointError(
+                raise self._mismatch(
                     f"{self.path}: tensor {name} of {type(model).__name__} is missing from the checkpoint; the "
                     "weights do not match config.json"
                 )
             if not self.is_lowrank_output:
-                raise CheckpointError(
+                raise self._mismatch(
                     f"{self.path}: {module} is stored as lowrank factors but config.json has no lowrank "
                     "quantization_config; restore the output's original config.json or re-create the output"
                 )
@@ -1053,10 +1053,16 @@ class Checkpoint:
         ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
         for n in self.tensors:
             if n not in claimed and not any(r.search(n) for r in ignored):
-                raise CheckpointError(
+                raise self._mismatch(
                     f"{self.path}: tensor {n} is not part of {type(model).__name__} as config.json describes it; "
                     "the weights do not match config.json"
                 )
+
+    def _mismatch(self, message: str) -> LowrankError:
+        """The error for weights that do not match the config: a damaged output is a FormatError."""
+        from lowrank_compress.errors import FormatError
+
+        return FormatError(message) if self.is_lowrank_output else CheckpointError(message)
 
     @property
     def is_lowrank_output(self) -> bool:
@@ -1065,11 +1071,20 @@ class Checkpoint:
         return isinstance(qc, dict) and qc.get("quant_method") == "lowrank"
 
     def _factors_of(self, module: str, prefix: str) -> tuple[str, str] | None:
-        """The stored (up, down) factor names of a factorized module, under any base-model prefix."""
+        """The stored (up, down) factor names of a factorized module, under any base-model prefix; FormatError when
+        only one of the two is stored (a damaged output)."""
+        from lowrank_compress.errors import FormatError
+
         for m in (module, f"{prefix}.{module}", module.removeprefix(prefix + ".")):
             up, down = f"{m}.up.weight", f"{m}.down.weight"
             if up in self.tensors and down in self.tensors:
                 return up, down
+            if up in self.tensors or down in self.tensors:
+                missing = down if up in self.tensors else up
+                raise FormatError(
+                    f"{self.path}: factor tensor {missing} is missing (its pair is stored); the output is damaged, "
+                    "re-create it"
+                )
         return None
 
     def _require_factor_shapes(
@@ -1080,7 +1095,7 @@ class Checkpoint:
         out_f, in_f = (dense[1], dense[0]) if is_conv1d(module) else dense
         up, down = (self.tensors[f].shape for f in factors)
         if len(up) != 2 or len(down) != 2 or up[0] != out_f or down[1] != in_f or up[1] != down[0]:
-            raise CheckpointError(
+            raise self._mismatch(
                 f"{self.path}: factors {factors[0]} {list(up)} and {factors[1]} {list(down)} do not make the "
                 f"{out_f} x {in_f} layer config.json describes; the weights do not match config.json"
             )
@@ -1088,7 +1103,7 @@ class Checkpoint:
     def _require_shape(self, name: str, expected: tuple[int, ...]) -> None:
         shape = tuple(self.tensors[name].shape)
         if shape != expected:
-            raise CheckpointError(
+            raise self._mismatch(
                 f"{self.path}: tensor {name} has shape {list(shape)} but the config expects {list(expected)}; the "
                 "weights do not match config.json"
             )

@@ -703,9 +703,15 @@ def load(
     is given. `dtype=None` keeps the dtype the output was written in."""
     from transformers import AutoModel, AutoModelForCausalLM
 
+    from lowrank_compress.checkpoint import Checkpoint
+
     register()
     p = Path(path)
     read_quant_config(p)
+    with Checkpoint.open(
+        p
+    ) as ckpt:  # the reader every command uses: headers, and weights that match the config
+        ckpt.require_matches_config()
     if model_class is None:
         arch = json.loads((p / CONFIG_NAME).read_text(encoding="utf-8")).get("architectures") or []
         model_class = AutoModelForCausalLM if any(_is_causal_lm(str(a)) for a in arch) else AutoModel
