@@ -8,9 +8,9 @@ factors' subspace. Merging keeps the layer factorized:
                                                                    calibration inputs when their statistics are given
 DoRA rescales rows: W' = diag(m / ||W + s B A||_row) (W + s B A), which is a row scaling of up' (exact as well).
 
-`register_peft()` (run by `import lowrank_compress`, or when peft is imported after it: see plugins.py) teaches peft to
-wrap `LowRankLinear`, so adapters saved in PEFT's format load with plain `PeftModel.from_pretrained` on a factorized
-model.
+`register_peft()` (run by `import lowrank_compress`, or when peft is imported after it: see plugins.py) registers
+the methods of `peft_methods` with peft, so adapters saved in PEFT's format load with plain
+`PeftModel.from_pretrained` on a factorized model.
 """
 
 from __future__ import annotations
@@ -31,60 +31,20 @@ from lowrank_compress.plugins import quiet_bitsandbytes
 _REGISTERED = False
 
 
-def _lora_layer_class() -> type:
-    """The peft LoRA layer for a LowRankLinear base, built on first use (peft is imported lazily)."""
-    from peft.tuners.lora.layer import Linear as PeftLoraLinear
-
-    class LowRankLoraLinear(PeftLoraLinear):
-        """peft's LoRA / DoRA Linear layer, wrapped around a LowRankLinear as a whole."""
-
-        def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-            return module.in_features, module.out_features
-
-        def merge(self, safe_merge: bool = False, adapter_names: Any = None) -> None:
-            raise LowrankError(
-                "merging into a factorized layer must keep it factorized: use `lowrank-compress finetune --merge` "
-                "or lowrank_compress.adapters.merge_adapters instead of peft's merge"
-            )
-
-        def unmerge(self) -> None:  # never merged in place, see merge
-            return None
-
-    return LowRankLoraLinear
-
-
-_LAYER_CLASS: type | None = None
-
-
-def lora_layer_class() -> type:
-    global _LAYER_CLASS
-    if _LAYER_CLASS is None:
-        _LAYER_CLASS = _lora_layer_class()
-    return _LAYER_CLASS
-
-
 def register_peft() -> None:
-    """Let peft's LoRA wrap LowRankLinear (idempotent): peft picks a layer class by the base module's type and knows
-    only its own; a LowRankLinear gets `LowRankLoraLinear`, everything else what peft would give it."""
+    """Teach peft to wrap LowRankLinear and add our methods to its registries (idempotent; see peft_methods)."""
     global _REGISTERED
     if _REGISTERED:
         return
     quiet_bitsandbytes()  # peft imports it when installed
     try:
-        from peft.tuners.lora.model import LoraModel
+        import peft  # noqa: F401
     except ImportError:  # peft is a dependency; without it there is nothing to register
         return
-    original = LoraModel._create_new_module
+    from lowrank_compress.peft_methods import register
 
-    def create_new_module(lora_config: Any, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
-        base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-        if isinstance(base, LowRankLinear):
-            kwargs.pop("parameter_name", None)
-            return lora_layer_class()(target, adapter_name, config=lora_config, **kwargs)
-        return original(lora_config, adapter_name, target, **kwargs)
-
-    LoraModel._create_new_module = staticmethod(create_new_module)
-    _REGISTERED = True
+    _REGISTERED = True  # before registering: peft's imports below may re-enter through the import hook
+    register()
 
 
 # --------------------------------------------------------------------------------------------------- attaching
@@ -118,6 +78,11 @@ def attach(model: nn.Module, kind: str, rank: int, alpha: float, targets: Iterab
     if not names:
         raise LowrankError("the model has no Linear layers to put adapters on")
     register_peft()
+    lowrank = any(isinstance(model.get_submodule(n), LowRankLinear) for n in names)
+    if lowrank:
+        from lowrank_compress.peft_methods.factorized import config_class
+
+        LoraConfig = config_class("lora")  # noqa: N806
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
