@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from lowrank_compress.adapter_kinds import AdapterDelta, AdapterOptions, delta_of, peft_config
 from lowrank_compress.choices import ADAPTERS, MERGE_RANKS
 from lowrank_compress.errors import LowrankError
 from lowrank_compress.modules import LowRankLinear, is_conv1d
@@ -66,9 +66,13 @@ def adapter_targets(model: nn.Module) -> list[str]:
     return names
 
 
-def attach(model: nn.Module, kind: str, rank: int, alpha: float, targets: Iterable[str]) -> Any:
-    """A peft model with fresh (zero-effect: B = 0) LoRA or DoRA adapters of `rank` on `targets`."""
-    from peft import LoraConfig, get_peft_model
+def attach(
+    model: nn.Module, kind: str, rank: int, alpha: float, targets: Iterable[str], *,
+    block_size: int | None = None, blocks: int = 2,
+) -> Any:  # fmt: skip
+    """A peft model with fresh adapters of `kind` on `targets`, each starting at a zero update (LoRA's B = 0, C3A's
+    kernels, GraLoRA's B blocks and MiSS's block all zero), so the model starts exactly where it was."""
+    from peft import get_peft_model
 
     if kind not in ADAPTERS:
         raise LowrankError(f"unknown adapter {kind!r}; choose one of {', '.join(ADAPTERS)}")
@@ -78,20 +82,8 @@ def attach(model: nn.Module, kind: str, rank: int, alpha: float, targets: Iterab
     if not names:
         raise LowrankError("the model has no Linear layers to put adapters on")
     register_peft()
-    lowrank = any(isinstance(model.get_submodule(n), LowRankLinear) for n in names)
-    if lowrank:
-        from lowrank_compress.peft_methods.factorized import config_class
-
-        LoraConfig = config_class("lora")  # noqa: N806
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=0.0,
-        target_modules=names,  # full module names: peft matches them exactly (as dot-separated suffixes)
-        use_dora=kind == "dora",
-        bias="none",
-        fan_in_fan_out=any(is_conv1d(model.get_submodule(n)) for n in names),
-    )
+    options = AdapterOptions(rank=rank, alpha=alpha, block_size=block_size, blocks=blocks)
+    config = peft_config(kind, model, names, options)
     with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5; not ours to fix
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, config)
@@ -100,30 +92,14 @@ def attach(model: nn.Module, kind: str, rank: int, alpha: float, targets: Iterab
 # --------------------------------------------------------------------------------------------------- merging
 
 
-@dataclass
-class AdapterDelta:
-    """One trained adapter, scaled: the layer's new weight is W + b @ a (then DoRA's row scaling, if any)."""
-
-    a: torch.Tensor  # (r_a x in)
-    b: torch.Tensor  # (out x r_a), scaling folded in
-    magnitude: torch.Tensor | None = None  # DoRA: (out,)
-
-
 def extract_adapters(peft_model: Any, adapter: str = "default") -> tuple[nn.Module, dict[str, AdapterDelta]]:
     """The base model with its adapters taken off (not merged), and each adapter's delta by module name."""
-    from peft.tuners.lora.layer import LoraLayer
-
     deltas: dict[str, AdapterDelta] = {}
     prefix = "base_model.model."
     for name, module in peft_model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
-            continue
-        a = module.lora_A[adapter].weight.detach().float().cpu().clone()
-        b = module.lora_B[adapter].weight.detach().float().cpu() * float(module.scaling[adapter])
-        magnitude = None
-        if adapter in module.lora_magnitude_vector:
-            magnitude = module.lora_magnitude_vector[adapter].weight.detach().float().cpu().clone()
-        deltas[name.removeprefix(prefix)] = AdapterDelta(a, b.clone(), magnitude)
+        delta = delta_of(module, adapter)
+        if delta is not None:
+            deltas[name.removeprefix(prefix)] = delta
     return peft_model.unload(), deltas
 
 
@@ -137,19 +113,31 @@ def grow(up: torch.Tensor, down: torch.Tensor, delta: AdapterDelta) -> tuple[tor
     return up2, down2
 
 
+GROW_REFUSAL = (
+    "{name}: the {kind} update is not low-rank, so it cannot grow the factors exactly; "
+    "merge with --merge-rank keep (re-truncated to the layer's rank)"
+)
+
+
 def truncate(
     up: torch.Tensor, down: torch.Tensor, rank: int, stats: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Factors of the best rank-`rank` approximation of W = up @ down, the squared error it leaves, and ||W||^2 in
-    the same measure.
+    """`truncate_weight` of W = up @ down."""
+    return truncate_weight(up.double() @ down.double(), rank, stats)
+
+
+def truncate_weight(
+    w: torch.Tensor, rank: int, stats: Any = None
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Factors of the best rank-`rank` approximation of W, the squared error it leaves, and ||W||^2 in the same
+    measure.
 
     Without statistics the error is ||W - W_r||_F^2 (Eckart-Young: the sum of the dropped squared singular values);
     with calibration statistics it is the whitened objective ||(W - W_r) X^T||_F^2 that factorize minimizes.
     """
     from lowrank_compress.factorize import decompose
 
-    w = up.double() @ down.double()
-    dec = decompose(w, "whiten" if stats is not None else "svd", stats)
+    dec = decompose(w.double(), "whiten" if stats is not None else "svd", stats)
     rank = min(rank, dec.stored_rank)
     u, d = dec.factors(rank, dtype=torch.float64)
     errors = dec.truncation_error()
@@ -162,19 +150,34 @@ def _dora_scale(weight: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     return magnitude.double() / norm.clamp_min(torch.finfo(torch.float64).tiny)
 
 
+def merged_weight(w: torch.Tensor, delta: AdapterDelta) -> torch.Tensor:
+    """W' as a dense float64 matrix (out x in), for a dense W or one given as the product of factors."""
+    here = {"device": w.device, "dtype": torch.float64}
+    w = w.to(**here) + delta.b.to(**here) @ delta.a.to(**here)
+    if delta.dense is not None:
+        w = w + delta.dense.to(**here)
+    if delta.magnitude is not None:
+        w = w * _dora_scale(w, delta.magnitude.to(**here))[:, None]
+    return w
+
+
 def merge_adapters(
     model: nn.Module,
     deltas: Mapping[str, AdapterDelta],
     *,
     merge_rank: str = "grow",
     stats: Mapping[str, Any] | None = None,
+    kind: str = "adapter",
+    densify: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Fold `deltas` into `model` in place (weights must be plain floating point: dequantize first).
 
-    LowRankLinear layers stay factorized: `grow` concatenates the factors, `keep` re-truncates to the original rank
-    (whitened by `stats[name]` when given). Dense layers get the delta added. Returns, per factorized layer, the
-    rank before and after and the truncation error relative to the merged weight, in the truncation's measure
-    (0 for grow).
+    LowRankLinear layers stay factorized: `grow` concatenates the factors (low-rank updates only; otherwise a
+    LowrankError naming `--merge-rank keep`), `keep` re-truncates to the original rank (whitened by `stats[name]`
+    when given). With `densify`, a factorized layer whose update is not low-rank becomes a dense Linear holding W'
+    exactly instead (the trained model's own weights, for collecting the statistics of a keep merge). Dense layers
+    get the update added. Returns, per factorized layer, the rank before and after and the truncation error
+    relative to the merged weight, in the truncation's measure (0 for grow).
     """
     if merge_rank not in MERGE_RANKS:
         raise LowrankError(f"unknown merge rank {merge_rank!r}; choose one of {', '.join(MERGE_RANKS)}")
@@ -182,32 +185,56 @@ def merge_adapters(
     for name, delta in deltas.items():
         module = model.get_submodule(name)
         if isinstance(module, LowRankLinear):
-            up, down = grow(module.up.weight.detach(), module.down.weight.detach(), delta)
-            error, norm = 0.0, 0.0
-            if merge_rank == "keep":
-                up, down, error, norm = truncate(up, down, module.rank, stats.get(name) if stats else None)
-            dtype = module.up.weight.dtype
-            bias = module.bias.detach() if module.bias is not None else None
-            new = LowRankLinear.from_factors(up.to(dtype), down.to(dtype), bias)
-            new.to(module.up.weight.device)
-            _set_module(model, name, new)
-            report[name] = {
-                "rank_before": module.rank,
-                "rank_after": new.rank,
-                "relative_error": error / norm if norm > 0 else 0.0,
-            }
+            if densify and not delta.low_rank:
+                _set_module(
+                    model, name, _dense_linear(module, merged_weight(module.dense_weight().detach(), delta))
+                )
+                continue
+            if merge_rank == "grow" and not delta.low_rank:
+                raise LowrankError(GROW_REFUSAL.format(name=name, kind=kind))
+            report[name] = _merge_factorized(model, name, module, delta, merge_rank, stats)
         elif isinstance(module, nn.Linear) or is_conv1d(module):
             conv = is_conv1d(module)
             with torch.no_grad():
-                w = module.weight.detach().double()
-                w = w.T if conv else w
-                w = w + delta.b.double().to(w.device) @ delta.a.double().to(w.device)
-                if delta.magnitude is not None:
-                    w = w * _dora_scale(w, delta.magnitude.to(w.device))[:, None]
+                w = module.weight.detach()
+                w = merged_weight(w.T if conv else w, delta)
                 module.weight.copy_((w.T if conv else w).to(module.weight.dtype))
         else:
             raise LowrankError(f"{name}: cannot merge an adapter into a {type(module).__name__}")
     return report
+
+
+def _merge_factorized(model: nn.Module, name: str, module: LowRankLinear, delta: AdapterDelta, merge_rank: str,
+                      stats: Mapping[str, Any] | None) -> dict[str, float]:  # fmt: skip
+    """Replace a LowRankLinear by its merge: grown factors, or W' re-truncated to the layer's rank (keep)."""
+    up, down = module.up.weight.detach(), module.down.weight.detach()
+    error = norm = 0.0
+    if merge_rank == "keep":
+        w = merged_weight(up.double() @ down.double(), delta)
+        up, down, error, norm = truncate_weight(w, module.rank, stats.get(name) if stats else None)
+    else:
+        up, down = grow(up, down, delta)
+    dtype = module.up.weight.dtype
+    bias = module.bias.detach() if module.bias is not None else None
+    new = LowRankLinear.from_factors(up.to(dtype), down.to(dtype), bias)
+    new.to(module.up.weight.device)
+    _set_module(model, name, new)
+    return {
+        "rank_before": module.rank,
+        "rank_after": new.rank,
+        "relative_error": error / norm if norm > 0 else 0.0,
+    }
+
+
+def _dense_linear(module: LowRankLinear, w: torch.Tensor) -> nn.Linear:
+    dtype, device = module.up.weight.dtype, module.up.weight.device
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=device,
+                       dtype=dtype)  # fmt: skip
+    with torch.no_grad():
+        linear.weight.copy_(w.to(dtype))
+        if module.bias is not None:
+            linear.bias.copy_(module.bias.detach())
+    return linear
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:

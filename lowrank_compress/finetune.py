@@ -211,6 +211,14 @@ def finetune(
             "--merge-rank keep re-truncates factorized layers to their rank, but MODEL is dense; "
             "use --merge-rank grow (plain merge) or pass a factorize output"
         )
+    if factorized and settings.train == "adapters" and settings.merge and settings.merge_rank == "grow":
+        from lowrank_compress.adapter_kinds import FULL_RANK
+
+        if settings.adapter in FULL_RANK:
+            raise LowrankError(
+                f"--adapter {settings.adapter} trains a full-rank update, which cannot grow the factors exactly; "
+                "use --merge-rank keep (re-truncated to each layer's rank) or --no-merge"
+            )
     if not factorized and settings.train == "factors":
         raise LowrankError("--train factors needs a factorized MODEL (a `lowrank-compress factorize` output)")
     if settings.quantize == "nf4":
@@ -265,7 +273,8 @@ def finetune(
         elif precision == "bf16":
             model.to(torch.bfloat16)
         model.requires_grad_(False)
-        trainer = attach(model, settings.adapter, settings.rank, settings.lora_alpha, targets)
+        trainer = attach(model, settings.adapter, settings.rank, settings.lora_alpha, targets,
+                         block_size=settings.block_size, blocks=settings.blocks)  # fmt: skip
     else:
         model.requires_grad_(False)
         for m in model.modules():
@@ -635,12 +644,12 @@ def _merge(peft_model: Any, settings: FinetuneSettings, rows: torch.Tensor, devi
     if settings.merge_rank == "keep":
         from lowrank_compress.calibration import collect_stats
 
-        grown = copy.deepcopy(base)
-        merge_adapters(grown, deltas, merge_rank="grow")
-        names = [n for n, m in grown.named_modules() if isinstance(m, LowRankLinear)]
+        grown = copy.deepcopy(base)  # the trained model's weights: grown exactly, or dense where not low-rank
+        merge_adapters(grown, deltas, merge_rank="grow", densify=True)
+        names = [n for n, m in base.named_modules() if isinstance(m, LowRankLinear)]
         stats = collect_stats(grown, rows[: min(8, rows.shape[0])], names, device=str(device))
         del grown
-    layers = merge_adapters(base, deltas, merge_rank=settings.merge_rank, stats=stats)
+    layers = merge_adapters(base, deltas, merge_rank=settings.merge_rank, stats=stats, kind=settings.adapter)
     errors = [v["relative_error"] for v in layers.values()]
     info = {"merge_rank": settings.merge_rank, "layers": len(deltas), "ranks": _ranks(base),
             "max_relative_error": max(errors, default=0.0), "whitened": stats is not None}  # fmt: skip

@@ -57,6 +57,19 @@ class RefuseMerge:
         return None
 
 
+class UnloadsFactors:
+    """Model mixin: peft's generic unload hands the base layer back with `base.weight = adapter.weight`, which a
+    LowRankLinear (weight computed from its factors) cannot take; it goes back as it is."""
+
+    def _replace_module(
+        self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module
+    ) -> None:
+        if isinstance(new_module, LowRankLinear):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)  # type: ignore[misc]
+
+
 # --------------------------------------------------------------------------------------------------- LoRA / DoRA
 
 
@@ -100,7 +113,7 @@ def _c3a_classes() -> tuple[type, type, type]:
             self._active_adapter = adapter_name
             self.update_layer(adapter_name, block_size, config=config)
 
-    class LowRankC3AModel(C3AModel):
+    class LowRankC3AModel(UnloadsFactors, C3AModel):
         @staticmethod
         def _create_new_module(config: Any, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
             if isinstance(base_of(target), LowRankLinear):
@@ -133,7 +146,7 @@ def _gralora_classes() -> tuple[type, type, type]:
             self._active_adapter = adapter_name
             self.update_layer(adapter_name, module_name, r, config=config)
 
-    class LowRankGraloraModel(GraloraModel):
+    class LowRankGraloraModel(UnloadsFactors, GraloraModel):
         @staticmethod
         def _create_new_module(config: Any, adapter_name: str, target: nn.Module, module_name: str,
                                **kwargs: Any) -> nn.Module:  # fmt: skip
@@ -168,7 +181,7 @@ def _miss_classes() -> tuple[type, type, type]:
             self.update_layer(adapter_name, r, config=config, **kw)
             self.miss_fn = config.init_weights
 
-    class LowRankMissModel(MissModel):
+    class LowRankMissModel(UnloadsFactors, MissModel):
         @staticmethod
         def _create_new_module(config: Any, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
             if isinstance(base_of(target), LowRankLinear):

@@ -1,0 +1,278 @@
+"""The adapter family beyond LoRA / DoRA: C3A, GraLoRA, Bone (MiSS) on factorized, dense and NF4 models.
+
+Expected values come from each paper's definition of the update, built here with numpy / scipy from the adapter's
+parameters, never from lowrank_compress's own delta code: the forward pass must equal x (W + ΔW)^T.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch import nn
+
+import lowrank_compress
+from lowrank_compress.adapter_kinds import AdapterOptions, c3a_block_size, delta_of, peft_config
+from lowrank_compress.adapters import adapter_targets, attach, extract_adapters, merge_adapters, register_peft
+from lowrank_compress.modules import LowRankLinear
+from tests.fixtures import tiny_llama
+from tests.test_adapters import logits
+
+KINDS = ["c3a", "gralora", "bone"]
+OPTIONS = {"c3a": {"block_size": 16}, "gralora": {"blocks": 2}, "bone": {}}
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("dense"))
+
+
+def load(path: Path) -> nn.Module:
+    """A factorize output or a dense checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def randomize(peft_model: nn.Module, seed: int = 0) -> None:
+    """Trained-looking adapters: every adapter parameter drawn at random (their zero init would test nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+# --------------------------------------------------------------------------------------------------- references
+
+
+def c3a_reference(kernel: np.ndarray, n_in: int) -> np.ndarray:
+    """C3A (Chen et al., Eq. 2-3): each b x b block of ΔW is a circulant matrix, applied as a circular convolution
+    by FFT; the update is divided by the input width (peft). peft stores each block's first row, so the block is the
+    transpose of scipy's circulant (which takes the first column)."""
+    m, n, _ = kernel.shape
+    return np.block([[scipy.linalg.circulant(kernel[i, j]).T for j in range(n)] for i in range(m)]) / n_in
+
+
+def gralora_reference(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
+    """GraLoRA (Jung et al., Eq. 4): W split into k x k blocks, block (j, n) has its own rank-r/k LoRA
+    B_{j,n} A_{j,n}; peft stores A_n (in/k x r) per input block and B_j (r x out/k) per output block, the r columns
+    (rows) cut into k chunks, chunk j of A_n pairing with chunk n of B_j."""
+    k, _, r = a.shape
+    s = r // k
+    blocks = [
+        [(a[n][:, j * s : (j + 1) * s] @ b[j][n * s : (n + 1) * s, :]).T for n in range(k)] for j in range(k)
+    ]
+    return scale * np.block(blocks)
+
+
+def bone_reference(block: np.ndarray, n_in: int) -> np.ndarray:
+    """MiSS (Kang et al., balance form): ΔW = [D^T D^T ... D^T], the r x out block D repeated along the input, the
+    input chunked in r-wide pieces (a ragged last piece uses D's first columns)."""
+    r = block.shape[0]
+    return np.tile(block.T, (1, -(-n_in // r)))[:, :n_in]
+
+
+def reference(kind: str, layer: nn.Module) -> np.ndarray:
+    if kind == "c3a":
+        return c3a_reference(layer.c3a_kernel["default"].detach().double().numpy(), layer.in_features)
+    if kind == "gralora":
+        a, b = (p["default"].detach().double().numpy() for p in (layer.gralora_A, layer.gralora_B))
+        return gralora_reference(a, b, layer.scaling["default"])
+    return bone_reference(layer.miss_block["default"].detach().double().numpy(), layer.in_features)
+
+
+class One(nn.Module):
+    """A single layer as a model, for checking a layer's forward against the math."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def one_layer(factorized: bool, n_out: int = 48, n_in: int = 32) -> One:
+    gen = torch.Generator().manual_seed(2)
+    if factorized:
+        up, down = torch.randn(n_out, 5, generator=gen), torch.randn(5, n_in, generator=gen)
+        return One(LowRankLinear.from_factors(up, down, torch.randn(n_out, generator=gen)))
+    layer = nn.Linear(n_in, n_out)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n_out, n_in, generator=gen))
+    return One(layer)
+
+
+# --------------------------------------------------------------------------------------------------- the math
+
+
+@pytest.mark.parametrize("factorized", [True, False], ids=["factorized", "dense"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_equals_the_papers_update(kind: str, factorized: bool) -> None:
+    from peft import get_peft_model
+
+    register_peft()
+    model = one_layer(factorized)
+    base = model.layer
+    w = (base.dense_weight() if factorized else base.weight).detach().double().numpy()
+    bias = base.bias.detach().double().numpy()
+    options = AdapterOptions(rank=4, alpha=8.0, **OPTIONS[kind])
+    tuned = get_peft_model(model, peft_config(kind, model, ["layer"], options))
+    randomize(tuned)
+    layer = tuned.base_model.model.layer
+    delta = reference(kind, layer)
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float32)
+    with torch.no_grad():
+        y = tuned(x).double().numpy()
+    np.testing.assert_allclose(y, x.double().numpy() @ (w + delta).T + bias, rtol=1e-4, atol=1e-4)
+    d = delta_of(layer, "default")  # the merge's delta is the same matrix
+    ours = d.dense.double() if d.dense is not None else d.b.double() @ d.a.double()
+    np.testing.assert_allclose(ours.numpy(), delta, rtol=1e-5, atol=1e-6)
+
+
+def test_c3a_fft_matvec_equals_the_dense_circulant_product() -> None:
+    """C3A's premise: circ(w) x computed by FFT (O(b log b)) equals the dense circulant matvec."""
+    from peft.tuners.c3a.utils import BlockCircularConvolution
+
+    gen = torch.Generator().manual_seed(0)
+    kernel, x = torch.randn(3, 2, 8, generator=gen, dtype=torch.float64), torch.randn(4, 16, generator=gen)
+    y = BlockCircularConvolution.apply(x.double(), kernel)
+    dense = c3a_reference(kernel.numpy(), 1)  # undivided
+    np.testing.assert_allclose(y.numpy(), x.double().numpy() @ dense.T, rtol=1e-10, atol=1e-10)
+
+
+def test_gralora_update_has_rank_k_times_r_and_bone_rank_r() -> None:
+    """GraLoRA's k x k blocks of rank r/k give rank up to k r (its claim of a wider bottleneck for LoRA's count);
+    Bone / MiSS's tiled block has rank r."""
+    gen = np.random.default_rng(0)
+    k, r = 2, 4
+    a, b = gen.standard_normal((k, 16, r)), gen.standard_normal((k, r, 24))
+    assert np.linalg.matrix_rank(gralora_reference(a, b, 1.0)) == k * r
+    assert np.linalg.matrix_rank(bone_reference(gen.standard_normal((r, 24)), 30)) == r
+
+
+def test_c3a_default_block_size_is_nearest_loras_parameter_count() -> None:
+    # 576 x 576 at r = 16: LoRA has 18,432; b must divide 576; 576^2 / 18 = 18,432 exactly
+    assert c3a_block_size(576, 576, 16) == 18
+    assert c3a_block_size(576, 1536, 16) in {b for b in range(1, 193) if 192 % b == 0}
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fresh_adapters_leave_the_logits_unchanged(factorized: Path, dense: Path, kind: str) -> None:
+    for path in (factorized, dense):
+        model = load(path)
+        before = logits(model)
+        tuned = attach(model, kind, 4, 8.0, adapter_targets(model), **OPTIONS[kind])
+        assert any(p.requires_grad for p in tuned.parameters())
+        torch.testing.assert_close(logits(tuned), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_saved_adapters_load_with_plain_peft(factorized: Path, kind: str, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    model = lowrank_compress.load(factorized)
+    tuned = attach(model, kind, 4, 8.0, adapter_targets(model), **OPTIONS[kind])
+    randomize(tuned)
+    expected = logits(tuned)
+    tuned.save_pretrained(tmp_path / "a")
+    peft_type = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["peft_type"]
+    assert peft_type == "LOWRANK_" + {"bone": "MISS"}.get(kind, kind.upper())
+    reloaded = PeftModel.from_pretrained(lowrank_compress.load(factorized), tmp_path / "a")
+    torch.testing.assert_close(logits(reloaded), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gralora", "bone"])
+def test_low_rank_updates_grow_the_factors_exactly(factorized: Path, kind: str) -> None:
+    model = lowrank_compress.load(factorized)
+    ranks = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    tuned = attach(model, kind, 4, 8.0, adapter_targets(model), **OPTIONS[kind])
+    randomize(tuned)
+    expected = logits(tuned)
+    base, deltas = extract_adapters(tuned)
+    assert logits(base).sub(expected).abs().max() > 1e-3  # the adapters do something
+    report = merge_adapters(base, deltas, merge_rank="grow")
+    torch.testing.assert_close(logits(base), expected, rtol=1e-4, atol=1e-4)
+    grown = 2 * 4 if kind == "gralora" else 4  # k r, r
+    assert {n: int(v["rank_after"]) for n, v in report.items()} == {n: r + grown for n, r in ranks.items()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dense_models_merge_exactly(dense: Path, kind: str) -> None:
+    model = load(dense)
+    tuned = attach(model, kind, 4, 8.0, adapter_targets(model), **OPTIONS[kind])
+    randomize(tuned)
+    expected = logits(tuned)
+    base, deltas = extract_adapters(tuned)
+    merge_adapters(base, deltas, merge_rank="grow")
+    torch.testing.assert_close(logits(base), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_c3a_refuses_to_grow_and_keep_merge_error_is_the_dropped_tail(factorized: Path) -> None:
+    """keep: W' = up down + ΔW truncated back to rank r; by Eckart-Young its squared error is the sum of the
+    squared singular values of W' beyond r, over their total (computed here from numpy's SVD of W')."""
+    model = lowrank_compress.load(factorized)
+    tuned = attach(model, "c3a", 4, 8.0, adapter_targets(model), block_size=16)
+    randomize(tuned)
+    layers = {
+        n.removeprefix("base_model.model."): m for n, m in tuned.named_modules() if hasattr(m, "c3a_kernel")
+    }
+    merged = {
+        n: m.get_base_layer().dense_weight().detach().double().numpy() + reference("c3a", m)
+        for n, m in layers.items()
+    }
+    base, deltas = extract_adapters(tuned)
+    with pytest.raises(lowrank_compress.LowrankError, match="--merge-rank keep"):
+        merge_adapters(base, deltas, merge_rank="grow", kind="c3a")
+    ranks = {n: base.get_submodule(n).rank for n in layers}
+    report = merge_adapters(base, deltas, merge_rank="keep")
+    for name, w in merged.items():
+        s = np.linalg.svd(w, compute_uv=False)
+        tail = float(np.sum(s[ranks[name] :] ** 2) / np.sum(s**2))
+        assert report[name]["relative_error"] == pytest.approx(tail, rel=1e-6)
+        assert base.get_submodule(name).rank == ranks[name]
+        got = base.get_submodule(name).dense_weight().detach().double().numpy()
+        np.testing.assert_allclose(np.linalg.norm(w - got) ** 2 / np.sum(s**2), tail, rtol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["factorized", "dense"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_adapters_train_on_an_nf4_model(factorized: Path, dense: Path, kind: str, which: str) -> None:
+    pytest.importorskip("bitsandbytes")
+    from lowrank_compress.quantize import quantize_nf4
+
+    model = load(factorized if which == "factorized" else dense)
+    report = quantize_nf4(model)
+    assert report.quantized > 0
+    before = logits(model)
+    tuned = attach(model, kind, 4, 8.0, adapter_targets(model), **OPTIONS[kind])
+    torch.testing.assert_close(logits(tuned), before, rtol=1e-5, atol=1e-5)
+    loss = tuned(input_ids=torch.arange(1, 17)[None], labels=torch.arange(1, 17)[None]).loss
+    loss.backward()
+    grads = [p.grad for p in tuned.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(float(g.abs().max()) > 0 for g in grads)
+
+
+def test_shapes_an_adapter_cannot_take_are_one_line_errors(factorized: Path) -> None:
+    model = lowrank_compress.load(factorized)
+    names = adapter_targets(model)
+    cases = [
+        ("gralora", {"rank": 3, "blocks": 2}, "multiple of --blocks"),
+        ("gralora", {"rank": 6, "blocks": 3}, "does not split into 3 x 3 blocks"),
+        ("c3a", {"block_size": 24}, "does not divide"),
+        ("bone", {"rank": 1000}, "exceeds the input width"),
+    ]
+    for kind, kw, message in cases:
+        options = AdapterOptions(**{"rank": 4, **kw})
+        with pytest.raises(lowrank_compress.LowrankError, match=message) as e:
+            peft_config(kind, model, names, options)
+        assert "\n" not in str(e.value)
