@@ -276,3 +276,51 @@ def test_shapes_an_adapter_cannot_take_are_one_line_errors(factorized: Path) -> 
         with pytest.raises(lowrank_compress.LowrankError, match=message) as e:
             peft_config(kind, model, names, options)
         assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------------- finetune
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.fixtures import training_text
+
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text(training_text(12_000), encoding="utf-8")
+    return path
+
+
+def test_finetune_c3a_keep_merge_writes_the_original_ranks(
+    factorized: Path, data: Path, tmp_path: Path
+) -> None:
+    from lowrank_compress.finetune import FinetuneSettings, finetune
+
+    settings = FinetuneSettings(data=str(data), adapter="c3a", block_size=16, steps=2, seq_len=64, batch_size=2,
+                                eval_tokens=512, lr=5e-3, merge=True, merge_rank="keep")  # fmt: skip
+    result = finetune(factorized, tmp_path / "keep", settings)
+    original = lowrank_compress.load(factorized)
+    reloaded = lowrank_compress.load(tmp_path / "keep")
+    rank = {n: m.rank for n, m in original.named_modules() if isinstance(m, LowRankLinear)}
+    assert {n: m.rank for n, m in reloaded.named_modules() if isinstance(m, LowRankLinear)} == rank
+    assert result.params_after == result.params_before
+    assert result.trainable_params == sum(m.in_features * m.out_features // 16 for m in original.modules()
+                                          if isinstance(m, LowRankLinear))  # fmt: skip
+    assert result.merge["whitened"] and 0 < result.merge["max_relative_error"] < 1
+
+
+def test_finetune_bad_adapter_settings_fail_cleanly(factorized: Path, data: Path, tmp_path: Path) -> None:
+    from tests.test_finetune import _fails_cleanly, run
+
+    out = tmp_path / "o"
+    base = ["--data", data, "--steps", "1", "--seq-len", "64", "--eval-tokens", "0", "-o", out]
+    assert "use --merge-rank keep" in _fails_cleanly(
+        run("finetune", factorized, "--adapter", "c3a", "--merge", *base), out
+    )
+    assert "multiple of --blocks" in _fails_cleanly(
+        run("finetune", factorized, "--adapter", "gralora", "--rank", "3", *base), out
+    )
+    assert "does not divide" in _fails_cleanly(
+        run("finetune", factorized, "--adapter", "c3a", "--block-size", "24", *base), out
+    )
+    res = run("finetune", factorized, "--adapter", "nope", *base)
+    assert res.exit_code == 2 and not out.exists() and "Traceback" not in res.output
