@@ -12,6 +12,7 @@ re-truncation (`--merge-rank keep`).
 | c3a     | blocks circ(w_ij) / in, b x b circulant blocks                 | in out / b             | full       |
 | gralora | k x k blocks, block (j, n) = s B_jn A_jn of rank r / k         | r (in + out)           | k r        |
 | bone    | MiSS: [D^T D^T ... D^T], one r x out block D tiled along in    | r out                  | r          |
+| singlora| (alpha / r) u(t) A A*^T, one max(in, out) x r matrix A         | r max(in, out)         | r          |
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from lowrank_compress.modules import LowRankLinear, is_conv1d
 
 # adapters whose update is not low-rank: they merge into factorized layers with --merge-rank keep only
 FULL_RANK: tuple[str, ...] = ("c3a",)
+# adapters that are peft methods of ours (lowrank_compress/peft_methods/<name>/)
+OURS: tuple[str, ...] = ("singlora",)
 
 
 @dataclass
@@ -39,6 +42,8 @@ class AdapterOptions:
     alpha: float = 32.0
     block_size: int | None = None
     blocks: int = 2
+    ramp_steps: int = 100  # singlora: T of the ramp u(t) = min(t / T, 1)
+    seed: int = 0  # singlora: A's random init
 
 
 def widths(module: nn.Module) -> tuple[int, int]:
@@ -78,6 +83,12 @@ def check_shapes(kind: str, shapes: dict[str, tuple[int, int]], options: Adapter
         for name, (n_in, _) in shapes.items():
             if r > n_in:
                 raise LowrankError(f"--adapter bone: --rank {r} exceeds the input width {n_in} of {name}")
+    elif kind == "singlora":
+        for name, (n_in, n_out) in shapes.items():
+            if r > min(n_in, n_out):
+                raise LowrankError(
+                    f"--adapter singlora: --rank {r} exceeds the smaller width of {name} ({n_out} x {n_in})"
+                )
 
 
 def peft_config(kind: str, model: nn.Module, names: list[str], options: AdapterOptions) -> Any:
@@ -92,6 +103,8 @@ def peft_config(kind: str, model: nn.Module, names: list[str], options: AdapterO
             "--adapter c3a wraps Linear layers only, not GPT-2's Conv1D; choose another adapter"
         )
     lowrank = any(isinstance(m, LowRankLinear) for m in modules.values())
+    if kind in OURS:
+        return _our_config(kind, names, options)
     method = {"lora": "lora", "dora": "lora", "c3a": "c3a", "gralora": "gralora", "bone": "miss"}[kind]
     cls = _config_class(method, lowrank)
     common = {"target_modules": names}
@@ -109,6 +122,16 @@ def peft_config(kind: str, model: nn.Module, names: list[str], options: AdapterO
         return cls(r=options.rank, alpha=options.alpha, gralora_k=options.blocks, hybrid_r=0, init_weights=True,
                    fan_in_fan_out=conv1d, **common)  # fmt: skip
     return cls(r=options.rank, init_weights=True, **common)  # MiSS's default ("balance") form, zero block
+
+
+def _our_config(kind: str, names: list[str], options: AdapterOptions) -> Any:
+    """The config of a method of ours (peft_methods/<kind>/): each wraps dense, NF4 and factorized layers alike."""
+    if kind == "singlora":
+        from lowrank_compress.peft_methods.singlora import SingLoraConfig
+
+        return SingLoraConfig(r=options.rank, alpha=options.alpha, ramp_steps=options.ramp_steps,
+                              init_seed=options.seed, target_modules=names)  # fmt: skip
+    raise LowrankError(f"unknown adapter {kind!r}")
 
 
 def _config_class(method: str, lowrank: bool) -> type:
@@ -149,6 +172,11 @@ def delta_of(module: nn.Module, adapter: str) -> AdapterDelta | None:
     from peft.tuners.lora.layer import LoraLayer
     from peft.tuners.miss import MissLayer
 
+    from lowrank_compress.peft_methods.common import MethodLayer
+
+    if isinstance(module, MethodLayer):
+        owned = getattr(module, module.adapter_layer_names[0])
+        return module.adapter_delta(adapter) if adapter in owned else None
     for cls, fn in ((LoraLayer, _lora), (C3ALayer, _c3a), (GraloraLayer, _gralora), (MissLayer, _miss)):
         if isinstance(module, cls):
             return fn(module, adapter)

@@ -68,10 +68,11 @@ def adapter_targets(model: nn.Module) -> list[str]:
 
 def attach(
     model: nn.Module, kind: str, rank: int, alpha: float, targets: Iterable[str], *,
-    block_size: int | None = None, blocks: int = 2,
+    block_size: int | None = None, blocks: int = 2, ramp_steps: int = 100, seed: int = 0,
 ) -> Any:  # fmt: skip
     """A peft model with fresh adapters of `kind` on `targets`, each starting at a zero update (LoRA's B = 0, C3A's
-    kernels, GraLoRA's B blocks and MiSS's block all zero), so the model starts exactly where it was."""
+    kernels, GraLoRA's B blocks and MiSS's block all zero; SingLoRA's ramp at u(0) = 0), so the model starts exactly
+    where it was."""
     from peft import get_peft_model
 
     if kind not in ADAPTERS:
@@ -82,7 +83,8 @@ def attach(
     if not names:
         raise LowrankError("the model has no Linear layers to put adapters on")
     register_peft()
-    options = AdapterOptions(rank=rank, alpha=alpha, block_size=block_size, blocks=blocks)
+    options = AdapterOptions(rank=rank, alpha=alpha, block_size=block_size, blocks=blocks, ramp_steps=ramp_steps,
+                             seed=seed)  # fmt: skip
     config = peft_config(kind, model, names, options)
     with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5; not ours to fix
         warnings.simplefilter("ignore", FutureWarning)

@@ -29,6 +29,8 @@ ADAPTER_INFO: dict[str, tuple[str, str, str, str]] = {
                 "GraLoRA (Jung et al. 2025)"),
     "bone": ("MiSS: one r x out block shared by every r-wide input chunk", "r out", "grow: exact, rank + r",
              "Bone / MiSS (Kang et al. 2024)"),
+    "singlora": ("(alpha/r) u(t) A A*^T, one matrix, ramp u(t) = min(t/T, 1), T = the warmup steps",
+                 "r max(in, out)", "grow: exact, rank + r", "SingLoRA (Bensaid et al. 2025)"),
 }  # fmt: skip
 ADAPTERS: tuple[str, ...] = tuple(ADAPTER_INFO)
 MERGE_RANKS: tuple[str, ...] = ("grow", "keep")

@@ -40,6 +40,7 @@ from lowrank_compress.outdir import (
     replace_dir,
     replaceable,
 )
+from lowrank_compress.peft_methods import advance, set_step
 from lowrank_compress.recipe import FinetuneSettings
 
 CHECKPOINT_VERSION = 1
@@ -254,6 +255,10 @@ def finetune(
         ppl["before"] = _perplexity(model, tokenizer, eval_text, settings, device, precision="fp32")
     timings["eval_before"] = time.perf_counter() - clock - sum(timings.values())
 
+    world = accelerator.num_processes
+    per_step = settings.batch_size * settings.grad_accum * world
+    total = settings.steps or max(1, math.ceil((settings.epochs or 1.0) * rows.shape[0] / per_step))
+
     # --- what trains
     qreport = None
     compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -274,7 +279,8 @@ def finetune(
             model.to(torch.bfloat16)
         model.requires_grad_(False)
         trainer = attach(model, settings.adapter, settings.rank, settings.lora_alpha, targets,
-                         block_size=settings.block_size, blocks=settings.blocks)  # fmt: skip
+                         block_size=settings.block_size, blocks=settings.blocks, seed=settings.seed,
+                         ramp_steps=max(1, round(settings.warmup * total)))  # fmt: skip
     else:
         model.requires_grad_(False)
         for m in model.modules():
@@ -287,9 +293,6 @@ def finetune(
     for w in warnings:
         say(w)
 
-    world = accelerator.num_processes
-    per_step = settings.batch_size * settings.grad_accum * world
-    total = settings.steps or max(1, math.ceil((settings.epochs or 1.0) * rows.shape[0] / per_step))
     if settings.truncate_every and world > 1:
         raise LowrankError("--truncate-every changes parameter shapes; run it in a single process")
 
@@ -305,6 +308,7 @@ def finetune(
         scheduler.load_state_dict(resume_state["scheduler"])
         losses = list(resume_state["losses"])
         start = int(resume_state["step"])
+        set_step(trainer, start)  # SingLoRA's ramp where the checkpoint left it
         if start >= total:
             raise LowrankError(f"{resume}: the checkpoint already finished all {total} steps")
     trainer, optimizer = accelerator.prepare(trainer, optimizer)
@@ -347,6 +351,7 @@ def finetune(
                     accelerator.clip_grad_norm_(params, settings.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
+                advance(trainer)  # SingLoRA's ramp
                 optimizer.zero_grad(set_to_none=True)
                 mean_loss = float(accelerator.reduce(torch.tensor(loss_sum / settings.grad_accum, device=device),
                                                      reduction="mean"))  # fmt: skip

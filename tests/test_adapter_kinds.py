@@ -22,8 +22,8 @@ from lowrank_compress.modules import LowRankLinear
 from tests.fixtures import tiny_llama
 from tests.test_adapters import logits
 
-KINDS = ["c3a", "gralora", "bone"]
-OPTIONS = {"c3a": {"block_size": 16}, "gralora": {"blocks": 2}, "bone": {}}
+KINDS = ["c3a", "gralora", "bone", "singlora"]
+OPTIONS = {"c3a": {"block_size": 16}, "gralora": {"blocks": 2}, "bone": {}, "singlora": {"ramp_steps": 10}}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,11 @@ def load(path: Path) -> nn.Module:
 
 
 def randomize(peft_model: nn.Module, seed: int = 0) -> None:
-    """Trained-looking adapters: every adapter parameter drawn at random (their zero init would test nothing)."""
+    """Trained-looking adapters: every adapter parameter drawn at random (their zero init would test nothing), and
+    SingLoRA's ramp part way up (u = 0.3 of T = 10)."""
+    from lowrank_compress.peft_methods import set_step
+
+    set_step(peft_model, 3)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in peft_model.parameters():
@@ -77,7 +81,21 @@ def bone_reference(block: np.ndarray, n_in: int) -> np.ndarray:
     return np.tile(block.T, (1, -(-n_in // r)))[:, :n_in]
 
 
+def singlora_reference(a: np.ndarray, n_out: int, n_in: int, scale: float) -> np.ndarray:
+    """SingLoRA (Bensaïd et al., Eq. 3 and Sec. 3.3): ΔW = scale A A^T for a square layer; for d_out > d_in,
+    ΔW = A A*^T with A* the first d_in rows of A (d_out x r); transposed roles when d_in > d_out."""
+    if n_out >= n_in:
+        return scale * a @ a[:n_in].T
+    return scale * a[:n_out] @ a.T
+
+
 def reference(kind: str, layer: nn.Module) -> np.ndarray:
+    if kind == "singlora":
+        u = min(float(layer.singlora_step["default"]) / layer.singlora_ramp["default"], 1.0)
+        a = layer.singlora_A["default"].detach().double().numpy()
+        return singlora_reference(
+            a, layer.out_features, layer.in_features, layer.singlora_scale["default"] * u
+        )
     if kind == "c3a":
         return c3a_reference(layer.c3a_kernel["default"].detach().double().numpy(), layer.in_features)
     if kind == "gralora":
@@ -135,6 +153,33 @@ def test_forward_equals_the_papers_update(kind: str, factorized: bool) -> None:
     np.testing.assert_allclose(ours.numpy(), delta, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(32, 32), (48, 32), (32, 48)], ids=["square", "tall", "wide"])
+def test_singlora_update_is_symmetric_when_square_and_follows_the_ramp(shape: tuple[int, int]) -> None:
+    from peft import get_peft_model
+
+    from lowrank_compress.peft_methods import advance
+
+    register_peft()
+    model = one_layer(False, *shape)
+    tuned = get_peft_model(
+        model, peft_config("singlora", model, ["layer"], AdapterOptions(rank=4, ramp_steps=4))
+    )
+    layer = tuned.base_model.model.layer
+    norms = []
+    for _ in range(6):  # u(t) = min(t / 4, 1) at t = 0..5
+        d = delta_of(layer, "default")
+        norms.append(float(torch.linalg.matrix_norm(d.b.double() @ d.a.double())))
+        advance(tuned)
+    full = norms[4]
+    np.testing.assert_allclose(
+        norms, [0, full / 4, full / 2, 3 * full / 4, full, full], rtol=1e-6, atol=1e-12
+    )
+    delta = (d.b.double() @ d.a.double()).numpy()
+    assert np.linalg.matrix_rank(delta) == 4
+    if shape[0] == shape[1]:
+        np.testing.assert_allclose(delta, delta.T, atol=1e-12)
+
+
 def test_c3a_fft_matvec_equals_the_dense_circulant_product() -> None:
     """C3A's premise: circ(w) x computed by FFT (O(b log b)) equals the dense circulant matvec."""
     from peft.tuners.c3a.utils import BlockCircularConvolution
@@ -185,12 +230,15 @@ def test_saved_adapters_load_with_plain_peft(factorized: Path, kind: str, tmp_pa
     expected = logits(tuned)
     tuned.save_pretrained(tmp_path / "a")
     peft_type = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["peft_type"]
-    assert peft_type == "LOWRANK_" + {"bone": "MISS"}.get(kind, kind.upper())
+    if kind == "singlora":  # ours: one type for dense and factorized layers
+        assert peft_type == "SINGLORA"
+    else:
+        assert peft_type == "LOWRANK_" + {"bone": "MISS"}.get(kind, kind.upper())
     reloaded = PeftModel.from_pretrained(lowrank_compress.load(factorized), tmp_path / "a")
     torch.testing.assert_close(logits(reloaded), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["gralora", "bone"])
+@pytest.mark.parametrize("kind", ["gralora", "bone", "singlora"])
 def test_low_rank_updates_grow_the_factors_exactly(factorized: Path, kind: str) -> None:
     model = lowrank_compress.load(factorized)
     ranks = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
@@ -247,6 +295,7 @@ def test_c3a_refuses_to_grow_and_keep_merge_error_is_the_dropped_tail(factorized
 @pytest.mark.parametrize("kind", KINDS)
 def test_adapters_train_on_an_nf4_model(factorized: Path, dense: Path, kind: str, which: str) -> None:
     pytest.importorskip("bitsandbytes")
+    from lowrank_compress.peft_methods import advance
     from lowrank_compress.quantize import quantize_nf4
 
     model = load(factorized if which == "factorized" else dense)
@@ -255,6 +304,7 @@ def test_adapters_train_on_an_nf4_model(factorized: Path, dense: Path, kind: str
     before = logits(model)
     tuned = attach(model, kind, 4, 8.0, adapter_targets(model), **OPTIONS[kind])
     torch.testing.assert_close(logits(tuned), before, rtol=1e-5, atol=1e-5)
+    advance(tuned)  # SingLoRA: at u(0) = 0 its gradient is zero too; the others have no schedule
     loss = tuned(input_ids=torch.arange(1, 17)[None], labels=torch.arange(1, 17)[None]).loss
     loss.backward()
     grads = [p.grad for p in tuned.parameters() if p.requires_grad]
@@ -324,3 +374,26 @@ def test_finetune_bad_adapter_settings_fail_cleanly(factorized: Path, data: Path
     )
     res = run("finetune", factorized, "--adapter", "nope", *base)
     assert res.exit_code == 2 and not out.exists() and "Traceback" not in res.output
+
+
+def test_finetune_singlora_adapters_reload_and_equal_the_exact_merge(
+    factorized: Path, data: Path, tmp_path: Path
+) -> None:
+    """The ramp's step is saved with the adapter: reloaded adapters give the merged model's logits."""
+    from peft import PeftModel
+
+    from lowrank_compress.finetune import FinetuneSettings, finetune
+
+    kw = {"data": str(data), "adapter": "singlora", "rank": 4, "steps": 3, "seq_len": 64, "batch_size": 2,
+          "eval_tokens": 0, "lr": 5e-3, "warmup": 0.5}  # fmt: skip
+    finetune(factorized, tmp_path / "a", FinetuneSettings(**kw))
+    finetune(factorized, tmp_path / "m", FinetuneSettings(**kw, merge=True))
+    base = lowrank_compress.load(factorized)
+    before = logits(base)
+    tuned = PeftModel.from_pretrained(base, tmp_path / "a")
+    assert float((logits(tuned) - before).abs().max()) > 1e-4
+    layer = next(m for m in tuned.modules() if hasattr(m, "singlora_step"))
+    assert float(layer.singlora_step["default"]) == 3 and layer.singlora_ramp["default"] == 2
+    torch.testing.assert_close(
+        logits(lowrank_compress.load(tmp_path / "m")), logits(tuned), rtol=1e-4, atol=1e-4
+    )

@@ -11,5 +11,25 @@ from __future__ import annotations
 def register() -> None:
     """Register every method of ours with peft (idempotent)."""
     from lowrank_compress.peft_methods import factorized
+    from lowrank_compress.peft_methods.registry import register_method
+    from lowrank_compress.peft_methods.singlora import SingLoraConfig, SingLoraModel
 
     factorized.register()
+    register_method("singlora", SingLoraConfig, SingLoraModel)
+
+
+def advance(model: object) -> None:
+    """One optimizer step done: move every adapter that follows a schedule (SingLoRA's ramp) along."""
+    for module in model.modules():  # type: ignore[attr-defined]
+        step = getattr(module, "advance", None)
+        if callable(step) and hasattr(module, "adapter_layer_names"):
+            step()
+
+
+def set_step(model: object, step: int) -> None:
+    """Put every scheduled adapter at optimizer step `step` (a resumed run)."""
+    for module in model.modules():  # type: ignore[attr-defined]
+        steps = getattr(module, "singlora_step", None)
+        if steps is not None:
+            for t in steps.values():
+                t.fill_(step)
