@@ -8,7 +8,7 @@ re-truncation (`--merge-rank keep`).
 | kind    | update of an out x in layer                                    | trainable parameters   | rank of ΔW |
 |---------|----------------------------------------------------------------|------------------------|------------|
 | lora    | s B A                                                          | r (in + out)           | r          |
-| dora    | W' = diag(m / ||W + s B A||_row) (W + s B A): a row scaling    | r (in + out) + out     | r (of W')  |
+| dora    | W' = diag(m / ||W + s B A||_row) (W + s B A): a row scaling    | r (in + out) + out     | +r (grow)  |
 | c3a     | blocks circ(w_ij) / in, b x b circulant blocks                 | in out / b             | full       |
 | gralora | k x k blocks, block (j, n) = s B_jn A_jn of rank r / k         | r (in + out)           | k r        |
 | bone    | MiSS: [D^T D^T ... D^T], one r x out block D tiled along in    | r out                  | r          |
