@@ -9,11 +9,13 @@ bench_finetune). Every adapter trains the same `--steps` steps (batch 4 x 256 to
 fp32 or bf16 as finetune picks) on the built-in text's first half, at about LoRA r=16's trainable parameter count:
 lora / dora / gralora r=16 (gralora k=2: the same count as LoRA), c3a at the per-layer block size nearest LoRA's count
 (finetune's default), bone and singlora r=32 (r out and r max(in, out): LoRA's count on the square attention layers,
-more or less elsewhere; the table gives each one's exact count). Learning rates: the best of three per adapter
+more or less elsewhere), bora r=16 (LoRA's count plus in + out), surm r=16 (2 r max(in, out): LoRA's count on the
+square layers); loldu cannot come near it (r + 1 per layer by construction; r=16 here). The table gives each one's
+exact count. Learning rates: the best of three per adapter
 (`--rates N` keeps the first N): 3e-4, 1e-3, 3e-3 for all but c3a, whose update is divided by the input width
 (576-1536 here), so its rates are 3e-2, 1e-1, 3e-1.
 
-Each run merges (grow where the update is low-rank, keep for c3a) and reports: trainable params, median s/step, peak
+Each run merges (grow where the update is low-rank, keep for c3a and surm) and reports: trainable params, median s/step, peak
 RSS during training, held-out perplexity before / after / merged on the built-in text's second half (first
 `--eval-tokens` tokens, windows of 512 without overlap), the merged model's perplexity on The Devil's Dictionary
 (../shared/data/devils-dictionary.txt; before = the factorized model), and the merged model's parameters and bytes on
@@ -36,6 +38,9 @@ ADAPTERS = {
     "gralora": {"rank": 16, "blocks": 2},
     "bone": {"rank": 32},
     "singlora": {"rank": 32},
+    "loldu": {"rank": 16},
+    "bora": {"rank": 16},
+    "surm": {"rank": 16, "merge_rank": "keep"},
 }
 RATES = [3e-4, 1e-3, 3e-3]
 C3A_RATES = [3e-2, 1e-1, 3e-1]

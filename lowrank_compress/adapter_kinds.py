@@ -13,6 +13,9 @@ re-truncation (`--merge-rank keep`).
 | gralora | k x k blocks, block (j, n) = s B_jn A_jn of rank r / k         | r (in + out)           | k r        |
 | bone    | MiSS: [D^T D^T ... D^T], one r x out block D tiled along in    | r out                  | r          |
 | singlora| (alpha / r) u(t) A A*^T, one max(in, out) x r matrix A         | r max(in, out)         | r          |
+| loldu   | P L_r (sigma diag(z) - D_r) U_r from W = P L D U, L, U frozen  | r + 1                  | r          |
+| bora    | W' = diag(row) (W + s B A) diag(col), row / column magnitudes  | r (in + out) + out + in| +r (grow)  |
+| surm    | sum_i C(g_i) S(h_i): circulant x skew-circulant, n = max(in,out)| 2 r n                 | full       |
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from lowrank_compress.errors import LowrankError
 from lowrank_compress.modules import LowRankLinear, is_conv1d
 
 # adapters whose update is not low-rank: they merge into factorized layers with --merge-rank keep only
-FULL_RANK: tuple[str, ...] = ("c3a",)
+FULL_RANK: tuple[str, ...] = ("c3a", "surm")
 # adapters that are peft methods of ours (lowrank_compress/peft_methods/<name>/)
-OURS: tuple[str, ...] = ("singlora",)
+OURS: tuple[str, ...] = ("singlora", "loldu", "bora", "surm")
 
 
 @dataclass
@@ -83,7 +86,7 @@ def check_shapes(kind: str, shapes: dict[str, tuple[int, int]], options: Adapter
         for name, (n_in, _) in shapes.items():
             if r > n_in:
                 raise LowrankError(f"--adapter bone: --rank {r} exceeds the input width {n_in} of {name}")
-    elif kind == "singlora":
+    elif kind in ("singlora", "loldu"):
         for name, (n_in, n_out) in shapes.items():
             if r > min(n_in, n_out):
                 raise LowrankError(
@@ -103,6 +106,12 @@ def peft_config(kind: str, model: nn.Module, names: list[str], options: AdapterO
             "--adapter c3a wraps Linear layers only, not GPT-2's Conv1D; choose another adapter"
         )
     lowrank = any(isinstance(m, LowRankLinear) for m in modules.values())
+    if kind == "loldu":  # a factorized layer's LU has only `rank` non-zero pivots
+        for name, m in modules.items():
+            if isinstance(m, LowRankLinear) and options.rank > m.rank:
+                raise LowrankError(
+                    f"--adapter loldu: --rank {options.rank} exceeds the rank {m.rank} of {name}"
+                )
     if kind in OURS:
         return _our_config(kind, names, options)
     method = {"lora": "lora", "dora": "lora", "c3a": "c3a", "gralora": "gralora", "bone": "miss"}[kind]
@@ -131,6 +140,18 @@ def _our_config(kind: str, names: list[str], options: AdapterOptions) -> Any:
 
         return SingLoraConfig(r=options.rank, alpha=options.alpha, ramp_steps=options.ramp_steps,
                               init_seed=options.seed, target_modules=names)  # fmt: skip
+    if kind == "loldu":
+        from lowrank_compress.peft_methods.loldu import LoLduConfig
+
+        return LoLduConfig(r=options.rank, target_modules=names)
+    if kind == "bora":
+        from lowrank_compress.peft_methods.bora import BoraConfig
+
+        return BoraConfig(r=options.rank, alpha=options.alpha, init_seed=options.seed, target_modules=names)
+    if kind == "surm":
+        from lowrank_compress.peft_methods.surm import SurmConfig
+
+        return SurmConfig(r=options.rank, init_seed=options.seed, target_modules=names)
     raise LowrankError(f"unknown adapter {kind!r}")
 
 
@@ -150,14 +171,17 @@ def _config_class(method: str, lowrank: bool) -> type:
 
 @dataclass
 class AdapterDelta:
-    """One trained adapter's update of a layer: W' = diag(row scale) (W + b @ a + dense), where `magnitude` gives
-    DoRA's row scale m / ||W + b a + dense||_row. Low-rank updates have `a` (r_a x in) and `b` (out x r_a, scaling
-    folded in) and no `dense`; the others a dense (out x in) `dense` and empty factors."""
+    """One trained adapter's update of a layer: W' = diag(row) (W + b @ a + dense) diag(col). DoRA gives `magnitude`
+    m, so row = m / ||W + b a||_row of the weight merged into; BoRA gives the row and column factors themselves
+    (`row_scale`, `col_scale`, computed from the trained weight). Low-rank updates have `a` (r_a x in) and `b`
+    (out x r_a, scaling folded in) and no `dense`; the others a dense (out x in) `dense` and empty factors."""
 
     a: torch.Tensor
     b: torch.Tensor
     magnitude: torch.Tensor | None = None
     dense: torch.Tensor | None = None
+    row_scale: torch.Tensor | None = None
+    col_scale: torch.Tensor | None = None
 
     @property
     def low_rank(self) -> bool:

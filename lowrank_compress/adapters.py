@@ -106,12 +106,17 @@ def extract_adapters(peft_model: Any, adapter: str = "default") -> tuple[nn.Modu
 
 
 def grow(up: torch.Tensor, down: torch.Tensor, delta: AdapterDelta) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact merge of an adapter into factors: rank r + r_a, product W + b a (row-scaled for DoRA)."""
+    """Exact merge of a low-rank adapter into factors: rank r + r_a, product W + b a, its rows scaled (DoRA, BoRA)
+    into up' and its columns (BoRA) into down'."""
     here = {"device": up.device, "dtype": torch.float64}  # the deltas were taken off to the CPU
     up2 = torch.cat([up.to(**here), delta.b.to(**here)], dim=1)
     down2 = torch.cat([down.to(**here), delta.a.to(**here)], dim=0)
     if delta.magnitude is not None:
         up2 = up2 * _dora_scale(up2 @ down2, delta.magnitude.to(**here))[:, None]
+    if delta.row_scale is not None:
+        up2 = up2 * delta.row_scale.to(**here)[:, None]
+    if delta.col_scale is not None:
+        down2 = down2 * delta.col_scale.to(**here)[None, :]
     return up2, down2
 
 
@@ -160,6 +165,10 @@ def merged_weight(w: torch.Tensor, delta: AdapterDelta) -> torch.Tensor:
         w = w + delta.dense.to(**here)
     if delta.magnitude is not None:
         w = w * _dora_scale(w, delta.magnitude.to(**here))[:, None]
+    if delta.row_scale is not None:
+        w = w * delta.row_scale.to(**here)[:, None]
+    if delta.col_scale is not None:
+        w = w * delta.col_scale.to(**here)[None, :]
     return w
 
 

@@ -31,6 +31,12 @@ ADAPTER_INFO: dict[str, tuple[str, str, str, str]] = {
              "Bone / MiSS (Kang et al. 2024)"),
     "singlora": ("(alpha/r) u(t) A A*^T, one matrix, ramp u(t) = min(t/T, 1), T = the warmup steps",
                  "r max(in, out)", "grow: exact, rank + r", "SingLoRA (Bensaid et al. 2025)"),
+    "loldu": ("W = P L D U frozen, only D's first r entries (and a scale) train", "r + 1",
+              "grow: exact, rank + r", "LoLDU (Shi et al. 2024)"),
+    "bora": ("LoRA, then learned row and column magnitudes (two normalizations)", "r (in + out) + out + in",
+             "grow: exact, rank + r", "BoRA (Wang et al. 2024)"),
+    "surm": ("sum of r circulant x skew-circulant products (displacement rank r), n = max(in, out)", "2 r n",
+             "keep only (full rank)", "SURM (Sehanobish et al. 2024)"),
 }  # fmt: skip
 ADAPTERS: tuple[str, ...] = tuple(ADAPTER_INFO)
 MERGE_RANKS: tuple[str, ...] = ("grow", "keep")

@@ -16,14 +16,29 @@ import torch
 from torch import nn
 
 import lowrank_compress
-from lowrank_compress.adapter_kinds import AdapterOptions, c3a_block_size, delta_of, peft_config
-from lowrank_compress.adapters import adapter_targets, attach, extract_adapters, merge_adapters, register_peft
+from lowrank_compress.adapter_kinds import OURS, AdapterOptions, c3a_block_size, delta_of, peft_config
+from lowrank_compress.adapters import (
+    adapter_targets,
+    attach,
+    extract_adapters,
+    merge_adapters,
+    merged_weight,
+    register_peft,
+)
 from lowrank_compress.modules import LowRankLinear
 from tests.fixtures import tiny_llama
 from tests.test_adapters import logits
 
-KINDS = ["c3a", "gralora", "bone", "singlora"]
-OPTIONS = {"c3a": {"block_size": 16}, "gralora": {"blocks": 2}, "bone": {}, "singlora": {"ramp_steps": 10}}
+KINDS = ["c3a", "gralora", "bone", "singlora", "loldu", "bora", "surm"]
+OPTIONS = {
+    "c3a": {"block_size": 16},
+    "gralora": {"blocks": 2},
+    "bone": {},
+    "singlora": {"ramp_steps": 10},
+    "loldu": {},
+    "bora": {},
+    "surm": {},
+}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +104,58 @@ def singlora_reference(a: np.ndarray, n_out: int, n_in: int, scale: float) -> np
     return scale * a[:n_out] @ a.T
 
 
+def loldu_reference(w: np.ndarray, r: int, scale: float, z: np.ndarray) -> np.ndarray:
+    """LoLDU (Shi et al., Eq. 5-7): W = P L D U by LU with partial pivoting (scipy), D = diag of LAPACK's U, U made
+    unit upper; the first r components are re-weighted: ΔW = P L_r (sigma diag(z) - D_r) U_r."""
+    p, lower, upper = scipy.linalg.lu(w)
+    d = np.diag(upper)[:r]
+    return (p @ lower)[:, :r] @ np.diag(scale * z - d) @ (upper[:r] / d[:, None])
+
+
+def bora_reference(
+    w: np.ndarray, b: np.ndarray, a: np.ndarray, s: float, m_row: np.ndarray, m_col: np.ndarray
+):
+    """BoRA (Wang et al., Sec. 3): V = W + s B A; rows normalized and scaled to m_row (DoRA's step), then columns
+    normalized and scaled to m_col. Returns (ΔW, the row-scaled intermediate)."""
+    v = w + s * b @ a
+    v_rows = v * (m_row / np.linalg.norm(v, axis=1))[:, None]
+    merged = v_rows * (m_col / np.linalg.norm(v_rows, axis=0))[None, :]
+    return merged - w, v_rows
+
+
+def skew_circulant(h: np.ndarray) -> np.ndarray:
+    """The skew-circulant matrix with first column h: Toeplitz, first row (h_0, -h_{n-1}, ..., -h_1)."""
+    return scipy.linalg.toeplitz(h, np.concatenate([h[:1], -h[:0:-1]]))
+
+
+def surm_reference(g: np.ndarray, h: np.ndarray, scale: float, n_out: int, n_in: int) -> np.ndarray:
+    """SURM's low-displacement-rank matrix (Sehanobish et al., Sec. 3, after Pan): sum_i circ(g_i) skewcirc(h_i),
+    of size n = max(in, out), its top-left out x in corner for a rectangular layer."""
+    m = sum(scipy.linalg.circulant(gi) @ skew_circulant(hi) for gi, hi in zip(g, h, strict=True))
+    return scale * m[:n_out, :n_in]
+
+
 def reference(kind: str, layer: nn.Module) -> np.ndarray:
+    if kind == "bora":
+        p = {
+            k: getattr(layer, f"bora_{k}")["default"].detach().double().numpy()
+            for k in ("A", "B", "m_row", "m_col")
+        }
+        w = layer.base_weight().double().numpy()
+        return bora_reference(w, p["B"], p["A"], layer.bora_scale["default"], p["m_row"], p["m_col"])[0]
+    if kind == "surm":
+        g, h = (getattr(layer, f"surm_{k}")["default"].detach().double().numpy() for k in ("g", "h"))
+        return surm_reference(g, h, layer.surm_scale["default"], layer.out_features, layer.in_features)
+    if kind == "loldu":
+        base = layer.get_base_layer()
+        w = (
+            (base.dense_weight() if isinstance(base, LowRankLinear) else base.weight)
+            .detach()
+            .double()
+            .numpy()
+        )
+        z = layer.loldu_z["default"].detach().double().numpy()
+        return loldu_reference(w, z.shape[0], float(layer.loldu_scale["default"].detach()), z)
     if kind == "singlora":
         u = min(float(layer.singlora_step["default"]) / layer.singlora_ramp["default"], 1.0)
         a = layer.singlora_A["default"].detach().double().numpy()
@@ -148,9 +214,9 @@ def test_forward_equals_the_papers_update(kind: str, factorized: bool) -> None:
     with torch.no_grad():
         y = tuned(x).double().numpy()
     np.testing.assert_allclose(y, x.double().numpy() @ (w + delta).T + bias, rtol=1e-4, atol=1e-4)
-    d = delta_of(layer, "default")  # the merge's delta is the same matrix
-    ours = d.dense.double() if d.dense is not None else d.b.double() @ d.a.double()
-    np.testing.assert_allclose(ours.numpy(), delta, rtol=1e-5, atol=1e-6)
+    d = delta_of(layer, "default")  # what the merge folds in is the same update
+    ours = merged_weight(torch.from_numpy(w), d).numpy() - w
+    np.testing.assert_allclose(ours, delta, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (48, 32), (32, 48)], ids=["square", "tall", "wide"])
@@ -178,6 +244,72 @@ def test_singlora_update_is_symmetric_when_square_and_follows_the_ramp(shape: tu
     assert np.linalg.matrix_rank(delta) == 4
     if shape[0] == shape[1]:
         np.testing.assert_allclose(delta, delta.T, atol=1e-12)
+
+
+def test_loldu_factors_reconstruct_the_weight_at_full_rank_and_only_the_diagonal_trains() -> None:
+    from peft import get_peft_model
+
+    from lowrank_compress.peft_methods.loldu.layer import ldu
+
+    w = torch.randn(48, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    pl, u, d = ldu(w, 32)  # full rank: P L D U = W
+    torch.testing.assert_close(pl @ torch.diag(d) @ u, w)
+    p, lower, upper = scipy.linalg.lu(w.numpy())  # the same factors as scipy's LAPACK LU
+    np.testing.assert_allclose(pl.numpy(), (p @ lower)[:, :32], atol=1e-10)
+    np.testing.assert_allclose(u.numpy(), upper / np.diag(upper)[:, None], atol=1e-10)
+    register_peft()
+    model = one_layer(True)  # rank 5 factorized layer: r = 4 fits under its rank
+    tuned = get_peft_model(model, peft_config("loldu", model, ["layer"], AdapterOptions(rank=4)))
+    trainable = {n.rsplit(".", 2)[-2]: p.numel() for n, p in tuned.named_parameters() if p.requires_grad}
+    assert trainable == {"loldu_z": 4, "loldu_scale": 1}
+    with pytest.raises(lowrank_compress.LowrankError, match="exceeds the rank 5"):
+        peft_config("loldu", one_layer(True), ["layer"], AdapterOptions(rank=6))
+
+
+def test_surm_update_has_the_configured_displacement_rank() -> None:
+    """A sum of r circulant x skew-circulant products has Sylvester displacement rank r for the operator
+    M -> Z_1 M - M Z_-1 (Z_f: the down-shift with f in the corner), since C commutes with Z_1 and S with Z_-1."""
+    from peft import get_peft_model
+
+    register_peft()
+    model = one_layer(False, 32, 32)
+    tuned = get_peft_model(model, peft_config("surm", model, ["layer"], AdapterOptions(rank=3)))
+    randomize(tuned)
+    layer = tuned.base_model.model.layer
+    d = reference("surm", layer)  # float64, from the parameters; the layer's own ΔW equals it (float32)
+    np.testing.assert_allclose(delta_of(layer, "default").dense.double().numpy(), d, atol=1e-6)
+    z1 = np.roll(np.eye(32), 1, axis=0)  # Z_1: e_i -> e_{i+1}, cyclically
+    zm1 = z1.copy()
+    zm1[0, -1] = -1
+    assert np.linalg.matrix_rank(z1 @ d - d @ zm1, tol=1e-10 * np.abs(d).max()) == 3
+    assert np.linalg.matrix_rank(d) == 32  # unrestricted rank: full
+
+
+def test_bora_merged_weight_has_the_learned_column_norms_and_row_normed_intermediate(
+    factorized: Path,
+) -> None:
+    """BoRA's two magnitudes: the merged weight's columns have norms m_col exactly (the last normalization); the row
+    magnitudes m_row are the row norms of the intermediate before it. (Both norms of one matrix cannot equal two
+    independently learned vectors: their squares must sum to the same ||W'||_F^2.)"""
+    model = lowrank_compress.load(factorized)
+    tuned = attach(model, "bora", 4, 8.0, adapter_targets(model))
+    randomize(tuned)
+    name, layer = next((n, m) for n, m in tuned.named_modules() if hasattr(m, "bora_A"))
+    name = name.removeprefix("base_model.model.")
+    p = {
+        k: getattr(layer, f"bora_{k}")["default"].detach().double().numpy()
+        for k in ("A", "B", "m_row", "m_col")
+    }
+    w = layer.base_weight().double().numpy()
+    _, v_rows = bora_reference(w, p["B"], p["A"], layer.bora_scale["default"], p["m_row"], p["m_col"])
+    base, deltas = extract_adapters(tuned)
+    merge_adapters(base, deltas, merge_rank="grow")
+    merged = base.get_submodule(name).dense_weight().detach().double().numpy()
+    np.testing.assert_allclose(np.linalg.norm(merged, axis=0), np.abs(p["m_col"]), rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(v_rows, axis=1), np.abs(p["m_row"]), rtol=1e-10)
+    np.testing.assert_allclose(
+        merged, v_rows * (p["m_col"] / np.linalg.norm(v_rows, axis=0)), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_c3a_fft_matvec_equals_the_dense_circulant_product() -> None:
@@ -230,15 +362,15 @@ def test_saved_adapters_load_with_plain_peft(factorized: Path, kind: str, tmp_pa
     expected = logits(tuned)
     tuned.save_pretrained(tmp_path / "a")
     peft_type = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["peft_type"]
-    if kind == "singlora":  # ours: one type for dense and factorized layers
-        assert peft_type == "SINGLORA"
+    if kind in OURS:  # ours: one type for dense and factorized layers
+        assert peft_type == kind.upper()
     else:
         assert peft_type == "LOWRANK_" + {"bone": "MISS"}.get(kind, kind.upper())
     reloaded = PeftModel.from_pretrained(lowrank_compress.load(factorized), tmp_path / "a")
     torch.testing.assert_close(logits(reloaded), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["gralora", "bone", "singlora"])
+@pytest.mark.parametrize("kind", ["gralora", "bone", "singlora", "loldu", "bora"])
 def test_low_rank_updates_grow_the_factors_exactly(factorized: Path, kind: str) -> None:
     model = lowrank_compress.load(factorized)
     ranks = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}

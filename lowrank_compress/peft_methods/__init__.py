@@ -11,11 +11,17 @@ from __future__ import annotations
 def register() -> None:
     """Register every method of ours with peft (idempotent)."""
     from lowrank_compress.peft_methods import factorized
+    from lowrank_compress.peft_methods.bora import BoraConfig, BoraModel
+    from lowrank_compress.peft_methods.loldu import LoLduConfig, LoLduModel
     from lowrank_compress.peft_methods.registry import register_method
     from lowrank_compress.peft_methods.singlora import SingLoraConfig, SingLoraModel
+    from lowrank_compress.peft_methods.surm import SurmConfig, SurmModel
 
     factorized.register()
     register_method("singlora", SingLoraConfig, SingLoraModel)
+    register_method("loldu", LoLduConfig, LoLduModel)
+    register_method("bora", BoraConfig, BoraModel)
+    register_method("surm", SurmConfig, SurmModel)
 
 
 def advance(model: object) -> None:

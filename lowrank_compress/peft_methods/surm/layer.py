@@ -1,0 +1,64 @@
+"""SURM's layer: a sum of circulant x skew-circulant products, applied by FFT."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_compress.peft_methods.common import MethodLayer
+
+
+def circulant_apply(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """C(g) x for each row x of `x` (.., n), C(g) the circulant with first column g: the circular convolution
+    g * x = ifft(fft(g) fft(x)). `g` may be (r, n) against x (.., r, n)."""
+    n = x.shape[-1]
+    return torch.fft.irfft(torch.fft.rfft(g, n=n) * torch.fft.rfft(x, n=n), n=n)
+
+
+def skew_circulant_apply(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """S(h) x, S(h) the skew-circulant with first column h (S[i, j] = h[i - j], -h[n + i - j] above the diagonal):
+    S(h) = W^-1 C(W h) W with W = diag(w^k), w = exp(i pi / n) (a root of -1), so an FFT product as well."""
+    n = x.shape[-1]
+    cdtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
+    w = torch.exp(1j * math.pi * torch.arange(n, dtype=torch.float64, device=x.device) / n).to(cdtype)
+    y = torch.fft.ifft(torch.fft.fft(h * w) * torch.fft.fft(x * w))
+    return (y / w).real
+
+
+class SurmLayer(MethodLayer):
+    """ΔW x = scale sum_i C(g_i) S(h_i) x on x zero-padded to n = max(in, out), cut to the first `out` entries."""
+
+    adapter_layer_names = ("surm_g", "surm_h")
+    other_param_names = ("surm_scale",)
+
+    def update_layer(self, adapter_name: str, config: Any) -> None:
+        if not hasattr(self, "surm_g"):
+            self.surm_g = nn.ParameterDict({})
+            self.surm_h = nn.ParameterDict({})
+            self.surm_scale: dict[str, float] = {}
+        n = max(self.in_features, self.out_features)
+        device = self.base_weight().device
+        gen = torch.Generator().manual_seed(config.init_seed) if config.init_seed is not None else None
+        self.surm_g[adapter_name] = nn.Parameter(torch.zeros(config.r, n, device=device))
+        self.surm_h[adapter_name] = nn.Parameter((torch.randn(config.r, n, generator=gen) * 0.02).to(device))
+        self.surm_scale[adapter_name] = config.scale
+        self.set_adapter(self.active_adapters)
+
+    def update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        g, h = self.surm_g[adapter], self.surm_h[adapter]
+        n = g.shape[-1]
+        xp = torch.nn.functional.pad(x.to(g.dtype), (0, n - self.in_features)).unsqueeze(-2)  # (.., 1, n)
+        y = circulant_apply(g, skew_circulant_apply(h, xp)).sum(-2)  # (.., n)
+        return self.surm_scale[adapter] * y[..., : self.out_features]
+
+    def adapter_delta(self, adapter: str) -> Any:
+        """ΔW as a dense matrix (full rank in general): the update applied to the identity."""
+        from lowrank_compress.adapter_kinds import AdapterDelta
+
+        with torch.no_grad():
+            eye = torch.eye(self.in_features, device=self.surm_g[adapter].device)
+            dense = self.update(eye, adapter).T.float().cpu()
+        return AdapterDelta(torch.zeros(0, self.in_features), torch.zeros(self.out_features, 0), dense=dense)
