@@ -11,7 +11,7 @@ from lowrank_compress.peft_methods.common import MethodConfig
 class SingLoraConfig(MethodConfig):
     """SingLoRA (Bensaïd et al. 2025): W + (alpha / r) u(t) A A*^T with one matrix A (max(in, out) x r) and
     u(t) = min(t / T, 1), T = `ramp_steps` optimizer steps (the ramp is what makes the start a zero update: A is
-    random, as the paper initializes it)."""
+    random, as the paper initializes it; see the layer for its scale)."""
 
     r: int = field(default=8, metadata={"help": "Rank of A."})
     alpha: float = field(default=8.0, metadata={"help": "Scale alpha / r."})
