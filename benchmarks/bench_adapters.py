@@ -83,7 +83,7 @@ def one_run(model: str, name: str, lr: float, steps: int, eval_tokens: int) -> d
     return {
         "adapter": name, "lr": lr, "steps": r["steps"], "trainable_params": r["trainable_params"],
         "step_s": r["step_seconds"], "train_peak_rss_mb": r["peak_memory_mb"], "before": p["before"],
-        "after": p["after"], "merged": p["merged"], "merge": r["merge"], "params_after": r["params_after"],
+        "after": p["after"], "merged": p["merged"], "merge": {k: v for k, v in r["merge"].items() if k != "ranks"}, "params_after": r["params_after"],
         "merged_bytes": r["bytes"], "devils_merged": devils_ppl(out, eval_tokens), "losses": r["losses"],
     }  # fmt: skip
 

@@ -101,9 +101,9 @@ def peft_config(kind: str, model: nn.Module, names: list[str], options: AdapterO
     shapes = {n: widths(m) for n, m in modules.items()}
     check_shapes(kind, shapes, options)
     conv1d = any(is_conv1d(m) for m in modules.values())
-    if conv1d and kind == "c3a":
+    if conv1d and (kind == "c3a" or kind in OURS):
         raise LowrankError(
-            "--adapter c3a wraps Linear layers only, not GPT-2's Conv1D; choose another adapter"
+            f"--adapter {kind} wraps Linear layers only, not GPT-2's Conv1D; use lora, dora, gralora or bone"
         )
     lowrank = any(isinstance(m, LowRankLinear) for m in modules.values())
     if kind == "loldu":  # a factorized layer's LU has only `rank` non-zero pivots

@@ -352,21 +352,26 @@ def test_fresh_adapters_leave_the_logits_unchanged(factorized: Path, dense: Path
         torch.testing.assert_close(logits(tuned), before, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("which", ["factorized", "dense"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_saved_adapters_load_with_plain_peft(factorized: Path, kind: str, tmp_path: Path) -> None:
+def test_saved_adapters_load_with_plain_peft(
+    factorized: Path, dense: Path, kind: str, which: str, tmp_path: Path
+) -> None:
     from peft import PeftModel
 
-    model = lowrank_compress.load(factorized)
+    path = factorized if which == "factorized" else dense
+    model = load(path)
     tuned = attach(model, kind, 4, 8.0, adapter_targets(model), **OPTIONS[kind])
     randomize(tuned)
     expected = logits(tuned)
     tuned.save_pretrained(tmp_path / "a")
     peft_type = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["peft_type"]
+    own = {"bone": "MISS"}.get(kind, kind.upper())
     if kind in OURS:  # ours: one type for dense and factorized layers
-        assert peft_type == kind.upper()
-    else:
-        assert peft_type == "LOWRANK_" + {"bone": "MISS"}.get(kind, kind.upper())
-    reloaded = PeftModel.from_pretrained(lowrank_compress.load(factorized), tmp_path / "a")
+        assert peft_type == own
+    else:  # peft's own type on a dense model (loads without this package), ours around LowRankLinear
+        assert peft_type == ("LOWRANK_" + own if which == "factorized" else own)
+    reloaded = PeftModel.from_pretrained(load(path), tmp_path / "a")
     torch.testing.assert_close(logits(reloaded), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -491,8 +496,10 @@ def test_finetune_c3a_keep_merge_writes_the_original_ranks(
 
 
 def test_finetune_bad_adapter_settings_fail_cleanly(factorized: Path, data: Path, tmp_path: Path) -> None:
+    from tests.fixtures import tiny_gpt2
     from tests.test_finetune import _fails_cleanly, run
 
+    gpt2 = tiny_gpt2(tmp_path)
     out = tmp_path / "o"
     base = ["--data", data, "--steps", "1", "--seq-len", "64", "--eval-tokens", "0", "-o", out]
     assert "use --merge-rank keep" in _fails_cleanly(
@@ -503,6 +510,13 @@ def test_finetune_bad_adapter_settings_fail_cleanly(factorized: Path, data: Path
     )
     assert "does not divide" in _fails_cleanly(
         run("finetune", factorized, "--adapter", "c3a", "--block-size", "24", *base), out
+    )
+    for kind in ("c3a", "surm"):  # GPT-2's Conv1D: these wrap Linear layers only
+        assert "wraps Linear layers only" in _fails_cleanly(
+            run("finetune", gpt2, "--adapter", kind, *base), out
+        )
+    assert "exceeds the rank" in _fails_cleanly(
+        run("finetune", factorized, "--adapter", "loldu", "--rank", "40", *base), out
     )
     res = run("finetune", factorized, "--adapter", "nope", *base)
     assert res.exit_code == 2 and not out.exists() and "Traceback" not in res.output

@@ -28,6 +28,16 @@ def skew_circulant_apply(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (y / w).real
 
 
+def _ldr_apply(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, n_in: int) -> torch.Tensor:
+    """sum_i C(g_i) S(h_i) x on x zero-padded from `n_in` to n, one term at a time (r times less memory than
+    broadcasting over the terms)."""
+    xp = torch.nn.functional.pad(x, (0, g.shape[-1] - n_in))
+    y = torch.zeros_like(xp)
+    for gi, hi in zip(g, h, strict=True):
+        y = y + circulant_apply(gi, skew_circulant_apply(hi, xp))
+    return y
+
+
 class SurmLayer(MethodLayer):
     """ΔW x = scale sum_i C(g_i) S(h_i) x on x zero-padded to n = max(in, out), cut to the first `out` entries."""
 
@@ -49,9 +59,14 @@ class SurmLayer(MethodLayer):
 
     def update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         g, h = self.surm_g[adapter], self.surm_h[adapter]
-        n = g.shape[-1]
-        xp = torch.nn.functional.pad(x.to(g.dtype), (0, n - self.in_features)).unsqueeze(-2)  # (.., 1, n)
-        y = circulant_apply(g, skew_circulant_apply(h, xp)).sum(-2)  # (.., n)
+        x = x.to(g.dtype)
+        if torch.is_grad_enabled() and (g.requires_grad or x.requires_grad):
+            # recomputed in the backward pass: kept for it, every layer's FFT products would hold several
+            # tokens x r x n complex tensors (200 MB each on SmolLM2 at 4 x 256 tokens, r 16, n 1536); a smoke
+            # run of the benchmark that kept them died without a message (surm only; the other adapters ran)
+            y = torch.utils.checkpoint.checkpoint(_ldr_apply, g, h, x, self.in_features, use_reentrant=False)
+        else:
+            y = _ldr_apply(g, h, x, self.in_features)
         return self.surm_scale[adapter] * y[..., : self.out_features]
 
     def adapter_delta(self, adapter: str) -> Any:
