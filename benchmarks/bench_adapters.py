@@ -6,21 +6,23 @@
 
 SmolLM2-135M-Instruct factorized at budget 0.8 with the default settings (cached in results/smollm2-0.8/, shared with
 bench_finetune). Every adapter trains the same `--steps` steps (batch 4 x 256 tokens, cosine schedule, warmup 0.05,
-fp32 or bf16 as finetune picks) on the built-in text's first half, at about LoRA r=16's trainable parameter count:
-lora / dora / gralora r=16 (gralora k=2: the same count as LoRA), c3a at the per-layer block size nearest LoRA's count
-(finetune's default), bone and singlora r=32 (r out and r max(in, out): LoRA's count on the square attention layers,
-more or less elsewhere), bora r=16 (LoRA's count plus in + out), surm r=16 (2 r max(in, out): LoRA's count on the
-square layers); loldu cannot come near it (r + 1 per layer by construction; r=16 here). The table gives each one's
-exact count. Learning rates: the best of three per adapter
+float32 throughout: with bf16 training finetune scores "after" on the bf16 copy and "merged" on the float32 weights,
+which differed by 1.2% for LoRA's exact merge in a 2-step smoke run) on the built-in text's first half, at about LoRA
+r=16's trainable parameter count: lora / dora / gralora r=16 (gralora k=2: the same count as LoRA), c3a at the
+per-layer block size nearest LoRA's count (finetune's default), bone and singlora r=32 (r out and r max(in, out):
+LoRA's count on the square attention layers, more or less elsewhere), bora r=16 (LoRA's count plus in + out), surm
+r=16 (2 r max(in, out): LoRA's count on the square layers); loldu cannot come near it (r + 1 per layer by
+construction; r=16 here). The table gives each one's exact count. Learning rates: the best of three per adapter
 (`--rates N` keeps the first N): 3e-4, 1e-3, 3e-3 for all but c3a, whose update is divided by the input width
-(576-1536 here), so its rates are 3e-2, 1e-1, 3e-1.
+(576-1536 here), so its rates are 3e-2, 1e-1, 3e-1, and surm (its update scaled by 1 / max(in, out)): 1e-2, 3e-2,
+1e-1.
 
-Each run merges (grow where the update is low-rank, keep for c3a and surm) and reports: trainable params, median s/step, peak
-RSS during training, held-out perplexity before / after / merged on the built-in text's second half (first
-`--eval-tokens` tokens, windows of 512 without overlap), the merged model's perplexity on The Devil's Dictionary
-(../shared/data/devils-dictionary.txt; before = the factorized model), and the merged model's parameters and bytes on
-disk. On the Devil's Dictionary "after" (unmerged) is not measured: finetune scores one held-out text in-process; for
-exact merges merged equals after (the held-out columns check it). Writes results/adapters.json.
+Each run merges (grow where the update is low-rank, keep for c3a and surm) and reports: trainable params, median
+s/step, peak RSS during training, held-out perplexity before / after / merged on the built-in text's second half
+(first `--eval-tokens` tokens, windows of 512 without overlap), the merged model's perplexity on The Devil's
+Dictionary (../shared/data/devils-dictionary.txt; before = the factorized model), and the merged model's parameters
+and bytes on disk. On the Devil's Dictionary "after" (unmerged) is not measured: finetune scores one held-out text
+in-process; for exact merges merged equals after (the held-out columns check it). Writes results/adapters.json.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ ADAPTERS = {
 }
 RATES = [3e-4, 1e-3, 3e-3]
 C3A_RATES = [3e-2, 1e-1, 3e-1]
+SURM_RATES = [1e-2, 3e-2, 1e-1]
 
 FACTORIZE = """
 from lowrank_compress.demo import default_model_path
@@ -75,7 +78,7 @@ def devils_ppl(model: str, tokens: int) -> float:
 
 
 def one_run(model: str, name: str, lr: float, steps: int, eval_tokens: int) -> dict:
-    settings = {"adapter": name, "lr": lr, "steps": steps, "merge": True, "save_every": 10**6,
+    settings = {"adapter": name, "lr": lr, "steps": steps, "merge": True, "save_every": 10**6, "precision": "fp32",
                 "eval_tokens": eval_tokens, **ADAPTERS[name]}  # fmt: skip
     out = str(RESULTS / "ft-adapters")
     r = run_child(FINETUNE.format(model=model, out=out, settings=settings))
@@ -102,7 +105,7 @@ def main() -> None:
     best, runs = [], []
     for name in names:
         tried = []
-        for lr in (C3A_RATES if name == "c3a" else RATES)[:n_rates]:
+        for lr in {"c3a": C3A_RATES, "surm": SURM_RATES}.get(name, RATES)[:n_rates]:
             row = one_run(str(model), name, lr, steps, eval_tokens)
             tried.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)

@@ -192,6 +192,10 @@ def merge_adapters(
     """
     if merge_rank not in MERGE_RANKS:
         raise LowrankError(f"unknown merge rank {merge_rank!r}; choose one of {', '.join(MERGE_RANKS)}")
+    if merge_rank == "grow" and not densify:  # refuse before changing anything, not half way through
+        for name, delta in deltas.items():
+            if not delta.low_rank and isinstance(model.get_submodule(name), LowRankLinear):
+                raise LowrankError(GROW_REFUSAL.format(name=name, kind=kind))
     report: dict[str, dict[str, float]] = {}
     for name, delta in deltas.items():
         module = model.get_submodule(name)
@@ -201,8 +205,6 @@ def merge_adapters(
                     model, name, _dense_linear(module, merged_weight(module.dense_weight().detach(), delta))
                 )
                 continue
-            if merge_rank == "grow" and not delta.low_rank:
-                raise LowrankError(GROW_REFUSAL.format(name=name, kind=kind))
             report[name] = _merge_factorized(model, name, module, delta, merge_rank, stats)
         elif isinstance(module, nn.Linear) or is_conv1d(module):
             conv = is_conv1d(module)

@@ -312,6 +312,25 @@ def test_bora_merged_weight_has_the_learned_column_norms_and_row_normed_intermed
     )
 
 
+def test_surm_fft_products_equal_the_dense_circulant_and_skew_circulant_matrices() -> None:
+    from lowrank_compress.peft_methods.surm.layer import _ldr_apply, circulant_apply, skew_circulant_apply
+
+    gen = torch.Generator().manual_seed(0)
+    g, h = (
+        torch.randn(3, 12, generator=gen, dtype=torch.float64),
+        torch.randn(3, 12, generator=gen, dtype=torch.float64),
+    )
+    x = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    c, s_ = scipy.linalg.circulant(g[0].numpy()), skew_circulant(h[0].numpy())
+    np.testing.assert_allclose(circulant_apply(g[0], x).numpy(), x.numpy() @ c.T, atol=1e-12)
+    np.testing.assert_allclose(skew_circulant_apply(h[0], x).numpy(), x.numpy() @ s_.T, atol=1e-12)
+    m = surm_reference(g.numpy(), h.numpy(), 1.0, 12, 12)
+    np.testing.assert_allclose(_ldr_apply(g, h, x, 12).numpy(), x.numpy() @ m.T, atol=1e-11)
+    np.testing.assert_allclose(
+        _ldr_apply(g, h, x[:, :9], 9).numpy(), x[:, :9].numpy() @ m[:, :9].T, atol=1e-11
+    )
+
+
 def test_c3a_fft_matvec_equals_the_dense_circulant_product() -> None:
     """C3A's premise: circ(w) x computed by FFT (O(b log b)) equals the dense circulant matvec."""
     from peft.tuners.c3a.utils import BlockCircularConvolution
@@ -401,22 +420,26 @@ def test_dense_models_merge_exactly(dense: Path, kind: str) -> None:
     torch.testing.assert_close(logits(base), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_c3a_refuses_to_grow_and_keep_merge_error_is_the_dropped_tail(factorized: Path) -> None:
+@pytest.mark.parametrize("kind", ["c3a", "surm"])
+def test_full_rank_updates_refuse_to_grow_and_keep_merge_error_is_the_dropped_tail(
+    factorized: Path, kind: str
+) -> None:
     """keep: W' = up down + ΔW truncated back to rank r; by Eckart-Young its squared error is the sum of the
     squared singular values of W' beyond r, over their total (computed here from numpy's SVD of W')."""
     model = lowrank_compress.load(factorized)
-    tuned = attach(model, "c3a", 4, 8.0, adapter_targets(model), block_size=16)
+    tuned = attach(model, kind, 4, 8.0, adapter_targets(model), **OPTIONS[kind])
     randomize(tuned)
-    layers = {
-        n.removeprefix("base_model.model."): m for n, m in tuned.named_modules() if hasattr(m, "c3a_kernel")
-    }
+    owned = "c3a_kernel" if kind == "c3a" else "surm_g"
+    layers = {n.removeprefix("base_model.model."): m for n, m in tuned.named_modules() if hasattr(m, owned)}
     merged = {
-        n: m.get_base_layer().dense_weight().detach().double().numpy() + reference("c3a", m)
+        n: m.get_base_layer().dense_weight().detach().double().numpy() + reference(kind, m)
         for n, m in layers.items()
     }
     base, deltas = extract_adapters(tuned)
+    untouched = {n: base.get_submodule(n) for n in layers}
     with pytest.raises(lowrank_compress.LowrankError, match="--merge-rank keep"):
-        merge_adapters(base, deltas, merge_rank="grow", kind="c3a")
+        merge_adapters(base, deltas, merge_rank="grow", kind=kind)
+    assert all(base.get_submodule(n) is m for n, m in untouched.items())  # refused before any change
     ranks = {n: base.get_submodule(n).rank for n in layers}
     report = merge_adapters(base, deltas, merge_rank="keep")
     for name, w in merged.items():

@@ -30,12 +30,20 @@ def skew_circulant_apply(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _ldr_apply(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, n_in: int) -> torch.Tensor:
     """sum_i C(g_i) S(h_i) x on x zero-padded from `n_in` to n, one term at a time (r times less memory than
-    broadcasting over the terms)."""
-    xp = torch.nn.functional.pad(x, (0, g.shape[-1] - n_in))
-    y = torch.zeros_like(xp)
+    broadcasting over the terms). The transforms shared by the terms are done once: fft(W x) going in, and the sum
+    stays in the frequency domain until one inverse transform at the end (about 2x fewer FFTs than applying
+    `circulant_apply(g_i, skew_circulant_apply(h_i, x))` term by term, which the tests check it equals)."""
+    n = g.shape[-1]
+    xp = torch.nn.functional.pad(x, (0, n - n_in))
+    cdtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
+    w = torch.exp(1j * math.pi * torch.arange(n, dtype=torch.float64, device=x.device) / n).to(cdtype)
+    u = torch.fft.fft(xp * w)
+    acc = None
     for gi, hi in zip(g, h, strict=True):
-        y = y + circulant_apply(gi, skew_circulant_apply(hi, xp))
-    return y
+        s_x = (torch.fft.ifft(torch.fft.fft(hi * w) * u) / w).real  # S(h_i) x
+        term = torch.fft.rfft(gi, n=n) * torch.fft.rfft(s_x, n=n)  # the spectrum of C(g_i) S(h_i) x
+        acc = term if acc is None else acc + term
+    return torch.fft.irfft(acc, n=n)
 
 
 class SurmLayer(MethodLayer):
@@ -54,7 +62,7 @@ class SurmLayer(MethodLayer):
         gen = torch.Generator().manual_seed(config.init_seed) if config.init_seed is not None else None
         self.surm_g[adapter_name] = nn.Parameter(torch.zeros(config.r, n, device=device))
         self.surm_h[adapter_name] = nn.Parameter((torch.randn(config.r, n, generator=gen) * 0.02).to(device))
-        self.surm_scale[adapter_name] = config.scale
+        self.surm_scale[adapter_name] = config.scale if config.scale is not None else 1.0 / n
         self.set_adapter(self.active_adapters)
 
     def update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
