@@ -83,10 +83,13 @@ def one_run(model: str, name: str, lr: float, steps: int, eval_tokens: int) -> d
     out = str(RESULTS / "ft-adapters")
     r = run_child(FINETUNE.format(model=model, out=out, settings=settings))
     p = r["perplexity"]
+    merge = {
+        k: v for k, v in r["merge"].items() if k not in ("ranks", "relative_errors")
+    }  # per layer: too long
     return {
         "adapter": name, "lr": lr, "steps": r["steps"], "trainable_params": r["trainable_params"],
         "step_s": r["step_seconds"], "train_peak_rss_mb": r["peak_memory_mb"], "before": p["before"],
-        "after": p["after"], "merged": p["merged"], "merge": {k: v for k, v in r["merge"].items() if k != "ranks"}, "params_after": r["params_after"],
+        "after": p["after"], "merged": p["merged"], "merge": merge, "params_after": r["params_after"],
         "merged_bytes": r["bytes"], "devils_merged": devils_ppl(out, eval_tokens), "losses": r["losses"],
     }  # fmt: skip
 

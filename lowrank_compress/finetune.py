@@ -657,7 +657,8 @@ def _merge(peft_model: Any, settings: FinetuneSettings, rows: torch.Tensor, devi
     layers = merge_adapters(base, deltas, merge_rank=settings.merge_rank, stats=stats, kind=settings.adapter)
     errors = [v["relative_error"] for v in layers.values()]
     info = {"merge_rank": settings.merge_rank, "layers": len(deltas), "ranks": _ranks(base),
-            "max_relative_error": max(errors, default=0.0), "whitened": stats is not None}  # fmt: skip
+            "max_relative_error": max(errors, default=0.0), "whitened": stats is not None,
+            "relative_errors": {n: v["relative_error"] for n, v in layers.items()}}  # fmt: skip
     return base, info
 
 

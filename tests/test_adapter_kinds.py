@@ -516,6 +516,8 @@ def test_finetune_c3a_keep_merge_writes_the_original_ranks(
     assert result.trainable_params == sum(m.in_features * m.out_features // 16 for m in original.modules()
                                           if isinstance(m, LowRankLinear))  # fmt: skip
     assert result.merge["whitened"] and 0 < result.merge["max_relative_error"] < 1
+    errors = result.merge["relative_errors"]  # each layer's merge error is recorded
+    assert errors.keys() == rank.keys() and max(errors.values()) == result.merge["max_relative_error"]
 
 
 def test_finetune_bad_adapter_settings_fail_cleanly(factorized: Path, data: Path, tmp_path: Path) -> None:
