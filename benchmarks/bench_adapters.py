@@ -2,7 +2,8 @@
 
     python benchmarks/bench_adapters.py                                    # all adapters, 3 rates each, 60 steps
     python benchmarks/bench_adapters.py --steps 2 --adapters lora,c3a --rates 1 --eval-tokens 1024   # a smoke run
-    (--devils FILE: where The Devil's Dictionary is, if not at ../shared/data/devils-dictionary.txt)
+    (--devils FILE: where The Devil's Dictionary is, if not at ../shared/data/devils-dictionary.txt;
+     --out NAME: write results/NAME.json instead of results/adapters.json, to run the adapters in several parts)
 
 SmolLM2-135M-Instruct factorized at budget 0.8 with the default settings (cached in results/smollm2-0.8/, shared with
 bench_finetune). Every adapter trains the same `--steps` steps (batch 4 x 256 tokens, cosine schedule, warmup 0.05,
@@ -120,7 +121,7 @@ def main() -> None:
         print(f"{r['adapter']:9} {r['lr']:>7.0e} {r['trainable_params']:>9,} {r['step_s']:>7.2f} "
               f"{r['train_peak_rss_mb'] or 0:>8.0f} {r['before']:>8.3f} {r['after']:>8.3f} {r['merged']:>8.3f} "
               f"{r['devils_merged']:>8.3f} {r['merged_bytes'] / 2**20:>9.1f}")  # fmt: skip
-    path = save("adapters", {"model": "SmolLM2-135M-Instruct Q4_1 GGUF, factorized at 0.8", "steps": steps,
+    path = save(arg("--out", "adapters"), {"model": "SmolLM2-135M-Instruct Q4_1 GGUF, factorized at 0.8", "steps": steps,
                              "eval_tokens": eval_tokens, "devils_before": devils_before, "best": best,
                              "runs": runs})  # fmt: skip
     print(f"wrote {path}")
