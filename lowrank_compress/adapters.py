@@ -8,21 +8,21 @@ factors' subspace. Merging keeps the layer factorized:
                                                                    calibration inputs when their statistics are given
 DoRA rescales rows: W' = diag(m / ||W + s B A||_row) (W + s B A), which is a row scaling of up' (exact as well).
 
-`register_peft()` (run by `import lowrank_compress`, or when peft is imported after it: see plugins.py) teaches peft to
-wrap `LowRankLinear`, so adapters saved in PEFT's format load with plain `PeftModel.from_pretrained` on a factorized
-model.
+`register_peft()` (run by `import lowrank_compress`, or when peft is imported after it: see plugins.py) registers
+the methods of `peft_methods` with peft, so adapters saved in PEFT's format load with plain
+`PeftModel.from_pretrained` on a factorized model.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from lowrank_compress.adapter_kinds import AdapterDelta, AdapterOptions, delta_of, peft_config
 from lowrank_compress.choices import ADAPTERS, MERGE_RANKS
 from lowrank_compress.errors import LowrankError
 from lowrank_compress.modules import LowRankLinear, is_conv1d
@@ -31,60 +31,20 @@ from lowrank_compress.plugins import quiet_bitsandbytes
 _REGISTERED = False
 
 
-def _lora_layer_class() -> type:
-    """The peft LoRA layer for a LowRankLinear base, built on first use (peft is imported lazily)."""
-    from peft.tuners.lora.layer import Linear as PeftLoraLinear
-
-    class LowRankLoraLinear(PeftLoraLinear):
-        """peft's LoRA / DoRA Linear layer, wrapped around a LowRankLinear as a whole."""
-
-        def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-            return module.in_features, module.out_features
-
-        def merge(self, safe_merge: bool = False, adapter_names: Any = None) -> None:
-            raise LowrankError(
-                "merging into a factorized layer must keep it factorized: use `lowrank-compress finetune --merge` "
-                "or lowrank_compress.adapters.merge_adapters instead of peft's merge"
-            )
-
-        def unmerge(self) -> None:  # never merged in place, see merge
-            return None
-
-    return LowRankLoraLinear
-
-
-_LAYER_CLASS: type | None = None
-
-
-def lora_layer_class() -> type:
-    global _LAYER_CLASS
-    if _LAYER_CLASS is None:
-        _LAYER_CLASS = _lora_layer_class()
-    return _LAYER_CLASS
-
-
 def register_peft() -> None:
-    """Let peft's LoRA wrap LowRankLinear (idempotent): peft picks a layer class by the base module's type and knows
-    only its own; a LowRankLinear gets `LowRankLoraLinear`, everything else what peft would give it."""
+    """Teach peft to wrap LowRankLinear and add our methods to its registries (idempotent; see peft_methods)."""
     global _REGISTERED
     if _REGISTERED:
         return
     quiet_bitsandbytes()  # peft imports it when installed
     try:
-        from peft.tuners.lora.model import LoraModel
+        import peft  # noqa: F401
     except ImportError:  # peft is a dependency; without it there is nothing to register
         return
-    original = LoraModel._create_new_module
+    from lowrank_compress.peft_methods import register
 
-    def create_new_module(lora_config: Any, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
-        base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-        if isinstance(base, LowRankLinear):
-            kwargs.pop("parameter_name", None)
-            return lora_layer_class()(target, adapter_name, config=lora_config, **kwargs)
-        return original(lora_config, adapter_name, target, **kwargs)
-
-    LoraModel._create_new_module = staticmethod(create_new_module)
-    _REGISTERED = True
+    _REGISTERED = True  # before registering: peft's imports below may re-enter through the import hook
+    register()
 
 
 # --------------------------------------------------------------------------------------------------- attaching
@@ -106,9 +66,14 @@ def adapter_targets(model: nn.Module) -> list[str]:
     return names
 
 
-def attach(model: nn.Module, kind: str, rank: int, alpha: float, targets: Iterable[str]) -> Any:
-    """A peft model with fresh (zero-effect: B = 0) LoRA or DoRA adapters of `rank` on `targets`."""
-    from peft import LoraConfig, get_peft_model
+def attach(
+    model: nn.Module, kind: str, rank: int, alpha: float, targets: Iterable[str], *,
+    block_size: int | None = None, blocks: int = 2, ramp_steps: int = 100, seed: int = 0,
+) -> Any:  # fmt: skip
+    """A peft model with fresh adapters of `kind` on `targets`, each starting at a zero update (LoRA's B = 0, C3A's
+    kernels, GraLoRA's B blocks and MiSS's block all zero; SingLoRA's ramp at u(0) = 0), so the model starts exactly
+    where it was."""
+    from peft import get_peft_model
 
     if kind not in ADAPTERS:
         raise LowrankError(f"unknown adapter {kind!r}; choose one of {', '.join(ADAPTERS)}")
@@ -118,15 +83,9 @@ def attach(model: nn.Module, kind: str, rank: int, alpha: float, targets: Iterab
     if not names:
         raise LowrankError("the model has no Linear layers to put adapters on")
     register_peft()
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=0.0,
-        target_modules=names,  # full module names: peft matches them exactly (as dot-separated suffixes)
-        use_dora=kind == "dora",
-        bias="none",
-        fan_in_fan_out=any(is_conv1d(model.get_submodule(n)) for n in names),
-    )
+    options = AdapterOptions(rank=rank, alpha=alpha, block_size=block_size, blocks=blocks, ramp_steps=ramp_steps,
+                             seed=seed)  # fmt: skip
+    config = peft_config(kind, model, names, options)
     with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5; not ours to fix
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, config)
@@ -135,56 +94,57 @@ def attach(model: nn.Module, kind: str, rank: int, alpha: float, targets: Iterab
 # --------------------------------------------------------------------------------------------------- merging
 
 
-@dataclass
-class AdapterDelta:
-    """One trained adapter, scaled: the layer's new weight is W + b @ a (then DoRA's row scaling, if any)."""
-
-    a: torch.Tensor  # (r_a x in)
-    b: torch.Tensor  # (out x r_a), scaling folded in
-    magnitude: torch.Tensor | None = None  # DoRA: (out,)
-
-
 def extract_adapters(peft_model: Any, adapter: str = "default") -> tuple[nn.Module, dict[str, AdapterDelta]]:
     """The base model with its adapters taken off (not merged), and each adapter's delta by module name."""
-    from peft.tuners.lora.layer import LoraLayer
-
     deltas: dict[str, AdapterDelta] = {}
     prefix = "base_model.model."
     for name, module in peft_model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
-            continue
-        a = module.lora_A[adapter].weight.detach().float().cpu().clone()
-        b = module.lora_B[adapter].weight.detach().float().cpu() * float(module.scaling[adapter])
-        magnitude = None
-        if adapter in module.lora_magnitude_vector:
-            magnitude = module.lora_magnitude_vector[adapter].weight.detach().float().cpu().clone()
-        deltas[name.removeprefix(prefix)] = AdapterDelta(a, b.clone(), magnitude)
+        delta = delta_of(module, adapter)
+        if delta is not None:
+            deltas[name.removeprefix(prefix)] = delta
     return peft_model.unload(), deltas
 
 
 def grow(up: torch.Tensor, down: torch.Tensor, delta: AdapterDelta) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact merge of an adapter into factors: rank r + r_a, product W + b a (row-scaled for DoRA)."""
+    """Exact merge of a low-rank adapter into factors: rank r + r_a, product W + b a, its rows scaled (DoRA, BoRA)
+    into up' and its columns (BoRA) into down'."""
     here = {"device": up.device, "dtype": torch.float64}  # the deltas were taken off to the CPU
     up2 = torch.cat([up.to(**here), delta.b.to(**here)], dim=1)
     down2 = torch.cat([down.to(**here), delta.a.to(**here)], dim=0)
     if delta.magnitude is not None:
         up2 = up2 * _dora_scale(up2 @ down2, delta.magnitude.to(**here))[:, None]
+    if delta.row_scale is not None:
+        up2 = up2 * delta.row_scale.to(**here)[:, None]
+    if delta.col_scale is not None:
+        down2 = down2 * delta.col_scale.to(**here)[None, :]
     return up2, down2
+
+
+GROW_REFUSAL = (
+    "{name}: the {kind} update is not low-rank, so it cannot grow the factors exactly; "
+    "merge with --merge-rank keep (re-truncated to the layer's rank)"
+)
 
 
 def truncate(
     up: torch.Tensor, down: torch.Tensor, rank: int, stats: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Factors of the best rank-`rank` approximation of W = up @ down, the squared error it leaves, and ||W||^2 in
-    the same measure.
+    """`truncate_weight` of W = up @ down."""
+    return truncate_weight(up.double() @ down.double(), rank, stats)
+
+
+def truncate_weight(
+    w: torch.Tensor, rank: int, stats: Any = None
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Factors of the best rank-`rank` approximation of W, the squared error it leaves, and ||W||^2 in the same
+    measure.
 
     Without statistics the error is ||W - W_r||_F^2 (Eckart-Young: the sum of the dropped squared singular values);
     with calibration statistics it is the whitened objective ||(W - W_r) X^T||_F^2 that factorize minimizes.
     """
     from lowrank_compress.factorize import decompose
 
-    w = up.double() @ down.double()
-    dec = decompose(w, "whiten" if stats is not None else "svd", stats)
+    dec = decompose(w.double(), "whiten" if stats is not None else "svd", stats)
     rank = min(rank, dec.stored_rank)
     u, d = dec.factors(rank, dtype=torch.float64)
     errors = dec.truncation_error()
@@ -197,52 +157,97 @@ def _dora_scale(weight: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     return magnitude.double() / norm.clamp_min(torch.finfo(torch.float64).tiny)
 
 
+def merged_weight(w: torch.Tensor, delta: AdapterDelta) -> torch.Tensor:
+    """W' as a dense float64 matrix (out x in), for a dense W or one given as the product of factors."""
+    here = {"device": w.device, "dtype": torch.float64}
+    w = w.to(**here) + delta.b.to(**here) @ delta.a.to(**here)
+    if delta.dense is not None:
+        w = w + delta.dense.to(**here)
+    if delta.magnitude is not None:
+        w = w * _dora_scale(w, delta.magnitude.to(**here))[:, None]
+    if delta.row_scale is not None:
+        w = w * delta.row_scale.to(**here)[:, None]
+    if delta.col_scale is not None:
+        w = w * delta.col_scale.to(**here)[None, :]
+    return w
+
+
 def merge_adapters(
     model: nn.Module,
     deltas: Mapping[str, AdapterDelta],
     *,
     merge_rank: str = "grow",
     stats: Mapping[str, Any] | None = None,
+    kind: str = "adapter",
+    densify: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Fold `deltas` into `model` in place (weights must be plain floating point: dequantize first).
 
-    LowRankLinear layers stay factorized: `grow` concatenates the factors, `keep` re-truncates to the original rank
-    (whitened by `stats[name]` when given). Dense layers get the delta added. Returns, per factorized layer, the
-    rank before and after and the truncation error relative to the merged weight, in the truncation's measure
-    (0 for grow).
+    LowRankLinear layers stay factorized: `grow` concatenates the factors (low-rank updates only; otherwise a
+    LowrankError naming `--merge-rank keep`), `keep` re-truncates to the original rank (whitened by `stats[name]`
+    when given). With `densify`, a factorized layer whose update is not low-rank becomes a dense Linear holding W'
+    exactly instead (the trained model's own weights, for collecting the statistics of a keep merge). Dense layers
+    get the update added. Returns, per factorized layer, the rank before and after and the truncation error
+    relative to the merged weight, in the truncation's measure (0 for grow).
     """
     if merge_rank not in MERGE_RANKS:
         raise LowrankError(f"unknown merge rank {merge_rank!r}; choose one of {', '.join(MERGE_RANKS)}")
+    if merge_rank == "grow" and not densify:  # refuse before changing anything, not half way through
+        for name, delta in deltas.items():
+            if not delta.low_rank and isinstance(model.get_submodule(name), LowRankLinear):
+                raise LowrankError(GROW_REFUSAL.format(name=name, kind=kind))
     report: dict[str, dict[str, float]] = {}
     for name, delta in deltas.items():
         module = model.get_submodule(name)
         if isinstance(module, LowRankLinear):
-            up, down = grow(module.up.weight.detach(), module.down.weight.detach(), delta)
-            error, norm = 0.0, 0.0
-            if merge_rank == "keep":
-                up, down, error, norm = truncate(up, down, module.rank, stats.get(name) if stats else None)
-            dtype = module.up.weight.dtype
-            bias = module.bias.detach() if module.bias is not None else None
-            new = LowRankLinear.from_factors(up.to(dtype), down.to(dtype), bias)
-            new.to(module.up.weight.device)
-            _set_module(model, name, new)
-            report[name] = {
-                "rank_before": module.rank,
-                "rank_after": new.rank,
-                "relative_error": error / norm if norm > 0 else 0.0,
-            }
+            if densify and not delta.low_rank:
+                _set_module(
+                    model, name, _dense_linear(module, merged_weight(module.dense_weight().detach(), delta))
+                )
+                continue
+            report[name] = _merge_factorized(model, name, module, delta, merge_rank, stats)
         elif isinstance(module, nn.Linear) or is_conv1d(module):
             conv = is_conv1d(module)
             with torch.no_grad():
-                w = module.weight.detach().double()
-                w = w.T if conv else w
-                w = w + delta.b.double().to(w.device) @ delta.a.double().to(w.device)
-                if delta.magnitude is not None:
-                    w = w * _dora_scale(w, delta.magnitude.to(w.device))[:, None]
+                w = module.weight.detach()
+                w = merged_weight(w.T if conv else w, delta)
                 module.weight.copy_((w.T if conv else w).to(module.weight.dtype))
         else:
             raise LowrankError(f"{name}: cannot merge an adapter into a {type(module).__name__}")
     return report
+
+
+def _merge_factorized(model: nn.Module, name: str, module: LowRankLinear, delta: AdapterDelta, merge_rank: str,
+                      stats: Mapping[str, Any] | None) -> dict[str, float]:  # fmt: skip
+    """Replace a LowRankLinear by its merge: grown factors, or W' re-truncated to the layer's rank (keep)."""
+    up, down = module.up.weight.detach(), module.down.weight.detach()
+    error = norm = 0.0
+    if merge_rank == "keep":
+        w = merged_weight(up.double() @ down.double(), delta)
+        up, down, error, norm = truncate_weight(w, module.rank, stats.get(name) if stats else None)
+    else:
+        up, down = grow(up, down, delta)
+    dtype = module.up.weight.dtype
+    bias = module.bias.detach() if module.bias is not None else None
+    new = LowRankLinear.from_factors(up.to(dtype), down.to(dtype), bias)
+    new.to(module.up.weight.device)
+    _set_module(model, name, new)
+    return {
+        "rank_before": module.rank,
+        "rank_after": new.rank,
+        "relative_error": error / norm if norm > 0 else 0.0,
+    }
+
+
+def _dense_linear(module: LowRankLinear, w: torch.Tensor) -> nn.Linear:
+    dtype, device = module.up.weight.dtype, module.up.weight.device
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=device,
+                       dtype=dtype)  # fmt: skip
+    with torch.no_grad():
+        linear.weight.copy_(w.to(dtype))
+        if module.bias is not None:
+            linear.bias.copy_(module.bias.detach())
+    return linear
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -18,7 +18,27 @@ GRAD_SOURCES: tuple[str, ...] = ("mix", "self")
 SELF_STARTS: tuple[str, ...] = ("random", "prefix")
 
 # finetune
-ADAPTERS: tuple[str, ...] = ("lora", "dora")
+# name -> (structure of the update, trainable parameters of an out x in layer, merge into factors, paper);
+# `finetune --help` and the README's adapter table list them
+ADAPTER_INFO: dict[str, tuple[str, str, str, str]] = {
+    "lora": ("s B A", "r (in + out)", "grow: exact, rank + r", "LoRA (Hu et al. 2021)"),
+    "dora": ("LoRA with learned row magnitudes", "r (in + out) + out", "grow: exact, rank + r", "DoRA (Liu et al. 2024)"),
+    "c3a": ("block-circulant update (FFT product), b x b blocks", "in out / b", "keep only (full rank)",
+            "C3A (Chen et al. 2024)"),
+    "gralora": ("k x k blocks, each its own rank-r/k LoRA", "r (in + out)", "grow: exact, rank + k r",
+                "GraLoRA (Jung et al. 2025)"),
+    "bone": ("MiSS: one r x out block shared by every r-wide input chunk", "r out", "grow: exact, rank + r",
+             "Bone / MiSS (Kang et al. 2024)"),
+    "singlora": ("(alpha/r) u(t) A A*^T, one matrix, ramp u(t) = min(t/T, 1), T = the warmup steps",
+                 "r max(in, out)", "grow: exact, rank + r", "SingLoRA (Bensaid et al. 2025)"),
+    "loldu": ("W = P L D U frozen, only D's first r entries (and a scale) train", "r + 1",
+              "grow: exact, rank + r", "LoLDU (Shi et al. 2024)"),
+    "bora": ("LoRA, then learned row and column magnitudes (two normalizations)", "r (in + out) + out + in",
+             "grow: exact, rank + r", "BoRA (Wang et al. 2024)"),
+    "surm": ("sum of r circulant x skew-circulant products (displacement rank r), n = max(in, out)", "2 r n",
+             "keep only (full rank)", "SURM (Sehanobish et al. 2024)"),
+}  # fmt: skip
+ADAPTERS: tuple[str, ...] = tuple(ADAPTER_INFO)
 MERGE_RANKS: tuple[str, ...] = ("grow", "keep")
 QUANTIZE: tuple[str, ...] = ("none", "nf4")
 TRAIN: tuple[str, ...] = ("adapters", "factors")

@@ -26,7 +26,16 @@ from typing import Any
 
 import click
 
-from lowrank_compress.choices import DEVICES, GRAD_SOURCES, METHODS, POLICIES, SELF_STARTS, check_device
+from lowrank_compress.choices import (
+    ADAPTER_INFO,
+    ADAPTERS,
+    DEVICES,
+    GRAD_SOURCES,
+    METHODS,
+    POLICIES,
+    SELF_STARTS,
+    check_device,
+)
 from lowrank_compress.console import command_running, interrupt_code, interrupt_message
 from lowrank_compress.console import main as main  # the console script of earlier installs names cli:main
 from lowrank_compress.errors import LowrankError, TrainingInterrupted
@@ -628,7 +637,16 @@ def report(outputs: tuple[Path, ...], out_dir: Path | None, json_mode: bool) -> 
         out.out.print(f"wrote {p}")
 
 
-@cli.command(context_settings=CONTEXT)
+def _adapter_epilog() -> str:
+    """The adapter table for `finetune --help` (click keeps lines after a \\b line as they are)."""
+    rows = [
+        f"  {name:<8} {info[0]}; params {info[1]}; merge {info[2]}; {info[3]}"
+        for name, info in ADAPTER_INFO.items()
+    ]
+    return "\b\nAdapters (--adapter), for an out x in layer:\n" + "\n".join(rows)
+
+
+@cli.command(context_settings=CONTEXT, epilog=_adapter_epilog())
 @click.argument("model")
 @click.option(
     "--data",
@@ -640,9 +658,24 @@ def report(outputs: tuple[Path, ...], out_dir: Path | None, json_mode: bool) -> 
 @click.option(
     "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output directory."
 )
-@click.option("--adapter", type=click.Choice(["lora", "dora"]), default=_FT.adapter, show_default=True)
-@click.option("--rank", type=int, default=_FT.rank, show_default=True, help="Adapter rank.")
-@click.option("--alpha", type=FINITE, default=None, help="LoRA alpha.  [default: 2 x rank]")
+@click.option(
+    "--adapter",
+    type=click.Choice(ADAPTERS),
+    default=_FT.adapter,
+    show_default=True,
+    help="The adapter's structure (listed below).",
+)
+@click.option(
+    "--rank", type=int, default=_FT.rank, show_default=True, help="Adapter rank r (c3a: sizes its blocks)."
+)
+@click.option("--alpha", type=FINITE, default=None, help="LoRA / GraLoRA alpha.  [default: 2 x rank]")
+@click.option(
+    "--block-size",
+    type=int,
+    default=None,
+    help="c3a: circulant block size b, dividing both widths.  [default: per layer, about LoRA's parameters at --rank]",
+)
+@click.option("--blocks", type=int, default=_FT.blocks, show_default=True, help="gralora: k (k x k blocks).")
 @click.option(
     "--quantize",
     type=click.Choice(["none", "nf4"]),
@@ -691,7 +724,7 @@ def report(outputs: tuple[Path, ...], out_dir: Path | None, json_mode: bool) -> 
     type=click.Choice(["grow", "keep"]),
     default=_FT.merge_rank,
     show_default=True,
-    help="grow: exact, rank r + adapter rank; keep: back to rank r by a whitened SVD.",
+    help="grow: exact, rank r + the update's rank (low-rank adapters only); keep: back to rank r by a whitened SVD.",
 )
 @click.option(
     "--train",

@@ -40,6 +40,7 @@ from lowrank_compress.outdir import (
     replace_dir,
     replaceable,
 )
+from lowrank_compress.peft_methods import advance, set_step
 from lowrank_compress.recipe import FinetuneSettings
 
 CHECKPOINT_VERSION = 1
@@ -214,6 +215,14 @@ def finetune(
             "--merge-rank keep re-truncates factorized layers to their rank, but MODEL is dense; "
             "use --merge-rank grow (plain merge) or pass a factorize output"
         )
+    if factorized and settings.train == "adapters" and settings.merge and settings.merge_rank == "grow":
+        from lowrank_compress.adapter_kinds import FULL_RANK
+
+        if settings.adapter in FULL_RANK:
+            raise LowrankError(
+                f"--adapter {settings.adapter} trains a full-rank update, which cannot grow the factors exactly; "
+                "use --merge-rank keep (re-truncated to each layer's rank) or --no-merge"
+            )
     if not factorized and settings.train == "factors":
         raise LowrankError("--train factors needs a factorized MODEL (a `lowrank-compress factorize` output)")
     if settings.quantize == "nf4":
@@ -249,6 +258,10 @@ def finetune(
         ppl["before"] = _perplexity(model, tokenizer, eval_text, settings, device, precision="fp32")
     timings["eval_before"] = time.perf_counter() - clock - sum(timings.values())
 
+    world = accelerator.num_processes
+    per_step = settings.batch_size * settings.grad_accum * world
+    total = settings.steps or max(1, math.ceil((settings.epochs or 1.0) * rows.shape[0] / per_step))
+
     # --- what trains
     qreport = None
     compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -268,7 +281,9 @@ def finetune(
         elif precision == "bf16":
             model.to(torch.bfloat16)
         model.requires_grad_(False)
-        trainer = attach(model, settings.adapter, settings.rank, settings.lora_alpha, targets)
+        trainer = attach(model, settings.adapter, settings.rank, settings.lora_alpha, targets,
+                         block_size=settings.block_size, blocks=settings.blocks, seed=settings.seed,
+                         ramp_steps=max(1, round(settings.warmup * total)))  # fmt: skip
     else:
         model.requires_grad_(False)
         for m in model.modules():
@@ -281,9 +296,6 @@ def finetune(
     for w in warnings:
         say(w)
 
-    world = accelerator.num_processes
-    per_step = settings.batch_size * settings.grad_accum * world
-    total = settings.steps or max(1, math.ceil((settings.epochs or 1.0) * rows.shape[0] / per_step))
     if settings.truncate_every and world > 1:
         raise LowrankError("--truncate-every changes parameter shapes; run it in a single process")
 
@@ -299,6 +311,7 @@ def finetune(
         scheduler.load_state_dict(resume_state["scheduler"])
         losses = list(resume_state["losses"])
         start = int(resume_state["step"])
+        set_step(trainer, start)  # SingLoRA's ramp where the checkpoint left it
         if start >= total:
             raise LowrankError(f"{resume}: the checkpoint already finished all {total} steps")
     trainer, optimizer = accelerator.prepare(trainer, optimizer)
@@ -341,6 +354,7 @@ def finetune(
                     accelerator.clip_grad_norm_(params, settings.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
+                advance(trainer)  # SingLoRA's ramp
                 optimizer.zero_grad(set_to_none=True)
                 mean_loss = float(accelerator.reduce(torch.tensor(loss_sum / settings.grad_accum, device=device),
                                                      reduction="mean"))  # fmt: skip
@@ -638,15 +652,16 @@ def _merge(peft_model: Any, settings: FinetuneSettings, rows: torch.Tensor, devi
     if settings.merge_rank == "keep":
         from lowrank_compress.calibration import collect_stats
 
-        grown = copy.deepcopy(base)
-        merge_adapters(grown, deltas, merge_rank="grow")
-        names = [n for n, m in grown.named_modules() if isinstance(m, LowRankLinear)]
+        grown = copy.deepcopy(base)  # the trained model's weights: grown exactly, or dense where not low-rank
+        merge_adapters(grown, deltas, merge_rank="grow", densify=True)
+        names = [n for n, m in base.named_modules() if isinstance(m, LowRankLinear)]
         stats = collect_stats(grown, rows[: min(8, rows.shape[0])], names, device=str(device))
         del grown
-    layers = merge_adapters(base, deltas, merge_rank=settings.merge_rank, stats=stats)
+    layers = merge_adapters(base, deltas, merge_rank=settings.merge_rank, stats=stats, kind=settings.adapter)
     errors = [v["relative_error"] for v in layers.values()]
     info = {"merge_rank": settings.merge_rank, "layers": len(deltas), "ranks": _ranks(base),
-            "max_relative_error": max(errors, default=0.0), "whitened": stats is not None}  # fmt: skip
+            "max_relative_error": max(errors, default=0.0), "whitened": stats is not None,
+            "relative_errors": {n: v["relative_error"] for n, v in layers.items()}}  # fmt: skip
     return base, info
 
 

@@ -1,8 +1,8 @@
 """Registering with transformers and peft when they are imported, not when `lowrank_compress` is.
 
 `import lowrank_compress` must be all a user needs before `AutoModelForCausalLM.from_pretrained(OUT)` (transformers
-has to know quant_method "lowrank") and before `PeftModel.from_pretrained` on a factorized model (peft has to wrap
-`LowRankLinear`). Registering eagerly meant importing torch, transformers and peft (several seconds) on every
+has to know quant_method "lowrank") and before `PeftModel.from_pretrained` on a factorized model (peft has to know
+our methods, see peft_methods). Registering eagerly meant importing torch, transformers and peft (several seconds) on every
 `import lowrank_compress`, hence on every `lowrank-compress --help`. Instead `install()` registers right away
 with whatever is already imported, and puts a finder on `sys.meta_path` that registers the rest the moment its
 module finishes importing (the "post-import hook" of wrapt and PEP 369). Only the standard library is imported here.
@@ -20,7 +20,8 @@ from typing import Any
 # module whose import triggers the hook -> (module of ours, function to call there)
 HOOKS: dict[str, tuple[str, str]] = {
     "transformers.quantizers.auto": ("lowrank_compress.format", "register"),
-    "peft.tuners.lora.model": ("lowrank_compress.adapters", "register_peft"),
+    # the whole package, not one tuner: registering imports several of peft's tuners and its registries
+    "peft": ("lowrank_compress.adapters", "register_peft"),
 }
 
 

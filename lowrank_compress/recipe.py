@@ -215,6 +215,10 @@ class FinetuneSettings:
     adapter: str = "lora"
     rank: int = 16
     alpha: float | None = None  # None: 2 x rank (LoRA scaling 2)
+    block_size: int | None = (
+        None  # c3a: None picks per layer the size nearest LoRA's parameter count at `rank`
+    )
+    blocks: int = 2  # gralora: k
     quantize: str = "none"
     steps: int | None = None
     epochs: float | None = None  # neither steps nor epochs: one epoch
@@ -242,7 +246,9 @@ class FinetuneSettings:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise LowrankError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
-        for name in ("rank", "batch_size", "grad_accum", "save_every"):
+        if self.block_size is not None and self.block_size < 1:
+            raise LowrankError(f"--block-size must be at least 1, got {self.block_size}")
+        for name in ("rank", "blocks", "batch_size", "grad_accum", "save_every"):
             if getattr(self, name) < 1:
                 raise LowrankError(
                     f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
