@@ -383,10 +383,22 @@ def eval_options(f: Any) -> Any:
         click.option("--stride", type=int, default=256, show_default=True, help="Tokens each window advances."),
         click.option("--speed/--no-speed", default=True, show_default=True,
                      help="Measure prefill and decode throughput."),
+        click.option("--answers", "answers", default="builtin", show_default=True, metavar="FILE|builtin|none",
+                     help="Short prompts with checkable answers (.jsonl of prompt / answers), asked greedily; "
+                          "counts the answers kept."),
     ]  # fmt: skip
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _answer_set(value: str) -> Any:
+    """--answers: None for `none`, else the loaded set, read before any model so a bad file fails at once."""
+    if value.strip().lower() == "none":
+        return None
+    from lowrank_compress.answers import load_answer_set
+
+    return load_answer_set(value)
 
 
 def _settings(ctx: click.Context, flags: dict[str, Any], **extra: Any) -> FactorizeSettings:
@@ -486,12 +498,14 @@ def factorize(ctx: click.Context, model: str | None, output: Path, overwrite: bo
 @pickle_option
 @json_option
 def evaluate(model: str | None, baseline: str | None, data: str, max_tokens: int, window: int, stride: int,
-             speed: bool, device: str, allow_pickle: bool, json_mode: bool) -> None:  # fmt: skip
-    """Strided perplexity, bits per character, and prefill/decode speed of MODEL (default: the built-in SmolLM2).
+             speed: bool, answers: str, device: str, allow_pickle: bool, json_mode: bool) -> None:  # fmt: skip
+    """Strided perplexity, bits per character, answers kept, and prefill/decode speed of MODEL (default: the
+    built-in SmolLM2).
 
     MODEL may be a dense checkpoint or a factorize output. With --baseline both are measured in the same run.
     """
     check_device(device)
+    answer_set = _answer_set(answers)
     from lowrank_compress.evaluate import evaluate_models
 
     out = Output(json_mode)
@@ -506,6 +520,7 @@ def evaluate(model: str | None, baseline: str | None, data: str, max_tokens: int
             speed=speed,
             device=device,
             allow_pickle=allow_pickle,
+            answers=answer_set,
             progress=lambda phase, done, total: update(done, total, phase),
         )
     data_out = result.to_dict()
@@ -547,6 +562,25 @@ def _render_evaluation(out: Output, data: dict[str, Any]) -> None:
     out.out.print(
         f"{m['tokens_scored']:,} tokens scored (window {m['window']}, stride {m['stride']}) in {data['seconds']:.1f} s"
     )
+    if data.get("answers"):
+        _render_answers(out, data["answers"])
+
+
+def _render_answers(out: Output, answers: dict[str, Any]) -> None:
+    """The answer check: right per model, answers kept, and the side-by-side samples."""
+    from rich.table import Table
+
+    from lowrank_compress.answers import answers_summary
+
+    out.out.print(answers_summary(answers))
+    roles = list(answers["right"])
+    table = Table(title="sample answers", title_justify="left", show_lines=True)
+    for col in ("prompt", *roles):
+        table.add_column(col, overflow="fold", max_width=50)
+    for i in answers["samples"]:
+        r = answers["results"][i]
+        table.add_row(r["prompt"], *[("ok  " if r["right"][x] else "--  ") + r["outputs"][x] for x in roles])
+    out.out.print(table)
 
 
 @cli.command(context_settings=CONTEXT)

@@ -7,7 +7,8 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,9 @@ from torch import nn
 
 from lowrank_compress.calibration import no_cache_kwargs, quiet_transformers, special_affixes, tokenize_text
 from lowrank_compress.errors import CalibrationError, LowrankError
+
+if TYPE_CHECKING:
+    from lowrank_compress.answers import AnswerSet
 
 ProgressFn = Callable[[int, int], None]
 
@@ -349,6 +353,7 @@ class Evaluation:
     text_sha256: str
     models: list[ModelReport]
     seconds: float
+    answers: Any = None  # answers.AnswerCheck, when the answer check ran
 
     def ratios(self) -> dict[str, Any] | None:
         """model / baseline for perplexity, bits per char, params and throughputs (None without a baseline)."""
@@ -363,6 +368,8 @@ class Evaluation:
         }
         if a.speed is not None and b.speed is not None:
             out.update(speed_ratios(a.speed, b.speed))
+        if self.answers is not None:
+            out["answers_kept"] = self.answers.kept_fraction()
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -390,6 +397,7 @@ class Evaluation:
             "text_sha256": self.text_sha256,
             "models": [one(m) for m in self.models],
             "ratios": self.ratios(),
+            "answers": self.answers.to_dict() if self.answers is not None else None,
             "seconds": self.seconds,
         }
 
@@ -408,20 +416,25 @@ def evaluate_models(
     repeats: int = 5,
     device: str = "cpu",
     allow_pickle: bool = False,
+    answers: str | Path | AnswerSet | None = "builtin",
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Evaluation:
-    """Perplexity (and speed) of `model`, and of `baseline` when given, on the same text in the same run.
+    """Perplexity, answers (and speed) of `model`, and of `baseline` when given, on the same text in the same run.
 
     data: "builtin" scores the held-out half of the built-in text (factorize calibrates on the other half);
     a file is scored whole. window: default 512, or the model's context when shorter (speed sequence lengths are
-    capped the same way). Speed is measured for both models interleaved (see `measure_speed`).
+    capped the same way). answers: an answer set ("builtin", a .jsonl path, a loaded set) asked of each model
+    greedily (see `answers.check_answers`), or None to skip it. Speed is measured for both models interleaved (see
+    `measure_speed`).
     """
+    from lowrank_compress.answers import AnswerSet, check_answers, load_answer_set
     from lowrank_compress.choices import check_device
     from lowrank_compress.loading import load_model, require_finite, require_language_model
     from lowrank_compress.text import load_text, text_fingerprint
 
     check_device(str(device))
     t0 = time.perf_counter()
+    answer_set = answers if isinstance(answers, AnswerSet) or answers is None else load_answer_set(answers)
     split = "heldout" if data == "builtin" else "all"
     text = load_text(data, split=split)
     report = progress or (lambda phase, done, total: None)
@@ -451,6 +464,9 @@ def evaluate_models(
         )
         for role, (m, tok) in loaded.items()
     }
+    checked = None
+    if answer_set is not None:
+        checked = check_answers(loaded, answer_set, device=device, progress=report)
     speeds: dict[str, Speed] = {}
     if speed:
         report("speed", 0, 1)
@@ -466,7 +482,8 @@ def evaluate_models(
         ModelReport(role, str(paths[role]), _count_params(m), quality[role], speeds.get(role))
         for role, (m, _) in loaded.items()
     ]
-    return Evaluation(data, split, text_fingerprint(text), models, round(time.perf_counter() - t0, 2))
+    seconds = round(time.perf_counter() - t0, 2)
+    return Evaluation(data, split, text_fingerprint(text), models, seconds, answers=checked)
 
 
 def _count_params(model: nn.Module) -> int:
