@@ -19,7 +19,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -61,9 +61,12 @@ class Output:
 
     @contextmanager
     def progress(self, description: str, total: int | None = None) -> Iterator[Any]:
-        """A transient progress bar on stderr; invisible when stderr is not a terminal. Yields update(done, total, label)."""
+        """A transient progress bar on stderr when it is a terminal; otherwise one line per finished phase with its
+        time (a log then shows how far a long command got). Yields update(done, total, label, phase=None); the
+        phase defaults to the label, and a new phase ends the previous one."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        terminal = self.err.is_terminal
         bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -72,15 +75,56 @@ class Output:
             TextColumn("{task.fields[label]}", markup=False),
             console=self.err,
             transient=True,
-            disable=not self.err.is_terminal,
+            disable=not terminal,
         )
+        phases = PhaseLines(description, self._phase_line)
         with bar:
             task = bar.add_task(description, total=total, label="")
 
-            def update(done: int, total_: int | None = None, label: str = "") -> None:
+            def update(
+                done: int, total_: int | None = None, label: str = "", phase: str | None = None
+            ) -> None:
                 bar.update(task, completed=done, total=total_ if total_ is not None else total, label=label)
+                if not terminal:
+                    phases.update(
+                        phase if phase is not None else label, done, total_ if total_ is not None else total
+                    )
 
             yield update
+            phases.close()
+
+    def _phase_line(self, line: str) -> None:
+        self.err.print(line, soft_wrap=True)
+
+
+class PhaseLines:
+    """One line per phase, printed when the phase ends: `command: phase (done/total) 12.3 s`."""
+
+    def __init__(self, command: str, emit: Callable[[str], None]) -> None:
+        self.command, self.emit = command, emit
+        self.phase: str | None = None
+        self.start = 0.0
+        self.done: int = 0
+        self.total: int | None = None
+
+    def update(self, phase: str, done: int, total: int | None) -> None:
+        import time
+
+        if phase != self.phase:
+            self.close()
+            self.phase, self.start = phase, time.perf_counter()
+        self.done, self.total = done, total
+
+    def close(self) -> None:
+        """End the current phase (if any) with its line."""
+        import time
+
+        if self.phase is None:
+            return
+        count = f" ({self.done}/{self.total})" if self.total else ""
+        name = f": {self.phase}" if self.phase else ""
+        self.emit(f"{self.command}{name}{count} {time.perf_counter() - self.start:.1f} s")
+        self.phase = None
 
 
 class Group(click.Group):
@@ -137,6 +181,12 @@ ignore_option = click.option(
 json_option = click.option(
     "--json", "json_mode", is_flag=True, help="Print one JSON document on stdout, nothing else."
 )
+threads_option = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for torch.  [default: torch's, lowered with a warning when the machine is busy]",
+)
 pickle_option = click.option(
     "--allow-pickle", is_flag=True, help="Allow pickled .bin/.pt weights (loaded with weights_only=True)."
 )
@@ -185,6 +235,13 @@ class FiniteFloat(click.FloatRange):
 FINITE = FiniteFloat()
 
 
+def _threads(threads: int | None, out: Output) -> None:
+    """Apply --threads (imports torch: call it once the arguments are checked)."""
+    from lowrank_compress.threads import choose_threads
+
+    choose_threads(threads, out.warn)
+
+
 def _model_or_default(model: str | None) -> str:
     if model is not None and not model.strip():
         raise click.BadParameter(
@@ -217,6 +274,7 @@ def _model_or_default(model: str | None) -> str:
 @click.option(
     "--top", default=0, show_default="all", help="Show only the N most compressible layers in the table."
 )
+@threads_option
 @pickle_option
 @json_option
 def analyze(
@@ -227,6 +285,7 @@ def analyze(
     out_dir: Path | None,
     overwrite: bool,
     top: int,
+    threads: int | None,
     allow_pickle: bool,
     json_mode: bool,
 ) -> None:
@@ -240,9 +299,10 @@ def analyze(
         from lowrank_compress.outdir import check_output_dir
 
         check_output_dir(out_dir, overwrite, inputs=[Path(path)], warn=out.warn, option="--out")
+    _threads(threads, out)
     from lowrank_compress.analyze import analyze as run_analyze
 
-    with out.progress("analyzing layers") as update:
+    with out.progress("analyze") as update:
         result = run_analyze(
             path,
             fast=fast,
@@ -437,11 +497,13 @@ _PHASES = {
     "--evaluate", "run_evaluate", is_flag=True,
     help="Also measure perplexity and speed against MODEL (as `evaluate OUT --baseline MODEL`) into the report.",
 )  # fmt: skip
+@threads_option
 @pickle_option
 @json_option
 @click.pass_context
 def factorize(ctx: click.Context, model: str | None, output: Path, overwrite: bool, max_shard_size: str,
-              run_evaluate: bool, allow_pickle: bool, json_mode: bool, **flags: Any) -> None:  # fmt: skip
+              run_evaluate: bool, threads: int | None, allow_pickle: bool, json_mode: bool,
+              **flags: Any) -> None:  # fmt: skip
     """SVD-factorize Linear layers to keep a fraction of their parameters; write a loadable lowrank model.
 
     MODEL is a model directory or a .gguf file (default: the built-in SmolLM2-135M-Instruct).
@@ -450,9 +512,10 @@ def factorize(ctx: click.Context, model: str | None, output: Path, overwrite: bo
     settings = _settings(ctx, flags)
     shard_size = _shard_size(max_shard_size)
     path = _model_or_default(model)
+    _threads(threads, out)
     from lowrank_compress.pipeline import factorize_model
 
-    with out.progress("loading") as update:
+    with out.progress("factorize") as update:
         result = factorize_model(
             path,
             output,
@@ -495,10 +558,12 @@ def factorize(ctx: click.Context, model: str | None, output: Path, overwrite: bo
 )
 @eval_options
 @click.option("--device", default="cpu", show_default=True, help=f"{DEVICES}.")
+@threads_option
 @pickle_option
 @json_option
 def evaluate(model: str | None, baseline: str | None, data: str, max_tokens: int, window: int, stride: int,
-             speed: bool, answers: str, device: str, allow_pickle: bool, json_mode: bool) -> None:  # fmt: skip
+             speed: bool, answers: str, device: str, threads: int | None, allow_pickle: bool,
+             json_mode: bool) -> None:  # fmt: skip
     """Strided perplexity, bits per character, answers kept, and prefill/decode speed of MODEL (default: the
     built-in SmolLM2).
 
@@ -506,10 +571,11 @@ def evaluate(model: str | None, baseline: str | None, data: str, max_tokens: int
     """
     check_device(device)
     answer_set = _answer_set(answers)
+    out = Output(json_mode)
+    _threads(threads, out)
     from lowrank_compress.evaluate import evaluate_models
 
-    out = Output(json_mode)
-    with out.progress("evaluating") as update:
+    with out.progress("evaluate") as update:
         result = evaluate_models(
             _model_or_default(model),
             baseline,
@@ -533,6 +599,8 @@ def evaluate(model: str | None, baseline: str | None, data: str, max_tokens: int
 def _render_evaluation(out: Output, data: dict[str, Any]) -> None:
     from rich.table import Table
 
+    from lowrank_compress.report import speed_cells, speed_note
+
     table = Table(title=f"{data['data']} ({data['split']}), sha256 {data['text_sha256'][:12]}")
     models = data["models"]
     seq_lens = list((models[0]["prefill_tokens_per_s"] or {}).keys())
@@ -546,22 +614,27 @@ def _render_evaluation(out: Output, data: dict[str, Any]) -> None:
     ]:
         table.add_column(col, justify="left" if not col else "right")
     for m in models:
-        prefill = m["prefill_tokens_per_s"] or {}
-        decode = m["decode_tokens_per_s"]
         table.add_row(m["role"], f"{m['params']:,}", f"{m['perplexity']:.3f}", f"{m['bits_per_char']:.4f}",
-                      *[f"{prefill[n]:.0f}" for n in seq_lens], f"{decode:.1f}" if decode else "-")  # fmt: skip
+                      *speed_cells(m, seq_lens))  # fmt: skip
     ratios = data["ratios"]
     if ratios:
-        prefill = ratios.get("prefill_tokens_per_s", {})
-        decode = ratios.get("decode_tokens_per_s")
         table.add_row("model / baseline", f"{ratios['params']:.3f}", f"{ratios['perplexity']:.3f}",
-                      f"{ratios['bits_per_char']:.3f}", *[f"{prefill[n]:.2f}x" if n in prefill else "-" for n in seq_lens],
-                      f"{decode:.2f}x" if decode else "-")  # fmt: skip
+                      f"{ratios['bits_per_char']:.3f}", *speed_cells(ratios, seq_lens, ratio=True))  # fmt: skip
     out.out.print(table)
     m = models[0]
     out.out.print(
         f"{m['tokens_scored']:,} tokens scored (window {m['window']}, stride {m['stride']}) in {data['seconds']:.1f} s"
     )
+    if data.get("speed"):
+        check = data["speed"]
+        load = "unknown" if check["load_average"] is None else f"{check['load_average']:.2f}"
+        out.out.print(
+            f"speeds: median of repeats, ± half their range; {check['threads']} threads, load average {load} on "
+            f"{check['cores']} cores"
+        )
+        note = speed_note(data)
+        if note:
+            out.warn(note)
     if data.get("answers"):
         _render_answers(out, data["answers"])
 
@@ -599,12 +672,13 @@ def _render_answers(out: Output, answers: dict[str, Any]) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @settings_options
 @eval_options
+@threads_option
 @pickle_option
 @json_option
 @click.pass_context
 def sweep(ctx: click.Context, model: str | None, budgets: str, output: Path, keep_models: bool, overwrite: bool,
-          data: str, max_tokens: int, window: int, stride: int, speed: bool, allow_pickle: bool, json_mode: bool,
-          **flags: Any) -> None:  # fmt: skip
+          data: str, max_tokens: int, window: int, stride: int, speed: bool, answers: str, threads: int | None,
+          allow_pickle: bool, json_mode: bool, **flags: Any) -> None:  # fmt: skip
     """Factorize MODEL at several budgets and evaluate each against the dense model: choose a budget.
 
     Calibration runs once; each budget is then allocated, written, scored and timed (interleaved with the dense
@@ -616,7 +690,9 @@ def sweep(ctx: click.Context, model: str | None, budgets: str, output: Path, kee
     out = Output(json_mode)
     values = parse_budgets(budgets)
     settings = _settings(ctx, flags, budget=values[0])
-    with out.progress("sweeping") as update:
+    answer_set = _answer_set(answers)
+    _threads(threads, out)
+    with out.progress("sweep") as update:
         result = run_sweep(
             _model_or_default(model),
             values,
@@ -630,6 +706,7 @@ def sweep(ctx: click.Context, model: str | None, budgets: str, output: Path, kee
             max_tokens=max_tokens or None,
             speed=speed,
             allow_pickle=allow_pickle,
+            answers=answer_set,
             progress=lambda phase, done, total: update(done, total, _PHASES.get(phase, phase)),
             warn=out.warn,
         )
@@ -774,24 +851,26 @@ def report(outputs: tuple[Path, ...], out_dir: Path | None, json_mode: bool) -> 
 )
 @click.option("--seed", type=int, default=_FT.seed, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@threads_option
 @pickle_option
 @json_option
 def finetune(model: str, output: Path, checkpoint_dir: Path | None, resume: Path | None, overwrite: bool,
-             allow_pickle: bool, json_mode: bool, **flags: Any) -> None:  # fmt: skip
+             threads: int | None, allow_pickle: bool, json_mode: bool, **flags: Any) -> None:  # fmt: skip
     """Train adapters (or the factors) to win back what compression lost; write adapters or a merged model.
 
     MODEL is a factorize output (or a dense checkpoint: plain (Q)LoRA). Run it plainly on CPU or a GPU, or under
     `accelerate launch` on several GPUs. Ctrl-C leaves a checkpoint to --resume from and never a partial output.
     """
     settings = FinetuneSettings(**flags).validate()
+    out = Output(json_mode)
+    _threads(threads, out)
     from lowrank_compress.finetune import finetune as run_finetune
 
-    out = Output(json_mode)
     with out.progress("finetune") as update:
         result = run_finetune(
             model, output, settings, resume=resume, checkpoint_dir=checkpoint_dir, overwrite=overwrite,
             allow_pickle=allow_pickle, warn=out.warn,
-            progress=lambda phase, done, total, label: update(done, total, f"{phase} {label}".strip()),
+            progress=lambda phase, done, total, label: update(done, total, f"{phase} {label}".strip(), phase),
         )  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, the main process reports
         return
