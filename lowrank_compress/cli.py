@@ -309,7 +309,7 @@ def analyze(
             target=targets or None,
             ignore=ignores or None,
             allow_pickle=allow_pickle,
-            progress=update,
+            progress=lambda done, total, name: update(done, total, name, "layers"),
         )
     files: list[Path] = []
     if out_dir is not None:
@@ -473,6 +473,14 @@ def _settings(ctx: click.Context, flags: dict[str, Any], **extra: Any) -> Factor
     return build_settings(flags.get("recipe"), **given, **extra)  # checks --device too
 
 
+def _phase_of(label: str) -> str:
+    """The phase a progress label belongs to, without its block counter: "pass 1, block 3/30 (peak 812 MB)" and
+    "pass 1, block 4/30 ..." are one phase, "pass 1" (so a log gets one line for it, not one per block)."""
+    import re
+
+    return re.split(r",? block\b", label, maxsplit=1)[0]
+
+
 _PHASES = {
     "sampling calibration": "sampling calibration windows from the model",
     "spectra": "layer spectra",
@@ -522,7 +530,9 @@ def factorize(ctx: click.Context, model: str | None, output: Path, overwrite: bo
             settings,
             overwrite=overwrite,
             allow_pickle=allow_pickle,
-            progress=lambda phase, done, total: update(done, total, _PHASES.get(phase, phase)),
+            progress=lambda phase, done, total: update(
+                done, total, _PHASES.get(phase, phase), _phase_of(phase)
+            ),
             warn=out.warn,
             max_shard_size=shard_size,
             evaluate=run_evaluate,
@@ -707,7 +717,9 @@ def sweep(ctx: click.Context, model: str | None, budgets: str, output: Path, kee
             speed=speed,
             allow_pickle=allow_pickle,
             answers=answer_set,
-            progress=lambda phase, done, total: update(done, total, _PHASES.get(phase, phase)),
+            progress=lambda phase, done, total: update(
+                done, total, _PHASES.get(phase, phase), _phase_of(phase)
+            ),
             warn=out.warn,
         )
     if json_mode:

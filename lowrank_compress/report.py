@@ -434,7 +434,8 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
     by = {m["role"]: m for m in ev["models"]}
     r = ev.get("ratios") or {}
     said = [f"This model {kept}"]
-    rows = ["| | this model | original | ratio |", "|---|---|---|---|"]
+    rows = ["| | this model | original | ratio |", "|---|---|---|---|",
+            f"| params | {s['total_params_after']:,} | {s['total_params_before']:,} | {s['kept_fraction_model']:.3f} |"]  # fmt: skip
     if "baseline" in by:
         a, b = by["model"], by["baseline"]
         said.append(f"its perplexity is {r['perplexity']:.2f}x the original's")

@@ -85,6 +85,7 @@ def test_report_opens_with_a_verdict_beside_the_original(outputs, tmp_path: Path
     assert f"{ev['ratios']['perplexity']:.2f}x the original's" in verdict
     model, base = ev["models"]
     assert f"| perplexity | {model['perplexity']:.3f} | {base['perplexity']:.3f} |" in verdict
+    assert f"| params | {s['total_params_after']:,} | {s['total_params_before']:,} |" in verdict
     a = ev["answers"]
     assert f"it keeps {a['kept']} of the {a['right']['baseline']} answers" in verdict
     decode = ev["ratios"]["decode_tokens_per_s"]

@@ -155,3 +155,21 @@ def test_phase_lines_appear_when_stderr_is_not_a_terminal(tmp_path: Path, restor
     for line in lines:
         assert line.endswith(" s") and float(line.split()[-2]) >= 0
     assert "(1/1)" in lines[-1]
+
+
+def test_factorize_and_analyze_print_one_line_per_phase_not_per_block(
+    tmp_path: Path, restore_threads
+) -> None:
+    from tests.fixtures import tiny_llama as saved_llama
+
+    model = saved_llama(tmp_path, num_layers=3)
+    args = ["--samples", "4", "--seq-len", "64", "--grad-samples", "2", "--self-mix", "0", "--threads", "1"]
+    res = CliRunner().invoke(cli, ["factorize", str(model), "-o", str(tmp_path / "o"), *args])
+    assert res.exit_code == 0, res.output
+    lines = [x for x in res.stderr.splitlines() if x.startswith("factorize: ")]
+    phases = [x.split(": ", 1)[1].rsplit(" (", 1)[0] for x in lines]
+    assert phases == ["pass 1", "gradients", "pass 2"], res.stderr
+    assert all(line.endswith(" s") and "(3/3)" in line for line in lines)
+    res = CliRunner().invoke(cli, ["analyze", str(model), "--threads", "1"])
+    layers = [x for x in res.stderr.splitlines() if x.startswith("analyze: ")]
+    assert len(layers) == 1 and layers[0].startswith("analyze: layers (")
