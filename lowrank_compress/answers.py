@@ -275,11 +275,12 @@ def generate_answers(
     try:
         for done, batch in enumerate(batches, start=1):
             width = max(len(x) for x in batch)
+            new_tokens = _room(model, width, max_new_tokens)
             ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=device)
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=device)
             with torch.inference_mode():
                 out = model.generate(
-                    input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                    input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
                     eos_token_id=stops or None, pad_token_id=pad,
                 )  # fmt: skip
             outputs += [_decode(tokenizer, row[width:].tolist(), stops) for row in out]
@@ -288,6 +289,22 @@ def generate_answers(
     finally:
         model.train(training)
     return outputs
+
+
+def _room(model: Any, width: int, wanted: int) -> int:
+    """New tokens that fit after a prompt batch of `width` tokens in the model's context (all `wanted` when it does
+    not say); a prompt that leaves no room is an error, since the model cannot be asked it."""
+    from lowrank_compress.evaluate import context_length
+
+    limit = context_length(model)
+    if limit is None or width + wanted <= limit:
+        return wanted
+    if width >= limit:
+        raise LowrankError(
+            f"an answer-set prompt takes {width} tokens, the model's whole context of {limit}; pass a set of shorter "
+            "prompts, or --answers none"
+        )
+    return limit - width
 
 
 def _decode(tokenizer: Any, ids: list[int], stops: Sequence[int]) -> str:

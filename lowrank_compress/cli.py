@@ -98,21 +98,22 @@ class Output:
 
 
 class PhaseLines:
-    """One line per phase, printed when the phase ends: `command: phase (done/total) 12.3 s`."""
+    """One line per phase, printed when the phase ends: `command: phase (done/total) 12.3 s`. The time runs from the
+    previous line (or the start), not from the phase's first progress report, which may come only at its end."""
 
     def __init__(self, command: str, emit: Callable[[str], None]) -> None:
+        import time
+
         self.command, self.emit = command, emit
         self.phase: str | None = None
-        self.start = 0.0
+        self.start = time.perf_counter()
         self.done: int = 0
         self.total: int | None = None
 
     def update(self, phase: str, done: int, total: int | None) -> None:
-        import time
-
         if phase != self.phase:
             self.close()
-            self.phase, self.start = phase, time.perf_counter()
+            self.phase = phase
         self.done, self.total = done, total
 
     def close(self) -> None:
@@ -121,10 +122,11 @@ class PhaseLines:
 
         if self.phase is None:
             return
+        now = time.perf_counter()
         count = f" ({self.done}/{self.total})" if self.total else ""
         name = f": {self.phase}" if self.phase else ""
-        self.emit(f"{self.command}{name}{count} {time.perf_counter() - self.start:.1f} s")
-        self.phase = None
+        self.emit(f"{self.command}{name}{count} {now - self.start:.1f} s")
+        self.phase, self.start = None, now
 
 
 class Group(click.Group):

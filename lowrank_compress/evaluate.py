@@ -524,7 +524,6 @@ def evaluate_models(
     """
     from lowrank_compress.answers import AnswerSet, check_answers, load_answer_set
     from lowrank_compress.choices import check_device
-    from lowrank_compress.loading import load_model, require_finite, require_language_model
     from lowrank_compress.text import load_text, text_fingerprint
 
     check_device(str(device))
@@ -533,13 +532,8 @@ def evaluate_models(
     split = "heldout" if data == "builtin" else "all"
     text = load_text(data, split=split)
     report = progress or (lambda phase, done, total: None)
-    loaded: dict[str, tuple[Any, Any]] = {}
     paths = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
-    for role, path in paths.items():
-        m, tok, _ = load_model(path, device=device, allow_pickle=allow_pickle)
-        require_language_model(m.config, path, "evaluate")
-        require_finite(m, path)
-        loaded[role] = (m, tok)
+    loaded = _load_language_models(paths, device, allow_pickle)
     limits = [n for n in (context_length(m) for m, _ in loaded.values()) if n is not None]
     context = min(limits) if limits else None
     if window is None:
@@ -573,19 +567,38 @@ def evaluate_models(
             device=device,
         )
         report("speed", 1, 1)
-    verdict = None
-    if speeds:
-        pairs = [ratio_spread(speeds["model"], speeds["baseline"])] if "baseline" in speeds else []
-        spreads = all_spreads(list(speeds.values()), pairs)
-        load = max((sp.load_average for sp in speeds.values() if sp.load_average is not None), default=None)
-        verdict = speed_verdict(spreads, load, machine_cores(), cpu=str(device) == "cpu")
     models = [
         ModelReport(role, str(paths[role]), _count_params(m), quality[role], speeds.get(role))
         for role, (m, _) in loaded.items()
     ]
     seconds = round(time.perf_counter() - t0, 2)
+    verdict = judge_speeds(speeds, "model", "baseline", str(device)) if speeds else None
     return Evaluation(
         data, split, text_fingerprint(text), models, seconds, answers=checked, speed_check=verdict
+    )
+
+
+def _load_language_models(
+    paths: dict[str, Any], device: str, allow_pickle: bool
+) -> dict[str, tuple[Any, Any]]:
+    """role -> (model, tokenizer), each checked to be a finite causal LM before anything is measured."""
+    from lowrank_compress.loading import load_model, require_finite, require_language_model
+
+    loaded = {}
+    for role, path in paths.items():
+        m, tok, _ = load_model(path, device=device, allow_pickle=allow_pickle)
+        require_language_model(m.config, path, "evaluate")
+        require_finite(m, path)
+        loaded[role] = (m, tok)
+    return loaded
+
+
+def judge_speeds(speeds: Mapping[str, Speed], model: str, baseline: str, device: str) -> dict[str, Any]:
+    """`speed_verdict` over every figure of `speeds` and the model / baseline ratios (when both were timed)."""
+    pairs = [ratio_spread(speeds[model], speeds[baseline])] if model in speeds and baseline in speeds else []
+    load = max((sp.load_average for sp in speeds.values() if sp.load_average is not None), default=None)
+    return speed_verdict(
+        all_spreads(list(speeds.values()), pairs), load, machine_cores(), cpu=device == "cpu"
     )
 
 

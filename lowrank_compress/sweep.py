@@ -185,18 +185,7 @@ def sweep(
         result = SweepResult(
             model=str(model_path),
             settings=dataclasses.asdict(prepared.settings),
-            dense={
-                "params": prepared.total_before,
-                "perplexity": dense_q.perplexity,
-                "bits_per_char": dense_q.bits_per_char,
-                "tokens_scored": dense_q.n_tokens,
-                "prefill_tokens_per_s": {str(k): v for k, v in dense_speed.prefill_tokens_per_s.items()}
-                if dense_speed
-                else None,
-                "decode_tokens_per_s": dense_speed.decode_tokens_per_s if dense_speed else None,
-                "answers_right": sum(dense_answers[1]) if dense_answers else None,
-                "answers_items": len(answer_set.items) if answer_set else None,
-            },
+            dense=_dense_summary(prepared.total_before, dense_q, dense_speed, dense_answers),
             points=points,
         )
         names = ["sweep.json", "sweep.md", "sweep.png"]
@@ -207,16 +196,25 @@ def sweep(
     return result
 
 
+def _dense_summary(params: int, quality: Any, speed: Any, answers: Any) -> dict[str, Any]:
+    """sweep.json's `dense`: the dense model's size, perplexity, speed and answers right, the points' reference."""
+    return {
+        "params": params,
+        "perplexity": quality.perplexity,
+        "bits_per_char": quality.bits_per_char,
+        "tokens_scored": quality.n_tokens,
+        "prefill_tokens_per_s": {str(k): v for k, v in speed.prefill_tokens_per_s.items()} if speed else None,
+        "decode_tokens_per_s": speed.decode_tokens_per_s if speed else None,
+        "answers_right": sum(answers[1]) if answers else None,
+        "answers_items": len(answers[1]) if answers else None,
+    }
+
+
 def _speed_reliable(speeds: dict[str, Any], device: str) -> bool:
     """Whether one budget's speed ratios can be taken as measured (see `evaluate.speed_verdict`)."""
-    from lowrank_compress.evaluate import all_spreads, machine_cores, ratio_spread, speed_verdict
+    from lowrank_compress.evaluate import judge_speeds
 
-    pair = ratio_spread(speeds["compressed"], speeds["dense"])
-    load = max((s.load_average for s in speeds.values() if s.load_average is not None), default=None)
-    verdict = speed_verdict(
-        all_spreads(list(speeds.values()), [pair]), load, machine_cores(), cpu=device == "cpu"
-    )
-    return bool(verdict["reliable"])
+    return bool(judge_speeds(speeds, "compressed", "dense", device)["reliable"])
 
 
 def _ask(model: Any, tokenizer: Any, answer_set: Any, device: str, label: str, report: ProgressFn) -> Any:

@@ -199,3 +199,25 @@ def test_a_user_set_accepts_a_single_answer_string(tmp_path: Path) -> None:
     path = tmp_path / "set.jsonl"
     path.write_text(json.dumps({"prompt": "q", "answers": "a"}) + "\n")
     assert load_answer_set(path).items == (AnswerItem("q", ("a",)),)
+
+
+def test_answers_stop_at_the_models_context_and_a_prompt_past_it_is_refused() -> None:
+    tok = make_tokenizer("bos")
+    model = tiny_llama(seed=4)
+    prompt = "Hi?"
+    width = len(prompt_ids(tok, prompt))
+    limit = width + 5
+    model.config.max_position_embeddings = limit
+    asked: list[int] = []
+    original = model.generate
+
+    def generate(**kwargs):
+        asked.append(kwargs["max_new_tokens"])
+        return original(**kwargs)
+
+    model.generate = generate
+    check_answers({"model": (model, tok)}, _set([(prompt, ["x"])]), max_new_tokens=50)
+    assert asked == [limit - width] == [5]
+    long = "word " * 40
+    with pytest.raises(LowrankError, match=f"whole context of {limit}"):
+        check_answers({"model": (model, tok)}, _set([(long, ["x"])]))

@@ -173,3 +173,21 @@ def test_factorize_and_analyze_print_one_line_per_phase_not_per_block(
     res = CliRunner().invoke(cli, ["analyze", str(model), "--threads", "1"])
     layers = [x for x in res.stderr.splitlines() if x.startswith("analyze: ")]
     assert len(layers) == 1 and layers[0].startswith("analyze: layers (")
+
+
+def test_phase_lines_time_each_phase_from_the_previous_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A phase whose first progress report comes only at its end (sampling) still gets its whole time."""
+    import time
+
+    from lowrank_compress.cli import PhaseLines
+
+    clock = iter([0.0, 7.0, 10.0, 12.5])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    lines: list[str] = []
+    phases = PhaseLines("factorize", lines.append)  # t = 0
+    phases.update("sampling", 1, 1)  # first (and last) report of the phase
+    phases.update("pass 1", 1, 3)  # t = 7: sampling ends
+    phases.update("pass 1", 3, 3)
+    phases.update("", 5, None)  # t = 10: pass 1 ends
+    phases.close()  # t = 12.5
+    assert lines == ["factorize: sampling (1/1) 7.0 s", "factorize: pass 1 (3/3) 3.0 s", "factorize 2.5 s"]
