@@ -288,6 +288,14 @@ def sweep_plot(result: SweepResult) -> bytes:
     ax1.set_xlabel("params kept (fraction of the model; 1 = dense)")
     ax1.set_ylabel("perplexity")
     ax1.set_title("Quality")
+    if any(p.answers_kept_fraction is not None for p in pts):
+        kept = ax1.twinx()  # answers kept on their own axis: 1 at the dense model by definition
+        fractions = [
+            p.answers_kept_fraction if p.answers_kept_fraction is not None else float("nan") for p in pts
+        ]
+        kept.plot(xs + [1.0], fractions + [1.0], marker="s", color="tab:red", ls="--")
+        kept.set_ylim(0, 1.05)
+        kept.set_ylabel("answers kept (of the dense model's right ones)", color="tab:red")
     if any(p.prefill_ratio for p in pts):
         for n in pts[0].prefill_ratio or {}:
             ax2.plot(
