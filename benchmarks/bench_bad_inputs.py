@@ -929,8 +929,17 @@ def execute(argv: list[str], cwd: Path, timeout: float) -> tuple[int | None, str
 
 
 def is_clean(stderr: str) -> bool:
-    """One `error:` line, or click's usage error: Usage/Try lines and one `Error:` line (warnings aside)."""
-    lines = [x for x in stderr.splitlines() if x.strip() and not x.startswith("warning: ")]
+    """One `error:` line, or click's usage error: Usage/Try lines and one `Error:` line (warnings and the phase lines
+    a command prints when stderr is not a terminal aside)."""
+    import re
+
+    from lowrank_compress.cli import PHASE_LINE
+
+    lines = [
+        x
+        for x in stderr.splitlines()
+        if x.strip() and not x.startswith("warning: ") and not re.match(PHASE_LINE, x)
+    ]
     if len(lines) == 1 and lines[0].startswith("error: "):
         return True
     usage = [x for x in lines if not x.startswith(("Usage: ", "Try '"))]

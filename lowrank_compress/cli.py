@@ -97,6 +97,10 @@ class Output:
         self.err.print(line, soft_wrap=True)
 
 
+# What a phase line looks like, for tools that read stderr (a log filter, the bad-inputs benchmark, tests).
+PHASE_LINE = r"^(analyze|factorize|evaluate|sweep|finetune)(: .*?)?( \(\d+/\d+\))? \d+\.\d s$"
+
+
 class PhaseLines:
     """One line per phase, printed when the phase ends: `command: phase (done/total) 12.3 s`. The time runs from the
     previous line (or the start), not from the phase's first progress report, which may come only at its end."""
