@@ -127,7 +127,7 @@ class PhaseLines:
         if self.phase is None:
             return
         now = time.perf_counter()
-        count = f" ({self.done}/{self.total})" if self.total else ""
+        count = f" ({self.done}/{self.total})" if self.total and self.done else ""  # not "(0/1)"
         name = f": {self.phase}" if self.phase else ""
         self.emit(f"{self.command}{name}{count} {now - self.start:.1f} s")
         self.phase, self.start = None, now

@@ -191,3 +191,38 @@ def test_phase_lines_time_each_phase_from_the_previous_line(monkeypatch: pytest.
     phases.update("", 5, None)  # t = 10: pass 1 ends
     phases.close()  # t = 12.5
     assert lines == ["factorize: sampling (1/1) 7.0 s", "factorize: pass 1 (3/3) 3.0 s", "factorize 2.5 s"]
+
+
+def test_finetune_prints_its_phases_and_report_renders_its_output(factorized: Path, tmp_path: Path) -> None:
+    """A real finetune output: one line per phase (training once, not per step), then `report` on it."""
+    from tests.fixtures import training_text
+
+    data = tmp_path / "train.txt"
+    data.write_text(training_text(12_000), encoding="utf-8")
+    out = tmp_path / "ft"
+    args = [
+        "--data",
+        str(data),
+        "-o",
+        str(out),
+        "--steps",
+        "3",
+        "--seq-len",
+        "64",
+        "--rank",
+        "2",
+        "--threads",
+        "1",
+    ]
+    res = CliRunner().invoke(cli, ["finetune", str(factorized), *args, "--eval-tokens", "512"])
+    assert res.exit_code == 0, res.output
+    phases = [
+        x.split(": ", 1)[1].rsplit(" ", 2)[0] for x in res.stderr.splitlines() if x.startswith("finetune: ")
+    ]
+    assert phases == ["loading", "perplexity before", "training (3/3)", "perplexity after"], res.stderr
+    res = CliRunner().invoke(cli, ["report", str(out)])
+    assert res.exit_code == 0, res.output
+    tuned = json.loads((out / "finetune.json").read_text())
+    md = (out / "report.md").read_text()
+    p = tuned["perplexity"]
+    assert f"{p['before']:.3f} -> {p['after']:.3f}" in md and (out / "loss.png").is_file()
