@@ -684,12 +684,19 @@ def evaluate_cases() -> list[Case]:
         "baseline-garbage": "--baseline {w}/m",
         "baseline-text-file": "--baseline {text}",
         "baseline-encoder": "--baseline {bert}",
+        "answers-missing": "--answers {w}/none.jsonl",
+        "answers-garbage": "--answers {w}/rows.jsonl",
+        "answers-empty-list": "--answers {w}/noanswers.jsonl",
+        "answers-text-file": "--answers {w}/bin.txt",
+        "answers-folder": "--answers {w}/texts",
+        "threads-zero": "--threads 0",
     }
     setup = chain(
         file("empty.txt", ""),
         file("bin.txt", garbage(8192)),
         folder("texts"),
         file("rows.jsonl", "{ not json\n" * 20),
+        file("noanswers.jsonl", '{"prompt": "q", "answers": []}\n'),
         broken(write("config.json", "{ nope")),
     )
     return [
