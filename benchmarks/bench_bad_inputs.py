@@ -684,12 +684,19 @@ def evaluate_cases() -> list[Case]:
         "baseline-garbage": "--baseline {w}/m",
         "baseline-text-file": "--baseline {text}",
         "baseline-encoder": "--baseline {bert}",
+        "answers-missing": "--answers {w}/none.jsonl",
+        "answers-garbage": "--answers {w}/rows.jsonl",
+        "answers-empty-list": "--answers {w}/noanswers.jsonl",
+        "answers-text-file": "--answers {w}/bin.txt",
+        "answers-folder": "--answers {w}/texts",
+        "threads-zero": "--threads 0",
     }
     setup = chain(
         file("empty.txt", ""),
         file("bin.txt", garbage(8192)),
         folder("texts"),
         file("rows.jsonl", "{ not json\n" * 20),
+        file("noanswers.jsonl", '{"prompt": "q", "answers": []}\n'),
         broken(write("config.json", "{ nope")),
     )
     return [
@@ -929,8 +936,17 @@ def execute(argv: list[str], cwd: Path, timeout: float) -> tuple[int | None, str
 
 
 def is_clean(stderr: str) -> bool:
-    """One `error:` line, or click's usage error: Usage/Try lines and one `Error:` line (warnings aside)."""
-    lines = [x for x in stderr.splitlines() if x.strip() and not x.startswith("warning: ")]
+    """One `error:` line, or click's usage error: Usage/Try lines and one `Error:` line (warnings and the phase lines
+    a command prints when stderr is not a terminal aside)."""
+    import re
+
+    from lowrank_compress.cli import PHASE_LINE
+
+    lines = [
+        x
+        for x in stderr.splitlines()
+        if x.strip() and not x.startswith("warning: ") and not re.match(PHASE_LINE, x)
+    ]
     if len(lines) == 1 and lines[0].startswith("error: "):
         return True
     usage = [x for x in lines if not x.startswith(("Usage: ", "Try '"))]

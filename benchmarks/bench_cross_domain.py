@@ -4,10 +4,14 @@
     python benchmarks/bench_cross_domain.py --budgets 0.8,0.6
     python benchmarks/bench_cross_domain.py --configs "default;mix 0.25" --calibrate-on fiction --out NAME  # a subset
 
-Domains: "python" = the built-in Python reference text; "fiction" = ../shared/data/devils-dictionary.txt (literary
-English; read here only, never by the installed tool). Each is split in halves: calibration on the first half of one,
+Domains: "python" = the built-in Python reference text; "fiction" = The Devil's Dictionary, the plain text from Project
+Gutenberg (literary English; read here only, never by the installed tool), from `--fiction FILE` (default: the
+project's shared copy, ../shared/data/devils-dictionary.txt beside the repository). Each is split in halves: calibration on the first half of one,
 held-out perplexity (first 8,192 tokens, windows of 512 without overlap) on the second half of both.
 in-domain ratio = ppl / dense ppl on the calibration domain; cross-domain ratio = the same on the other domain.
+answers kept = the built-in answer set's items (`--answers FILE|builtin|none`) right in the dense model and still right
+in the factorized one, out of those right in the dense one: a default that keeps fewer answers is not better because
+its perplexity is.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from pathlib import Path
 from _common import arg, run_child, save
 
 ROOT = Path(__file__).resolve().parent.parent
-DOMAINS = {"python": "builtin", "fiction": str(ROOT.parent / "shared" / "data" / "devils-dictionary.txt")}
+DOMAINS = {
+    "python": "builtin",
+    "fiction": arg("--fiction", str(ROOT.parent / "shared" / "data" / "devils-dictionary.txt")),
+}
 CONFIGS = {  # label -> settings beyond the defaults
     "svd+uniform": {"method": "svd", "policy": "uniform", "self_mix": 0.0},  # data-free
     "asvd+uniform, text only": {"method": "asvd", "policy": "uniform", "self_mix": 0.0},
@@ -36,7 +43,7 @@ CONFIGS = {  # label -> settings beyond the defaults
     "prefix start": {"self_start": "prefix"},
     "self grads": {"grad_source": "self"},
     "self only": {"self_mix": 1.0},
-    # the block-sequential fit (DESIGN.md section 2): each layer fitted to the dense inputs (SVD-LLM), or to the
+    # the block-sequential fit (README, factorize, pass 2): each layer fitted to the dense inputs (SVD-LLM), or to the
     # dense outputs from the compressed prefix's inputs, with or without damping or a block-wise refinement
     "dense-input fit, no damping": {"error_aware": False, "damping": 0.0},  # the default before the block fit
     "dense-input fit": {"error_aware": False},
@@ -48,13 +55,17 @@ CONFIGS = {  # label -> settings beyond the defaults
 }
 
 PPL = """
+from lowrank_compress.answers import check_answers, load_answer_set
 from lowrank_compress.evaluate import perplexity
 from lowrank_compress.loading import load_model
 from lowrank_compress.text import load_text
 def ppl(path):
     model, tok, _ = load_model(path)
-    return {{d: perplexity(model, tok, load_text(src, split="heldout"), window=512, stride=512, max_tokens=8192).perplexity
+    out = {{d: perplexity(model, tok, load_text(src, split="heldout"), window=512, stride=512, max_tokens=8192).perplexity
             for d, src in {domains!r}.items()}}
+    if {answers!r} != "none":
+        out["answers_right"] = check_answers({{"model": (model, tok)}}, load_answer_set({answers!r})).right["model"]
+    return out
 """
 
 DENSE = (
@@ -79,6 +90,15 @@ RESULT = {{"ppl": ppl({out!r}), "kept": r.kept_fraction_targets, "seconds": sum(
 )
 
 
+def _kept(dense: list[bool] | None, model: list[bool] | None) -> dict:
+    """Answers right in the dense model and still right in the factorized one (empty without an answer set)."""
+    if dense is None or model is None:
+        return {}
+    kept = sum(d and m for d, m in zip(dense, model, strict=True))
+    return {"answers_right": sum(model), "answers_kept": kept, "answers_dense_right": sum(dense),
+            "answers_kept_fraction": kept / sum(dense) if sum(dense) else None}  # fmt: skip
+
+
 def main() -> None:
     budgets = [float(x) for x in arg("--budgets", "0.8").split(",")]
     labels = arg("--configs", ";".join(CONFIGS)).split(";")
@@ -89,9 +109,13 @@ def main() -> None:
     calibrate_on = arg("--calibrate-on", ",".join(DOMAINS)).split(",")
     if any(d not in DOMAINS for d in calibrate_on):
         sys.exit(f"--calibrate-on takes domains from {list(DOMAINS)}")
-    dense = run_child(DENSE.format(domains=DOMAINS))
-    dense = {d: dense[d] for d in DOMAINS}
+    answers = arg("--answers", "builtin")
+    dense_run = run_child(DENSE.format(domains=DOMAINS, answers=answers))
+    dense = {d: dense_run[d] for d in DOMAINS}
+    dense_right = dense_run.get("answers_right")
     print(f"dense held-out perplexity: {dense}", flush=True)
+    if dense_right is not None:
+        print(f"dense answers right: {sum(dense_right)} of {len(dense_right)}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for budget in budgets:
@@ -101,26 +125,33 @@ def main() -> None:
                 for label, extra in configs.items():
                     out = str(Path(tmp) / f"{cal_domain}-{len(rows)}")
                     r = run_child(
-                        RUN.format(domains=DOMAINS, out=out, cal=cal_src, budget=budget, extra=extra)
+                        RUN.format(
+                            domains=DOMAINS, out=out, cal=cal_src, budget=budget, extra=extra, answers=answers
+                        )
                     )
+                    right = r["ppl"].pop("answers_right", None)
                     in_ratio = r["ppl"][cal_domain] / dense[cal_domain]
                     cross_ratio = r["ppl"][other] / dense[other]
                     row = {"budget": budget, "calibrated_on": cal_domain, "config": label, "settings": extra,
                            "ppl": r["ppl"], "in_domain_ratio": in_ratio, "cross_domain_ratio": cross_ratio,
                            "quotient": cross_ratio / in_ratio, "factorize_s": r["seconds"], "timings_s": r["timings"],
-                           "calibration_perplexity": r["calibration_perplexity"], "warnings": r["warnings"]}  # fmt: skip
+                           "calibration_perplexity": r["calibration_perplexity"], "warnings": r["warnings"],
+                           **_kept(dense_right, right)}  # fmt: skip
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     print(
-        f"\n{'budget':>6} {'calibrated on':14} {'config':32} {'in-domain':>10} {'cross':>10} {'cross/in':>9}"
+        f"\n{'budget':>6} {'calibrated on':14} {'config':32} {'in-domain':>10} {'cross':>10} {'cross/in':>9} "
+        f"{'answers kept':>13}"
     )
     for r in rows:
+        kept = f"{r['answers_kept']}/{r['answers_dense_right']}" if r.get("answers_kept") is not None else "-"
         print(f"{r['budget']:>6} {r['calibrated_on']:14} {r['config']:32} {r['in_domain_ratio']:>10.3f} "
-              f"{r['cross_domain_ratio']:>10.3f} {r['quotient']:>9.2f}")  # fmt: skip
+              f"{r['cross_domain_ratio']:>10.3f} {r['quotient']:>9.2f} {kept:>13}")  # fmt: skip
     path = save(
         arg("--out", "cross_domain"),
-        {"model": "SmolLM2-135M-Instruct Q4_1 GGUF", "dense": dense, "runs": rows},
-    )
+        {"model": "SmolLM2-135M-Instruct Q4_1 GGUF", "dense": dense, "answers": answers,
+         "dense_answers_right": sum(dense_right) if dense_right is not None else None, "runs": rows},
+    )  # fmt: skip
     print(f"wrote {path}")
 
 

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -70,9 +70,12 @@ class Output:
 
     @contextmanager
     def progress(self, description: str, total: int | None = None) -> Iterator[Any]:
-        """A transient progress bar on stderr; invisible when stderr is not a terminal. Yields update(done, total, label)."""
+        """A transient progress bar on stderr when it is a terminal; otherwise one line per finished phase with its
+        time (a log then shows how far a long command got). Yields update(done, total, label, phase=None); the
+        phase defaults to the label, and a new phase ends the previous one."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        terminal = self.err.is_terminal
         bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -81,15 +84,62 @@ class Output:
             TextColumn("{task.fields[label]}", markup=False),
             console=self.err,
             transient=True,
-            disable=not self.err.is_terminal,
+            disable=not terminal,
         )
+        phases = PhaseLines(description, self._phase_line)
         with bar:
             task = bar.add_task(description, total=total, label="")
 
-            def update(done: int, total_: int | None = None, label: str = "") -> None:
+            def update(
+                done: int, total_: int | None = None, label: str = "", phase: str | None = None
+            ) -> None:
                 bar.update(task, completed=done, total=total_ if total_ is not None else total, label=label)
+                if not terminal:
+                    phases.update(
+                        phase if phase is not None else label, done, total_ if total_ is not None else total
+                    )
 
             yield update
+            phases.close()
+
+    def _phase_line(self, line: str) -> None:
+        self.err.print(line, soft_wrap=True)
+
+
+# What a phase line looks like, for tools that read stderr (a log filter, the bad-inputs benchmark, tests).
+PHASE_LINE = r"^(analyze|factorize|evaluate|sweep|finetune)(: .*?)?( \(\d+/\d+\))? \d+\.\d s$"
+
+
+class PhaseLines:
+    """One line per phase, printed when the phase ends: `command: phase (done/total) 12.3 s`. The time runs from the
+    previous line (or the start), not from the phase's first progress report, which may come only at its end."""
+
+    def __init__(self, command: str, emit: Callable[[str], None]) -> None:
+        import time
+
+        self.command, self.emit = command, emit
+        self.phase: str | None = None
+        self.start = time.perf_counter()
+        self.done: int = 0
+        self.total: int | None = None
+
+    def update(self, phase: str, done: int, total: int | None) -> None:
+        if phase != self.phase:
+            self.close()
+            self.phase = phase
+        self.done, self.total = done, total
+
+    def close(self) -> None:
+        """End the current phase (if any) with its line."""
+        import time
+
+        if self.phase is None:
+            return
+        now = time.perf_counter()
+        count = f" ({self.done}/{self.total})" if self.total and self.done else ""  # not "(0/1)"
+        name = f": {self.phase}" if self.phase else ""
+        self.emit(f"{self.command}{name}{count} {now - self.start:.1f} s")
+        self.phase, self.start = None, now
 
 
 class Group(click.Group):
@@ -146,6 +196,12 @@ ignore_option = click.option(
 json_option = click.option(
     "--json", "json_mode", is_flag=True, help="Print one JSON document on stdout, nothing else."
 )
+threads_option = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for torch.  [default: torch's, lowered with a warning when the machine is busy]",
+)
 pickle_option = click.option(
     "--allow-pickle", is_flag=True, help="Allow pickled .bin/.pt weights (loaded with weights_only=True)."
 )
@@ -194,6 +250,13 @@ class FiniteFloat(click.FloatRange):
 FINITE = FiniteFloat()
 
 
+def _threads(threads: int | None, out: Output) -> None:
+    """Apply --threads (imports torch: call it once the arguments are checked)."""
+    from lowrank_compress.threads import choose_threads
+
+    choose_threads(threads, out.warn)
+
+
 def _model_or_default(model: str | None) -> str:
     if model is not None and not model.strip():
         raise click.BadParameter(
@@ -226,6 +289,7 @@ def _model_or_default(model: str | None) -> str:
 @click.option(
     "--top", default=0, show_default="all", help="Show only the N most compressible layers in the table."
 )
+@threads_option
 @pickle_option
 @json_option
 def analyze(
@@ -236,6 +300,7 @@ def analyze(
     out_dir: Path | None,
     overwrite: bool,
     top: int,
+    threads: int | None,
     allow_pickle: bool,
     json_mode: bool,
 ) -> None:
@@ -249,16 +314,17 @@ def analyze(
         from lowrank_compress.outdir import check_output_dir
 
         check_output_dir(out_dir, overwrite, inputs=[Path(path)], warn=out.warn, option="--out")
+    _threads(threads, out)
     from lowrank_compress.analyze import analyze as run_analyze
 
-    with out.progress("analyzing layers") as update:
+    with out.progress("analyze") as update:
         result = run_analyze(
             path,
             fast=fast,
             target=targets or None,
             ignore=ignores or None,
             allow_pickle=allow_pickle,
-            progress=update,
+            progress=lambda done, total, name: update(done, total, name, "layers"),
         )
     files: list[Path] = []
     if out_dir is not None:
@@ -392,10 +458,22 @@ def eval_options(f: Any) -> Any:
         click.option("--stride", type=int, default=256, show_default=True, help="Tokens each window advances."),
         click.option("--speed/--no-speed", default=True, show_default=True,
                      help="Measure prefill and decode throughput."),
+        click.option("--answers", "answers", default="builtin", show_default=True, metavar="FILE|builtin|none",
+                     help="Short prompts with checkable answers (.jsonl of prompt / answers), asked greedily; "
+                          "counts the answers kept."),
     ]  # fmt: skip
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _answer_set(value: str) -> Any:
+    """--answers: None for `none`, else the loaded set, read before any model so a bad file fails at once."""
+    if value.strip().lower() == "none":
+        return None
+    from lowrank_compress.answers import load_answer_set
+
+    return load_answer_set(value)
 
 
 def _settings(ctx: click.Context, flags: dict[str, Any], **extra: Any) -> FactorizeSettings:
@@ -408,6 +486,14 @@ def _settings(ctx: click.Context, flags: dict[str, Any], **extra: Any) -> Factor
         if given[key] is not None:
             given[key] = list(given[key])
     return build_settings(flags.get("recipe"), **given, **extra)  # checks --device too
+
+
+def _phase_of(label: str) -> str:
+    """The phase a progress label belongs to, without its block counter: "pass 1, block 3/30 (peak 812 MB)" and
+    "pass 1, block 4/30 ..." are one phase, "pass 1" (so a log gets one line for it, not one per block)."""
+    import re
+
+    return re.split(r",? block\b", label, maxsplit=1)[0]
 
 
 _PHASES = {
@@ -434,11 +520,13 @@ _PHASES = {
     "--evaluate", "run_evaluate", is_flag=True,
     help="Also measure perplexity and speed against MODEL (as `evaluate OUT --baseline MODEL`) into the report.",
 )  # fmt: skip
+@threads_option
 @pickle_option
 @json_option
 @click.pass_context
 def factorize(ctx: click.Context, model: str | None, output: Path, overwrite: bool, max_shard_size: str,
-              run_evaluate: bool, allow_pickle: bool, json_mode: bool, **flags: Any) -> None:  # fmt: skip
+              run_evaluate: bool, threads: int | None, allow_pickle: bool, json_mode: bool,
+              **flags: Any) -> None:  # fmt: skip
     """SVD-factorize Linear layers to keep a fraction of their parameters; write a loadable lowrank model.
 
     MODEL is a model directory or a .gguf file (default: the built-in SmolLM2-135M-Instruct).
@@ -447,16 +535,19 @@ def factorize(ctx: click.Context, model: str | None, output: Path, overwrite: bo
     settings = _settings(ctx, flags)
     shard_size = _shard_size(max_shard_size)
     path = _model_or_default(model)
+    _threads(threads, out)
     from lowrank_compress.pipeline import factorize_model
 
-    with out.progress("loading") as update:
+    with out.progress("factorize") as update:
         result = factorize_model(
             path,
             output,
             settings,
             overwrite=overwrite,
             allow_pickle=allow_pickle,
-            progress=lambda phase, done, total: update(done, total, _PHASES.get(phase, phase)),
+            progress=lambda phase, done, total: update(
+                done, total, _PHASES.get(phase, phase), _phase_of(phase)
+            ),
             warn=out.warn,
             max_shard_size=shard_size,
             evaluate=run_evaluate,
@@ -492,19 +583,24 @@ def factorize(ctx: click.Context, model: str | None, output: Path, overwrite: bo
 )
 @eval_options
 @click.option("--device", default="cpu", show_default=True, help=f"{DEVICES}.")
+@threads_option
 @pickle_option
 @json_option
 def evaluate(model: str | None, baseline: str | None, data: str, max_tokens: int, window: int, stride: int,
-             speed: bool, device: str, allow_pickle: bool, json_mode: bool) -> None:  # fmt: skip
-    """Strided perplexity, bits per character, and prefill/decode speed of MODEL (default: the built-in SmolLM2).
+             speed: bool, answers: str, device: str, threads: int | None, allow_pickle: bool,
+             json_mode: bool) -> None:  # fmt: skip
+    """Strided perplexity, bits per character, answers kept, and prefill/decode speed of MODEL (default: the
+    built-in SmolLM2).
 
     MODEL may be a dense checkpoint or a factorize output. With --baseline both are measured in the same run.
     """
     check_device(device)
+    answer_set = _answer_set(answers)
+    out = Output(json_mode)
+    _threads(threads, out)
     from lowrank_compress.evaluate import evaluate_models
 
-    out = Output(json_mode)
-    with out.progress("evaluating") as update:
+    with out.progress("evaluate") as update:
         result = evaluate_models(
             _model_or_default(model),
             baseline,
@@ -515,6 +611,7 @@ def evaluate(model: str | None, baseline: str | None, data: str, max_tokens: int
             speed=speed,
             device=device,
             allow_pickle=allow_pickle,
+            answers=answer_set,
             progress=lambda phase, done, total: update(done, total, phase),
         )
     data_out = result.to_dict()
@@ -526,6 +623,8 @@ def evaluate(model: str | None, baseline: str | None, data: str, max_tokens: int
 
 def _render_evaluation(out: Output, data: dict[str, Any]) -> None:
     from rich.table import Table
+
+    from lowrank_compress.report import speed_cells, speed_note
 
     table = Table(title=f"{data['data']} ({data['split']}), sha256 {data['text_sha256'][:12]}")
     models = data["models"]
@@ -540,22 +639,46 @@ def _render_evaluation(out: Output, data: dict[str, Any]) -> None:
     ]:
         table.add_column(col, justify="left" if not col else "right")
     for m in models:
-        prefill = m["prefill_tokens_per_s"] or {}
-        decode = m["decode_tokens_per_s"]
         table.add_row(m["role"], f"{m['params']:,}", f"{m['perplexity']:.3f}", f"{m['bits_per_char']:.4f}",
-                      *[f"{prefill[n]:.0f}" for n in seq_lens], f"{decode:.1f}" if decode else "-")  # fmt: skip
+                      *speed_cells(m, seq_lens))  # fmt: skip
     ratios = data["ratios"]
     if ratios:
-        prefill = ratios.get("prefill_tokens_per_s", {})
-        decode = ratios.get("decode_tokens_per_s")
         table.add_row("model / baseline", f"{ratios['params']:.3f}", f"{ratios['perplexity']:.3f}",
-                      f"{ratios['bits_per_char']:.3f}", *[f"{prefill[n]:.2f}x" if n in prefill else "-" for n in seq_lens],
-                      f"{decode:.2f}x" if decode else "-")  # fmt: skip
+                      f"{ratios['bits_per_char']:.3f}", *speed_cells(ratios, seq_lens, ratio=True))  # fmt: skip
     out.out.print(table)
     m = models[0]
     out.out.print(
         f"{m['tokens_scored']:,} tokens scored (window {m['window']}, stride {m['stride']}) in {data['seconds']:.1f} s"
     )
+    if data.get("speed"):
+        check = data["speed"]
+        load = "unknown" if check["load_average"] is None else f"{check['load_average']:.2f}"
+        out.out.print(
+            f"speeds: median of repeats, ± half their range; {check['threads']} threads, load average {load} on "
+            f"{check['cores']} cores"
+        )
+        note = speed_note(data)
+        if note:
+            out.warn(note)
+    if data.get("answers"):
+        _render_answers(out, data["answers"])
+
+
+def _render_answers(out: Output, answers: dict[str, Any]) -> None:
+    """The answer check: right per model, answers kept, and the side-by-side samples."""
+    from rich.table import Table
+
+    from lowrank_compress.answers import answers_summary
+
+    out.out.print(answers_summary(answers))
+    roles = list(answers["right"])
+    table = Table(title="sample answers", title_justify="left", show_lines=True)
+    for col in ("prompt", *roles):
+        table.add_column(col, overflow="fold", max_width=50)
+    for i in answers["samples"]:
+        r = answers["results"][i]
+        table.add_row(r["prompt"], *[("ok  " if r["right"][x] else "--  ") + r["outputs"][x] for x in roles])
+    out.out.print(table)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -574,12 +697,13 @@ def _render_evaluation(out: Output, data: dict[str, Any]) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @settings_options
 @eval_options
+@threads_option
 @pickle_option
 @json_option
 @click.pass_context
 def sweep(ctx: click.Context, model: str | None, budgets: str, output: Path, keep_models: bool, overwrite: bool,
-          data: str, max_tokens: int, window: int, stride: int, speed: bool, allow_pickle: bool, json_mode: bool,
-          **flags: Any) -> None:  # fmt: skip
+          data: str, max_tokens: int, window: int, stride: int, speed: bool, answers: str, threads: int | None,
+          allow_pickle: bool, json_mode: bool, **flags: Any) -> None:  # fmt: skip
     """Factorize MODEL at several budgets and evaluate each against the dense model: choose a budget.
 
     Calibration runs once; each budget is then allocated, written, scored and timed (interleaved with the dense
@@ -591,7 +715,9 @@ def sweep(ctx: click.Context, model: str | None, budgets: str, output: Path, kee
     out = Output(json_mode)
     values = parse_budgets(budgets)
     settings = _settings(ctx, flags, budget=values[0])
-    with out.progress("sweeping") as update:
+    answer_set = _answer_set(answers)
+    _threads(threads, out)
+    with out.progress("sweep") as update:
         result = run_sweep(
             _model_or_default(model),
             values,
@@ -605,7 +731,10 @@ def sweep(ctx: click.Context, model: str | None, budgets: str, output: Path, kee
             max_tokens=max_tokens or None,
             speed=speed,
             allow_pickle=allow_pickle,
-            progress=lambda phase, done, total: update(done, total, _PHASES.get(phase, phase)),
+            answers=answer_set,
+            progress=lambda phase, done, total: update(
+                done, total, _PHASES.get(phase, phase), _phase_of(phase)
+            ),
             warn=out.warn,
         )
     if json_mode:
@@ -773,24 +902,26 @@ def _adapter_epilog() -> str:
 )
 @click.option("--seed", type=int, default=_FT.seed, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@threads_option
 @pickle_option
 @json_option
 def finetune(model: str, output: Path, checkpoint_dir: Path | None, resume: Path | None, overwrite: bool,
-             allow_pickle: bool, json_mode: bool, **flags: Any) -> None:  # fmt: skip
+             threads: int | None, allow_pickle: bool, json_mode: bool, **flags: Any) -> None:  # fmt: skip
     """Train adapters (or the factors) to win back what compression lost; write adapters or a merged model.
 
     MODEL is a factorize output (or a dense checkpoint: plain (Q)LoRA). Run it plainly on CPU or a GPU, or under
     `accelerate launch` on several GPUs. Ctrl-C leaves a checkpoint to --resume from and never a partial output.
     """
     settings = FinetuneSettings(**flags).validate()
+    out = Output(json_mode)
+    _threads(threads, out)
     from lowrank_compress.finetune import finetune as run_finetune
 
-    out = Output(json_mode)
     with out.progress("finetune") as update:
         result = run_finetune(
             model, output, settings, resume=resume, checkpoint_dir=checkpoint_dir, overwrite=overwrite,
             allow_pickle=allow_pickle, warn=out.warn,
-            progress=lambda phase, done, total, label: update(done, total, f"{phase} {label}".strip()),
+            progress=lambda phase, done, total, label: update(done, total, f"{phase} {label}".strip(), phase),
         )  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, the main process reports
         return

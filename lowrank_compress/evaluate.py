@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,9 @@ from torch import nn
 
 from lowrank_compress.calibration import no_cache_kwargs, quiet_transformers, special_affixes, tokenize_text
 from lowrank_compress.errors import CalibrationError, LowrankError
+
+if TYPE_CHECKING:
+    from lowrank_compress.answers import AnswerSet
 
 ProgressFn = Callable[[int, int], None]
 
@@ -185,10 +190,73 @@ def _length(span: tuple[int, int, int]) -> int:
 
 @dataclass
 class Speed:
-    """Median throughput of one model. decode is None when the model cannot generate (an encoder)."""
+    """Median throughput of one model, with the seconds of every repeat behind it (for the spread). decode is None
+    when the model cannot generate (an encoder). load_average: the machine's 1-minute load average, the larger of
+    its values before and after the timing."""
 
     prefill_tokens_per_s: dict[int, float]  # seq_len -> tokens/s for one sequence of that length
     decode_tokens_per_s: float | None
+    prefill_seconds: dict[int, list[float]] = field(default_factory=dict)  # seq_len -> seconds of each repeat
+    decode_seconds: list[float] = field(default_factory=list)
+    load_average: float | None = None
+
+    def spread(self) -> dict[str, Any]:
+        """Relative spread of each figure across repeats: (slowest - fastest) / median seconds."""
+        return {
+            "prefill": {str(n): relative_spread(t) for n, t in self.prefill_seconds.items()},
+            "decode": relative_spread(self.decode_seconds) if self.decode_seconds else None,
+        }
+
+
+SPREAD_LIMIT = (
+    0.25  # a figure whose repeats differ by more than this share of their median is not a measurement
+)
+
+
+def relative_spread(values: Sequence[float]) -> float:
+    """(max - min) / median: 0 when every repeat took the same time; 0.5 when they range over half the median."""
+    if not values:
+        raise LowrankError("no repeats to take the spread of")
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def speed_verdict(
+    spreads: Sequence[float], load: float | None, cores: int, *, cpu: bool = True
+) -> dict[str, Any]:
+    """Whether speed figures can be written as facts: not when any figure's spread across repeats exceeds
+    SPREAD_LIMIT, nor (on the CPU) when the load average exceeded the core count while timing, since then torch's
+    threads waited for cores and the figures measure the other jobs as much as the model."""
+    reasons = []
+    worst = max(spreads, default=0.0)
+    if worst > SPREAD_LIMIT:
+        reasons.append(f"repeats differ by up to {worst:.0%} of their median (limit {SPREAD_LIMIT:.0%})")
+    if cpu and load is not None and load > cores:
+        reasons.append(f"load average {load:.2f} exceeded the {cores} cores while timing")
+    return {
+        "reliable": not reasons,
+        "reasons": reasons,
+        "max_spread": worst,
+        "spread_limit": SPREAD_LIMIT,
+        "load_average": load,
+        "cores": cores,
+        "threads": torch.get_num_threads(),
+    }
 
 
 _PROMPT_LEN = 8
@@ -236,6 +304,7 @@ def measure_speed(
     prefill_times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in seq_lens} for name in models}
     decode_times: dict[str, list[float]] = {name: [] for name in models}
     training = {m: m.training for model in models.values() for m in model.modules()}
+    load_before = load_average()
     try:
         for model in models.values():
             model.eval()
@@ -254,13 +323,16 @@ def measure_speed(
     finally:
         for m, flag in training.items():
             m.training = flag
-
+    loads = [x for x in (load_before, load_average()) if x is not None]
     return {
         name: Speed(
             prefill_tokens_per_s={n: n / statistics.median(prefill_times[name][n]) for n in seq_lens},
             decode_tokens_per_s=decode_tokens / statistics.median(decode_times[name])
             if can_decode[name]
             else None,
+            prefill_seconds=prefill_times[name],
+            decode_seconds=decode_times[name],
+            load_average=max(loads) if loads else None,
         )
         for name in models
     }
@@ -277,6 +349,29 @@ def speed_ratios(a: Speed, b: Speed) -> dict[str, Any]:
         },
         "decode_tokens_per_s": decode,
     }
+
+
+def ratio_spread(a: Speed, b: Speed) -> dict[str, Any]:
+    """Spread of the a / b throughput ratios across repeats: each repeat timed both models back to back, so its
+    ratio is b's seconds over a's; the spread is (max - min) / median of those per-repeat ratios."""
+
+    def one(ta: list[float], tb: list[float]) -> float | None:
+        if not ta or len(ta) != len(tb):
+            return None
+        return relative_spread([y / x for x, y in zip(ta, tb, strict=True)])
+
+    return {
+        "prefill": {str(n): one(t, b.prefill_seconds.get(n, [])) for n, t in a.prefill_seconds.items()},
+        "decode": one(a.decode_seconds, b.decode_seconds),
+    }
+
+
+def all_spreads(speeds: Sequence[Speed], ratio_spreads: Sequence[dict[str, Any]] = ()) -> list[float]:
+    """Every spread figure of these speeds and ratio spreads, flattened (for `speed_verdict`)."""
+    values: list[float | None] = []
+    for d in [sp.spread() for sp in speeds] + list(ratio_spreads):
+        values += [*d["prefill"].values(), d["decode"]]
+    return [v for v in values if v is not None]
 
 
 def _last_logits_only(model: nn.Module) -> dict[str, Any]:
@@ -349,6 +444,8 @@ class Evaluation:
     text_sha256: str
     models: list[ModelReport]
     seconds: float
+    answers: Any = None  # answers.AnswerCheck, when the answer check ran
+    speed_check: dict[str, Any] | None = None  # speed_verdict(...), when speed was measured
 
     def ratios(self) -> dict[str, Any] | None:
         """model / baseline for perplexity, bits per char, params and throughputs (None without a baseline)."""
@@ -363,6 +460,9 @@ class Evaluation:
         }
         if a.speed is not None and b.speed is not None:
             out.update(speed_ratios(a.speed, b.speed))
+            out["speed_spread"] = ratio_spread(a.speed, b.speed)
+        if self.answers is not None:
+            out["answers_kept"] = self.answers.kept_fraction()
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -382,6 +482,7 @@ class Evaluation:
                 if m.speed is not None
                 else None,
                 "decode_tokens_per_s": m.speed.decode_tokens_per_s if m.speed is not None else None,
+                "speed_spread": m.speed.spread() if m.speed is not None else None,
             }
 
         return {
@@ -390,6 +491,8 @@ class Evaluation:
             "text_sha256": self.text_sha256,
             "models": [one(m) for m in self.models],
             "ratios": self.ratios(),
+            "answers": self.answers.to_dict() if self.answers is not None else None,
+            "speed": self.speed_check,
             "seconds": self.seconds,
         }
 
@@ -408,30 +511,29 @@ def evaluate_models(
     repeats: int = 5,
     device: str = "cpu",
     allow_pickle: bool = False,
+    answers: str | Path | AnswerSet | None = "builtin",
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Evaluation:
-    """Perplexity (and speed) of `model`, and of `baseline` when given, on the same text in the same run.
+    """Perplexity, answers (and speed) of `model`, and of `baseline` when given, on the same text in the same run.
 
     data: "builtin" scores the held-out half of the built-in text (factorize calibrates on the other half);
     a file is scored whole. window: default 512, or the model's context when shorter (speed sequence lengths are
-    capped the same way). Speed is measured for both models interleaved (see `measure_speed`).
+    capped the same way). answers: an answer set ("builtin", a .jsonl path, a loaded set) asked of each model
+    greedily (see `answers.check_answers`), or None to skip it. Speed is measured for both models interleaved (see
+    `measure_speed`).
     """
+    from lowrank_compress.answers import AnswerSet, check_answers, load_answer_set
     from lowrank_compress.choices import check_device
-    from lowrank_compress.loading import load_model, require_finite, require_language_model
     from lowrank_compress.text import load_text, text_fingerprint
 
     check_device(str(device))
     t0 = time.perf_counter()
+    answer_set = answers if isinstance(answers, AnswerSet) or answers is None else load_answer_set(answers)
     split = "heldout" if data == "builtin" else "all"
     text = load_text(data, split=split)
     report = progress or (lambda phase, done, total: None)
-    loaded: dict[str, tuple[Any, Any]] = {}
     paths = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
-    for role, path in paths.items():
-        m, tok, _ = load_model(path, device=device, allow_pickle=allow_pickle)
-        require_language_model(m.config, path, "evaluate")
-        require_finite(m, path)
-        loaded[role] = (m, tok)
+    loaded = _load_language_models(paths, device, allow_pickle)
     limits = [n for n in (context_length(m) for m, _ in loaded.values()) if n is not None]
     context = min(limits) if limits else None
     if window is None:
@@ -451,6 +553,9 @@ def evaluate_models(
         )
         for role, (m, tok) in loaded.items()
     }
+    checked = None
+    if answer_set is not None:
+        checked = check_answers(loaded, answer_set, device=device, progress=report)
     speeds: dict[str, Speed] = {}
     if speed:
         report("speed", 0, 1)
@@ -466,7 +571,35 @@ def evaluate_models(
         ModelReport(role, str(paths[role]), _count_params(m), quality[role], speeds.get(role))
         for role, (m, _) in loaded.items()
     ]
-    return Evaluation(data, split, text_fingerprint(text), models, round(time.perf_counter() - t0, 2))
+    seconds = round(time.perf_counter() - t0, 2)
+    verdict = judge_speeds(speeds, "model", "baseline", str(device)) if speeds else None
+    return Evaluation(
+        data, split, text_fingerprint(text), models, seconds, answers=checked, speed_check=verdict
+    )
+
+
+def _load_language_models(
+    paths: dict[str, Any], device: str, allow_pickle: bool
+) -> dict[str, tuple[Any, Any]]:
+    """role -> (model, tokenizer), each checked to be a finite causal LM before anything is measured."""
+    from lowrank_compress.loading import load_model, require_finite, require_language_model
+
+    loaded = {}
+    for role, path in paths.items():
+        m, tok, _ = load_model(path, device=device, allow_pickle=allow_pickle)
+        require_language_model(m.config, path, "evaluate")
+        require_finite(m, path)
+        loaded[role] = (m, tok)
+    return loaded
+
+
+def judge_speeds(speeds: Mapping[str, Speed], model: str, baseline: str, device: str) -> dict[str, Any]:
+    """`speed_verdict` over every figure of `speeds` and the model / baseline ratios (when both were timed)."""
+    pairs = [ratio_spread(speeds[model], speeds[baseline])] if model in speeds and baseline in speeds else []
+    load = max((sp.load_average for sp in speeds.values() if sp.load_average is not None), default=None)
+    return speed_verdict(
+        all_spreads(list(speeds.values()), pairs), load, machine_cores(), cpu=device == "cpu"
+    )
 
 
 def _count_params(model: nn.Module) -> int:

@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import threading
 import uuid
@@ -393,10 +394,38 @@ def _signals_deferred() -> Iterator[None]:
             signal.raise_signal(sig)
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it: the only portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_permissions(root: Path) -> None:
+    """Give everything under `root` the permissions a plain `open` or `mkdir` would: files 0666 (0777 when they were
+    executable) and folders 0777, less the umask. Why: some writers create private files (safetensors' save_file,
+    which save_pretrained calls, writes 0600), and a published model should be readable like the rest of its
+    folder. Symlinks are left alone."""
+    allowed = ~current_umask()
+    for folder, dirs, files in os.walk(root):
+        os.chmod(folder, 0o777 & allowed)
+        for name in files:
+            path = os.path.join(folder, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode):
+                os.chmod(path, (0o777 if mode & 0o111 else 0o666) & allowed)
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
+
+
 def replace_dir(tmp: Path, target: Path, warn: Warn | None = None) -> None:
     """Move the finished directory `tmp` to `target`, replacing what is there (the caller has checked that it may be
-    replaced), so that every crash window leaves `target` or the previous `target` (module docstring)."""
+    replaced), so that every crash window leaves `target` or the previous `target` (module docstring). Its files get
+    ordinary permissions first (`ordinary_permissions`)."""
     tmp, target = Path(tmp), Path(target)
+    try:
+        ordinary_permissions(tmp)
+    except OSError as e:
+        raise LowrankError(f"cannot set the permissions of {target}: {_cause(e)}") from None
     with _signals_deferred():
         if not (target.exists() or target.is_symlink()):
             try:

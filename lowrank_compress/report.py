@@ -21,6 +21,11 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+def legend_beside(ax: Any, fontsize: str = "small") -> None:
+    """A legend to the right of the axes, where it cannot cover a line (the figure is saved with bbox "tight")."""
+    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
 def _fmt(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -77,9 +82,8 @@ def analysis_plots(result: AnalysisResult, out_dir: Path) -> list[Path]:
         rows = (n + cols - 1) // cols
         fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
         cmap = plt.get_cmap("viridis")
+        top = max((x.depth or 0 for x in result.layers), default=0) or 1  # one scale for every panel
         for ax, (ltype, layers) in zip(axes.flat, sorted(by_type.items()), strict=False):
-            depths = [x.depth or 0 for x in layers]
-            top = max(depths) or 1
             for layer in layers:
                 s = layer.singular_values or []
                 if not s or s[0] <= 0:
@@ -94,6 +98,8 @@ def analysis_plots(result: AnalysisResult, out_dir: Path) -> list[Path]:
             ax.axis("off")
         fig.suptitle("Normalized spectra by layer type (colour: depth)")
         fig.tight_layout()
+        scale = plt.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(0, top))
+        fig.colorbar(scale, ax=axes.ravel().tolist(), label="depth (block index)", shrink=0.8)
         path = out_dir / "spectra.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -109,10 +115,10 @@ def analysis_plots(result: AnalysisResult, out_dir: Path) -> list[Path]:
         ax.set_xlabel("depth (block index)")
         ax.set_ylabel("stable rank / break-even rank")
         ax.set_title("Stable rank by depth")
-        ax.legend(fontsize="small", ncol=2)
+        legend_beside(ax)
         fig.tight_layout()
         path = out_dir / "stable_rank_by_depth.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     return written
@@ -124,6 +130,35 @@ def write_analysis_report(result: AnalysisResult, out_dir: Path) -> list[Path]:
     write_json(out_dir / "report.json", result.to_dict(with_spectra=True))
     (out_dir / "report.md").write_text(analysis_markdown(result))
     return [out_dir / "report.json", out_dir / "report.md", *analysis_plots(result, out_dir)]
+
+
+def with_spread(text: str, spread: float | None) -> str:
+    """A speed figure and its spread across repeats, as plus or minus half the range: "1.16x ±4%"."""
+    return text if spread is None else f"{text} ±{spread / 2:.0%}"
+
+
+def speed_note(ev: dict[str, Any]) -> str | None:
+    """What to say about the speed figures: reliable ones need no note; unreliable ones must not read as facts."""
+    check = ev.get("speed")
+    if not check:
+        return None
+    if check["reliable"]:
+        return None
+    return (
+        "Speed figures are unreliable: " + "; ".join(check["reasons"]) + ". Measure again on an idle machine."
+    )
+
+
+def speed_cells(m: dict[str, Any], seq_lens: list[str], ratio: bool = False) -> list[str]:
+    """Prefill and decode cells of a model's (or the ratios') row, each with its spread."""
+    spread = m.get("speed_spread") or {}
+    prefill = m.get("prefill_tokens_per_s") or {}
+    decode = m.get("decode_tokens_per_s")
+    pre_sp = spread.get("prefill") or {}
+    fmt = "{:.2f}x" if ratio else "{:.0f}"
+    cells = [with_spread(fmt.format(prefill[n]), pre_sp.get(n)) if n in prefill else "-" for n in seq_lens]
+    dec = ("{:.2f}x" if ratio else "{:.1f}").format(decode) if decode else "-"
+    return [*cells, with_spread(dec, spread.get("decode")) if decode else dec]
 
 
 def _evaluation_lines(ev: dict[str, Any] | None) -> list[str]:
@@ -150,19 +185,51 @@ def _evaluation_lines(ev: dict[str, Any] | None) -> list[str]:
         "|" + "---|" * len(head),
     ]
     for m in models:
-        prefill = m["prefill_tokens_per_s"] or {}
-        decode = m["decode_tokens_per_s"]
         name = "this model" if m["role"] == "model" else "original"
         cells = [name, f"{m['params']:,}", f"{m['perplexity']:.3f}", f"{m['bits_per_char']:.4f}",
-                 *[f"{prefill[n]:.0f}" for n in seq_lens], f"{decode:.1f}" if decode else "-"]  # fmt: skip
+                 *speed_cells(m, seq_lens)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     r = ev.get("ratios")
     if r:
-        prefill = r.get("prefill_tokens_per_s", {})
-        decode = r.get("decode_tokens_per_s")
         cells = ["ratio", f"{r['params']:.3f}", f"{r['perplexity']:.3f}", f"{r['bits_per_char']:.3f}",
-                 *[f"{prefill[n]:.2f}x" if n in prefill else "-" for n in seq_lens], f"{decode:.2f}x" if decode else "-"]  # fmt: skip
+                 *speed_cells(r, seq_lens, ratio=True)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if seq_lens:
+        lines += [
+            "Speeds: median of the repeats, ± half the range of the repeats relative to the median.",
+            "",
+        ]
+    note = speed_note(ev)
+    if note:
+        lines += [f"**{note}**", ""]
+    return [*lines, *answer_lines(ev.get("answers"))]
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    """Text for one Markdown table cell: one line, pipes escaped, long outputs cut."""
+    text = " ".join(str(text).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return text.replace("|", "\\|")
+
+
+def answer_lines(answers: dict[str, Any] | None) -> list[str]:
+    """The answer check in Markdown: right and kept, then a few prompts with both models' answers side by side."""
+    if not answers:
+        return []
+    from lowrank_compress.answers import answers_summary
+
+    roles = list(answers["right"])
+    names = {"model": "this model", "baseline": "original"}
+    lines = ["## Answers", "", answers_summary(answers) + ".", ""]
+    lines += [
+        "| prompt | " + " | ".join(names.get(r, r) for r in roles) + " |",
+        "|---|" + "---|" * len(roles),
+    ]
+    for i in answers["samples"]:
+        r = answers["results"][i]
+        said = [("right: " if r["right"][x] else "wrong: ") + _cell(r["outputs"][x]) for x in roles]
+        lines.append(f"| {_cell(r['prompt'])} | " + " | ".join(said) + " |")
     return [*lines, ""]
 
 
@@ -290,7 +357,7 @@ def factorize_plots(reports: list[dict[str, Any]]) -> dict[str, bytes]:
     def save(name: str, fig: Any) -> None:
         buf = io.BytesIO()
         fig.tight_layout()
-        fig.savefig(buf, format="png", dpi=100)
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")  # "tight": the legends beside the axes
         plt.close(fig)
         images[name] = buf.getvalue()
 
@@ -309,7 +376,7 @@ def factorize_plots(reports: list[dict[str, Any]]) -> dict[str, bytes]:
     ax.set_xlabel("depth (block index)")
     ax.set_ylabel("params kept (rank / break-even rank)")
     ax.set_title("Ranks by depth and layer type (1.0: kept dense)")
-    ax.legend(fontsize="small", ncol=2)
+    legend_beside(ax)
     save("ranks_by_depth.png", fig)
 
     fig, ax = plt.subplots(figsize=(7.5, 4))
@@ -319,7 +386,7 @@ def factorize_plots(reports: list[dict[str, Any]]) -> dict[str, bytes]:
     ax.set_xlabel("depth (block index)")
     ax.set_ylabel("kept energy (method's metric)")
     ax.set_title(f"Kept energy per layer ({main['settings']['method']})")
-    ax.legend(fontsize="small", ncol=2)
+    legend_beside(ax)
     save("kept_energy.png", fig)
 
     spectra = main.get("spectra") or {}
@@ -334,7 +401,7 @@ def factorize_plots(reports: list[dict[str, Any]]) -> dict[str, bytes]:
         ax.set_xlabel("index / full rank")
         ax.set_ylabel("sigma / sigma_max")
         ax.set_title("Spectra: most compressible (solid) and least (dashed)")
-        ax.legend(fontsize="x-small")
+        legend_beside(ax, fontsize="x-small")
         save("spectra.png", fig)
 
     evaluated = [r for r in reports if r.get("evaluation")]
@@ -351,15 +418,85 @@ def factorize_plots(reports: list[dict[str, Any]]) -> dict[str, bytes]:
         ax.set_xlabel("params kept (fraction of the model)")
         ax.set_ylabel("perplexity")
         ax.set_title("Perplexity vs size")
-        ax.legend()
+        legend_beside(ax)
         save("perplexity_vs_size.png", fig)
     return images
 
 
+def verdict_lines(report: dict[str, Any]) -> list[str]:
+    """The report's opening: what was kept and what it cost, beside the original's figures."""
+    s = report["summary"]
+    ev = report.get("evaluation")
+    kept = f"keeps {s['kept_fraction_model']:.1%} of the parameters ({s['total_params_after']:,} of {s['total_params_before']:,})"
+    if not ev:
+        return ["## Verdict", "", f"This model {kept}. It was not evaluated: run factorize with --evaluate (or "
+                "`lowrank-compress evaluate OUT --baseline MODEL`) for perplexity, answers and speed.", ""]  # fmt: skip
+    by = {m["role"]: m for m in ev["models"]}
+    r = ev.get("ratios") or {}
+    said = [f"This model {kept}"]
+    rows = ["| | this model | original | ratio |", "|---|---|---|---|",
+            f"| params | {s['total_params_after']:,} | {s['total_params_before']:,} | {s['kept_fraction_model']:.3f} |"]  # fmt: skip
+    if "baseline" in by:
+        a, b = by["model"], by["baseline"]
+        said.append(f"its perplexity is {r['perplexity']:.2f}x the original's")
+        rows.append(
+            f"| perplexity | {a['perplexity']:.3f} | {b['perplexity']:.3f} | {r['perplexity']:.3f}x |"
+        )
+    answers = ev.get("answers")
+    if answers and answers.get("kept") is not None:
+        n, right = answers["items"], answers["right"]
+        share = f" ({answers['kept_fraction']:.0%})" if answers["kept_fraction"] is not None else ""
+        said.append(
+            f"it keeps {answers['kept']} of the {right['baseline']} answers the original gets right{share}"
+        )
+        rows.append(f"| answers right | {right['model']} of {n} | {right['baseline']} of {n} | "
+                    f"kept {answers['kept']} of {right['baseline']}{share} |")  # fmt: skip
+    said += _verdict_speed(ev, by, r, rows)
+    note = speed_note(ev)
+    return ["## Verdict", "", "; ".join(said) + ".", "", *rows, "", *([f"**{note}**", ""] if note else [])]
+
+
+def _verdict_speed(ev: dict[str, Any], by: dict[str, Any], r: dict[str, Any], rows: list[str]) -> list[str]:
+    """Decode speed (or the longest prefill) of both models and their ratio with its spread; appends a table row."""
+    if "baseline" not in by or not r.get("prefill_tokens_per_s"):
+        return []
+    a, b = by["model"], by["baseline"]
+    spread = r.get("speed_spread") or {}
+    if r.get("decode_tokens_per_s"):
+        what, va, vb, ratio, sp = "decode tok/s", a["decode_tokens_per_s"], b["decode_tokens_per_s"], r["decode_tokens_per_s"], spread.get("decode")  # fmt: skip
+    else:
+        n = list(r["prefill_tokens_per_s"])[-1]
+        what, va, vb = f"prefill@{n} tok/s", a["prefill_tokens_per_s"][n], b["prefill_tokens_per_s"][n]
+        ratio, sp = r["prefill_tokens_per_s"][n], (spread.get("prefill") or {}).get(n)
+    reliable = (ev.get("speed") or {}).get("reliable", True)
+    flag = "" if reliable else " (unreliable)"
+    rows.append(f"| {what} | {va:.1f} | {vb:.1f} | {with_spread(f'{ratio:.2f}x', sp)}{flag} |")
+    return [f"{what.split()[0]} speed {with_spread(f'{ratio:.2f}x', sp)} the original's{flag}"]
+
+
+def layer_lines(report: dict[str, Any]) -> list[str]:
+    """The per-layer table: factorized layers one per row, the layers kept dense collapsed into one row."""
+    lines = [f"## Layers of {report['output']}", "", "| module | shape | rank | params after | relative error |", "|---|---|---|---|---|"]  # fmt: skip
+    dense = []
+    for x in report["layers"]:
+        if x["rank"] is None:
+            dense.append(x)
+            continue
+        lines.append(f"| {x['module']} | {x['shape'][0]}x{x['shape'][1]} | {x['rank']} | {x['params_after']:,} | "
+                     f"{x['relative_error']:.4f} |")  # fmt: skip
+    if dense:
+        names = ", ".join(x["module"] for x in dense[:4]) + (", ..." if len(dense) > 4 else "")
+        params = sum(x["params_after"] for x in dense)
+        lines.append(f"| {len(dense)} layers kept dense ({names}) | - | dense | {params:,} | 0 |")
+    return lines
+
+
 def factorize_markdown(reports: list[dict[str, Any]], image_names: list[str]) -> str:
-    """report.md: summary of each output, evaluation, per-layer table of the first, the plots as PNG links."""
+    """report.md: the verdict, a summary of each output, evaluation and answers, the plots, then the per-layer
+    table of the first output."""
     main = reports[0]
-    lines = ["# lowrank-compress factorize report", ""]
+    lines = ["# lowrank-compress factorize report", "", *verdict_lines(main)]
+    lines += ["## Outputs", ""]
     lines += ["| output | method | policy | budget | kept of targets | kept of model | perplexity |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in reports:
         s, st = r["summary"], r["settings"]
@@ -370,11 +507,7 @@ def factorize_markdown(reports: list[dict[str, Any]], image_names: list[str]) ->
     lines.append("")
     lines += _evaluation_lines(main.get("evaluation"))
     lines += [f"![{name}]({name})" for name in image_names] + [""]
-    lines += [f"## Layers of {main['output']}", "", "| module | shape | rank | params after | relative error |", "|---|---|---|---|---|"]  # fmt: skip
-    for x in main["layers"]:
-        rank = "dense" if x["rank"] is None else str(x["rank"])
-        lines.append(f"| {x['module']} | {x['shape'][0]}x{x['shape'][1]} | {rank} | {x['params_after']:,} | "
-                     f"{x['relative_error']:.4f} |")  # fmt: skip
+    lines += layer_lines(main)
     return "\n".join(lines) + "\n"
 
 
@@ -382,6 +515,7 @@ def factorize_html(markdown_tables: str, images: dict[str, bytes]) -> str:
     """A self-contained HTML page: the Markdown report's tables as HTML, the plots embedded as data URIs."""
     import base64
     import html
+    import re
 
     body: list[str] = []
     table: list[list[str]] = []
@@ -400,7 +534,7 @@ def factorize_html(markdown_tables: str, images: dict[str, bytes]) -> str:
 
     for line in markdown_tables.splitlines():
         if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
             if not all(set(c) <= set("-: ") for c in cells):
                 table.append(cells)
             continue
@@ -415,6 +549,8 @@ def factorize_html(markdown_tables: str, images: dict[str, bytes]) -> str:
             body.append(f"<h2>{html.escape(line[3:])}</h2>")
         elif line.startswith("# "):
             body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("**") and line.endswith("**"):
+            body.append(f'<p class="warn"><strong>{html.escape(line[2:-2])}</strong></p>')
         elif line.strip():
             body.append(f"<p>{html.escape(line)}</p>")
     flush()
@@ -422,6 +558,7 @@ def factorize_html(markdown_tables: str, images: dict[str, bytes]) -> str:
         "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;color:#222}"
         "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:2px 8px;"
         "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+        ".warn{color:#a40}"
     )
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>lowrank-compress report</title>'
@@ -450,20 +587,34 @@ def _claim_report_dir(target: Path) -> None:
 
 
 def write_factorize_report(outputs: list[Path], out_dir: Path | None = None) -> list[Path]:
-    """report.md, report.html and the PNG plots for one or more factorize outputs, into out_dir (default: the first
-    output). Each file is written whole, then moved into place."""
-    import os
+    """report.md, report.html and the PNG plots for one or more factorize outputs, or for one finetune output, into
+    out_dir (default: the first output). Each file is written whole, then moved into place."""
+    from lowrank_compress.report_finetune import finetune_markdown, finetune_plots, read_finetune_report
 
-    reports = [read_factorize_report(o) for o in outputs]
+    tuned = None if (Path(outputs[0]) / "report.json").exists() else read_finetune_report(Path(outputs[0]))
+    if tuned is not None and len(outputs) > 1:
+        raise LowrankError(f"{outputs[0]} is a finetune output: report renders one at a time")
+    reports = [] if tuned is not None else [read_factorize_report(o) for o in outputs]
     target = Path(out_dir) if out_dir is not None else Path(outputs[0])
     _claim_report_dir(target)
-    images = factorize_plots(reports)
-    markdown = factorize_markdown(reports, list(images))
+    if tuned is not None:
+        images = finetune_plots(tuned)
+        markdown = finetune_markdown(tuned, list(images))
+    else:
+        images = factorize_plots(reports)
+        markdown = factorize_markdown(reports, list(images))
     files = {
         **images,
         "report.md": markdown.encode(),
         "report.html": factorize_html(markdown, images).encode(),
     }
+    return _write_files(target, files)
+
+
+def _write_files(target: Path, files: dict[str, bytes]) -> list[Path]:
+    """Each file written beside its name, then moved into place (a reader never sees half a file)."""
+    import os
+
     written = []
     for name, content in files.items():
         tmp = target / f".{name}.tmp"

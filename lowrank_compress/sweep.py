@@ -32,6 +32,11 @@ class SweepPoint:
     prefill_ratio: dict[str, float] | None  # seq_len -> compressed / dense tokens per second
     decode_ratio: float | None
     output: str | None  # where the model was kept (None: discarded)
+    answers_right: int | None = None  # of the answer set's items
+    answers_kept: int | None = None  # right in the dense model and still right here
+    answers_kept_fraction: float | None = None  # answers_kept / answers the dense model got right
+    # False: the spread across repeats or the machine's load make the speed ratios doubtful
+    speed_reliable: bool | None = None
 
 
 @dataclass
@@ -95,12 +100,15 @@ def sweep(
     max_tokens: int | None = 8192,
     speed: bool = True,
     allow_pickle: bool = False,
+    answers: str | Path | Any | None = "builtin",
     progress: ProgressFn | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> SweepResult:
     """Factorize and evaluate at each budget; write sweep.json, sweep.md and sweep.png (and the models, with
     `keep_models`, under models/) into `out_dir`, atomically. window: default 512, or the model's context when
-    shorter."""
+    shorter. answers: the answer set asked of the dense model once and of each budget's model (None: skipped), so
+    a budget is judged by the answers it keeps, not only by its perplexity."""
+    from lowrank_compress.answers import AnswerSet, load_answer_set
     from lowrank_compress.evaluate import context_length, measure_speed, perplexity, speed_ratios
     from lowrank_compress.loading import load_model, require_finite, resolve
     from lowrank_compress.outdir import atomic_output_dir, check_output_dir
@@ -109,6 +117,7 @@ def sweep(
     from lowrank_compress.text import load_text
 
     report = progress or (lambda *a: None)
+    answer_set = answers if isinstance(answers, AnswerSet) or answers is None else load_answer_set(answers)
     out_dir = Path(out_dir)
     source = resolve(model_path)
     check_output_dir(out_dir, overwrite, inputs=[source.path, source.directory], warn=warn)
@@ -129,6 +138,7 @@ def sweep(
     window = window or (min(512, context) if context else 512)
     seq_lens = [n for n in (128, 512) if context is None or n <= context] or [context]
     dense_q = quality(dense_model, tokenizer, "dense")
+    dense_answers = _ask(dense_model, tokenizer, answer_set, settings.device, "dense", report)
     dense_speed = None
     points: list[SweepPoint] = []
     with atomic_output_dir(out_dir, overwrite, warn=warn) as tmp, tempfile.TemporaryDirectory() as scratch:
@@ -137,7 +147,10 @@ def sweep(
             written = prepared.write(where, budget)
             compressed, tok, _ = load_model(where, device=settings.device)
             q = quality(compressed, tok, f"budget {budget:g}")
-            prefill_ratio = decode_ratio = None
+            check = _judge(
+                compressed, tok, answer_set, dense_answers, settings.device, f"budget {budget:g}", report
+            )
+            prefill_ratio = decode_ratio = reliable = None
             if speed:
                 report("speed", i, len(budgets))
                 sp = measure_speed(
@@ -148,6 +161,7 @@ def sweep(
                 dense_speed = sp["dense"]
                 ratios = speed_ratios(sp["compressed"], sp["dense"])
                 prefill_ratio, decode_ratio = ratios["prefill_tokens_per_s"], ratios["decode_tokens_per_s"]
+                reliable = _speed_reliable(sp, settings.device)
             points.append(
                 SweepPoint(
                     budget=budget,
@@ -159,6 +173,10 @@ def sweep(
                     prefill_ratio=prefill_ratio,
                     decode_ratio=decode_ratio,
                     output=str(out_dir / "models" / where.name) if keep_models else None,
+                    answers_right=check.count("model") if check else None,
+                    answers_kept=check.kept() if check else None,
+                    answers_kept_fraction=check.kept_fraction() if check else None,
+                    speed_reliable=reliable,
                 )
             )
             del compressed
@@ -167,16 +185,7 @@ def sweep(
         result = SweepResult(
             model=str(model_path),
             settings=dataclasses.asdict(prepared.settings),
-            dense={
-                "params": prepared.total_before,
-                "perplexity": dense_q.perplexity,
-                "bits_per_char": dense_q.bits_per_char,
-                "tokens_scored": dense_q.n_tokens,
-                "prefill_tokens_per_s": {str(k): v for k, v in dense_speed.prefill_tokens_per_s.items()}
-                if dense_speed
-                else None,
-                "decode_tokens_per_s": dense_speed.decode_tokens_per_s if dense_speed else None,
-            },
+            dense=_dense_summary(prepared.total_before, dense_q, dense_speed, dense_answers),
             points=points,
         )
         names = ["sweep.json", "sweep.md", "sweep.png"]
@@ -187,24 +196,78 @@ def sweep(
     return result
 
 
+def _dense_summary(params: int, quality: Any, speed: Any, answers: Any) -> dict[str, Any]:
+    """sweep.json's `dense`: the dense model's size, perplexity, speed and answers right, the points' reference."""
+    return {
+        "params": params,
+        "perplexity": quality.perplexity,
+        "bits_per_char": quality.bits_per_char,
+        "tokens_scored": quality.n_tokens,
+        "prefill_tokens_per_s": {str(k): v for k, v in speed.prefill_tokens_per_s.items()} if speed else None,
+        "decode_tokens_per_s": speed.decode_tokens_per_s if speed else None,
+        "answers_right": sum(answers[1]) if answers else None,
+        "answers_items": len(answers[1]) if answers else None,
+    }
+
+
+def _speed_reliable(speeds: dict[str, Any], device: str) -> bool:
+    """Whether one budget's speed ratios can be taken as measured (see `evaluate.speed_verdict`)."""
+    from lowrank_compress.evaluate import judge_speeds
+
+    return bool(judge_speeds(speeds, "compressed", "dense", device)["reliable"])
+
+
+def _ask(model: Any, tokenizer: Any, answer_set: Any, device: str, label: str, report: ProgressFn) -> Any:
+    """The dense model's outputs and verdicts on the set (None when there is no set)."""
+    if answer_set is None:
+        return None
+    from lowrank_compress.answers import check_answers
+
+    check = check_answers({label: (model, tokenizer)}, answer_set, device=device, progress=report)
+    return check.outputs[label], check.right[label]
+
+
+def _judge(
+    model: Any, tokenizer: Any, answer_set: Any, dense: Any, device: str, label: str, report: ProgressFn
+) -> Any:
+    """One budget's answers judged against the dense model's (asked once, before the budgets)."""
+    if answer_set is None:
+        return None
+    from lowrank_compress.answers import AnswerCheck, check_answers
+
+    mine = check_answers({"model": (model, tokenizer)}, answer_set, device=device, progress=report)
+    outputs = {"model": mine.outputs["model"], "baseline": dense[0]}
+    return AnswerCheck(answer_set.source, answer_set.sha256, answer_set.items, outputs, mine.chat_template,
+                       mine.max_new_tokens)  # fmt: skip
+
+
 def sweep_markdown(result: SweepResult) -> str:
     d = result.dense
+    answers = d.get("answers_right")
+    dense_answers = f", answers right {answers} of {d['answers_items']}" if answers is not None else ""
     lines = [
         f"# Budget sweep of {result.model}",
         "",
         f"{result.settings['method']} / {result.settings['policy']}; dense: {d['params']:,} params, "
-        f"perplexity {d['perplexity']:.3f}",
+        f"perplexity {d['perplexity']:.3f}{dense_answers}",
         "",
         "| budget | kept of targets | kept of model | params | perplexity | ppl / dense | bits/char | "
-        "prefill ratio | decode ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "answers kept | prefill ratio | decode ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result.points:
         prefill = ", ".join(f"{k}: {v:.2f}x" for k, v in (p.prefill_ratio or {}).items()) or "-"
         decode = f"{p.decode_ratio:.2f}x" if p.decode_ratio else "-"
+        if p.speed_reliable is False:
+            prefill, decode = f"{prefill} (unreliable)", f"{decode} (unreliable)"
+        kept = "-"
+        if p.answers_kept is not None:
+            share = f" ({p.answers_kept_fraction:.0%})" if p.answers_kept_fraction is not None else ""
+            kept = f"{p.answers_kept} of {answers}{share}"
         lines.append(
             f"| {p.budget:g} | {p.kept_fraction_targets:.4f} | {p.kept_fraction_model:.4f} | {p.params:,} | "
-            f"{p.perplexity:.3f} | {p.perplexity / d['perplexity']:.3f} | {p.bits_per_char:.4f} | {prefill} | {decode} |"
+            f"{p.perplexity:.3f} | {p.perplexity / d['perplexity']:.3f} | {p.bits_per_char:.4f} | {kept} | "
+            f"{prefill} | {decode} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -225,6 +288,14 @@ def sweep_plot(result: SweepResult) -> bytes:
     ax1.set_xlabel("params kept (fraction of the model; 1 = dense)")
     ax1.set_ylabel("perplexity")
     ax1.set_title("Quality")
+    if any(p.answers_kept_fraction is not None for p in pts):
+        kept = ax1.twinx()  # answers kept on their own axis: 1 at the dense model by definition
+        fractions = [
+            p.answers_kept_fraction if p.answers_kept_fraction is not None else float("nan") for p in pts
+        ]
+        kept.plot(xs + [1.0], fractions + [1.0], marker="s", color="tab:red", ls="--")
+        kept.set_ylim(0, 1.05)
+        kept.set_ylabel("answers kept (of the dense model's right ones)", color="tab:red")
     if any(p.prefill_ratio for p in pts):
         for n in pts[0].prefill_ratio or {}:
             ax2.plot(
@@ -236,12 +307,12 @@ def sweep_plot(result: SweepResult) -> bytes:
         if any(p.decode_ratio for p in pts):
             ax2.plot(xs, [p.decode_ratio or float("nan") for p in pts], marker="s", label="decode")
         ax2.axhline(1.0, color="grey", ls=":")
-        ax2.legend()
+        ax2.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax2.set_xlabel("params kept (fraction of the model)")
     ax2.set_ylabel("throughput / dense")
     ax2.set_title("Speed")
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")  # the legend beside the axes
     plt.close(fig)
     return buf.getvalue()

@@ -169,3 +169,42 @@ def test_an_output_that_lost_its_quantization_config_is_not_evaluated(
         assert res.stdout == ""
     res = run("factorize", out, "-o", tmp_path / "again")
     assert res.exit_code == 1 and "has no lowrank quantization_config" in res.stderr, res.output
+
+
+def test_answers_kept_are_those_right_in_both_models(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """The JSON's counts agree with its own per-item verdicts, and those with judging each output afresh."""
+    from lowrank_compress.answers import is_right
+
+    dense, compressed = pair
+    items = tmp_path / "set.jsonl"
+    items.write_text(
+        "".join(json.dumps({"prompt": f"Say {w}.", "answers": [w, "the"]}) + "\n" for w in "abcd")
+    )
+    res = run("evaluate", compressed, "--baseline", dense, *SMALL, "--no-speed", "--answers", items, "--json")
+    assert res.exit_code == 0, res.output
+    answers = json.loads(res.stdout)["answers"]
+    results = answers["results"]
+    assert answers["items"] == len(results) == 4 and answers["source"] == str(items)
+    for r in results:
+        for role in ("model", "baseline"):
+            assert r["right"][role] == is_right(r["outputs"][role], r["answers"])
+    base = sum(r["right"]["baseline"] for r in results)
+    both = sum(r["right"]["baseline"] and r["right"]["model"] for r in results)
+    assert answers["right"] == {"model": sum(r["right"]["model"] for r in results), "baseline": base}
+    assert answers["kept"] == both
+    res = run("evaluate", compressed, "--baseline", dense, *SMALL, "--no-speed", "--answers", items)
+    assert "answers right: model" in res.stdout and "sample answers" in res.stdout
+
+
+def test_answers_none_skips_the_check_and_a_bad_set_is_one_line(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    dense, _ = pair
+    res = run("evaluate", dense, *SMALL, "--no-speed", "--answers", "none", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["answers"] is None
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "answers": []}\n')
+    for args in (("--answers", bad), ("--answers", tmp_path / "missing.jsonl")):
+        res = run("evaluate", dense, *SMALL, *args)
+        assert res.exit_code == 1 and res.stdout == ""
+        assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith("error: ")

@@ -501,3 +501,32 @@ def test_an_os_error_while_creating_is_one_line(tmp_path: Path, monkeypatch: pyt
         pass
     assert str(e.value) == f"cannot create {out}: Read-only file system"
     assert temporaries(tmp_path) == []
+
+
+def test_published_files_get_ordinary_permissions(tmp_path: Path) -> None:
+    """safetensors' save_file (behind save_pretrained) writes 0600; what replace_dir publishes is 0666 / 0777 less the
+    umask, executables keep their execute bits, and symlinks are left alone."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from lowrank_compress.outdir import current_umask, new_temp_dir, replace_dir
+
+    target = tmp_path / "out"
+    tmp = new_temp_dir(target)
+    save_file({"a": np.zeros(2, dtype=np.float32)}, str(tmp / "model.safetensors"))
+    (tmp / "sub").mkdir(mode=0o700)
+    (tmp / "sub" / "run.sh").write_text("#!/bin/sh\n")
+    os.chmod(tmp / "sub" / "run.sh", 0o700)
+    private = tmp_path / "private.txt"
+    private.write_text("mine\n")
+    os.chmod(private, 0o600)
+    (tmp / "link").symlink_to(private)
+    (tmp / "dirlink").symlink_to(tmp_path)
+    before = tmp_path.stat().st_mode
+    replace_dir(tmp, target)
+    allowed = ~current_umask()
+    assert (target / "model.safetensors").stat().st_mode & 0o777 == 0o666 & allowed
+    assert (target / "sub").stat().st_mode & 0o777 == 0o777 & allowed
+    assert (target / "sub" / "run.sh").stat().st_mode & 0o777 == 0o777 & allowed
+    assert (target / "link").is_symlink() and private.stat().st_mode & 0o777 == 0o600
+    assert tmp_path.stat().st_mode == before

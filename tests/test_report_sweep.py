@@ -49,6 +49,95 @@ def test_factorize_evaluate_puts_the_figures_in_report_and_model_card(outputs) -
     card = (out / "README.md").read_text()
     assert "## Quality and speed" in card and f"{model['perplexity']:.3f}" in card
     assert "evaluate" in report["timings_s"]
+    # the answer check ran on the built-in set, and the card shows its count and a few answers side by side
+    answers = ev["answers"]
+    assert answers["source"] == "builtin" and answers["items"] >= 50 and answers["kept"] is not None
+    assert (
+        "## Answers" in card and f"answers kept {answers['kept']} of {answers['right']['baseline']}" in card
+    )
+    for i in answers["samples"]:
+        assert answers["results"][i]["prompt"] in card
+    assert ev["speed"]["cores"] >= 1 and "±" in card
+
+
+def test_outputs_have_ordinary_permissions(outputs) -> None:
+    """Files 0666 and folders 0777 less the umask, as any program writes them (model.safetensors was 0600)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    _, (out, _) = outputs
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
+    for f in out.iterdir():
+        assert (f.stat().st_mode & 0o777) == (0o777 if f.is_dir() else 0o666) & ~umask, f
+
+
+def test_report_opens_with_a_verdict_beside_the_original(outputs, tmp_path: Path) -> None:
+    _, (out, _) = outputs
+    res = run("report", out, "-o", tmp_path / "v")
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "v" / "report.md").read_text()
+    r = json.loads((out / "report.json").read_text())
+    ev, s = r["evaluation"], r["summary"]
+    verdict = md.split("## Verdict", 1)[1].split("\n## ", 1)[0]
+    assert md.index("## Verdict") < md.index("## Outputs")
+    assert f"keeps {s['kept_fraction_model']:.1%} of the parameters" in verdict
+    assert f"{ev['ratios']['perplexity']:.2f}x the original's" in verdict
+    model, base = ev["models"]
+    assert f"| perplexity | {model['perplexity']:.3f} | {base['perplexity']:.3f} |" in verdict
+    assert f"| params | {s['total_params_after']:,} | {s['total_params_before']:,} |" in verdict
+    a = ev["answers"]
+    assert f"it keeps {a['kept']} of the {a['right']['baseline']} answers" in verdict
+    decode = ev["ratios"]["decode_tokens_per_s"]
+    half = ev["ratios"]["speed_spread"]["decode"] / 2
+    assert f"{decode:.2f}x ±{half:.0%}" in verdict
+    html = (tmp_path / "v" / "report.html").read_text()
+    assert html.index("<h2>Verdict</h2>") < html.index("<table>")
+
+
+def test_layers_kept_dense_collapse_into_one_row() -> None:
+    from lowrank_compress.report import layer_lines
+
+    def layer(i: int, rank: int | None) -> dict:
+        return {"module": f"layers.{i}.mlp", "shape": [8, 4], "rank": rank, "params_after": 32 if rank is None else 24,
+                "relative_error": 0.0 if rank is None else 0.1}  # fmt: skip
+
+    report = {
+        "output": "o",
+        "layers": [layer(0, 2), layer(1, None), layer(2, None), layer(3, 2), layer(4, None)],
+    }
+    rows = [x for x in layer_lines(report) if x.startswith("| ") and "module" not in x]
+    assert len(rows) == 3 and "layers.0.mlp" in rows[0] and "layers.3.mlp" in rows[1]
+    assert rows[2].startswith("| 3 layers kept dense (layers.1.mlp, layers.2.mlp, layers.4.mlp)")
+    assert "| 96 |" in rows[2]  # their params, summed
+
+
+def test_report_renders_a_finetune_output(tmp_path: Path) -> None:
+    """From finetune.json alone: the loss curve, perplexity before / after / merged, and the verdict."""
+    from lowrank_compress.outdir import write_marker
+
+    out = tmp_path / "ft"
+    out.mkdir()
+    write_marker(out)
+    losses = [3.0 - 0.05 * i for i in range(40)]
+    data = {
+        "settings": {"train": "adapters", "adapter": "lora", "rank": 16, "lr": 1e-3, "batch_size": 4, "seq_len": 256,
+                     "grad_accum": 1},
+        "model": "fz", "out": str(out), "kind": "lowrank", "data": {"tokens": 12345}, "steps": 40, "losses": losses,
+        "perplexity": {"before": 18.235, "after": 10.113, "merged": 10.114}, "trainable_params": 1000,
+        "params_before": 100, "params_after": 110, "precision": "bf16", "device": "cpu", "step_seconds": 3.2,
+        "tokens_per_s": 320.0, "warnings": ["a warning"],
+    }  # fmt: skip
+    (out / "finetune.json").write_text(json.dumps(data))
+    res = run("report", out, "--json")
+    assert res.exit_code == 0, res.output
+    files = {Path(p).name for p in json.loads(res.stdout)["files"]}
+    assert files == {"loss.png", "report.md", "report.html"}
+    md = (out / "report.md").read_text()
+    assert "18.235 -> 10.113 (0.55x)" in md and "| merged | 10.114 |" in md
+    assert f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" in md
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert '<p class="warn"><strong>warning: a warning</strong></p>' in (out / "report.html").read_text()
 
 
 def test_report_renders_markdown_html_and_plots_with_the_reports_numbers(outputs, tmp_path: Path) -> None:
@@ -68,7 +157,7 @@ def test_report_renders_markdown_html_and_plots_with_the_reports_numbers(outputs
         assert f"{r['evaluation']['models'][0]['perplexity']:.3f}" in html
     first = json.loads((outs[0] / "report.json").read_text())
     for layer in first["layers"]:
-        assert layer["module"] in html
+        assert layer["rank"] is None or layer["module"] in html
     # every image is embedded, as a PNG
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(images) == sum(1 for f in files if f.endswith(".png"))
@@ -133,6 +222,21 @@ def test_sweep_table_json_plot_and_kept_models(tmp_path: Path) -> None:
         assert report["summary"]["total_params_after"] == p["params"]
         assert p["prefill_ratio"] and all(v > 0 for v in p["prefill_ratio"].values())
     assert json.loads((out / "sweep.json").read_text())["points"] == data["points"]
+    # answers kept: asked afresh of the dense model and of each kept model, right in both
+    from lowrank_compress.answers import check_answers, load_answer_set
+    from lowrank_compress.loading import load_model
+
+    answer_set = load_answer_set()
+    dense_model, dense_tok, _ = load_model(src)
+    dense_right = check_answers({"d": (dense_model, dense_tok)}, answer_set).right["d"]
+    assert data["dense"]["answers_right"] == sum(dense_right)
+    for p in data["points"]:
+        m, t, _ = load_model(p["output"])
+        right = check_answers({"m": (m, t)}, answer_set).right["m"]
+        assert p["answers_right"] == sum(right)
+        assert p["answers_kept"] == sum(a and b for a, b in zip(dense_right, right, strict=True))
+        assert isinstance(p["speed_reliable"], bool)
+    assert "answers kept" in (out / "sweep.md").read_text()
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert "0.6" in (out / "sweep.md").read_text()
 
