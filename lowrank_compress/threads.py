@@ -9,6 +9,7 @@ on a busy one.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from lowrank_compress.errors import LowrankError
@@ -23,7 +24,8 @@ def idle_cores(load: float | None, cores: int) -> int | None:
 
 def choose_threads(requested: int | None, warn: Callable[[str], None]) -> int:
     """Set torch's intra-op threads and return the number: `requested` when given, else torch's default, lowered
-    to the idle cores (with a warning) when the load average says other jobs hold the rest."""
+    to the idle cores (with a warning) when the load average says other jobs hold the rest, unless OMP_NUM_THREADS
+    already says how many the user wants."""
     import torch
 
     from lowrank_compress.evaluate import load_average, machine_cores
@@ -34,6 +36,8 @@ def choose_threads(requested: int | None, warn: Callable[[str], None]) -> int:
         torch.set_num_threads(requested)
         return requested
     default = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS"):  # the user chose torch's threads already
+        return default
     load, cores = load_average(), machine_cores()
     free = idle_cores(load, cores)
     if free is not None and free < default:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,19 @@ import pytest
 from lowrank_compress.pipeline import factorize_model
 from lowrank_compress.recipe import build_settings
 from tests.fixtures import tiny_llama
+
+# The test run itself loads the cores, so the busy-machine warning (and lowered threads) of every command would
+# depend on what else runs; an explicit thread count turns that default off, in this process and in the commands
+# the tests start as subprocesses. Tests about the busy machine set the load themselves.
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
+
+@pytest.fixture(autouse=True)
+def quiet_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process commands see an idle machine unless a test says otherwise (see OMP_NUM_THREADS above)."""
+    import lowrank_compress.evaluate as ev
+
+    monkeypatch.setattr(ev, "load_average", lambda: 0.0)
 
 
 @pytest.fixture(scope="session")

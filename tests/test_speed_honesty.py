@@ -103,6 +103,7 @@ def test_threads_are_lowered_with_a_warning_only_when_the_machine_is_busy(
 ) -> None:
     torch.set_num_threads(4)
     monkeypatch.setattr(ev, "machine_cores", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     warnings: list[str] = []
     monkeypatch.setattr(ev, "load_average", lambda: 0.3)
     assert choose_threads(None, warnings.append) == 4 and warnings == [] and torch.get_num_threads() == 4
@@ -110,6 +111,9 @@ def test_threads_are_lowered_with_a_warning_only_when_the_machine_is_busy(
     assert choose_threads(None, warnings.append) == 1 == torch.get_num_threads()
     assert len(warnings) == 1 and "busy" in warnings[0] and "--threads" in warnings[0]
     assert choose_threads(3, warnings.append) == 3 == torch.get_num_threads() and len(warnings) == 1
+    # an explicit OMP_NUM_THREADS is the user's choice: kept, busy or not
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert choose_threads(None, warnings.append) == 3 == torch.get_num_threads() and len(warnings) == 1
 
 
 def test_idle_cores() -> None:
