@@ -661,6 +661,9 @@ def test_chat_calibration_samples_conversations_and_wraps_the_text(
     assert data["settings"]["chat"] is True and data["calibration"]["chat"] is True
     assert yaml.safe_load((out / "recipe.yaml").read_text())["chat"] is True
     assert json.loads((out / "report.json").read_text())["calibration"]["chat"] is True
+    assert (
+        "as conversations through the tokenizer's chat template (--chat)" in (out / "README.md").read_text()
+    )
 
 
 def test_chat_without_a_chat_template_keeps_todays_calibration_with_a_note(models: dict[str, Path]) -> None:
