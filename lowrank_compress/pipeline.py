@@ -228,10 +228,10 @@ class Prepared:
         # how the self-generated windows were drawn: "resident (float32)" (or at the stored half precision when
         # float32 does not fit), or "streamed" (each block read per token)
         self._sampling: str | None = None
-        self._chat = False  # the calibration windows were conversations (--chat with a chat template)
         self._sampling_peak_mb: float | None = (
             None  # the memory held while sampling (RSS, or the GPU allocator's)
         )
+        self._chat = False  # the calibration windows were conversations (--chat with a chat template)
         # pass 1's gradient statistics per target: (fisher_rows, out_grad_sq)
         self._gradients: dict[str, tuple[Any, float | None]] = {}
 
@@ -376,7 +376,7 @@ class Prepared:
                     "the dtype its checkpoint stores"
                 )
             with streamed.whole(resident=resident, dtype=dtype) as model, PeakMemory(settings.device) as peak:
-                sampling = dict(
+                sampling: dict[str, Any] = dict(
                     samples=settings.samples, seq_len=length, seed=settings.seed, batch_size=settings.samples,
                     device=settings.device, progress=lambda d, t: self.report("sampling calibration", d, t),
                 )  # fmt: skip
