@@ -291,6 +291,12 @@ def chat_window_messages(tokenizer: Any, body: Sequence[int], head_len: int) -> 
     ]
 
 
+def _stop_ids(model: nn.Module) -> list[int]:
+    """The EOS ids of the model's generation config (one id or a list; none without a config)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return [int(i) for i in (eos if isinstance(eos, list) else [eos] if eos is not None else [])]
+
+
 def make_chat_batches(
     tokenizer: Any, text: str, *, samples: int, seq_len: int, seed: int = 0
 ) -> torch.LongTensor:
@@ -351,9 +357,12 @@ def sample_chat_batches(
     new = seq_len - min(len(o) for o in openings)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    # every end-of-turn token is suppressed, the generation config's too (Llama 3 ends turns with <|eot_id|>, not
+    # the tokenizer's EOS), so the answer runs on instead of opening a turn the window never asked for
+    stops = sorted({*_stop_ids(model), *([eos] if eos is not None else [])})
     config = GenerationConfig(
         do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
-        pad_token_id=pad, eos_token_id=eos, use_cache=True,
+        pad_token_id=pad, eos_token_id=stops or None, use_cache=True,
     )  # fmt: skip
     rows: list[torch.Tensor] = []
     training = model.training

@@ -652,6 +652,34 @@ def test_chat_self_generated_conversations_start_with_the_templates_user_turn(st
     assert torch.equal(torch.rand(3), x)  # the global RNG is untouched
 
 
+def test_chat_answers_suppress_the_generation_configs_end_of_turn_tokens_too() -> None:
+    """A model that would always say token 5, its generation config's second end-of-turn id: the answers hold
+    every ordinary token but 5 and the tokenizer's EOS."""
+    from lowrank_compress.calibration import sample_chat_batches
+
+    model, tok = tiny_llama(), chat_tokenizer("literal")
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[5] = 50.0
+    model.lm_head = head
+    model.generation_config.eos_token_id = [tok.eos_token_id, 5]
+    rows = sample_chat_batches(model, tok, samples=3, seq_len=80, seed=0)
+    prompts = shipped_chat_prompts()
+    for row in rows.tolist():
+        opening = next(
+            o
+            for o in (template_ids(tok, [{"role": "user", "content": p}], True) for p in prompts)
+            if row[: len(o)] == o
+        )
+        answer = row[len(opening) :]
+        assert answer and 5 not in answer and tok.eos_token_id not in answer
+    model.generation_config.eos_token_id = tok.eos_token_id  # without the second id, token 5 is all it says
+    rows = sample_chat_batches(model, tok, samples=1, seq_len=80, seed=0)
+    assert rows[0, -10:].tolist() == [5] * 10
+
+
 def test_chat_windows_too_short_for_the_user_turn_are_one_clear_error() -> None:
     from lowrank_compress.calibration import sample_chat_batches
 
