@@ -8,6 +8,7 @@ per channel (ASVD), and optionally squared loss gradients (FWSVD Fisher rows, pe
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -239,6 +240,152 @@ def sample_batches(
     finally:
         model.train(training)
     return torch.cat(rows)
+
+
+# --------------------------------------------------------------------------------------------------- chat calibration
+
+CHAT_PROMPTS_FILE = "chat_prompts.jsonl"
+"""The built-in user turns that open the self-generated conversations (package data, one {"prompt": ...} a line):
+varied everyday requests (facts, explanations, writing, code, arithmetic, advice)."""
+
+CONTINUE_PROMPT = "Continue this text:\n\n{head}"
+"""The user turn of a calibration text window wrapped as a conversation: it quotes the window's first quarter; the
+assistant's turn continues with the rest of the window's text."""
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer carries a chat template (instruct models do; base models usually not)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_prompts() -> list[str]:
+    """The built-in user prompts for self-generated conversations."""
+    import json
+    from importlib import resources
+
+    text = resources.files("lowrank_compress").joinpath("data", CHAT_PROMPTS_FILE).read_text(encoding="utf-8")
+    return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+
+
+def render_chat(
+    tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False
+) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template: the template writes every special token
+    (BOS, role markers, end of turn), so the text is tokenized without adding any more."""
+    with quiet_transformers():
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def chat_window_messages(tokenizer: Any, body: Sequence[int], head_len: int) -> list[dict[str, str]]:
+    """A text window as a conversation: the user asks to continue its first `head_len` tokens (`CONTINUE_PROMPT`),
+    the assistant answers with the rest."""
+    decode = functools.partial(
+        tokenizer.decode, skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+    return [
+        {"role": "user", "content": CONTINUE_PROMPT.format(head=decode(list(body[:head_len])))},
+        {"role": "assistant", "content": decode(list(body[head_len:]))},
+    ]
+
+
+def _stop_ids(model: nn.Module) -> list[int]:
+    """The EOS ids of the model's generation config (one id or a list; none without a config)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return [int(i) for i in (eos if isinstance(eos, list) else [eos] if eos is not None else [])]
+
+
+def make_chat_batches(
+    tokenizer: Any, text: str, *, samples: int, seq_len: int, seed: int = 0
+) -> torch.LongTensor:
+    """`make_batches` for a chat model: each text window becomes a conversation (`chat_window_messages`: the user
+    quotes the window's first quarter and asks to continue, the assistant continues with the rest), rendered through
+    the tokenizer's chat template, and cut to its first `seq_len` tokens. Windows are drawn with some extra text
+    (an eighth, at least 16 tokens) so the rendered conversation always fills `seq_len`: the assistant's answer runs
+    to the window's end, like an excerpt of a long answer. Same offsets and seed rules as `make_batches`."""
+    margin = max(16, seq_len // 8)
+    prefix, suffix = special_affixes(tokenizer)
+    drawn = make_batches(
+        tokenizer, text, samples=samples, seq_len=seq_len + margin + len(prefix) + len(suffix), seed=seed
+    )
+    rows = []
+    for row in drawn.tolist():
+        body = row[len(prefix) : len(row) - len(suffix)]
+        ids = render_chat(tokenizer, chat_window_messages(tokenizer, body, max(1, seq_len // 4)))
+        if len(ids) < seq_len:
+            raise CalibrationError(
+                f"a calibration window rendered through the chat template has {len(ids)} tokens, under --seq-len "
+                f"{seq_len}; use --no-chat"
+            )
+        rows.append(ids[:seq_len])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def sample_chat_batches(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    samples: int,
+    seq_len: int,
+    seed: int = 0,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    device: str = "cpu",
+    progress: ProgressFn | None = None,
+) -> torch.LongTensor:
+    """`samples` x `seq_len` conversations sampled from a chat model: each row is a built-in user prompt
+    (`chat_prompts`, a seeded permutation, so rows ask different things while there are prompts left) rendered
+    through the chat template with the assistant's opening, then the model's own answer by plain ancestral sampling
+    (temperature 1, EOS suppressed so every row is full length: the answer runs to the window's end).
+    Batched with left padding, which is removed from the rows. Seeded, and the global RNG is left untouched."""
+    from transformers import GenerationConfig
+
+    prompts = chat_prompts()
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    openings = [
+        render_chat(tokenizer, [{"role": "user", "content": prompts[order[i % len(prompts)]]}], add_generation_prompt=True)
+        for i in range(samples)
+    ]  # fmt: skip
+    longest = max(len(o) for o in openings)
+    if longest >= seq_len:
+        raise CalibrationError(
+            f"--seq-len {seq_len} leaves no room for an answer after the chat template's user turn ({longest} "
+            "tokens); use a longer --seq-len (or --self-seq-len)"
+        )
+    new = seq_len - min(len(o) for o in openings)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    # every end-of-turn token is suppressed, the generation config's too (Llama 3 ends turns with <|eot_id|>, not
+    # the tokenizer's EOS), so the answer runs on instead of opening a turn the window never asked for
+    stops = sorted({*_stop_ids(model), *([eos] if eos is not None else [])})
+    config = GenerationConfig(
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
+        pad_token_id=pad, eos_token_id=stops or None, use_cache=True,
+    )  # fmt: skip
+    rows: list[torch.Tensor] = []
+    training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(seed)
+            for done, first in enumerate(range(0, samples, batch_size), start=1):
+                batch = openings[first : first + batch_size]
+                width = max(len(o) for o in batch)
+                ids = torch.tensor([[pad] * (width - len(o)) + o for o in batch], dtype=torch.long)
+                mask = torch.tensor([[0] * (width - len(o)) + [1] * len(o) for o in batch], dtype=torch.long)
+                with quiet_transformers():
+                    out = model.generate(
+                        input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+                    ).cpu()
+                for k, o in enumerate(batch):
+                    rows.append(out[k, width - len(o) : width - len(o) + seq_len])
+                if progress is not None:
+                    progress(done, -(-samples // batch_size))
+    finally:
+        model.train(training)
+    return torch.stack(rows)
 
 
 def calibration_warnings(

@@ -231,6 +231,7 @@ class Prepared:
         self._sampling_peak_mb: float | None = (
             None  # the memory held while sampling (RSS, or the GPU allocator's)
         )
+        self._chat = False  # the calibration windows were conversations (--chat with a chat template)
         # pass 1's gradient statistics per target: (fisher_rows, out_grad_sq)
         self._gradients: dict[str, tuple[Any, float | None]] = {}
 
@@ -340,8 +341,11 @@ class Prepared:
             SELF,
             _spread,
             calibration_warnings,
+            has_chat_template,
             make_batches,
+            make_chat_batches,
             sample_batches,
+            sample_chat_batches,
         )
         from lowrank_compress.text import load_text
 
@@ -349,12 +353,17 @@ class Prepared:
         self_generated = settings.calibration == SELF
         if self_generated and not causal:
             raise LowrankError(f"{type(streamed.model).__name__} cannot generate; pass a calibration text")
+        self._chat = chat = settings.chat and has_chat_template(self.tokenizer)
+        if settings.chat and not chat:
+            self.warn(
+                "--chat: the tokenizer has no chat template; calibrating on plain text and free samples"
+            )
         mix = 1.0 if self_generated else settings.self_mix
         batches: dict[str, torch.Tensor] = {}
         if mix < 1.0:
             text = load_text(settings.calibration, split="calibration")
             self._text = text
-            batches["text"] = make_batches(
+            batches["text"] = (make_chat_batches if chat else make_batches)(
                 self.tokenizer, text, samples=settings.samples, seq_len=settings.seq_len, seed=settings.seed
             )
         if mix > 0.0:
@@ -367,11 +376,16 @@ class Prepared:
                     "the dtype its checkpoint stores"
                 )
             with streamed.whole(resident=resident, dtype=dtype) as model, PeakMemory(settings.device) as peak:
-                batches["self"] = sample_batches(
-                    model, self.tokenizer, samples=settings.samples, seq_len=length, seed=settings.seed,
-                    batch_size=settings.samples, random_start=settings.self_start == "random",
+                sampling: dict[str, Any] = dict(
+                    samples=settings.samples, seq_len=length, seed=settings.seed, batch_size=settings.samples,
                     device=settings.device, progress=lambda d, t: self.report("sampling calibration", d, t),
                 )  # fmt: skip
+                if chat:
+                    batches["self"] = sample_chat_batches(model, self.tokenizer, **sampling)
+                else:
+                    batches["self"] = sample_batches(
+                        model, self.tokenizer, random_start=settings.self_start == "random", **sampling
+                    )
             self._sampling = "streamed" if dtype is None else f"resident ({_dtype_name(dtype)})"
             self._sampling_peak_mb = round(peak.mb, 1)
             if not resident:
@@ -642,7 +656,9 @@ class Prepared:
             "seed": settings.seed,
             "grad_samples": sum(grads.values()),
             "self_mix": self.part_weights.get("self", 0.0),
-            "self_start": settings.self_start if "self" in batches else None,
+            "self_start": settings.self_start if "self" in batches and not self._chat else None,
+            # the windows were conversations through the tokenizer's chat template (--chat, and it has one)
+            "chat": self._chat,
             "parts": {
                 part: {
                     "samples": batches[part].shape[0],

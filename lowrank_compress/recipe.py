@@ -67,6 +67,10 @@ class FactorizeSettings:
     # how each self-generated window starts after the BOS/EOS prefix: "random" (a uniformly drawn ordinary token,
     # which varies how the samples open) or "prefix" (the bare prefix)
     self_start: str = "random"
+    # chat models (the tokenizer has a chat template): calibrate on conversations: the self-generated share is the
+    # model's answers to built-in user prompts, the text windows are wrapped as turns; off for now (its default is
+    # to be chosen by measurement); ignored, with a note, for a tokenizer without a chat template
+    chat: bool = False
     # where the loss gradients (sensitivity, fisher) come from: "mix" (both parts) or "self" (self-generated only)
     grad_source: str = "mix"
     # fit each layer to the dense model's outputs while feeding it the compressed prefix's inputs (AA-SVD /
@@ -104,6 +108,8 @@ class FactorizeSettings:
             raise LowrankError(
                 f"unknown self-start {self.self_start!r}; choose one of {', '.join(SELF_STARTS)}"
             )
+        if not isinstance(self.chat, bool):
+            raise LowrankError(f"chat must be true or false, got {self.chat!r}")
         if self.self_seq_len is not None and self.self_seq_len < 2:
             raise LowrankError(f"self-seq-len must be at least 2, got {self.self_seq_len}")
         if self.grad_source not in GRAD_SOURCES:
@@ -140,7 +146,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "ignore": (list,),
     "refine_steps": (int,),
 }
-_BOOLS = ("error_aware", "offload")
+_BOOLS = ("error_aware", "offload", "chat")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -234,7 +234,15 @@ def answer_lines(answers: dict[str, Any] | None) -> list[str]:
 
 
 def _calibration_line(cal: dict[str, Any]) -> str:
-    """The model card's calibration cell: source, split, tokens, windows and fingerprints of each part."""
+    """The model card's calibration cell: source, split, tokens, windows and fingerprints of each part, and whether
+    the windows were chat conversations (--chat)."""
+    line = _calibration_sources(cal)
+    if cal.get("chat"):
+        line += "; as conversations through the tokenizer's chat template (--chat)"
+    return line
+
+
+def _calibration_sources(cal: dict[str, Any]) -> str:
     if not cal.get("source"):
         return "none (data-free)"
     parts = cal.get("parts") or {}

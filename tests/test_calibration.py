@@ -532,3 +532,156 @@ def test_token_count_warning_counts_pooled_self_generated_tokens() -> None:
     text = torch.arange(100).reshape(2, 50)
     assert calibration_warnings(text, 64, 300)  # 100 tokens < 2 x 64
     assert not calibration_warnings(text, 64, 300, extra_tokens=40)
+
+
+# --------------------------------------------------------------------------------------------------- chat calibration
+
+# Two template styles: BOS / EOS written literally around every turn, and a Llama-3-like template that writes the
+# tokenizer's BOS once through `bos_token` and closes each turn with `eos_token`.
+CHAT_TEMPLATES = {
+    "literal": (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    ),
+    "variables": (
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]\n{{ m['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]\n{% endif %}"
+    ),
+}
+
+
+def chat_tokenizer(style: str):
+    tok = make_tokenizer("bos")  # a fresh object: the cached one is not modified
+    tok.chat_template = CHAT_TEMPLATES[style]
+    return tok
+
+
+def template_ids(tok, messages, generation_prompt: bool = False) -> list[int]:
+    """The tokenizer's own rendering and tokenization of a conversation (transformers' apply_chat_template)."""
+    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    ids = out["input_ids"] if hasattr(out, "keys") else out
+    return [int(i) for i in ids]
+
+
+def shipped_chat_prompts() -> list[str]:
+    """The built-in user prompts, read straight from the package data file."""
+    import json
+    from pathlib import Path
+
+    import lowrank_compress
+
+    path = Path(lowrank_compress.__file__).parent / "data" / "chat_prompts.jsonl"
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_the_built_in_chat_prompts_are_varied_package_data() -> None:
+    from lowrank_compress.calibration import chat_prompts
+
+    prompts = shipped_chat_prompts()
+    assert chat_prompts() == prompts
+    assert len(prompts) >= 40 and len(set(prompts)) == len(prompts)
+    assert all(10 < len(p) < 120 for p in prompts)
+
+
+@pytest.mark.parametrize("style", sorted(CHAT_TEMPLATES))
+def test_chat_text_windows_equal_the_tokenizers_own_chat_template_token_for_token(style: str) -> None:
+    """Each text window is the conversation [user: "Continue this text:\\n\\n" + its first quarter, assistant: the
+    rest], exactly as the tokenizer's apply_chat_template tokenizes it (BOS, roles, end-of-turn EOS), cut to
+    seq_len; the windows are the text windows make_batches draws with the same seed (plus the extra text)."""
+    from lowrank_compress.calibration import make_chat_batches, render_chat
+
+    tok, seq_len = chat_tokenizer(style), 96
+    text = sample_text()
+    rows = make_chat_batches(tok, text, samples=4, seq_len=seq_len, seed=2)
+    assert rows.shape == (4, seq_len) and rows.dtype == torch.long
+    assert torch.equal(rows, make_chat_batches(tok, text, samples=4, seq_len=seq_len, seed=2))
+    margin = max(16, seq_len // 8)
+    plain = make_batches(tok, text, samples=4, seq_len=seq_len + margin + 1, seed=2)  # +1: the BOS prefix
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    for row, window in zip(rows.tolist(), plain.tolist(), strict=True):
+        body = window[1:]
+        head, rest = body[: seq_len // 4], body[seq_len // 4 :]
+        user = "Continue this text:\n\n" + tok.decode(head, clean_up_tokenization_spaces=False)
+        messages = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": tok.decode(rest, clean_up_tokenization_spaces=False)},
+        ]
+        full = template_ids(tok, messages)
+        assert len(full) > seq_len and row == full[:seq_len]
+        # the structure: BOS first, the user turn closed by EOS, then the assistant's turn opening
+        opening = template_ids(tok, messages[:1], generation_prompt=True)
+        assert row[0] == bos and row[: len(opening)] == opening
+        assert eos in row and row.index(eos) < len(opening)
+        # one BOS per turn opened (the user's, the assistant's) in the literal template, one in all otherwise
+        assert tok.decode(row).count(tok.bos_token) == (2 if style == "literal" else 1)
+        # and a whole conversation renders as apply_chat_template tokenizes it
+        assert render_chat(tok, messages) == full
+        assert render_chat(tok, messages[:1], add_generation_prompt=True) == opening
+
+
+@pytest.mark.parametrize("style", sorted(CHAT_TEMPLATES))
+def test_chat_self_generated_conversations_start_with_the_templates_user_turn(style: str) -> None:
+    from lowrank_compress.calibration import sample_chat_batches
+
+    model, tok = tiny_llama(), chat_tokenizer(style)
+    model.train()
+    openings = {
+        p: template_ids(tok, [{"role": "user", "content": p}], generation_prompt=True)
+        for p in shipped_chat_prompts()
+    }
+    kw = dict(samples=5, seq_len=80, batch_size=2)
+    a = sample_chat_batches(model, tok, seed=3, **kw)
+    assert a.shape == (5, 80) and a.dtype == torch.long
+    assert torch.equal(a, sample_chat_batches(model, tok, seed=3, **kw))
+    assert not torch.equal(a, sample_chat_batches(model, tok, seed=4, **kw))
+    asked = []
+    for row in a.tolist():
+        # no left padding left in the row: it opens with one prompt's user turn and the assistant's opening
+        matches = [p for p, o in openings.items() if row[: len(o)] == o]
+        assert len(matches) == 1, tok.decode(row[:40])
+        asked.append(matches[0])
+        assert row[0] == tok.bos_token_id
+        answer = row[len(openings[matches[0]]) :]
+        assert answer and tok.eos_token_id not in answer  # EOS suppressed: the answer fills the window
+    assert len(set(asked)) == 5  # different prompts while there are prompts left
+    assert model.training  # mode restored
+    torch.manual_seed(0)
+    x = torch.rand(3)
+    torch.manual_seed(0)
+    sample_chat_batches(model, tok, samples=1, seq_len=80)
+    assert torch.equal(torch.rand(3), x)  # the global RNG is untouched
+
+
+def test_chat_answers_suppress_the_generation_configs_end_of_turn_tokens_too() -> None:
+    """A model that would always say token 5, its generation config's second end-of-turn id: the answers hold
+    every ordinary token but 5 and the tokenizer's EOS."""
+    from lowrank_compress.calibration import sample_chat_batches
+
+    model, tok = tiny_llama(), chat_tokenizer("literal")
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[5] = 50.0
+    model.lm_head = head
+    model.generation_config.eos_token_id = [tok.eos_token_id, 5]
+    rows = sample_chat_batches(model, tok, samples=3, seq_len=80, seed=0)
+    prompts = shipped_chat_prompts()
+    for row in rows.tolist():
+        opening = next(
+            o
+            for o in (template_ids(tok, [{"role": "user", "content": p}], True) for p in prompts)
+            if row[: len(o)] == o
+        )
+        answer = row[len(opening) :]
+        assert answer and 5 not in answer and tok.eos_token_id not in answer
+    model.generation_config.eos_token_id = tok.eos_token_id  # without the second id, token 5 is all it says
+    rows = sample_chat_batches(model, tok, samples=1, seq_len=80, seed=0)
+    assert rows[0, -10:].tolist() == [5] * 10
+
+
+def test_chat_windows_too_short_for_the_user_turn_are_one_clear_error() -> None:
+    from lowrank_compress.calibration import sample_chat_batches
+
+    with pytest.raises(CalibrationError, match=r"--seq-len 12 leaves no room for an answer"):
+        sample_chat_batches(tiny_llama(), chat_tokenizer("literal"), samples=2, seq_len=12)

@@ -612,3 +612,84 @@ def test_models_that_cannot_generate_calibrate_on_the_text_alone(
     recipe = yaml.safe_load((tmp_path / "cli" / "recipe.yaml").read_text())
     assert (recipe["self_mix"], recipe["self_seq_len"], recipe["grad_source"]) == (0.25, 32, "self")
     assert recipe["self_start"] == "prefix" and data["calibration"]["self_start"] == "prefix"
+
+
+def _chat_copy(src: Path, dest: Path) -> Path:
+    """A copy of a tiny model whose tokenizer has a chat template (BOS / EOS written around every turn)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tests.test_calibration import CHAT_TEMPLATES
+
+    shutil.copytree(src, dest)
+    tok = AutoTokenizer.from_pretrained(dest)
+    tok.chat_template = CHAT_TEMPLATES["literal"]
+    tok.save_pretrained(dest)
+    return dest
+
+
+def test_chat_calibration_samples_conversations_and_wraps_the_text(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    from lowrank_compress.pipeline import Prepared
+    from tests.test_calibration import shipped_chat_prompts, template_ids
+
+    src = _chat_copy(models["llama"], tmp_path / "chat")
+    settings = build_settings(chat=True, self_mix=0.5, samples=4, seq_len=128, grad_samples=2)
+    warnings: list[str] = []
+    prepared = Prepared.load(src, settings, warn=warnings.append)
+    tok = prepared.tokenizer
+    assert not any("chat" in w for w in warnings)
+    text, own = prepared.calibration_batches["text"], prepared.calibration_batches["self"]
+    assert text.shape == own.shape == (4, 128)
+    for row in text.tolist():
+        assert tok.decode(row).startswith(
+            "<s>user: Continue this text:\n\n"
+        ) and "</s><s>assistant: " in tok.decode(row)
+    openings = [template_ids(tok, [{"role": "user", "content": p}], True) for p in shipped_chat_prompts()]
+    for row in own.tolist():
+        assert sum(row[: len(o)] == o for o in openings) == 1
+    info = prepared.calibration_info
+    assert info["chat"] is True and info["self_start"] is None
+    # the CLI: --chat reaches the settings, recipe.yaml and report.json
+    out = tmp_path / "out"
+    res = run("factorize", src, "-o", out, "--chat", "--self-mix", "0.5", "--samples", 4, "--seq-len", 128,
+              "--grad-samples", 2, "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["settings"]["chat"] is True and data["calibration"]["chat"] is True
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["chat"] is True
+    assert json.loads((out / "report.json").read_text())["calibration"]["chat"] is True
+    assert (
+        "as conversations through the tokenizer's chat template (--chat)" in (out / "README.md").read_text()
+    )
+
+
+def test_chat_without_a_chat_template_keeps_todays_calibration_with_a_note(models: dict[str, Path]) -> None:
+    from lowrank_compress.pipeline import Prepared
+
+    src = models["llama"]  # the fixture tokenizer has no chat template
+    warnings: list[str] = []
+    chat = Prepared.load(src, build_settings(chat=True, self_mix=0.25, **FAST), warn=warnings.append)
+    plain = Prepared.load(src, build_settings(self_mix=0.25, **FAST))
+    notes = [w for w in warnings if "chat" in w]
+    assert len(notes) == 1 and "no chat template" in notes[0] and "\n" not in notes[0]
+    for part in ("text", "self"):
+        assert torch.equal(chat.calibration_batches[part], plain.calibration_batches[part])
+    assert chat.calibration_info["chat"] is False and plain.calibration_info["chat"] is False
+    assert chat.calibration_info["self_start"] == "random"
+
+
+def test_chat_bad_recipe_values_are_one_clear_line(models: dict[str, Path], tmp_path: Path) -> None:
+    from lowrank_compress.errors import LowrankError
+
+    out = tmp_path / "out"
+    for value in ("maybe", "1", "'true'"):
+        recipe = tmp_path / "bad.yaml"
+        recipe.write_text(f"chat: {value}\n")
+        line = _fails_cleanly(run("factorize", models["llama"], "-o", out, "--recipe", recipe), out)
+        assert "chat must be true or false" in line, line
+    with pytest.raises(LowrankError, match=r"^chat must be true or false, got 'yes'$"):
+        build_settings(chat="yes")
+    assert build_settings().chat is False  # off by default, until measured
