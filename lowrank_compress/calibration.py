@@ -805,11 +805,16 @@ class BlockStatistics:
 
     @contextlib.contextmanager
     def record(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Each target's input during one block call, in the order they ran; layers reading one tensor get the same
+        object (`add` shares their sums by it). Kept inputs stay alive, so no two can share an address by reuse."""
         seen: dict[str, torch.Tensor] = {}
+        by_address: dict[tuple[Any, ...], torch.Tensor] = {}
 
         def hook(name: str) -> Callable[..., None]:
             def fn(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-                seen[name] = args[0].detach()
+                x = args[0]
+                key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
+                seen[name] = by_address.setdefault(key, x.detach())
 
             return fn
 

@@ -8,13 +8,14 @@ shards -> config, recipe.yaml, report.json, model card -> atomic rename.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -760,21 +761,15 @@ class Prepared:
         for i in range(n):
             modules = self._block_targets(i)
             with streamed.block(i) as block, PeakMemory(streamed.device) as peak:
-                stats = (
-                    self._pass2_stats(block, modules, flow)
-                    if flow is not None
-                    else self._fisher_stats(modules)
-                )
-                swapped = {}
-                cache: dict[int, Any] = {}
-                users = Counter(id(st.gram) for st in stats.values())
-                for name in modules:
-                    layer, factors = self._factorize(self._target(name), ranks[name], stats.get(name), cache)
-                    layers[name] = layer
-                    if factors is not None:
-                        swapped[name] = factors
-                        streamed.set_block_module(name, factors)
-                    _release_stats(stats, name, users, cache)
+                if flow is not None and self.settings.error_aware:
+                    swapped = self._fit_in_order(block, modules, ranks, flow, layers)
+                else:
+                    stats = (
+                        self._pass2_stats(block, modules, flow)
+                        if flow is not None
+                        else self._fisher_stats(modules)
+                    )
+                    swapped = self._fit_group(list(modules), ranks, stats, layers)
                 if flow is not None:
                     if swapped and self.settings.refine_steps:
                         _refine(streamed, block, swapped, flow, self.settings.refine_steps)
@@ -788,24 +783,72 @@ class Prepared:
             self.report(f"pass 2, block {i + 1}/{n} (peak {peak.mb:,.0f} MB)", i + 1, n)
         return [layers[t.name] for t in self.targets], dtype
 
-    def _pass2_stats(self, block: nn.Module, modules: dict[str, nn.Module], flow: _Flow) -> dict[str, Any]:
-        """The block's pooled input statistics for the fit: dense inputs X, or (error-aware, once the prefix is
-        compressed) the shifted inputs X' with the cross term X^T X'. Also computes the dense block's outputs."""
+    def _fit_group(
+        self,
+        names: list[str],
+        ranks: dict[str, int | None],
+        stats: dict[str, Any],
+        layers: dict[str, LayerResult],
+    ) -> dict[str, nn.Module]:
+        """Factorize these targets of the loaded block from their statistics and swap the factors in; each layer's
+        statistics (a shared Gram with its last layer) are released as soon as it is done."""
+        swapped = {}
+        cache: dict[int, Any] = {}
+        users = Counter(id(st.gram) for st in stats.values())
+        for name in names:
+            layer, factors = self._factorize(self._target(name), ranks[name], stats.get(name), cache)
+            layers[name] = layer
+            if factors is not None:
+                swapped[name] = factors
+                self.streamed.set_block_module(name, factors)
+            _release_stats(stats, name, users, cache)
+        return swapped
+
+    def _fit_in_order(
+        self, block: nn.Module, modules: dict[str, nn.Module], ranks: dict[str, int | None], flow: _Flow,
+        layers: dict[str, LayerResult],
+    ) -> dict[str, nn.Module]:  # fmt: skip
+        """The error-aware fit inside the block as well as across blocks: the targets in the order they run, one
+        group of layers reading the same input at a time (q/k/v, o, gate/up, down), each fitted to its dense inputs X
+        and to the inputs X' it sees when the block is fed the compressed prefix with the groups before it already
+        factorized. So o_proj corrects what factorizing q/k/v changed, down_proj what gate/up changed."""
         from lowrank_compress.calibration import BlockStatistics
 
-        shifted = self.settings.error_aware and flow.shifted
+        for part in flow.ids:  # the targets of the fit, and of the next block's dense inputs
+            for b in range(len(flow.hidden[part])):
+                flow.dense_out[part][b] = flow.run(block, part, b, flow.hidden[part][b])
+        scales = self._part_scales()
+        swapped: dict[str, nn.Module] = {}
+        for group in _groups_in_order(block, modules, flow):
+            sums = BlockStatistics({n: modules[n] for n in group})
+            shifted = flow.shifted or bool(swapped)
+            for part in (p for p in flow.ids if scales[p]):
+                for b in range(len(flow.hidden[part])):
+                    with _dense_layers(self.streamed, swapped, modules), sums.record() as dense:
+                        flow.inputs_of(block, part, b, flow.hidden[part][b], group)
+                    moved = None
+                    if shifted:
+                        with sums.record() as moved:
+                            flow.inputs_of(block, part, b, flow.compressed[part][b], group)
+                    sums.add(dense, moved, weight=scales[part])
+                    dense = moved = None
+            swapped.update(self._fit_group(group, ranks, sums.stats(), layers))
+        return swapped
+
+    def _pass2_stats(self, block: nn.Module, modules: dict[str, nn.Module], flow: _Flow) -> dict[str, Any]:
+        """The block's pooled statistics of its dense inputs X for the fit (the fit to the dense model's inputs,
+        `--no-error-aware`). Also computes the dense block's outputs."""
+        from lowrank_compress.calibration import BlockStatistics
+
         scales = self._part_scales()
         sums = BlockStatistics(modules)
         for part in flow.ids:
             for b in range(len(flow.hidden[part])):
                 with sums.record() as dense:
                     flow.dense_out[part][b] = flow.run(block, part, b, flow.hidden[part][b])
-                if shifted:
-                    with sums.record() as moved:
-                        flow.run(block, part, b, flow.compressed[part][b])
                 if modules and scales[part]:
-                    sums.add(dense, moved if shifted else None, weight=scales[part])
-                dense = moved = None
+                    sums.add(dense, weight=scales[part])
+                dense = None
         return sums.stats() if modules else {}
 
     def _part_scales(self) -> dict[str, float]:
@@ -874,6 +917,10 @@ def _release_stats(stats: dict[str, Any], name: str, users: Counter, cache: dict
             cache.pop(id(used.gram), None)
 
 
+class _StopBlock(Exception):
+    """Raised by a hook once the layers whose inputs are wanted have run: the rest of the block is not needed."""
+
+
 class _Flow:
     """The calibration windows' hidden states on their way through the blocks, per part ("text", "self").
 
@@ -906,6 +953,21 @@ class _Flow:
         with torch.no_grad():
             out = self.streamed.run_block(block, hidden.to(self.streamed.device), self.ctx[part][b])
         return out.to(self.store)
+
+    def inputs_of(self, block: nn.Module, part: str, b: int, hidden: torch.Tensor, names: list[str]) -> None:
+        """Run the block on batch b until the last of these layers has been called (their inputs are what the
+        caller records); the rest of the block is skipped."""
+        last = self.streamed.model.get_submodule(names[-1])
+
+        def stop(*_: Any) -> None:
+            raise _StopBlock
+
+        handle = last.register_forward_hook(stop)
+        try:
+            with torch.no_grad(), contextlib.suppress(_StopBlock):
+                self.streamed.run_block(block, hidden.to(self.streamed.device), self.ctx[part][b])
+        finally:
+            handle.remove()
 
     def row(self, part: str, r: int) -> torch.Tensor:
         """Window r's current hidden states (1 x seq x hidden)."""
@@ -945,6 +1007,40 @@ class _Flow:
             self.hidden[part] = self.dense_out[part]
             self.dense_out[part] = [None] * len(self.hidden[part])
         self.shifted = self.shifted or compressed
+
+
+def _groups_in_order(block: nn.Module, modules: dict[str, nn.Module], flow: _Flow) -> list[list[str]]:
+    """The targets in the order the block calls them, grouped by the input they read (found on one window)."""
+    from lowrank_compress.calibration import BlockStatistics
+
+    if not modules:
+        return []
+    part = next(iter(flow.ids))
+    with BlockStatistics(modules).record() as seen:
+        flow.run(block, part, 0, flow.hidden[part][0][:1])
+    groups: dict[int, list[str]] = {}
+    for name, x in seen.items():
+        groups.setdefault(id(x), []).append(name)
+    missing = [n for n in modules if n not in seen]
+    if missing:
+        raise LowrankError(
+            f"calibration target {missing[0]} was never called during the block's forward pass"
+        )
+    return list(groups.values())
+
+
+@contextlib.contextmanager
+def _dense_layers(
+    streamed: Any, swapped: dict[str, nn.Module], modules: dict[str, nn.Module]
+) -> Iterator[None]:
+    """The block as the dense model has it: the layers factorized so far swapped back for the duration."""
+    for name in swapped:
+        streamed.set_block_module(name, modules[name])
+    try:
+        yield
+    finally:
+        for name, factors in swapped.items():
+            streamed.set_block_module(name, factors)
 
 
 def _refine(streamed: Any, block: nn.Module, swapped: dict[str, nn.Module], flow: _Flow, steps: int) -> None:

@@ -235,6 +235,81 @@ def test_error_aware_default_fits_better_than_dense_inputs_alone(
     assert errors["aware"] < errors["plain"]
 
 
+def _layer_inputs(model: nn.Module, names: list[str], batches: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each named layer's inputs over the batches, one row per token (float64), by hooks on the whole model."""
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = [
+        model.get_submodule(n).register_forward_hook(
+            lambda _m, args, _o, n=n: rows[n].append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
+        )
+        for n in names
+    ]
+    with torch.no_grad():
+        model(input_ids=batches)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(r) for n, r in rows.items()}
+
+
+def test_every_layer_is_fitted_to_the_inputs_it_sees_in_the_compressed_model(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Error-aware within the block as across blocks: each factorized layer is the closed-form optimum of AA-SVD's
+    anchored objective min ||W X - M X'||^2 + rho ||W - M||^2 at its rank, where X are its inputs in the dense model
+    and X' its inputs in the compressed model itself: q/k/v see the compressed prefix, o_proj also the factorized
+    q/k/v, down_proj the factorized gate/up. X and X' are gathered from the two whole models by hooks."""
+    from lowrank_compress.modules import LowRankLinear
+
+    src = models["llama"]
+    settings = build_settings(budget=0.5, method="whiten", policy="uniform", **FAST)
+    factorize_model(src, tmp_path / "out", settings)
+    dense, tok, _ = load_model(src)
+    compressed = load_model(tmp_path / "out")[0]
+    batches = make_batches(
+        tok, load_text("builtin", split="calibration"), samples=settings.samples, seq_len=settings.seq_len,
+        seed=settings.seed,
+    )  # fmt: skip
+    names = [t.name for t in find_targets(dense, [], [])]
+    x, xs = _layer_inputs(dense, names, batches), _layer_inputs(compressed, names, batches)
+    fitted = 0
+    for name in names:
+        m = compressed.get_submodule(name)
+        if not isinstance(m, LowRankLinear):
+            continue
+        a, b = x[name], xs[name]
+        stats = LayerStats(b.T @ b, b.abs().sum(0), a.shape[0], cross=a.T @ b)
+        w = dense.get_submodule(name).weight.detach().double()
+        want = decompose(w, "whiten", stats, damping=settings.damping).reconstruct(m.rank)
+        got = m.up.weight.detach().double() @ m.down.weight.detach().double()
+        assert float((got - want).norm() / want.norm()) < 1e-3, name
+        fitted += 1
+    assert fitted == len(names)
+
+
+def test_layers_reading_one_input_share_their_sums() -> None:
+    """q/k/v (and gate/up) read the same tensor: one Gram and one cross term for the group, not one per layer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=64)  # fmt: skip
+    block = LlamaForCausalLM(cfg).model.layers[0]
+    modules = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    sums = BlockStatistics(modules)
+    rotary = LlamaForCausalLM(cfg).model.rotary_emb
+    h = torch.randn(2, 5, 32)
+    emb = rotary(h, torch.arange(5)[None])
+    with torch.no_grad(), sums.record() as seen:
+        block(h, position_embeddings=emb)
+    sums.add(seen, seen)
+    stats = sums.stats()
+    assert stats["self_attn.q_proj"].gram is stats["self_attn.k_proj"].gram is stats["self_attn.v_proj"].gram
+    assert stats["mlp.gate_proj"].gram is stats["mlp.up_proj"].gram
+    assert stats["self_attn.o_proj"].gram is not stats["self_attn.q_proj"].gram
+    assert stats["self_attn.q_proj"].cross is stats["self_attn.v_proj"].cross
+    assert len({id(st.gram) for st in stats.values()}) == 4
+
+
 # ------------------------------------------------------------------------------------------------ streaming
 
 
