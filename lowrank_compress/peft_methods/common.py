@@ -9,6 +9,7 @@ merges it; peft's own in-place merge is refused (a factorized layer has no weigh
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,14 +56,17 @@ class MethodLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
+    @abc.abstractmethod
     def update_layer(self, adapter_name: str, config: Any) -> None:
-        raise NotImplementedError
+        """Create this adapter's parameters from its config."""
 
+    @abc.abstractmethod
     def update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        raise NotImplementedError
+        """The adapter's contribution to the layer's output for input x."""
 
+    @abc.abstractmethod
     def adapter_delta(self, adapter: str) -> Any:
-        raise NotImplementedError
+        """The adapter's weight update, as the merge reads it."""
 
     def base_weight(self) -> torch.Tensor:
         """The frozen base weight (out x in) in float32: factors multiplied, 4-bit dequantized."""
