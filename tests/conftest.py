@@ -21,8 +21,10 @@ os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 def quiet_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process commands see an idle machine unless a test says otherwise (see OMP_NUM_THREADS above)."""
     import lowrank_compress.evaluate as ev
+    import lowrank_compress.threads as th
 
     monkeypatch.setattr(ev, "load_average", lambda: 0.0)
+    monkeypatch.setattr(th, "other_busy_cores", lambda *_: 0.0)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from click.testing import CliRunner
 
 import lowrank_compress.evaluate as ev
+import lowrank_compress.threads as th
 from lowrank_compress.cli import cli
 from lowrank_compress.evaluate import (
     SPREAD_LIMIT,
@@ -22,7 +24,7 @@ from lowrank_compress.evaluate import (
     relative_spread,
     speed_verdict,
 )
-from lowrank_compress.threads import choose_threads, idle_cores
+from lowrank_compress.threads import choose_threads, idle_cores, other_busy_cores
 from tests.test_calibration import tiny_llama
 
 
@@ -105,15 +107,48 @@ def test_threads_are_lowered_with_a_warning_only_when_the_machine_is_busy(
     monkeypatch.setattr(ev, "machine_cores", lambda: 4)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     warnings: list[str] = []
-    monkeypatch.setattr(ev, "load_average", lambda: 0.3)
+    monkeypatch.setattr(th, "other_busy_cores", lambda: 0.3)
     assert choose_threads(None, warnings.append) == 4 and warnings == [] and torch.get_num_threads() == 4
-    monkeypatch.setattr(ev, "load_average", lambda: 2.8)
+    monkeypatch.setattr(th, "other_busy_cores", lambda: 2.8)
     assert choose_threads(None, warnings.append) == 1 == torch.get_num_threads()
     assert len(warnings) == 1 and "busy" in warnings[0] and "--threads" in warnings[0]
     assert choose_threads(3, warnings.append) == 3 == torch.get_num_threads() and len(warnings) == 1
     # an explicit OMP_NUM_THREADS is the user's choice: kept, busy or not
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert choose_threads(None, warnings.append) == 3 == torch.get_num_threads() and len(warnings) == 1
+
+
+def test_busy_cores_count_other_processes_not_this_one() -> None:
+    """The measure is what other processes use now: a child spinning on one core is one busy core; this process
+    spinning is none (a command's own start-up is not "the machine is busy")."""
+    import subprocess
+    import sys
+    import threading
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        other = other_busy_cores(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert (
+        other is not None and 0.6 <= other <= 1.5 + th.machine_cores_online()
+    )  # the rest: whatever else runs
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    try:
+        own = other_busy_cores(0.5)
+    finally:
+        stop.set()
+        thread.join()
+    assert own is not None and own < other - 0.5
 
 
 def test_idle_cores() -> None:
