@@ -50,9 +50,6 @@ class StreamedModel:
     """A transformers model built on the meta device over a `Checkpoint`; see the module docstring."""
 
     def __init__(self, ckpt: Checkpoint, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        from lowrank_compress.memory import map_large_allocations
-
-        map_large_allocations()  # so that what a block frees goes back to the system (see there)
         self.ckpt, self.device, self.dtype = ckpt, torch.device(device), dtype
         self.model = _skeleton(ckpt)
         self.model.eval()
