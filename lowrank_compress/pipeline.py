@@ -15,7 +15,7 @@ import math
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -811,29 +811,64 @@ class Prepared:
         """The error-aware fit inside the block as well as across blocks: the targets in the order they run, one
         group of layers reading the same input at a time (q/k/v, o, gate/up, down), each fitted to its dense inputs X
         and to the inputs X' it sees when the block is fed the compressed prefix with the groups before it already
-        factorized. So o_proj corrects what factorizing q/k/v changed, down_proj what gate/up changed."""
+        factorized. So o_proj corrects what factorizing q/k/v changed, down_proj what gate/up changed.
+
+        The dense inputs X of every group are kept from the one dense pass that also gives the block's outputs (a
+        group's are dropped once it is fitted): running the dense block up to each group again cost about as much
+        as the rest of pass 2."""
+        scales = self._part_scales()
+        dense_inputs = self._dense_pass(block, modules, flow, scales)
+        swapped: dict[str, nn.Module] = {}
+        for group in _groups_in_order(modules, dense_inputs):
+            group_modules = {n: modules[n] for n in group}
+            sums = self._group_sums(block, group_modules, flow, dense_inputs, scales, bool(swapped))
+            swapped.update(self._fit_group(group, ranks, sums, layers))
+            for batches in dense_inputs.values():
+                for seen in batches:
+                    for name in group:
+                        seen.pop(name, None)
+        return swapped
+
+    def _dense_pass(
+        self, block: nn.Module, modules: dict[str, nn.Module], flow: _Flow, scales: dict[str, float]
+    ) -> dict[str, list[dict[str, torch.Tensor]]]:
+        """The dense block on the dense hidden states: its outputs (the targets of the fit, and the next block's
+        dense inputs) and, per part and batch, every target's input (kept where the flow keeps hidden states)."""
         from lowrank_compress.calibration import BlockStatistics
 
-        for part in flow.ids:  # the targets of the fit, and of the next block's dense inputs
+        kept: dict[str, list[dict[str, torch.Tensor]]] = {part: [] for part in flow.ids}
+        for part in flow.ids:
             for b in range(len(flow.hidden[part])):
-                flow.dense_out[part][b] = flow.run(block, part, b, flow.hidden[part][b])
-        scales = self._part_scales()
-        swapped: dict[str, nn.Module] = {}
-        for group in _groups_in_order(block, modules, flow):
-            sums = BlockStatistics({n: modules[n] for n in group})
-            shifted = flow.shifted or bool(swapped)
-            for part in (p for p in flow.ids if scales[p]):
-                for b in range(len(flow.hidden[part])):
-                    with _dense_layers(self.streamed, swapped, modules), sums.record() as dense:
-                        flow.inputs_of(block, part, b, flow.hidden[part][b], group)
-                    moved = None
-                    if shifted:
-                        with sums.record() as moved:
-                            flow.inputs_of(block, part, b, flow.compressed[part][b], group)
-                    sums.add(dense, moved, weight=scales[part])
-                    dense = moved = None
-            swapped.update(self._fit_group(group, ranks, sums.stats(), layers))
-        return swapped
+                with BlockStatistics(modules if scales[part] else {}).record() as seen:
+                    flow.dense_out[part][b] = flow.run(block, part, b, flow.hidden[part][b])
+                stored: dict[int, torch.Tensor] = {}  # layers reading one tensor keep sharing it
+                kept[part].append({n: stored.setdefault(id(x), x.to(flow.store)) for n, x in seen.items()})
+        return kept
+
+    def _group_sums(
+        self, block: nn.Module, group: dict[str, nn.Module], flow: _Flow,
+        dense_inputs: dict[str, list[dict[str, torch.Tensor]]],
+        scales: dict[str, float], shifted_block: bool,
+    ) -> dict[str, Any]:  # fmt: skip
+        """One group's error-aware sums: its kept dense inputs paired, batch by batch, with the inputs it sees on the
+        compressed prefix's hidden states (the same inputs while nothing before it differs from the dense model)."""
+        from lowrank_compress.calibration import BlockStatistics
+
+        sums = BlockStatistics(group)
+        shifted = flow.shifted or shifted_block
+        for part in (p for p in flow.ids if scales[p]):
+            for b, seen in enumerate(dense_inputs[part]):
+                on_device: dict[int, torch.Tensor] = {}  # layers reading one tensor share their sums by it
+                dense = {
+                    n: on_device.setdefault(id(seen[n]), seen[n].to(self.streamed.device)) for n in group
+                }
+                moved = None
+                if shifted:
+                    with sums.record() as moved:
+                        flow.inputs_of(block, part, b, flow.compressed[part][b], list(group))
+                sums.add(dense, moved, weight=scales[part])
+                dense = moved = None
+        return sums.stats()
 
     def _pass2_stats(self, block: nn.Module, modules: dict[str, nn.Module], flow: _Flow) -> dict[str, Any]:
         """The block's pooled statistics of its dense inputs X for the fit (the fit to the dense model's inputs,
@@ -1009,38 +1044,20 @@ class _Flow:
         self.shifted = self.shifted or compressed
 
 
-def _groups_in_order(block: nn.Module, modules: dict[str, nn.Module], flow: _Flow) -> list[list[str]]:
-    """The targets in the order the block calls them, grouped by the input they read (found on one window)."""
-    from lowrank_compress.calibration import BlockStatistics
-
-    if not modules:
-        return []
-    part = next(iter(flow.ids))
-    with BlockStatistics(modules).record() as seen:
-        flow.run(block, part, 0, flow.hidden[part][0][:1])
-    groups: dict[int, list[str]] = {}
-    for name, x in seen.items():
-        groups.setdefault(id(x), []).append(name)
+def _groups_in_order(
+    modules: dict[str, nn.Module], dense_inputs: dict[str, list[dict[str, torch.Tensor]]]
+) -> list[list[str]]:
+    """The targets in the order the block called them in the dense pass, grouped by the input they read."""
+    seen = next((batches[0] for batches in dense_inputs.values() if batches and batches[0]), {})
     missing = [n for n in modules if n not in seen]
     if missing:
         raise LowrankError(
             f"calibration target {missing[0]} was never called during the block's forward pass"
         )
+    groups: dict[int, list[str]] = {}
+    for name, x in seen.items():
+        groups.setdefault(id(x), []).append(name)
     return list(groups.values())
-
-
-@contextlib.contextmanager
-def _dense_layers(
-    streamed: Any, swapped: dict[str, nn.Module], modules: dict[str, nn.Module]
-) -> Iterator[None]:
-    """The block as the dense model has it: the layers factorized so far swapped back for the duration."""
-    for name in swapped:
-        streamed.set_block_module(name, modules[name])
-    try:
-        yield
-    finally:
-        for name, factors in swapped.items():
-            streamed.set_block_module(name, factors)
 
 
 def _refine(streamed: Any, block: nn.Module, swapped: dict[str, nn.Module], flow: _Flow, steps: int) -> None:
