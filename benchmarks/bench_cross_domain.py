@@ -48,6 +48,9 @@ CONFIGS = {  # label -> settings beyond the defaults
     "dense-input fit, no damping": {"error_aware": False, "damping": 0.0},  # the default before the block fit
     "dense-input fit": {"error_aware": False},
     "refine 8": {"refine_steps": 8},
+    "refine 16": {"refine_steps": 16},
+    "damping 0.05": {"damping": 0.05},
+    "damping 0.2": {"damping": 0.2},
     "error-aware fit": {"error_aware": True},
     "error-aware, damping 0.1": {"error_aware": True, "damping": 0.1},
     "error-aware, refine 32": {"error_aware": True, "refine_steps": 32},
