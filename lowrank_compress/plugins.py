@@ -25,9 +25,30 @@ HOOKS: dict[str, tuple[str, str]] = {
 }
 
 
-def _run(trigger: str) -> None:
-    """Call the registration for `trigger`. A module of ours that is itself still being imported (it imported
-    `trigger`) has no function yet; it registers at its own end instead (format.py does)."""
+_pending: list[str] = []  # triggers whose registration waits for our own modules to finish importing
+
+
+def _ours_importing(but: str | None = None) -> bool:
+    """Whether a module of this package (other than `but`, and the package itself, which only installs the hooks)
+    is part-way through its import. Registering then would import our adapter modules, which may import that very
+    module back while it is still incomplete (`import lowrank_compress.peft_methods.common` first: common imports
+    peft, peft's hook registers our methods, their configs import common: a circular ImportError)."""
+    return any(
+        name.startswith(f"{__package__}.")
+        and name != but
+        and getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for name, module in list(sys.modules.items())
+    )
+
+
+def _run(trigger: str, finished: str | None = None) -> None:
+    """Call the registration for `trigger`, or queue it while one of our modules is mid-import (see
+    `_ours_importing`); a module of ours that imported `trigger` itself and has no function yet registers at its own
+    end instead (format.py does). `finished`: a module of ours whose code has just run to its end."""
+    if _ours_importing(but=finished):
+        if trigger not in _pending:
+            _pending.append(trigger)
+        return
     module_name, function = HOOKS[trigger]
     register = getattr(importlib.import_module(module_name), function, None)
     if register is not None:
@@ -37,29 +58,34 @@ def _run(trigger: str) -> None:
 class _HookedLoader:
     """The loader that found the module, running the hook after the module's code; all else is delegated."""
 
-    def __init__(self, loader: Any, trigger: str) -> None:
+    def __init__(self, loader: Any, trigger: str | None) -> None:
         self._loader = loader
-        self._trigger = trigger
+        self._trigger = trigger  # None: a module of ours, after which queued registrations may run
 
     def create_module(self, spec: Any) -> ModuleType | None:
         return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
-        _run(self._trigger)
+        if self._trigger is not None:
+            _run(self._trigger)
+        elif _pending and not _ours_importing(but=module.__name__):
+            while _pending:
+                _run(_pending.pop(0), finished=module.__name__)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._loader, name)
 
 
 class _PostImportFinder:
-    """A `sys.meta_path` finder that finds nothing itself: for the trigger modules it asks the other finders and
-    wraps the loader they return."""
+    """A `sys.meta_path` finder that finds nothing itself: for the trigger modules and our own it asks the other
+    finders and wraps the loader they return."""
 
     lowrank_compress_hooks = True  # how install() recognizes an earlier instance (also after a reload)
 
     def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None) -> Any:
-        if fullname not in HOOKS:
+        ours = fullname.startswith(f"{__package__}.")
+        if fullname not in HOOKS and not ours:
             return None
         for finder in sys.meta_path:
             find = getattr(finder, "find_spec", None)
@@ -68,7 +94,7 @@ class _PostImportFinder:
             spec = find(fullname, path, target)
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _HookedLoader(spec.loader, fullname)
+                    spec.loader = _HookedLoader(spec.loader, None if ours else fullname)
                 return spec
         return None
 

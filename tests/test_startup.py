@@ -52,6 +52,28 @@ def test_import_lowrank_compress_imports_no_heavy_dependency() -> None:
     assert last_json(python(code)) == []
 
 
+@pytest.mark.parametrize(
+    "first",
+    [
+        "lowrank_compress.peft_methods.common",  # imports peft, whose hook registers methods that import common
+        "lowrank_compress.peft_methods.bora.config",
+        "lowrank_compress.adapters",
+        "peft; import lowrank_compress",
+        "lowrank_compress; import peft",
+    ],
+)
+def test_any_module_imported_first_registers_every_peft_method(first: str) -> None:
+    """Whatever a user imports first, our peft methods end up registered, with no circular ImportError (importing
+    peft_methods.common first used to fail: the registration peft's import hook ran imported common back while it
+    was still incomplete)."""
+    code = (
+        f"import json; import {first}; import peft\n"
+        "from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as M\n"
+        "print(json.dumps(sorted(str(k) for k in M if str(k) in ('BORA', 'LOLDU', 'SINGLORA', 'SURM'))))"
+    )
+    assert last_json(python(code)) == ["BORA", "LOLDU", "SINGLORA", "SURM"]
+
+
 _NAMES = """
 import json, lowrank_compress
 import lowrank_compress.analyze, lowrank_compress.finetune, lowrank_compress.sweep  # modules named like functions
