@@ -43,6 +43,7 @@ MERGE_RANKS: tuple[str, ...] = ("grow", "keep")
 QUANTIZE: tuple[str, ...] = ("none", "nf4")
 TRAIN: tuple[str, ...] = ("adapters", "factors")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "lora-pro")  # lora-pro: LoRA-Pro's gradients, then AdamW
 
 DEVICES = "cpu, cuda, cuda:N or mps"
 

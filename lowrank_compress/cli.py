@@ -32,6 +32,7 @@ from lowrank_compress.choices import (
     DEVICES,
     GRAD_SOURCES,
     METHODS,
+    OPTIMIZERS,
     POLICIES,
     SELF_STARTS,
     check_device,
@@ -880,6 +881,13 @@ def _adapter_epilog() -> str:
     help="factors: every N steps cut each layer to the rank keeping --truncate-energy (0: never).",
 )
 @click.option("--truncate-energy", type=FINITE, default=_FT.truncate_energy, show_default=True)
+@click.option(
+    "--optimizer",
+    type=click.Choice(OPTIMIZERS),
+    default=_FT.optimizer,
+    show_default=True,
+    help="lora-pro: LoRA-Pro's gradients (the closest low-rank update to the full gradient), then AdamW (lora).",
+)
 @click.option(
     "--precision",
     type=click.Choice(["auto", "fp32", "bf16"]),

@@ -17,6 +17,7 @@ from lowrank_compress.choices import (
     GRAD_SOURCES,
     MERGE_RANKS,
     METHODS,
+    OPTIMIZERS,
     POLICIES,
     PRECISIONS,
     QUANTIZE,
@@ -242,13 +243,14 @@ class FinetuneSettings:
     truncate_every: int = 0
     truncate_energy: float = 0.999
     precision: str = "auto"
+    optimizer: str = "adamw"  # lora-pro: LoRA-Pro's adjusted gradients (training/lora_pro.py)
     save_every: int = 50
     eval_tokens: int = 16384
     seed: int = 0
 
     def validate(self) -> FinetuneSettings:
         choices = {"adapter": ADAPTERS, "quantize": QUANTIZE, "merge_rank": MERGE_RANKS, "train": TRAIN,
-                   "precision": PRECISIONS}  # fmt: skip
+                   "precision": PRECISIONS, "optimizer": OPTIMIZERS}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise LowrankError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
@@ -282,7 +284,16 @@ class FinetuneSettings:
             raise LowrankError("--nuclear and --truncate-every apply to --train factors only")
         if self.eval_tokens < 0:
             raise LowrankError(f"--eval-tokens must be >= 0, got {self.eval_tokens}")
+        self._validate_methods()
         return self
+
+    def _validate_methods(self) -> None:
+        """The training methods of issue 15 work on LoRA's two factors only."""
+        if self.optimizer != "adamw" and (self.train != "adapters" or self.adapter != "lora"):
+            what = "--train factors" if self.train != "adapters" else f"--adapter {self.adapter}"
+            raise LowrankError(
+                f"--optimizer {self.optimizer} works on LoRA's factors A and B; use --adapter lora, not {what}"
+            )
 
     @property
     def lora_alpha(self) -> float:

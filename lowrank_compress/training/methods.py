@@ -88,4 +88,8 @@ def build_methods(settings: FinetuneSettings) -> list[TrainingMethod]:
             methods.append(trp.EnergyTruncation(settings.truncate_every, settings.truncate_energy))
     else:
         methods.append(AdapterSchedule())
+    if settings.optimizer == "lora-pro":
+        from lowrank_compress.training.lora_pro import LoraPro
+
+        methods.append(LoraPro())
     return methods
