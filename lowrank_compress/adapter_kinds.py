@@ -47,6 +47,8 @@ class AdapterOptions:
     blocks: int = 2
     ramp_steps: int = 100  # singlora: T of the ramp u(t) = min(t / T, 1)
     seed: int = 0  # singlora: A's random init
+    rank_pattern: dict[str, int] | None = None  # lora: a rank per module (GoRA), saved in the adapter config
+    alpha_pattern: dict[str, float] | None = None  # lora: an alpha per module, with rank_pattern
 
 
 def widths(module: nn.Module) -> tuple[int, int]:
@@ -118,8 +120,9 @@ def peft_config(kind: str, model: nn.Module, names: list[str], options: AdapterO
     cls = _config_class(method, lowrank)
     common = {"target_modules": names}
     if method == "lora":
+        patterns = {"rank_pattern": options.rank_pattern or {}, "alpha_pattern": options.alpha_pattern or {}}
         return cls(r=options.rank, lora_alpha=options.alpha, lora_dropout=0.0, use_dora=kind == "dora", bias="none",
-                   fan_in_fan_out=conv1d, **common)  # fmt: skip
+                   fan_in_fan_out=conv1d, **patterns, **common)  # fmt: skip
     if (
         method == "c3a"
     ):  # zero kernels (init_weights=True): the model starts where it was, as LoRA's B = 0 does

@@ -44,6 +44,7 @@ QUANTIZE: tuple[str, ...] = ("none", "nf4")
 TRAIN: tuple[str, ...] = ("adapters", "factors")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "lora-pro")  # lora-pro: LoRA-Pro's gradients, then AdamW
+INITS: tuple[str, ...] = ("zero", "gora")  # zero: every adapter starts at a zero update; gora: GoRA
 
 DEVICES = "cpu, cuda, cuda:N or mps"
 

@@ -31,6 +31,7 @@ from lowrank_compress.choices import (
     ADAPTERS,
     DEVICES,
     GRAD_SOURCES,
+    INITS,
     METHODS,
     OPTIMIZERS,
     POLICIES,
@@ -887,6 +888,27 @@ def _adapter_epilog() -> str:
     default=_FT.optimizer,
     show_default=True,
     help="lora-pro: LoRA-Pro's gradients (the closest low-rank update to the full gradient), then AdamW (lora).",
+)
+@click.option(
+    "--init",
+    type=click.Choice(INITS),
+    default=_FT.init,
+    show_default=True,
+    help="gora: GoRA's ranks per layer (gradient importance, same trainable budget) and gradient init (lora).",
+)
+@click.option(
+    "--init-batches",
+    type=int,
+    default=_FT.init_batches,
+    show_default=True,
+    help="gora: batches whose gradients are accumulated.",
+)
+@click.option(
+    "--gora-gamma",
+    type=FINITE,
+    default=_FT.gora_gamma,
+    show_default=True,
+    help="gora: the initial update is -(gamma / rank) x the gradient projected on A's rows.",
 )
 @click.option(
     "--precision",

@@ -15,6 +15,7 @@ import yaml
 from lowrank_compress.choices import (
     ADAPTERS,
     GRAD_SOURCES,
+    INITS,
     MERGE_RANKS,
     METHODS,
     OPTIMIZERS,
@@ -244,13 +245,16 @@ class FinetuneSettings:
     truncate_energy: float = 0.999
     precision: str = "auto"
     optimizer: str = "adamw"  # lora-pro: LoRA-Pro's adjusted gradients (training/lora_pro.py)
+    init: str = "zero"  # gora: GoRA's ranks and gradient init (training/gora.py)
+    init_batches: int = 8  # gora: batches whose gradients are accumulated
+    gora_gamma: float = 16.0  # gora: the initial update is -(gamma / rank) G projected on A's rows
     save_every: int = 50
     eval_tokens: int = 16384
     seed: int = 0
 
     def validate(self) -> FinetuneSettings:
         choices = {"adapter": ADAPTERS, "quantize": QUANTIZE, "merge_rank": MERGE_RANKS, "train": TRAIN,
-                   "precision": PRECISIONS, "optimizer": OPTIMIZERS}  # fmt: skip
+                   "precision": PRECISIONS, "optimizer": OPTIMIZERS, "init": INITS}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise LowrankError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
@@ -289,11 +293,20 @@ class FinetuneSettings:
 
     def _validate_methods(self) -> None:
         """The training methods of issue 15 work on LoRA's two factors only."""
-        if self.optimizer != "adamw" and (self.train != "adapters" or self.adapter != "lora"):
-            what = "--train factors" if self.train != "adapters" else f"--adapter {self.adapter}"
-            raise LowrankError(
-                f"--optimizer {self.optimizer} works on LoRA's factors A and B; use --adapter lora, not {what}"
-            )
+        asked = [f"--{k.replace('_', '-')} {v}" for k, v in
+                 (("optimizer", self.optimizer), ("init", self.init)) if v not in ("adamw", "zero")]  # fmt: skip
+        for option in asked:
+            if self.train != "adapters" or self.adapter != "lora":
+                what = "--train factors" if self.train != "adapters" else f"--adapter {self.adapter}"
+                raise LowrankError(
+                    f"{option} works on LoRA's factors A and B; use --adapter lora, not {what}"
+                )
+        if self.init == "gora" and self.quantize != "none":
+            raise LowrankError("--init gora reads each layer's full-precision weight; drop --quantize nf4")
+        if self.init_batches < 1:
+            raise LowrankError(f"--init-batches must be at least 1, got {self.init_batches}")
+        if not (self.gora_gamma > 0 and math.isfinite(self.gora_gamma)):
+            raise LowrankError(f"--gora-gamma must be a positive number, got {self.gora_gamma}")
 
     @property
     def lora_alpha(self) -> float:

@@ -3,6 +3,7 @@ it checks and derives the expected values independently (numpy least squares, SV
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,10 @@ import pytest
 import torch
 
 import lowrank_compress
+from lowrank_compress.errors import TrainingInterrupted
 from lowrank_compress.finetune import FinetuneSettings, finetune
-from lowrank_compress.training import lora_pro
-from tests.fixtures import training_text
+from lowrank_compress.training import gora, lora_pro
+from tests.fixtures import tiny_llama, training_text
 
 FAST = {"seq_len": 64, "rank": 4, "eval_tokens": 0, "batch_size": 2, "steps": 4}
 
@@ -22,6 +24,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("text") / "train.txt"
     path.write_text(training_text(12_000), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def dense_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("dense"))
 
 
 def settings(data: Path, **kw: object) -> FinetuneSettings:
@@ -152,6 +159,127 @@ def test_lora_pro_trains_end_to_end_and_differs_from_lora_after_the_first_step(
     PeftModel.from_pretrained(lowrank_compress.load(factorized), tmp_path / "pro")
 
 
+# --------------------------------------------------------------------------------------------------- GoRA
+
+
+def test_gora_ranks_follow_importance_and_fill_the_budget() -> None:
+    """GoRA's allocation: r_l proportional to importance under sum_l r_l (in_l + out_l) = r sum_l (in_l + out_l).
+    With equal widths the ranks sum to exactly n r and are ordered like the importances."""
+    imp = {"a": 1.0, "b": 3.0, "c": 0.5, "d": 2.5}
+    ranks = gora.allocate(imp, dict.fromkeys(imp, 100), rank=8, max_rank=32)
+    assert sum(ranks.values()) == 4 * 8
+    order = sorted(imp, key=imp.get)
+    assert [ranks[n] for n in order] == sorted(ranks.values())
+    ideal = {n: 32 * v / sum(imp.values()) for n, v in imp.items()}  # budget share in ranks, brute force
+    assert all(abs(ranks[n] - ideal[n]) < 1 for n in imp)
+
+
+def test_gora_allocation_with_unequal_widths_stays_within_the_budget_and_leaves_no_rank_unspent() -> None:
+    imp = {"q": 4.0, "k": 1.0, "up": 2.0, "down": 0.3}
+    widths = {"q": 128, "k": 96, "up": 320, "down": 320}
+    ranks = gora.allocate(imp, widths, rank=4, max_rank=16)
+    budget = 4 * sum(widths.values())
+    used = sum(ranks[n] * widths[n] for n in ranks)
+    assert used <= budget and all(used + widths[n] > budget or ranks[n] == 16 for n in ranks)
+    assert all(1 <= r <= 16 for r in ranks.values())
+
+
+def test_gora_initial_update_is_a_projected_gradient_step() -> None:
+    """GoRA's init: B = -(gamma / alpha) G A^+ is the least-squares B for B A = -(gamma / alpha) G (numpy lstsq),
+    so s B A = -(gamma / r) G P_A with s = alpha / r: it points along -G (positive inner product)."""
+    a, g = rand(3, 10, seed=12), rand(7, 10, seed=13)
+    gamma, alpha, r = 16.0, 8.0, 4
+    b = gora.initial_b(torch.from_numpy(a), torch.from_numpy(g), gamma, alpha).numpy()
+    b_ls = np.linalg.lstsq(a.T, -(gamma / alpha) * g.T, rcond=None)[0].T
+    np.testing.assert_allclose(b, b_ls, rtol=1e-9, atol=1e-12)
+    update = (alpha / r) * b @ a
+    np.testing.assert_allclose(update, -(gamma / r) * g @ np.linalg.pinv(a) @ a, rtol=1e-9, atol=1e-12)
+    assert float(np.sum(update * -g)) > 0
+
+
+def test_gora_gradients_are_the_full_weight_gradients(dense_model_dir: Path, data: Path) -> None:
+    """The hooks' sum over tokens of (dL/dy) x^T is dL/dW, compared with autograd on the weights themselves."""
+    from accelerate import Accelerator
+
+    from lowrank_compress.loading import load_model
+    from lowrank_compress.training.data import pack
+    from lowrank_compress.training.loop import Run
+
+    model, tok, _ = load_model(dense_model_dir)
+    model.requires_grad_(False)
+    rows = pack(tok, training_text(6000), 32)
+    run = Run(settings=settings(data), accelerator=Accelerator(cpu=True), model=model, rows=rows, total=1,
+              precision="fp32")  # fmt: skip
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    grads = gora.accumulate_gradients(run, names, batches=2)
+    weights = [model.get_submodule(n).weight for n in names]
+    for w in weights:
+        w.requires_grad_(True)
+    for i in range(2):
+        batch = run.batch(i, 0)
+        (model(input_ids=batch, labels=batch).loss / 2).backward()
+    for n, w in zip(names, weights, strict=True):
+        torch.testing.assert_close(grads[n], w.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_gora_run_saves_its_rank_pattern_and_reloads_with_peft(
+    factorized: Path, data: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    result = finetune(factorized, tmp_path / "g", settings(data, init="gora", init_batches=2, lr=5e-3))
+    ranks = result.methods["gora"]["ranks"]
+    assert result.methods["gora"]["initialized_layers"] == len(ranks)
+    config = json.loads((tmp_path / "g" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == ranks and len(set(ranks.values())) > 1
+    for name, r in ranks.items():  # one scaling s = alpha / r for every layer, as GoRA's fixed scaling
+        assert config["alpha_pattern"][name] / r == pytest.approx(config["lora_alpha"] / config["r"])
+    plain = finetune(factorized, tmp_path / "p", settings(data, lr=5e-3, steps=1))
+    assert result.losses[0] != pytest.approx(plain.losses[0], rel=1e-6)  # GoRA starts one projected step away
+    base = lowrank_compress.load(factorized)
+    widths = {n: sum(gora.dense_weight(base.get_submodule(n)).shape) for n in ranks}
+    assert sum(ranks[n] * widths[n] for n in ranks) <= 4 * sum(widths.values())  # plain LoRA's budget
+    weights = load_file(str(tmp_path / "g" / "adapter_model.safetensors"))
+    for key, t in weights.items():
+        if "lora_B" in key:
+            name = key.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
+            assert t.shape[1] == ranks[name]
+    merged = finetune(
+        factorized, tmp_path / "m", settings(data, init="gora", init_batches=2, lr=5e-3, merge=True)
+    )
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "g")
+    ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = (
+            peft_model(input_ids=ids).logits,
+            lowrank_compress.load(tmp_path / "m")(input_ids=ids).logits,
+        )
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert merged.losses == pytest.approx(result.losses)
+
+
+def test_gora_run_resumes_with_its_ranks_and_ends_where_the_uninterrupted_run_does(
+    factorized: Path, data: Path, tmp_path: Path
+) -> None:
+    """The checkpoint keeps GoRA's ranks (no gradients recomputed on resume; B comes from accelerate's state)."""
+    from safetensors.torch import load_file
+
+    kw = {"init": "gora", "init_batches": 2, "steps": 5, "save_every": 2, "lr": 5e-3}
+    straight = finetune(factorized, tmp_path / "s", settings(data, **kw))
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(TrainingInterrupted):
+        finetune(factorized, tmp_path / "r", settings(data, **kw), checkpoint_dir=ckpt, stop_after=3)
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["methods"]["gora"]["ranks"] == straight.methods["gora"]["ranks"]
+    resumed = finetune(factorized, tmp_path / "r", settings(data, **kw), checkpoint_dir=ckpt, resume=ckpt)
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-5, abs=1e-6)
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("s", "r"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 
 
@@ -159,7 +287,9 @@ def test_lora_pro_trains_end_to_end_and_differs_from_lora_after_the_first_step(
     ("flags", "message"),
     [
         (["--optimizer", "lora-pro", "--adapter", "dora"], "--optimizer lora-pro works on LoRA's factors"),
-        (["--optimizer", "lora-pro", "--train", "factors"], "--optimizer lora-pro works on LoRA's factors"),
+        (["--init", "gora", "--train", "factors"], "--init gora works on LoRA's factors"),
+        (["--init", "gora", "--quantize", "nf4"], "drop --quantize nf4"),
+        (["--init", "gora", "--init-batches", "0"], "--init-batches must be at least 1"),
     ],
 )
 def test_methods_on_the_wrong_adapter_fail_in_one_line(

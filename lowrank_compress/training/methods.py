@@ -88,6 +88,10 @@ def build_methods(settings: FinetuneSettings) -> list[TrainingMethod]:
             methods.append(trp.EnergyTruncation(settings.truncate_every, settings.truncate_energy))
     else:
         methods.append(AdapterSchedule())
+    if settings.init == "gora":
+        from lowrank_compress.training.gora import Gora
+
+        methods.append(Gora(settings))
     if settings.optimizer == "lora-pro":
         from lowrank_compress.training.lora_pro import LoraPro
 
