@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import lowrank_compress
-from lowrank_compress.errors import TrainingInterrupted
+from lowrank_compress.errors import LowrankError, TrainingInterrupted
 from lowrank_compress.finetune import FinetuneSettings, finetune
-from lowrank_compress.training import gora, lora_pro
+from lowrank_compress.modules import LowRankLinear
+from lowrank_compress.training import gora, lora_pro, trp
 from tests.fixtures import tiny_llama, training_text
 
 FAST = {"seq_len": 64, "rank": 4, "eval_tokens": 0, "batch_size": 2, "steps": 4}
@@ -278,6 +279,136 @@ def test_gora_run_resumes_with_its_ranks_and_ends_where_the_uninterrupted_run_do
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------- TRP
+
+
+def test_factored_nuclear_norm_equals_the_nuclear_norm_at_the_balanced_factors_and_bounds_it_elsewhere() -> (
+    None
+):
+    """TRP's surrogate (||U||_F^2 + ||D||_F^2) / 2 >= ||U D||_*, with equality at U = P S^1/2, D = S^1/2 Q^T
+    (numpy SVD); any other factorization U M, M^-1 D of the same product gives more."""
+    w = rand(6, 4, seed=14) @ rand(4, 9, seed=15)
+    p, sv, qt = np.linalg.svd(w, full_matrices=False)
+    nuclear = sv.sum()
+    up, down = p[:, :4] * np.sqrt(sv[:4]), np.sqrt(sv[:4])[:, None] * qt[:4]
+    value = float(trp.factored_nuclear(torch.from_numpy(up), torch.from_numpy(down)))
+    assert value == pytest.approx(nuclear, rel=1e-6)
+    for seed in range(5):
+        m = rand(4, 4, seed=20 + seed) + 3 * np.eye(4)
+        other = float(
+            trp.factored_nuclear(torch.from_numpy(up @ m), torch.from_numpy(np.linalg.solve(m, down)))
+        )
+        assert other >= nuclear * (1 - 1e-6)
+
+
+def test_energy_rank_is_the_least_rank_holding_the_energy() -> None:
+    s = np.array([5.0, 3.0, 2.0, 1.0, 0.5])
+    for energy in (0.5, 0.7, 0.9, 0.97, 0.99, 0.999, 1.0):
+        brute = next(r for r in range(1, 6) if (s[:r] ** 2).sum() >= energy * (s**2).sum() - 1e-12)
+        assert trp.energy_rank(torch.from_numpy(s), energy) == brute
+
+
+def test_truncation_cuts_each_layer_to_the_energy_rule_and_to_its_best_approximation(
+    factorized: Path,
+) -> None:
+    """TRP's truncation: each layer gets the least rank r with sum_{i<r} s_i^2 >= energy sum s_i^2 of its product
+    (numpy SVD, brute force), and its new product is the rank-r SVD truncation (Eckart-Young); the optimizer loses
+    the state of the replaced factors and holds the new ones."""
+    model = lowrank_compress.load(factorized)
+    model.requires_grad_(False)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    expected, products = {}, {}
+    for name, m in layers.items():
+        w = (m.up.weight @ m.down.weight).detach().double().numpy()
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        r = next(k for k in range(1, len(s) + 1) if (s[:k] ** 2).sum() >= 0.8 * (s**2).sum())
+        if r < m.rank:
+            expected[name], products[name] = r, (u[:, :r] * s[:r]) @ vt[:r]
+        m.up.weight.requires_grad_(True)
+        m.down.weight.requires_grad_(True)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    cut = trp.truncate_by_energy(model, optimizer, 0.8)
+    assert cut == expected and cut
+    for name, r in cut.items():
+        m = model.get_submodule(name)
+        assert m.rank == r
+        got = (m.up.weight @ m.down.weight).detach().double().numpy()
+        np.testing.assert_allclose(got, products[name], rtol=1e-4, atol=1e-5)
+    assert set(map(id, optimizer.param_groups[0]["params"])) == {
+        id(p) for p in model.parameters() if p.requires_grad
+    }
+
+
+def test_truncation_during_training_keeps_the_energy_ranks(
+    factorized: Path, data: Path, tmp_path: Path
+) -> None:
+    """Each cut keeps, per layer, the energy rule's rank of the product at that moment: recomputed here from the
+    written factors' spectra for the last cut (the run ends after it without another step changing them: steps =
+    truncate_every + 1 leaves one step, so the written ranks are the cut's and no larger than the rule's)."""
+    result = finetune(factorized, tmp_path / "t", settings(data, train="factors", truncate_every=2, steps=3,
+                                                           truncate_energy=0.8, lr=1e-4))  # fmt: skip
+    cuts = result.methods["truncation"]["cuts"]
+    assert len(cuts) == 1 and cuts[0]["step"] == 2
+    reloaded = lowrank_compress.load(tmp_path / "t")
+    for name, m in reloaded.named_modules():
+        if isinstance(m, LowRankLinear) and name in cuts[0]["ranks"]:
+            assert m.rank == cuts[0]["ranks"][name]
+    original = lowrank_compress.load(factorized)
+    for (
+        name,
+        m,
+    ) in original.named_modules():  # before training, the rule gives at most what the cut kept + slack
+        if isinstance(m, LowRankLinear) and name in cuts[0]["ranks"]:
+            s = np.linalg.svd((m.up.weight @ m.down.weight).detach().double().numpy(), compute_uv=False)
+            brute = next(r for r in range(1, len(s) + 1) if (s[:r] ** 2).sum() >= 0.8 * (s**2).sum())
+            assert abs(cuts[0]["ranks"][name] - brute) <= 1  # two steps at lr 1e-4 barely move the spectrum
+
+
+# --------------------------------------------------------------------------------------------------- resume
+
+
+def test_resumed_factor_training_with_truncation_ends_where_the_uninterrupted_run_does(
+    factorized: Path, data: Path, tmp_path: Path
+) -> None:
+    """Interrupted after a truncation changed the ranks, resumed from accelerate's state: the same final factors."""
+    from safetensors.torch import load_file
+
+    kw = {
+        "train": "factors",
+        "truncate_every": 2,
+        "truncate_energy": 0.9,
+        "steps": 5,
+        "save_every": 2,
+        "lr": 1e-3,
+    }
+    finetune(factorized, tmp_path / "straight", settings(data, **kw))
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(TrainingInterrupted):
+        finetune(factorized, tmp_path / "r", settings(data, **kw), checkpoint_dir=ckpt, stop_after=3)
+    assert (ckpt / "optimizer.bin").is_file() and (
+        ckpt / "trained.safetensors"
+    ).is_file()  # accelerate's files
+    finetune(factorized, tmp_path / "r", settings(data, **kw), checkpoint_dir=ckpt, resume=ckpt)
+    a, b = (
+        load_file(str(tmp_path / "straight" / "model.safetensors")),
+        load_file(str(tmp_path / "r" / "model.safetensors")),
+    )
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_of_the_old_format_is_refused_in_one_line(
+    factorized: Path, data: Path, tmp_path: Path
+) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "state.json").write_text(json.dumps({"version": 1, "step": 2}))
+    (old / "trainable.safetensors").write_bytes(b"")
+    with pytest.raises(LowrankError, match="older lowrank-compress"):
+        finetune(factorized, tmp_path / "o", settings(data), resume=old)
 
 
 # --------------------------------------------------------------------------------------------------- CLI
