@@ -35,6 +35,7 @@ from lowrank_compress.choices import (
     METHODS,
     OPTIMIZERS,
     POLICIES,
+    RANK_SCHEDULES,
     SELF_STARTS,
     check_device,
 )
@@ -895,6 +896,13 @@ def _adapter_epilog() -> str:
     default=_FT.init,
     show_default=True,
     help="gora: GoRA's ranks per layer (gradient importance, same trainable budget) and gradient init (lora).",
+)
+@click.option(
+    "--rank-schedule",
+    type=click.Choice(RANK_SCHEDULES),
+    default=_FT.rank_schedule,
+    show_default=True,
+    help="adalora: peft's AdaLoRA, triplets pruned during training down to --rank per layer on average (lora).",
 )
 @click.option(
     "--init-batches",

@@ -320,6 +320,9 @@ def _start(run: Run, saved: dict[str, Any] | None, resume: str | Path | None) ->
     run.scheduler = _cosine(optimizer, run.total, s.warmup)
     run.model, run.optimizer = acc.prepare(run.model, optimizer)
     acc.register_for_checkpointing(run.scheduler)  # not prepared: its step count stays one per optimizer step
+    for method in run.methods:  # a method with state of its own (AdaLoRA's allocator) checkpoints it too
+        if hasattr(method, "state_dict"):
+            acc.register_for_checkpointing(method)
     checkpoints.attach_hooks(acc)
     if saved:
         acc.load_state(str(saved["dir"]))

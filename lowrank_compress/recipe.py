@@ -22,6 +22,7 @@ from lowrank_compress.choices import (
     POLICIES,
     PRECISIONS,
     QUANTIZE,
+    RANK_SCHEDULES,
     SELF_STARTS,
     TRAIN,
     check_device,
@@ -248,13 +249,17 @@ class FinetuneSettings:
     init: str = "zero"  # gora: GoRA's ranks and gradient init (training/gora.py)
     init_batches: int = 8  # gora: batches whose gradients are accumulated
     gora_gamma: float = 16.0  # gora: the initial update is -(gamma / rank) G projected on A's rows
+    rank_schedule: str = (
+        "none"  # adalora: peft's AdaLoRA, ranks allocated during training (training/rank_schedule.py)
+    )
     save_every: int = 50
     eval_tokens: int = 16384
     seed: int = 0
 
     def validate(self) -> FinetuneSettings:
         choices = {"adapter": ADAPTERS, "quantize": QUANTIZE, "merge_rank": MERGE_RANKS, "train": TRAIN,
-                   "precision": PRECISIONS, "optimizer": OPTIMIZERS, "init": INITS}  # fmt: skip
+                   "precision": PRECISIONS, "optimizer": OPTIMIZERS, "init": INITS,
+                   "rank_schedule": RANK_SCHEDULES}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise LowrankError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
@@ -294,13 +299,19 @@ class FinetuneSettings:
     def _validate_methods(self) -> None:
         """The training methods of issue 15 work on LoRA's two factors only."""
         asked = [f"--{k.replace('_', '-')} {v}" for k, v in
-                 (("optimizer", self.optimizer), ("init", self.init)) if v not in ("adamw", "zero")]  # fmt: skip
+                 (("optimizer", self.optimizer), ("init", self.init), ("rank_schedule", self.rank_schedule))
+                 if v not in ("adamw", "zero", "none")]  # fmt: skip
         for option in asked:
             if self.train != "adapters" or self.adapter != "lora":
                 what = "--train factors" if self.train != "adapters" else f"--adapter {self.adapter}"
                 raise LowrankError(
                     f"{option} works on LoRA's factors A and B; use --adapter lora, not {what}"
                 )
+        if self.rank_schedule != "none" and len(asked) > 1:
+            raise LowrankError(
+                f"--rank-schedule {self.rank_schedule} trains its own SVD-form adapters; it does not combine with "
+                f"{[a for a in asked if not a.startswith('--rank-schedule')][0]}"
+            )
         if self.init == "gora" and self.quantize != "none":
             raise LowrankError("--init gora reads each layer's full-precision weight; drop --quantize nf4")
         if self.init_batches < 1:

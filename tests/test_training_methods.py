@@ -281,6 +281,61 @@ def test_gora_run_resumes_with_its_ranks_and_ends_where_the_uninterrupted_run_do
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+# --------------------------------------------------------------------------------------------------- AdaLoRA
+
+
+@pytest.mark.parametrize("which", ["factorized", "dense"])
+def test_adalora_prunes_within_the_budget_and_the_saved_adapter_reproduces_the_merge(
+    factorized: Path, dense_model_dir: Path, data: Path, tmp_path: Path, which: str
+) -> None:
+    """AdaLoRA (peft's allocator, called by the loop): every layer starts at init_r = ceil(1.5 r) triplets and ends
+    with at most that, the total at most r per layer (the target budget); pruned triplets hold E = 0, so the saved
+    adapter, cut by peft to the surviving triplets, gives the logits of the model merged from every triplet."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = factorized if which == "factorized" else dense_model_dir
+    kw = {"rank_schedule": "adalora", "steps": 10, "lr": 5e-3}
+    result = finetune(model, tmp_path / "a", settings(data, **kw))
+    info = result.methods["adalora"]
+    ranks = info["ranks"]
+    assert info["init_r"] == 6 and all(0 <= r <= 6 for r in ranks.values())
+    assert sum(ranks.values()) <= 4 * len(ranks) < 6 * len(ranks)
+    assert info["trainable_end"] < info["trainable_start"] and info["pruned_max_abs_e"] == 0.0
+    weights = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    for key, t in weights.items():
+        if ".lora_E" in key:
+            name = key.removeprefix("base_model.model.").split(".lora_E")[0]
+            assert t.shape[0] == ranks[name]
+    merged = finetune(model, tmp_path / "m", settings(data, merge=True, **kw))
+    assert merged.losses == pytest.approx(result.losses)
+    load = lowrank_compress.load if which == "factorized" else AutoModelForCausalLM.from_pretrained
+    peft_model = PeftModel.from_pretrained(load(model), tmp_path / "a")
+    ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = peft_model(input_ids=ids).logits, load(tmp_path / "m")(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_adalora_resumes_with_its_allocator_state(factorized: Path, data: Path, tmp_path: Path) -> None:
+    """The allocator's smoothed scores and mask pattern travel in accelerate's checkpoint (a registered object)."""
+    from safetensors.torch import load_file
+
+    kw = {"rank_schedule": "adalora", "steps": 8, "save_every": 2, "lr": 5e-3}
+    straight = finetune(factorized, tmp_path / "s", settings(data, **kw))
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(TrainingInterrupted):
+        finetune(factorized, tmp_path / "r", settings(data, **kw), checkpoint_dir=ckpt, stop_after=5)
+    resumed = finetune(factorized, tmp_path / "r", settings(data, **kw), checkpoint_dir=ckpt, resume=ckpt)
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-5, abs=1e-6)
+    assert resumed.methods["adalora"]["ranks"] == straight.methods["adalora"]["ranks"]
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("s", "r"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------- TRP
 
 
@@ -421,6 +476,14 @@ def test_a_checkpoint_of_the_old_format_is_refused_in_one_line(
         (["--init", "gora", "--train", "factors"], "--init gora works on LoRA's factors"),
         (["--init", "gora", "--quantize", "nf4"], "drop --quantize nf4"),
         (["--init", "gora", "--init-batches", "0"], "--init-batches must be at least 1"),
+        (
+            ["--rank-schedule", "adalora", "--adapter", "dora"],
+            "--rank-schedule adalora works on LoRA's factors",
+        ),
+        (
+            ["--rank-schedule", "adalora", "--optimizer", "lora-pro"],
+            "does not combine with --optimizer lora-pro",
+        ),
     ],
 )
 def test_methods_on_the_wrong_adapter_fail_in_one_line(
