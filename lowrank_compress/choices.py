@@ -45,7 +45,11 @@ TRAIN: tuple[str, ...] = ("adapters", "factors")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "lora-pro")  # lora-pro: LoRA-Pro's gradients, then AdamW
 INITS: tuple[str, ...] = ("zero", "gora")  # zero: every adapter starts at a zero update; gora: GoRA
-RANK_SCHEDULES: tuple[str, ...] = ("none", "adalora")  # adalora: peft's AdaLoRA, allocated by the loop
+RANK_SCHEDULES: tuple[str, ...] = (
+    "none",
+    "adalora",
+    "elalora",
+)  # adalora: peft's AdaLoRA, allocated by the loop
 
 DEVICES = "cpu, cuda, cuda:N or mps"
 

@@ -902,7 +902,8 @@ def _adapter_epilog() -> str:
     type=click.Choice(RANK_SCHEDULES),
     default=_FT.rank_schedule,
     show_default=True,
-    help="adalora: peft's AdaLoRA, triplets pruned during training down to --rank per layer on average (lora).",
+    help="adalora: peft's AdaLoRA, pruned down to --rank per layer on average; elalora: ElaLoRA, pruned and expanded "
+    "at --rank per layer on average (lora).",
 )
 @click.option(
     "--init-batches",

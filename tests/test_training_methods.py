@@ -14,7 +14,7 @@ import lowrank_compress
 from lowrank_compress.errors import LowrankError, TrainingInterrupted
 from lowrank_compress.finetune import FinetuneSettings, finetune
 from lowrank_compress.modules import LowRankLinear
-from lowrank_compress.training import gora, lora_pro, trp
+from lowrank_compress.training import gora, lora_pro, rank_schedule, trp
 from tests.fixtures import tiny_llama, training_text
 
 FAST = {"seq_len": 64, "rank": 4, "eval_tokens": 0, "batch_size": 2, "steps": 4}
@@ -318,22 +318,66 @@ def test_adalora_prunes_within_the_budget_and_the_saved_adapter_reproduces_the_m
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_adalora_resumes_with_its_allocator_state(factorized: Path, data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("schedule", ["adalora", "elalora"])
+def test_rank_schedules_resume_with_their_allocator_state(
+    factorized: Path, data: Path, tmp_path: Path, schedule: str
+) -> None:
     """The allocator's smoothed scores and mask pattern travel in accelerate's checkpoint (a registered object)."""
     from safetensors.torch import load_file
 
-    kw = {"rank_schedule": "adalora", "steps": 8, "save_every": 2, "lr": 5e-3}
+    kw = {"rank_schedule": schedule, "steps": 8, "save_every": 2, "lr": 5e-3}
     straight = finetune(factorized, tmp_path / "s", settings(data, **kw))
     ckpt = tmp_path / "ckpt"
     with pytest.raises(TrainingInterrupted):
         finetune(factorized, tmp_path / "r", settings(data, **kw), checkpoint_dir=ckpt, stop_after=5)
     resumed = finetune(factorized, tmp_path / "r", settings(data, **kw), checkpoint_dir=ckpt, resume=ckpt)
     assert resumed.losses == pytest.approx(straight.losses, rel=1e-5, abs=1e-6)
-    assert resumed.methods["adalora"]["ranks"] == straight.methods["adalora"]["ranks"]
+    assert resumed.methods[schedule]["ranks"] == straight.methods[schedule]["ranks"]
     a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("s", "r"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_elastic_step_prunes_the_least_important_and_expands_the_most_important_layers() -> None:
+    """ElaLoRA's adjustment: the k globally lowest-scoring active triplets go (brute force: sorted scores), k come
+    back in the layers with the highest mean active score, and the total is unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    scores = {n: torch.rand(6, generator=gen) for n in "abcd"}
+    scores["d"] = scores["d"] + 10  # the most important layer
+    active = {n: torch.tensor([True] * 3 + [False] * 3) for n in "abcd"}
+    before = {n: m.clone() for n, m in active.items()}
+    pruned, added = rank_schedule.elastic_step(scores, active, k=2)
+    ranked = sorted((float(scores[n][i]), n, i) for n in "abcd" for i in range(3))
+    assert sorted(pruned) == sorted((n, i) for _, n, i in ranked[:2])
+    assert sum(int(m.sum()) for m in active.values()) == 12 and len(added) == 2
+    assert added[0][0] == "d" and all(not before[n][i] for n, i in added)  # free slots of the top layers
+
+
+def test_elalora_keeps_the_total_rank_moves_it_between_layers_and_reloads(
+    factorized: Path, data: Path, tmp_path: Path
+) -> None:
+    """Every adjustment keeps sum of ranks = r per layer (the budget) with each layer within its pool of 2 r;
+    inactive triplets hold E = 0, so the saved adapter (active triplets only) reproduces the merged model."""
+    from peft import PeftModel
+
+    kw = {"rank_schedule": "elalora", "steps": 12, "lr": 5e-3}
+    result = finetune(factorized, tmp_path / "a", settings(data, **kw))
+    info = result.methods["elalora"]
+    ranks, n = info["ranks"], len(info["ranks"])
+    assert info["adjustments"] and all(h["total"] == 4 * n for h in info["adjustments"])
+    assert sum(ranks.values()) == 4 * n and all(1 <= r <= 8 for r in ranks.values())
+    assert set(ranks.values()) != {4} and info["pruned_max_abs_e"] == 0.0
+    merged = finetune(factorized, tmp_path / "m", settings(data, merge=True, **kw))
+    assert merged.losses == pytest.approx(result.losses)
+    peft_model = PeftModel.from_pretrained(lowrank_compress.load(factorized), tmp_path / "a")
+    ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = (
+            peft_model(input_ids=ids).logits,
+            lowrank_compress.load(tmp_path / "m")(input_ids=ids).logits,
+        )
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------- TRP

@@ -92,10 +92,10 @@ def build_methods(settings: FinetuneSettings) -> list[TrainingMethod]:
         from lowrank_compress.training.gora import Gora
 
         methods.append(Gora(settings))
-    if settings.rank_schedule == "adalora":
-        from lowrank_compress.training.rank_schedule import AdaLora
+    if settings.rank_schedule in ("adalora", "elalora"):
+        from lowrank_compress.training.rank_schedule import AdaLora, ElaLora
 
-        methods.append(AdaLora(settings))
+        methods.append((AdaLora if settings.rank_schedule == "adalora" else ElaLora)(settings))
     if settings.optimizer == "lora-pro":
         from lowrank_compress.training.lora_pro import LoraPro
 
