@@ -149,18 +149,13 @@ def finetune(
 
     params_before = _count(loaded.model)
     loaded.model.to(accelerator.device)
-    ppl: dict[str, float | None] = {"before": None, "after": None, "merged": None}
-    if eval_text is not None:
-        report("perplexity before", 0, 1, "")
-        ppl["before"] = _perplexity(
-            loaded.model, loaded.tokenizer, eval_text, settings, accelerator.device, "fp32"
-        )
+    ppl = {"before": _scored("before", loaded.model, loaded, eval_text, settings, "fp32", report), "after": None,
+           "merged": None}  # fmt: skip
     timings["eval_before"] = time.perf_counter() - clock - sum(timings.values())
 
-    per_step = settings.batch_size * settings.grad_accum * accelerator.num_processes
-    total = settings.steps or max(1, math.ceil((settings.epochs or 1.0) * rows.shape[0] / per_step))
-    run = Run(settings=settings, accelerator=accelerator, model=loaded.model, rows=rows, total=total,
-              precision=precision, methods=build_methods(settings), out=str(out))  # fmt: skip
+    run = Run(settings=settings, accelerator=accelerator, model=loaded.model, rows=rows,
+              total=_total_steps(settings, rows, accelerator.num_processes), precision=precision,
+              methods=build_methods(settings), out=str(out))  # fmt: skip
     qreport, warnings = _trainable(run, loaded, saved)
     for w in warnings:
         say(w)
@@ -168,11 +163,7 @@ def finetune(
     memory = _train(run, ckpt_dir, model_path, data_info, report, stop_after, timings)
     trainer = accelerator.unwrap_model(run.model)
     trainer.eval()
-    if eval_text is not None:
-        report("perplexity after", 0, 1, "")
-        ppl["after"] = _perplexity(
-            trainer, loaded.tokenizer, eval_text, settings, accelerator.device, precision
-        )
+    ppl["after"] = _scored("after", trainer, loaded, eval_text, settings, precision, report)
     result = _result(
         run, model_path, out, loaded, data_info, ppl, params_before, memory, timings, qreport, warnings
     )
@@ -181,6 +172,22 @@ def finetune(
         remove_ours(ckpt_dir, kinds=("checkpoint",), warn=warn)  # OUT holds the result now
     accelerator.wait_for_everyone()
     return result
+
+
+def _scored(phase: str, model: nn.Module, loaded: _Loaded, text: str | None, settings: FinetuneSettings,
+            precision: str, report: ProgressFn) -> float | None:  # fmt: skip
+    """Held-out perplexity of `model` (None without evaluation text)."""
+    if text is None:
+        return None
+    report(f"perplexity {phase}", 0, 1, "")
+    device = next(model.parameters()).device
+    return _perplexity(model, loaded.tokenizer, text, settings, device, precision)
+
+
+def _total_steps(settings: FinetuneSettings, rows: torch.Tensor, world: int) -> int:
+    """--steps, or the optimizer steps that --epochs (default one) passes over the rows take."""
+    per_step = settings.batch_size * settings.grad_accum * world
+    return settings.steps or max(1, math.ceil((settings.epochs or 1.0) * rows.shape[0] / per_step))
 
 
 def _train(run: Run, ckpt_dir: Path, model_path: str | Path, data: dict[str, Any], report: ProgressFn,
