@@ -510,6 +510,33 @@ def test_a_checkpoint_of_the_old_format_is_refused_in_one_line(
         finetune(factorized, tmp_path / "o", settings(data), resume=old)
 
 
+# --------------------------------------------------------------------------------------------------- processes
+
+
+def test_two_processes_run_gora_and_lora_pro_with_accelerate_checkpoints(
+    factorized: Path, data: Path, tmp_path: Path
+) -> None:
+    """Under torchrun (DDP over gloo): GoRA's gradients averaged over the processes, LoRA-Pro on the synced
+    gradients, and a checkpoint after every step written through accelerate's save_state by both processes."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lowrank_compress.cli",
+           "finetune", str(factorized), "--data", str(data), "-o", str(out), "--steps", "3", "--seq-len", "64",
+           "--rank", "2", "--eval-tokens", "0", "--save-every", "1", "--init", "gora", "--init-batches", "2",
+           "--optimizer", "lora-pro", "--json"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert doc["processes"] == 2 and doc["methods"]["lora_pro"]["layers"] > 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == doc["methods"]["gora"]["ranks"]
+    assert not (tmp_path / "ddp.checkpoint").exists()  # written every step, removed at the end
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 
 
