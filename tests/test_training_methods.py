@@ -183,6 +183,8 @@ def test_gora_allocation_with_unequal_widths_stays_within_the_budget_and_leaves_
     used = sum(ranks[n] * widths[n] for n in ranks)
     assert used <= budget and all(used + widths[n] > budget or ranks[n] == 16 for n in ranks)
     assert all(1 <= r <= 16 for r in ranks.values())
+    capped = gora.allocate(imp, widths, rank=4, max_rank={"q": 5, "k": 16, "up": 16, "down": 16})
+    assert capped["q"] == 5 and sum(capped[n] * widths[n] for n in capped) <= 4 * sum(widths.values())
 
 
 def test_gora_initial_update_is_a_projected_gradient_step() -> None:

@@ -16,26 +16,28 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lowrank_compress.training.methods import TrainingMethod
+from lowrank_compress.training.methods import TrainingMethod, spread
 
 if TYPE_CHECKING:
     from lowrank_compress.recipe import FinetuneSettings
     from lowrank_compress.training.loop import Run
 
 
-def allocate(importance: dict[str, float], widths: dict[str, int], rank: int, max_rank: int,
+def allocate(importance: dict[str, float], widths: dict[str, int], rank: int, max_rank: int | dict[str, int],
              min_rank: int = 1) -> dict[str, int]:  # fmt: skip
     """Ranks in proportion to importance under the budget sum_l rank * widths[l] (widths: in + out), each in
-    [min_rank, max_rank]: r_l* = budget a_l / widths[l] (a_l the normalized importance) rounded down, then the
-    ranks left over given one at a time to the layers furthest below r_l*, while the budget allows."""
+    [min_rank, max_rank] (one cap, or one per layer): r_l* = budget a_l / widths[l] (a_l the normalized importance)
+    rounded down, then the ranks left over given one at a time to the layers furthest below r_l*, while the budget
+    allows."""
+    cap = max_rank if isinstance(max_rank, dict) else dict.fromkeys(importance, max_rank)
     budget = rank * sum(widths.values())
     total = sum(importance.values())
     share = {n: (v / total if total > 0 else 1 / len(importance)) for n, v in importance.items()}
     ideal = {n: budget * share[n] / widths[n] for n in importance}
-    ranks = {n: min(max(math.floor(ideal[n]), min_rank), max_rank) for n in importance}
+    ranks = {n: min(max(math.floor(ideal[n]), min_rank), cap[n]) for n in importance}
     used = sum(ranks[n] * widths[n] for n in ranks)
     while True:
-        fits = [n for n in ranks if ranks[n] < max_rank and used + widths[n] <= budget]
+        fits = [n for n in ranks if ranks[n] < cap[n] and used + widths[n] <= budget]
         if not fits:
             return ranks
         best = max(fits, key=lambda n: (ideal[n] - ranks[n], importance[n]))
@@ -79,7 +81,8 @@ class Gora(TrainingMethod):
             weights = {n: dense_weight(run.model.get_submodule(n)) for n in names}
             self.importance = {n: importance(weights[n], self.grads[n]) for n in names}
             widths = {n: sum(weights[n].shape) for n in names}
-            self.ranks = allocate(self.importance, widths, s.rank, max_rank=4 * s.rank)
+            caps = {n: min(4 * s.rank, *weights[n].shape) for n in names}  # beyond min(in, out) adds nothing
+            self.ranks = allocate(self.importance, widths, s.rank, max_rank=caps)
         alpha = s.lora_alpha
         run.adapter_options["rank_pattern"] = dict(self.ranks)
         run.adapter_options["alpha_pattern"] = {n: alpha * r / s.rank for n, r in self.ranks.items()}
@@ -103,8 +106,8 @@ class Gora(TrainingMethod):
 
     def record(self, run: Run) -> dict[str, Any]:
         budget = self.settings.rank * len(self.ranks)
-        return {"ranks": self.ranks, "importance": self.importance, "rank_sum": sum(self.ranks.values()),
-                "plain_rank_sum": budget, "batches": self.settings.init_batches,
+        return {"ranks": self.ranks, "spread": spread(self.ranks), "importance": self.importance,
+                "rank_sum": sum(self.ranks.values()), "plain_rank_sum": budget, "batches": self.settings.init_batches,
                 "initialized_layers": self.initialized, "gamma": self.settings.gora_gamma}  # fmt: skip
 
 

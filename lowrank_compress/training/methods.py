@@ -75,6 +75,12 @@ class AdapterSchedule(TrainingMethod):
         advance(run.model)
 
 
+def spread(ranks: dict[str, int]) -> dict[str, float]:
+    """min / max / mean of a rank pattern: how far a method moved away from one rank for every layer."""
+    values = list(ranks.values()) or [0]
+    return {"min": min(values), "max": max(values), "mean": sum(values) / len(values)}
+
+
 def build_methods(settings: FinetuneSettings) -> list[TrainingMethod]:
     """The methods a run's settings ask for, in the order the loop calls them."""
     from lowrank_compress.training import trp

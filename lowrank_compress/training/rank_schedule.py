@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lowrank_compress.errors import LowrankError
-from lowrank_compress.training.methods import TrainingMethod
+from lowrank_compress.training.methods import TrainingMethod, spread
 
 if TYPE_CHECKING:
     from lowrank_compress.recipe import FinetuneSettings
@@ -92,7 +92,8 @@ class AdaLora(TrainingMethod):
 
     def record(self, run: Run) -> dict[str, Any]:
         tuner = self._tuner(run)
-        return {**self.plan, "ranks": final_ranks(tuner), "orthogonality": self.last_regularizer,
+        ranks = final_ranks(tuner)
+        return {**self.plan, "ranks": ranks, "spread": spread(ranks), "orthogonality": self.last_regularizer,
                 "trainable_start": _params(tuner, False), "trainable_end": _params(tuner, True),
                 "pruned_max_abs_e": pruned_weight(tuner)}  # fmt: skip
 
