@@ -101,8 +101,10 @@ def read(directory: Path, settings: FinetuneSettings, model_path: str | Path) ->
             f"{directory}: a checkpoint of an older lowrank-compress (format 1), which this version cannot resume; "
             "start afresh with --overwrite"
         )
-    if state.get("version") != VERSION or not (directory / TRAINED).is_file():
+    if state.get("version") != VERSION:
         raise LowrankError(f"{directory}: checkpoint version {state.get('version')} is not {VERSION}")
+    if not (directory / TRAINED).is_file():
+        raise LowrankError(f"{directory}: the checkpoint has no {TRAINED}; it is incomplete, start afresh")
     if state["model"] != str(Path(model_path).resolve()):
         raise LowrankError(f"{directory}: the checkpoint was made from {state['model']}, not {model_path}")
     saved, mine = state["settings"], dataclasses.asdict(settings)
