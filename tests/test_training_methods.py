@@ -512,6 +512,21 @@ def test_a_checkpoint_of_the_old_format_is_refused_in_one_line(
         finetune(factorized, tmp_path / "o", settings(data), resume=old)
 
 
+def test_the_finetune_report_says_what_each_method_did() -> None:
+    from lowrank_compress.report_finetune import method_lines
+
+    lines = "\n".join(method_lines({
+        "gora": {"ranks": {"a": 2, "b": 6}, "spread": {"min": 2, "max": 6, "mean": 4.0}},
+        "adalora": {"ranks": {"a": 3}, "spread": {"min": 3, "max": 3, "mean": 3.0}, "trainable_start": 600,
+                    "trainable_end": 300, "orthogonality": 0.25},
+        "nuclear": {"weight": 0.1, "last_value": 1.5}, "lora_pro": {"layers": 14}, "adapter_schedule": {},
+    }))  # fmt: skip
+    assert "| gora | ranks 2 .. 6, mean 4.0 over 2 layers |" in lines
+    assert "trainable 600 -> 300; orthogonality 0.25" in lines and "last value 1.5" in lines
+    assert "gradients adjusted on 14 layers" in lines and "adapter_schedule" not in lines
+    assert method_lines({}) == []
+
+
 # --------------------------------------------------------------------------------------------------- processes
 
 
