@@ -234,6 +234,8 @@ def test_gora_run_saves_its_rank_pattern_and_reloads_with_peft(
     result = finetune(factorized, tmp_path / "g", settings(data, init="gora", init_batches=2, lr=5e-3))
     ranks = result.methods["gora"]["ranks"]
     assert result.methods["gora"]["initialized_layers"] == len(ranks)
+    assert result.methods["gora"]["trainable"] <= result.methods["gora"]["plain_lora_trainable"]
+    assert result.trainable_params == result.methods["gora"]["trainable"]  # every LoRA parameter counted
     config = json.loads((tmp_path / "g" / "adapter_config.json").read_text())
     assert config["rank_pattern"] == ranks and len(set(ranks.values())) > 1
     for name, r in ranks.items():  # one scaling s = alpha / r for every layer, as GoRA's fixed scaling

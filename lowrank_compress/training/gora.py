@@ -68,6 +68,7 @@ class Gora(TrainingMethod):
         self.importance: dict[str, float] = {}
         self.grads: dict[str, torch.Tensor] = {}
         self.initialized = 0  # layers whose B was set from the gradient
+        self.widths: dict[str, int] = {}  # in + out per layer
 
     def setup(self, run: Run, saved: dict[str, Any] | None) -> None:
         from lowrank_compress.adapters import adapter_targets
@@ -76,13 +77,14 @@ class Gora(TrainingMethod):
         names = adapter_targets(run.model)
         if saved:  # resumed: the ranks the run started with (the checkpoint holds the trained values)
             self.ranks, self.importance = dict(saved["ranks"]), dict(saved["importance"])
+            self.widths = dict(saved["widths"])
         else:
             self.grads = accumulate_gradients(run, names, s.init_batches)
             weights = {n: dense_weight(run.model.get_submodule(n)) for n in names}
             self.importance = {n: importance(weights[n], self.grads[n]) for n in names}
-            widths = {n: sum(weights[n].shape) for n in names}
+            self.widths = {n: sum(weights[n].shape) for n in names}
             caps = {n: min(4 * s.rank, *weights[n].shape) for n in names}  # beyond min(in, out) adds nothing
-            self.ranks = allocate(self.importance, widths, s.rank, max_rank=caps)
+            self.ranks = allocate(self.importance, self.widths, s.rank, max_rank=caps)
         alpha = s.lora_alpha
         run.adapter_options["rank_pattern"] = dict(self.ranks)
         run.adapter_options["alpha_pattern"] = {n: alpha * r / s.rank for n, r in self.ranks.items()}
@@ -102,13 +104,15 @@ class Gora(TrainingMethod):
         self.grads = {}  # out x in per layer: not kept through training
 
     def checkpoint_info(self, run: Run) -> dict[str, Any]:
-        return {"ranks": self.ranks, "importance": self.importance}
+        return {"ranks": self.ranks, "importance": self.importance, "widths": self.widths}
 
     def record(self, run: Run) -> dict[str, Any]:
         budget = self.settings.rank * len(self.ranks)
         return {"ranks": self.ranks, "spread": spread(self.ranks), "importance": self.importance,
                 "rank_sum": sum(self.ranks.values()), "plain_rank_sum": budget, "batches": self.settings.init_batches,
-                "initialized_layers": self.initialized, "gamma": self.settings.gora_gamma}  # fmt: skip
+                "initialized_layers": self.initialized, "gamma": self.settings.gora_gamma,
+                "trainable": sum(r * self.widths[n] for n, r in self.ranks.items()),
+                "plain_lora_trainable": self.settings.rank * sum(self.widths.values())}  # fmt: skip
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
