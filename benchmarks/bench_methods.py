@@ -1,5 +1,5 @@
-"""The training methods of issue 15 on SmolLM2 factorized at 0.8: plain LoRA against LoRA-Pro, GoRA, AdaLoRA and
-ElaLoRA at LoRA r=16's budget, same steps and data.
+"""The training methods of issue 15 on SmolLM2 factorized at 0.8: plain LoRA against LoRA-Pro, GoRA, AdaLoRA,
+ElaLoRA and ARD-LoRA at LoRA r=16's budget, same steps and data.
 
     python benchmarks/bench_methods.py                                     # every method, 60 steps
     python benchmarks/bench_methods.py --steps 2 --methods lora,gora --eval-tokens 1024        # a smoke run
@@ -11,7 +11,7 @@ SmolLM2-135M-Instruct factorized at budget 0.8 with the default settings (cached
 bench_finetune and bench_adapters). Every method trains LoRA at r=16 (alpha 32) for `--steps` steps (batch 4 x 256
 tokens, cosine schedule, warmup 0.05, float32) on the built-in text's first half and merges exactly (grow). The
 budget is plain LoRA's: GoRA shares out r (in + out) per layer by importance; AdaLoRA starts at 24 triplets per layer
-and ends at 16 on average; ElaLoRA keeps 16 active per layer on average out of a pool of 32. Reported per method:
+and ends at 16 on average; ElaLoRA keeps 16 active per layer on average out of a pool of 32; ARD-LoRA's ranks end at most 16 on average (pool 32). Reported per method:
 trainable params, median s/step, peak RSS during training, held-out perplexity before / after / merged on the
 built-in text's second half (first `--eval-tokens` tokens, windows of 512 without overlap), the merged model's
 perplexity on The Devil's Dictionary, and the final rank pattern's spread (min / max / mean). Writes
@@ -32,6 +32,7 @@ METHODS = {
     "gora": {"init": "gora"},
     "adalora": {"rank_schedule": "adalora"},
     "elalora": {"rank_schedule": "elalora"},
+    "ard": {"rank_schedule": "ard"},
 }
 
 FACTORIZE = """
@@ -68,7 +69,7 @@ def one_run(model: str, name: str, lr: float, steps: int, eval_tokens: int) -> d
     out = str(RESULTS / "ft-methods")
     r = run_child(FINETUNE.format(model=model, out=out, settings=settings))
     p = r["perplexity"]
-    record = next(iter(v for k, v in r["methods"].items() if k in ("gora", "adalora", "elalora")), {})
+    record = next(iter(v for k, v in r["methods"].items() if k in ("gora", "adalora", "elalora", "ard")), {})
     return {
         "method": name, "lr": lr, "steps": r["steps"], "trainable_params": r["trainable_params"],
         "step_s": r["step_seconds"], "train_peak_rss_mb": r["peak_memory_mb"], "before": p["before"],

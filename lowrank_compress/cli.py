@@ -903,7 +903,17 @@ def _adapter_epilog() -> str:
     default=_FT.rank_schedule,
     show_default=True,
     help="adalora: peft's AdaLoRA, pruned down to --rank per layer on average; elalora: ElaLoRA, pruned and expanded "
-    "at --rank per layer on average (lora).",
+    "at --rank per layer on average; ard: ARD-LoRA, learned per-layer scales set the ranks (lora).",
+)
+@click.option(
+    "--ard-l1", type=FINITE, default=_FT.ard_l1, show_default=True, help="ard: weight of the l1 term."
+)
+@click.option(
+    "--ard-tv",
+    type=FINITE,
+    default=_FT.ard_tv,
+    show_default=True,
+    help="ard: weight of the total-variation term.",
 )
 @click.option(
     "--init-batches",

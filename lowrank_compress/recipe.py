@@ -249,9 +249,9 @@ class FinetuneSettings:
     init: str = "zero"  # gora: GoRA's ranks and gradient init (training/gora.py)
     init_batches: int = 8  # gora: batches whose gradients are accumulated
     gora_gamma: float = 16.0  # gora: the initial update is -(gamma / rank) G projected on A's rows
-    rank_schedule: str = (
-        "none"  # adalora: peft's AdaLoRA, ranks allocated during training (training/rank_schedule.py)
-    )
+    rank_schedule: str = "none"  # adalora, elalora (training/rank_schedule.py), ard (training/ard.py)
+    ard_l1: float = 1e-3  # ard: weight of the l1 term on the scales
+    ard_tv: float = 1e-3  # ard: weight of the total-variation term across depth
     save_every: int = 50
     eval_tokens: int = 16384
     seed: int = 0
@@ -314,6 +314,8 @@ class FinetuneSettings:
             )
         if self.init == "gora" and self.quantize != "none":
             raise LowrankError("--init gora reads each layer's full-precision weight; drop --quantize nf4")
+        if not (self.ard_l1 >= 0 and self.ard_tv >= 0 and math.isfinite(self.ard_l1 + self.ard_tv)):
+            raise LowrankError("--ard-l1 and --ard-tv must be numbers >= 0")
         if self.init_batches < 1:
             raise LowrankError(f"--init-batches must be at least 1, got {self.init_batches}")
         if not (self.gora_gamma > 0 and math.isfinite(self.gora_gamma)):

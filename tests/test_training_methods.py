@@ -322,7 +322,7 @@ def test_adalora_prunes_within_the_budget_and_the_saved_adapter_reproduces_the_m
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("schedule", ["adalora", "elalora"])
+@pytest.mark.parametrize("schedule", ["adalora", "elalora", "ard"])
 def test_rank_schedules_resume_with_their_allocator_state(
     factorized: Path, data: Path, tmp_path: Path, schedule: str
 ) -> None:
@@ -372,6 +372,86 @@ def test_elalora_keeps_the_total_rank_moves_it_between_layers_and_reloads(
     assert info["adjustments"] and all(h["total"] == 4 * n for h in info["adjustments"])
     assert sum(ranks.values()) == 4 * n and all(1 <= r <= 8 for r in ranks.values())
     assert set(ranks.values()) != {4} and info["pruned_max_abs_e"] == 0.0
+    merged = finetune(factorized, tmp_path / "m", settings(data, merge=True, **kw))
+    assert merged.losses == pytest.approx(result.losses)
+    peft_model = PeftModel.from_pretrained(lowrank_compress.load(factorized), tmp_path / "a")
+    ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = (
+            peft_model(input_ids=ids).logits,
+            lowrank_compress.load(tmp_path / "m")(input_ids=ids).logits,
+        )
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------- ARD-LoRA
+
+
+def test_ard_rank_gate_budget_and_regularizer() -> None:
+    """ARD-LoRA: r = max(1, round(r0 alpha)); the gate is alpha on the first r components (d sum / d alpha = r);
+    the budget projection leaves alpha >= 0 and sum r_l <= r0 per layer; the meta-objective's terms are
+    lambda sum |alpha_l| + beta sum |alpha_l+1 - alpha_l| over the same projection of consecutive blocks (numpy)."""
+    from lowrank_compress.training import ard
+
+    assert [ard.rank_of(torch.tensor(a), 4, 8) for a in (0.0, 0.3, 1.0, 1.4, 9.0)] == [1, 1, 4, 6, 8]
+    alpha = torch.tensor(1.3, requires_grad=True)
+    g = ard.gate(alpha, 4, 8)
+    assert g.tolist() == pytest.approx([1.3] * 5 + [0.0] * 3)
+    g.sum().backward()
+    assert float(alpha.grad) == 5.0
+    names = [f"model.layers.{i}.{p}" for i in range(3) for p in ("self_attn.q_proj", "mlp.up_proj")]
+    assert sorted(ard.tv_pairs(names)) == sorted(
+        [(f"model.layers.{i}.{p}", f"model.layers.{i + 1}.{p}") for i in range(2) for p in ("self_attn.q_proj", "mlp.up_proj")]
+    )  # fmt: skip
+    values = np.array([2.0, -0.5, 1.6, 0.2, 1.9, 1.0])
+    alphas = {n: torch.nn.Parameter(torch.tensor(v)) for n, v in zip(names, values, strict=True)}
+    method = ard.ArdLora(FinetuneSettings(rank=4, ard_l1=0.1, ard_tv=0.01, rank_schedule="ard"))
+    method.alphas = alphas
+    by = dict(zip(names, values, strict=True))
+    tv = sum(abs(by[f"model.layers.{i}.{p}"] - by[f"model.layers.{i + 1}.{p}"]) for i in range(2)
+             for p in ("self_attn.q_proj", "mlp.up_proj"))  # fmt: skip
+    assert float(method.regularizer(None).detach()) == pytest.approx(0.1 * np.abs(values).sum() + 0.01 * tv)
+    ard.fit_budget(alphas, 4, 8)
+    assert all(float(a) >= 0 for a in alphas.values())
+    assert sum(ard.rank_of(a, 4, 8) for a in alphas.values()) <= 4 * len(alphas)
+
+
+def test_ard_fold_keeps_the_layers_output() -> None:
+    """Folding alpha and the mask into A (A' = alpha A[:r], B' = B[:, :r]) leaves the gated layer's output as it
+    was, with rank r."""
+    from peft import LoraConfig, get_peft_model
+
+    from lowrank_compress.training import ard
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(6, 5)), LoraConfig(r=8, target_modules=["0"],
+                           init_lora_weights=False))  # fmt: skip
+    layer = model.base_model.model[0]
+    layer.ard_alpha = torch.nn.Parameter(torch.tensor(0.7))
+    method = ard.ArdLora(FinetuneSettings(rank=4, rank_schedule="ard"))
+    handle = layer.lora_A["default"].register_forward_hook(method._hook(layer))
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        before = model(x)
+    handle.remove()
+    assert ard.fold(layer, 4, 8) == 3 and layer.lora_A["default"].weight.shape == (3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+
+
+def test_ard_run_stays_in_budget_and_its_saved_adapter_reproduces_the_merge(
+    factorized: Path, data: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+
+    kw = {"rank_schedule": "ard", "steps": 10, "lr": 5e-2, "ard_l1": 1e-2}
+    result = finetune(factorized, tmp_path / "a", settings(data, **kw))
+    info = result.methods["ard"]
+    ranks = info["ranks"]
+    assert sum(ranks.values()) <= 4 * len(ranks) and all(1 <= r <= 8 for r in ranks.values())
+    assert info["trainable_end"] <= info["trainable_start"]
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == ranks
     merged = finetune(factorized, tmp_path / "m", settings(data, merge=True, **kw))
     assert merged.losses == pytest.approx(result.losses)
     peft_model = PeftModel.from_pretrained(lowrank_compress.load(factorized), tmp_path / "a")

@@ -125,3 +125,4 @@ def train(run: Run, report: Callable[[str, int, int, str], None], save: Callable
     except KeyboardInterrupt:
         save(len(run.losses))
         raise
+    run.call("on_train_end")

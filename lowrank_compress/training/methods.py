@@ -12,6 +12,7 @@ Order of the calls in a run:
     on_gradients(run)            once per step, after the last micro-batch's backward, before clipping
     on_optimizer_step(run, step) after optimizer.step, gradients still there
     on_step_end(run, step)       after the step's loss is recorded
+    on_train_end(run)            after the last step, before evaluation and writing (finalize: fold, resize)
     checkpoint_info(run)         JSON written with each checkpoint (what setup needs to rebuild the shapes)
     record(run)                  JSON for finetune.json: what the method did
 """
@@ -48,6 +49,9 @@ class TrainingMethod:
         pass
 
     def on_step_end(self, run: Run, step: int) -> None:
+        pass
+
+    def on_train_end(self, run: Run) -> None:
         pass
 
     def checkpoint_info(self, run: Run) -> dict[str, Any] | None:
@@ -102,6 +106,10 @@ def build_methods(settings: FinetuneSettings) -> list[TrainingMethod]:
         from lowrank_compress.training.rank_schedule import AdaLora, ElaLora
 
         methods.append((AdaLora if settings.rank_schedule == "adalora" else ElaLora)(settings))
+    if settings.rank_schedule == "ard":
+        from lowrank_compress.training.ard import ArdLora
+
+        methods.append(ArdLora(settings))
     if settings.optimizer == "lora-pro":
         from lowrank_compress.training.lora_pro import LoraPro
 
