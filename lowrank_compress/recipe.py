@@ -309,7 +309,7 @@ class FinetuneSettings:
                 )
         if self.rank_schedule != "none" and len(asked) > 1:
             raise LowrankError(
-                f"--rank-schedule {self.rank_schedule} trains its own SVD-form adapters; it does not combine with "
+                f"--rank-schedule {self.rank_schedule} moves the ranks itself; it does not combine with "
                 f"{[a for a in asked if not a.startswith('--rank-schedule')][0]}"
             )
         if self.init == "gora" and self.quantize != "none":

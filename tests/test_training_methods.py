@@ -650,12 +650,12 @@ def test_two_processes_run_gora_and_lora_pro_with_accelerate_checkpoints(
             ["--rank-schedule", "adalora", "--adapter", "dora"],
             "--rank-schedule adalora works on LoRA's factors",
         ),
-        (
-            ["--rank-schedule", "adalora", "--optimizer", "lora-pro"],
-            "does not combine with --optimizer lora-pro",
-        ),
+        (["--rank-schedule", "adalora", "--optimizer", "lora-pro"], "does not combine with --optimizer lora-pro"),
+        (["--rank-schedule", "elalora", "--init", "gora"], "does not combine with --init gora"),
+        (["--rank-schedule", "ard", "--ard-l1", "-1"], "--ard-l1 and --ard-tv must be numbers >= 0"),
+        (["--rank-schedule", "ard", "--adapter", "bone"], "--rank-schedule ard works on LoRA's factors"),
     ],
-)
+)  # fmt: skip
 def test_methods_on_the_wrong_adapter_fail_in_one_line(
     factorized: Path, data: Path, tmp_path: Path, flags: list[str], message: str
 ) -> None:
