@@ -751,7 +751,7 @@ def finetune_cases() -> list[Case]:
         file("short.txt", "A few words only."),
         folder("texts"),
         file("ckpt/state.json", "{ nope"),
-        file("ckpt/trainable.safetensors", garbage()),
+        file("ckpt/trained.safetensors", garbage()),
         user_files("mine"),
     )
     dense = "finetune {model} --data {text} -o {w}/out " + FT_RUN

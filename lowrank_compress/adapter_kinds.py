@@ -47,6 +47,9 @@ class AdapterOptions:
     blocks: int = 2
     ramp_steps: int = 100  # singlora: T of the ramp u(t) = min(t / T, 1)
     seed: int = 0  # singlora: A's random init
+    rank_pattern: dict[str, int] | None = None  # lora: a rank per module (GoRA), saved in the adapter config
+    alpha_pattern: dict[str, float] | None = None  # lora: an alpha per module, with rank_pattern
+    adalora: dict[str, Any] | None = None  # lora: peft's AdaLoRA instead (init_r, target_r, tinit, ...)
 
 
 def widths(module: nn.Module) -> tuple[int, int]:
@@ -115,11 +118,14 @@ def peft_config(kind: str, model: nn.Module, names: list[str], options: AdapterO
     if kind in OURS:
         return _our_config(kind, names, options)
     method = {"lora": "lora", "dora": "lora", "c3a": "c3a", "gralora": "gralora", "bone": "miss"}[kind]
+    if options.adalora is not None:
+        return _adalora_config(lowrank, names, options)
     cls = _config_class(method, lowrank)
     common = {"target_modules": names}
     if method == "lora":
+        patterns = {"rank_pattern": options.rank_pattern or {}, "alpha_pattern": options.alpha_pattern or {}}
         return cls(r=options.rank, lora_alpha=options.alpha, lora_dropout=0.0, use_dora=kind == "dora", bias="none",
-                   fan_in_fan_out=conv1d, **common)  # fmt: skip
+                   fan_in_fan_out=conv1d, **patterns, **common)  # fmt: skip
     if (
         method == "c3a"
     ):  # zero kernels (init_weights=True): the model starts where it was, as LoRA's B = 0 does
@@ -153,6 +159,16 @@ def _our_config(kind: str, names: list[str], options: AdapterOptions) -> Any:
 
         return SurmConfig(r=options.rank, init_seed=options.seed, target_modules=names)
     raise LowrankError(f"unknown adapter {kind!r}")
+
+
+def _adalora_config(lowrank: bool, names: list[str], options: AdapterOptions) -> Any:
+    """peft's AdaLoRA (LOWRANK_ADALORA on a factorized model): E starts at zero, so the update does. Its orthogonal
+    regularizer is left to the finetune loop (training/rank_schedule.py), so the recorded loss is the LM loss."""
+    import peft
+
+    cls = _config_class("adalora", True) if lowrank else peft.AdaLoraConfig
+    return cls(lora_alpha=options.alpha, lora_dropout=0.0, orth_reg_weight=0.0, target_modules=names,
+               **options.adalora)  # fmt: skip
 
 
 def _config_class(method: str, lowrank: bool) -> type:
@@ -201,7 +217,11 @@ def delta_of(module: nn.Module, adapter: str) -> AdapterDelta | None:
     if isinstance(module, MethodLayer):
         owned = getattr(module, module.adapter_layer_names[0])
         return module.adapter_delta(adapter) if adapter in owned else None
-    for cls, fn in ((LoraLayer, _lora), (C3ALayer, _c3a), (GraloraLayer, _gralora), (MissLayer, _miss)):
+    from peft.tuners.adalora import AdaLoraLayer
+
+    pairs = ((AdaLoraLayer, _adalora), (LoraLayer, _lora), (C3ALayer, _c3a), (GraloraLayer, _gralora),
+             (MissLayer, _miss))  # fmt: skip
+    for cls, fn in pairs:
         if isinstance(module, cls):
             return fn(module, adapter)
     return None
@@ -220,6 +240,16 @@ def _lora(module: Any, adapter: str) -> AdapterDelta | None:
     if adapter in module.lora_magnitude_vector:
         magnitude = _t(module.lora_magnitude_vector[adapter].weight)
     return AdapterDelta(a, b, magnitude)
+
+
+def _adalora(module: Any, adapter: str) -> AdapterDelta | None:
+    """AdaLoRA's P diag(E) Q scaled by alpha / (ranknum + 1e-5), as peft's SVDLinear computes it; pruned triplets
+    (E = 0) add nothing."""
+    if adapter not in module.lora_A:
+        return None
+    a = _t(module.lora_A[adapter]) * _t(module.lora_E[adapter])
+    scale = float(module.scaling[adapter]) / (float(module.ranknum[adapter].detach()) + 1e-5)
+    return AdapterDelta(a, _t(module.lora_B[adapter]) * scale)
 
 
 def _empty(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,6 +69,8 @@ def adapter_targets(model: nn.Module) -> list[str]:
 def attach(
     model: nn.Module, kind: str, rank: int, alpha: float, targets: Iterable[str], *,
     block_size: int | None = None, blocks: int = 2, ramp_steps: int = 100, seed: int = 0,
+    rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None,
+    adalora: dict[str, Any] | None = None,
 ) -> Any:  # fmt: skip
     """A peft model with fresh adapters of `kind` on `targets`, each starting at a zero update (LoRA's B = 0, C3A's
     kernels, GraLoRA's B blocks and MiSS's block all zero; SingLoRA's ramp at u(0) = 0), so the model starts exactly
@@ -84,7 +86,8 @@ def attach(
         raise LowrankError("the model has no Linear layers to put adapters on")
     register_peft()
     options = AdapterOptions(rank=rank, alpha=alpha, block_size=block_size, blocks=blocks, ramp_steps=ramp_steps,
-                             seed=seed)  # fmt: skip
+                             seed=seed, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                             adalora=adalora)  # fmt: skip
     config = peft_config(kind, model, names, options)
     with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5; not ours to fix
         warnings.simplefilter("ignore", FutureWarning)

@@ -43,6 +43,10 @@ MERGE_RANKS: tuple[str, ...] = ("grow", "keep")
 QUANTIZE: tuple[str, ...] = ("none", "nf4")
 TRAIN: tuple[str, ...] = ("adapters", "factors")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "lora-pro")  # lora-pro: LoRA-Pro's gradients, then AdamW
+INITS: tuple[str, ...] = ("zero", "gora")  # zero: every adapter starts at a zero update; gora: GoRA
+# adalora: peft's AdaLoRA, allocated by the loop; elalora: ElaLoRA; ard: ARD-LoRA (training/)
+RANK_SCHEDULES: tuple[str, ...] = ("none", "adalora", "elalora", "ard")
 
 DEVICES = "cpu, cuda, cuda:N or mps"
 

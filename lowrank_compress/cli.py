@@ -31,8 +31,11 @@ from lowrank_compress.choices import (
     ADAPTERS,
     DEVICES,
     GRAD_SOURCES,
+    INITS,
     METHODS,
+    OPTIMIZERS,
     POLICIES,
+    RANK_SCHEDULES,
     SELF_STARTS,
     check_device,
 )
@@ -880,6 +883,52 @@ def _adapter_epilog() -> str:
     help="factors: every N steps cut each layer to the rank keeping --truncate-energy (0: never).",
 )
 @click.option("--truncate-energy", type=FINITE, default=_FT.truncate_energy, show_default=True)
+@click.option(
+    "--optimizer",
+    type=click.Choice(OPTIMIZERS),
+    default=_FT.optimizer,
+    show_default=True,
+    help="lora-pro: LoRA-Pro's gradients (the closest low-rank update to the full gradient), then AdamW (lora).",
+)
+@click.option(
+    "--init",
+    type=click.Choice(INITS),
+    default=_FT.init,
+    show_default=True,
+    help="gora: GoRA's ranks per layer (gradient importance, same trainable budget) and gradient init (lora).",
+)
+@click.option(
+    "--rank-schedule",
+    type=click.Choice(RANK_SCHEDULES),
+    default=_FT.rank_schedule,
+    show_default=True,
+    help="adalora: peft's AdaLoRA, pruned down to --rank per layer on average; elalora: ElaLoRA, pruned and expanded "
+    "at --rank per layer on average; ard: ARD-LoRA, learned per-layer scales set the ranks (lora).",
+)
+@click.option(
+    "--ard-l1", type=FINITE, default=_FT.ard_l1, show_default=True, help="ard: weight of the l1 term."
+)
+@click.option(
+    "--ard-tv",
+    type=FINITE,
+    default=_FT.ard_tv,
+    show_default=True,
+    help="ard: weight of the total-variation term.",
+)
+@click.option(
+    "--init-batches",
+    type=int,
+    default=_FT.init_batches,
+    show_default=True,
+    help="gora: batches whose gradients are accumulated.",
+)
+@click.option(
+    "--gora-gamma",
+    type=FINITE,
+    default=_FT.gora_gamma,
+    show_default=True,
+    help="gora: the initial update is -(gamma / rank) x the gradient projected on A's rows.",
+)
 @click.option(
     "--precision",
     type=click.Choice(["auto", "fp32", "bf16"]),

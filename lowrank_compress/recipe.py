@@ -15,11 +15,14 @@ import yaml
 from lowrank_compress.choices import (
     ADAPTERS,
     GRAD_SOURCES,
+    INITS,
     MERGE_RANKS,
     METHODS,
+    OPTIMIZERS,
     POLICIES,
     PRECISIONS,
     QUANTIZE,
+    RANK_SCHEDULES,
     SELF_STARTS,
     TRAIN,
     check_device,
@@ -242,13 +245,21 @@ class FinetuneSettings:
     truncate_every: int = 0
     truncate_energy: float = 0.999
     precision: str = "auto"
+    optimizer: str = "adamw"  # lora-pro: LoRA-Pro's adjusted gradients (training/lora_pro.py)
+    init: str = "zero"  # gora: GoRA's ranks and gradient init (training/gora.py)
+    init_batches: int = 8  # gora: batches whose gradients are accumulated
+    gora_gamma: float = 16.0  # gora: the initial update is -(gamma / rank) G projected on A's rows
+    rank_schedule: str = "none"  # adalora, elalora (training/rank_schedule.py), ard (training/ard.py)
+    ard_l1: float = 1e-3  # ard: weight of the l1 term on the scales
+    ard_tv: float = 1e-3  # ard: weight of the total-variation term across depth
     save_every: int = 50
     eval_tokens: int = 16384
     seed: int = 0
 
     def validate(self) -> FinetuneSettings:
         choices = {"adapter": ADAPTERS, "quantize": QUANTIZE, "merge_rank": MERGE_RANKS, "train": TRAIN,
-                   "precision": PRECISIONS}  # fmt: skip
+                   "precision": PRECISIONS, "optimizer": OPTIMIZERS, "init": INITS,
+                   "rank_schedule": RANK_SCHEDULES}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise LowrankError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
@@ -282,7 +293,33 @@ class FinetuneSettings:
             raise LowrankError("--nuclear and --truncate-every apply to --train factors only")
         if self.eval_tokens < 0:
             raise LowrankError(f"--eval-tokens must be >= 0, got {self.eval_tokens}")
+        self._validate_methods()
         return self
+
+    def _validate_methods(self) -> None:
+        """The training methods of issue 15 work on LoRA's two factors only."""
+        asked = [f"--{k.replace('_', '-')} {v}" for k, v in
+                 (("optimizer", self.optimizer), ("init", self.init), ("rank_schedule", self.rank_schedule))
+                 if v not in ("adamw", "zero", "none")]  # fmt: skip
+        for option in asked:
+            if self.train != "adapters" or self.adapter != "lora":
+                what = "--train factors" if self.train != "adapters" else f"--adapter {self.adapter}"
+                raise LowrankError(
+                    f"{option} works on LoRA's factors A and B; use --adapter lora, not {what}"
+                )
+        if self.rank_schedule != "none" and len(asked) > 1:
+            raise LowrankError(
+                f"--rank-schedule {self.rank_schedule} moves the ranks itself; it does not combine with "
+                f"{[a for a in asked if not a.startswith('--rank-schedule')][0]}"
+            )
+        if self.init == "gora" and self.quantize != "none":
+            raise LowrankError("--init gora reads each layer's full-precision weight; drop --quantize nf4")
+        if not (self.ard_l1 >= 0 and self.ard_tv >= 0 and math.isfinite(self.ard_l1 + self.ard_tv)):
+            raise LowrankError("--ard-l1 and --ard-tv must be numbers >= 0")
+        if self.init_batches < 1:
+            raise LowrankError(f"--init-batches must be at least 1, got {self.init_batches}")
+        if not (self.gora_gamma > 0 and math.isfinite(self.gora_gamma)):
+            raise LowrankError(f"--gora-gamma must be a positive number, got {self.gora_gamma}")
 
     @property
     def lora_alpha(self) -> float:

@@ -97,6 +97,33 @@ def finetune_markdown(data: dict[str, Any], image_names: list[str]) -> str:
               f"grad accum {st['grad_accum']} |", f"| precision | {data['precision']} on {data['device']} |",
               f"| seconds per step | {data['step_seconds']:.2f} |", f"| tokens/s | {data['tokens_per_s']:,.0f} |",
               f"| trainable params | {data['trainable_params']:,} |", ""]  # fmt: skip
+    lines += method_lines(data.get("methods") or {})
     lines += [f"**warning: {w}**" for w in data.get("warnings") or []]
     lines += [f"![{name}]({name})" for name in image_names] + [""]
     return "\n".join(lines) + "\n"
+
+
+def method_lines(methods: dict[str, Any]) -> list[str]:
+    """What the training methods did (finetune.json `methods`): final rank spread, regularizer values, cuts."""
+    rows = []
+    for name, rec in methods.items():
+        said = []
+        if rec.get("spread"):
+            s = rec["spread"]
+            said.append(
+                f"ranks {s['min']} .. {s['max']}, mean {s['mean']:.1f} over {len(rec.get('ranks') or {})} layers"
+            )
+        if rec.get("trainable_start") is not None:
+            said.append(f"trainable {rec['trainable_start']:,} -> {rec['trainable_end']:,}")
+        for key in ("last_value", "orthogonality"):
+            if rec.get(key) is not None:
+                said.append(f"{key.replace('_', ' ')} {rec[key]:.4g}")
+        if rec.get("cuts") is not None:
+            said.append(f"{len(rec['cuts'])} truncations")
+        if rec.get("adjustments") is not None:
+            said.append(f"{len(rec['adjustments'])} prune/expand rounds")
+        if name == "lora_pro":
+            said.append(f"gradients adjusted on {rec.get('layers', 0)} layers")
+        if said:
+            rows.append(f"| {name} | {'; '.join(said)} |")
+    return ["## Training methods", "", "| method | what it did |", "|---|---|", *rows, ""] if rows else []

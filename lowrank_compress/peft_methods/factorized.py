@@ -196,6 +196,43 @@ def _miss_classes() -> tuple[type, type, type]:
     return LowRankMissLinear, LowRankMissModel, LowRankMissConfig
 
 
+# --------------------------------------------------------------------------------------------------- AdaLoRA
+
+
+def _adalora_classes() -> tuple[type, type, type]:
+    from peft.tuners.adalora import AdaLoraConfig, AdaLoraLayer, AdaLoraModel, SVDLinear
+
+    class LowRankSVDLinear(RefuseMerge, SVDLinear):
+        """AdaLoRA's SVD-form update P diag(E) Q around a LowRankLinear (its forward reads only the base's output)."""
+
+        def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, r: int = 0, lora_alpha: int = 1,
+                     **kw: Any) -> None:  # fmt: skip
+            nn.Module.__init__(self)
+            init_on_stand_in(self, AdaLoraLayer, base_layer)
+            self.fan_in_fan_out = False
+            self._active_adapter = adapter_name
+            self.update_layer(adapter_name, r, lora_alpha, config=config)
+
+    class LowRankAdaLoraModel(UnloadsFactors, AdaLoraModel):
+        """peft's AdaLoRA (its rank allocator, and the saved state resized by the final rank pattern) on LowRankLinear
+        layers too."""
+
+        @staticmethod
+        def _create_new_module(
+            lora_config: Any, adapter_name: str, target: nn.Module, **kwargs: Any
+        ) -> nn.Module:
+            if isinstance(base_of(target), LowRankLinear):
+                return LowRankSVDLinear(target, adapter_name, config=lora_config, **kwargs)
+            return AdaLoraModel._create_new_module(lora_config, adapter_name, target, **kwargs)
+
+    class LowRankAdaLoraConfig(AdaLoraConfig):
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.peft_type = "LOWRANK_ADALORA"
+
+    return LowRankSVDLinear, LowRankAdaLoraModel, LowRankAdaLoraConfig
+
+
 # --------------------------------------------------------------------------------------------------- registry
 
 _CLASSES: dict[str, tuple[type, ...]] = {}
@@ -209,6 +246,7 @@ def classes(method: str) -> tuple[type, ...]:
             "c3a": _c3a_classes,
             "gralora": _gralora_classes,
             "miss": _miss_classes,
+            "adalora": _adalora_classes,
         }
         _CLASSES[method] = build[method]()
     return _CLASSES[method]
@@ -226,6 +264,6 @@ def register() -> None:
     from lowrank_compress.peft_methods.registry import register_method
 
     register_method("lowrank_lora", config_class("lora"), LoraModel)
-    for method in ("c3a", "gralora", "miss"):
+    for method in ("c3a", "gralora", "miss", "adalora"):
         _, model_cls, config_cls = classes(method)
         register_method(f"lowrank_{method}", config_cls, model_cls)
