@@ -1,0 +1,75 @@
+"""factorize's wall time in this checkout against another revision of the project, same settings, back to back.
+
+    python benchmarks/bench_against.py                          # against the last in-memory factorize (06b9777^)
+    python benchmarks/bench_against.py --ref v0.1.0 --rounds 2 --budget 0.6 --out against-v010
+
+The other revision is checked out with `git worktree add` into a temporary folder (removed afterwards) and imported
+from there through PYTHONPATH, so both run in this venv with the same torch, on the built-in SmolLM2 with the default
+settings of their own time (built-in calibration text). Runs alternate (old, new, old, new, ...) so that a slow
+patch of the machine hits both; the ratio is new / old per round. Run it alone on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import arg, save
+
+ROOT = Path(__file__).resolve().parent.parent
+CHILD = """
+import json, resource, sys
+from lowrank_compress.demo import default_model_path
+from lowrank_compress.pipeline import factorize_model
+from lowrank_compress.recipe import build_settings
+r = factorize_model(default_model_path(), sys.argv[1], build_settings(calibration="builtin", budget=float(sys.argv[2])))
+print(json.dumps({"timings": r.timings, "kept": r.kept_fraction_targets,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def timed(tree: Path, out: Path, budget: float) -> dict:
+    """One factorize in a fresh interpreter importing the project from `tree`."""
+    start = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(out), str(budget)], capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"factorize from {tree} failed:\n{proc.stderr[-3000:]}")
+    return {
+        "wall_s": round(time.perf_counter() - start, 1),
+        **json.loads(proc.stdout.strip().splitlines()[-1]),
+    }
+
+
+def main() -> None:
+    ref, budget, rounds = arg("--ref", "06b9777^"), float(arg("--budget", "0.8")), int(arg("--rounds", "1"))
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        old_tree = Path(tmp) / "old"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old_tree), ref], check=True,
+                       capture_output=True)  # fmt: skip
+        try:
+            for r in range(rounds):
+                for label, tree in (("old", old_tree), ("new", ROOT)):
+                    run = {"round": r, "which": label, **timed(tree, Path(tmp) / f"{label}-{r}", budget)}
+                    runs.append(run)
+                    print(json.dumps(run), flush=True)
+        finally:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_tree)], check=False
+            )
+    ratios = [new["wall_s"] / old["wall_s"] for old, new in zip(runs[::2], runs[1::2], strict=True)]
+    print(f"new / old wall time per round: {', '.join(f'{x:.2f}' for x in ratios)}")
+    path = save(arg("--out", "against"), {"ref": ref, "budget": budget, "runs": runs, "ratios": ratios})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
