@@ -28,6 +28,16 @@ def quiet_machine(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="session")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A training text of 12,000 characters (finetune's --data)."""
+    from tests.fixtures import training_text
+
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text(training_text(12_000), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
 def factorized(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama factorized to 60% with plain SVD and uniform ranks (every decoder Linear is a LowRankLinear)."""
     root = tmp_path_factory.mktemp("factorized")

@@ -491,15 +491,6 @@ def test_shapes_an_adapter_cannot_take_are_one_line_errors(factorized: Path) -> 
 # --------------------------------------------------------------------------------------------------- finetune
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.fixtures import training_text
-
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text(training_text(12_000), encoding="utf-8")
-    return path
-
-
 def test_finetune_c3a_keep_merge_writes_the_original_ranks(
     factorized: Path, data: Path, tmp_path: Path
 ) -> None:

@@ -23,13 +23,6 @@ FAST = {"seq_len": 64, "rank": 4, "eval_tokens": 1024, "batch_size": 2}
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text(training_text(12_000), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_llama(tmp_path_factory.mktemp("dense"))
 

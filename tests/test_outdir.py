@@ -22,7 +22,7 @@ from lowrank_compress import outdir
 from lowrank_compress.cli import cli
 from lowrank_compress.errors import LowrankError
 from lowrank_compress.finetune import FinetuneSettings, finetune
-from tests.fixtures import tiny_llama, training_text
+from tests.fixtures import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 SVD = ["--method", "svd", "--policy", "uniform"]
@@ -87,13 +87,6 @@ def dead_pid() -> int:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_llama(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text(training_text(12_000), encoding="utf-8")
-    return path
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,15 +22,25 @@ FAST = {"seq_len": 64, "rank": 4, "eval_tokens": 0, "batch_size": 2, "steps": 4}
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text(training_text(12_000), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def dense_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_llama(tmp_path_factory.mktemp("dense"))
+
+
+def assert_reloads_as_merged(
+    factorized: Path, data: Path, tmp_path: Path, result: Any, kw: dict[str, Any]
+) -> None:
+    """The adapter saved in tmp_path/a, loaded by peft onto the factorized model, gives the logits of the same run
+    merged into the factors (same losses: the same training)."""
+    from peft import PeftModel
+
+    merged = finetune(factorized, tmp_path / "m", settings(data, merge=True, **kw))
+    assert merged.losses == pytest.approx(result.losses)
+    peft_model = PeftModel.from_pretrained(lowrank_compress.load(factorized), tmp_path / "a")
+    ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = peft_model(input_ids=ids).logits
+        want = lowrank_compress.load(tmp_path / "m")(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def settings(data: Path, **kw: object) -> FinetuneSettings:
@@ -363,7 +374,6 @@ def test_elalora_keeps_the_total_rank_moves_it_between_layers_and_reloads(
 ) -> None:
     """Every adjustment keeps sum of ranks = r per layer (the budget) with each layer within its pool of 2 r;
     inactive triplets hold E = 0, so the saved adapter (active triplets only) reproduces the merged model."""
-    from peft import PeftModel
 
     kw = {"rank_schedule": "elalora", "steps": 12, "lr": 5e-3}
     result = finetune(factorized, tmp_path / "a", settings(data, **kw))
@@ -372,16 +382,7 @@ def test_elalora_keeps_the_total_rank_moves_it_between_layers_and_reloads(
     assert info["adjustments"] and all(h["total"] == 4 * n for h in info["adjustments"])
     assert sum(ranks.values()) == 4 * n and all(1 <= r <= 8 for r in ranks.values())
     assert set(ranks.values()) != {4} and info["pruned_max_abs_e"] == 0.0
-    merged = finetune(factorized, tmp_path / "m", settings(data, merge=True, **kw))
-    assert merged.losses == pytest.approx(result.losses)
-    peft_model = PeftModel.from_pretrained(lowrank_compress.load(factorized), tmp_path / "a")
-    ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        got, want = (
-            peft_model(input_ids=ids).logits,
-            lowrank_compress.load(tmp_path / "m")(input_ids=ids).logits,
-        )
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_reloads_as_merged(factorized, data, tmp_path, result, kw)
 
 
 # --------------------------------------------------------------------------------------------------- ARD-LoRA
@@ -442,7 +443,6 @@ def test_ard_fold_keeps_the_layers_output() -> None:
 def test_ard_run_stays_in_budget_and_its_saved_adapter_reproduces_the_merge(
     factorized: Path, data: Path, tmp_path: Path
 ) -> None:
-    from peft import PeftModel
 
     kw = {"rank_schedule": "ard", "steps": 10, "lr": 5e-2, "ard_l1": 1e-2}
     result = finetune(factorized, tmp_path / "a", settings(data, **kw))
@@ -452,16 +452,7 @@ def test_ard_run_stays_in_budget_and_its_saved_adapter_reproduces_the_merge(
     assert info["trainable_end"] <= info["trainable_start"]
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["rank_pattern"] == ranks
-    merged = finetune(factorized, tmp_path / "m", settings(data, merge=True, **kw))
-    assert merged.losses == pytest.approx(result.losses)
-    peft_model = PeftModel.from_pretrained(lowrank_compress.load(factorized), tmp_path / "a")
-    ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        got, want = (
-            peft_model(input_ids=ids).logits,
-            lowrank_compress.load(tmp_path / "m")(input_ids=ids).logits,
-        )
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_reloads_as_merged(factorized, data, tmp_path, result, kw)
 
 
 # --------------------------------------------------------------------------------------------------- TRP
