@@ -48,7 +48,26 @@ def save(name: str, data: dict) -> Path:
     return path
 
 
-__all__ = ["machine", "resource", "run_child", "save"]
+# Child programs for `run_child`, shared by the finetune-side benchmarks (fill with str.format):
+# SmolLM2 factorized at budget 0.8 with the default settings into `out`; held-out perplexity of `model` on `text`.
+FACTORIZE = """
+from lowrank_compress.demo import default_model_path
+from lowrank_compress.pipeline import factorize_model
+from lowrank_compress.recipe import build_settings
+r = factorize_model(default_model_path(), {out!r}, build_settings(budget=0.8), overwrite=True)
+RESULT = {{"kept": r.kept_fraction_targets}}
+"""
+
+PPL = """
+import lowrank_compress
+from lowrank_compress.evaluate import perplexity
+from lowrank_compress.loading import load_model
+from lowrank_compress.text import load_text
+model, tok, _ = load_model({model!r})
+RESULT = {{"ppl": perplexity(model, tok, load_text({text!r}), window=512, stride=512, max_tokens={tokens}).perplexity}}
+"""
+
+__all__ = ["FACTORIZE", "PPL", "machine", "resource", "run_child", "save"]
 
 
 def arg(flag: str, default: str) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import sys
 
-from _common import RESULTS, arg, run_child, save
+from _common import FACTORIZE, PPL, RESULTS, arg, run_child, save
 
 DEVILS = arg("--devils", str(RESULTS.parents[2] / "shared" / "data" / "devils-dictionary.txt"))
 METHODS = {
@@ -34,23 +34,6 @@ METHODS = {
     "elalora": {"rank_schedule": "elalora"},
     "ard": {"rank_schedule": "ard"},
 }
-
-FACTORIZE = """
-from lowrank_compress.demo import default_model_path
-from lowrank_compress.pipeline import factorize_model
-from lowrank_compress.recipe import build_settings
-r = factorize_model(default_model_path(), {out!r}, build_settings(budget=0.8), overwrite=True)
-RESULT = {{"kept": r.kept_fraction_targets}}
-"""
-
-PPL = """
-import lowrank_compress
-from lowrank_compress.evaluate import perplexity
-from lowrank_compress.loading import load_model
-from lowrank_compress.text import load_text
-model, tok, _ = load_model({model!r})
-RESULT = {{"ppl": perplexity(model, tok, load_text({text!r}), window=512, stride=512, max_tokens={tokens}).perplexity}}
-"""
 
 FINETUNE = """
 from lowrank_compress.finetune import FinetuneSettings, finetune
