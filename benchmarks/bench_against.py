@@ -35,10 +35,14 @@ print(json.dumps({"timings": r.timings, "kept": r.kept_fraction_targets,
 
 def timed(tree: Path, out: Path, budget: float) -> dict:
     """One factorize in a fresh interpreter importing the project from `tree`."""
-    start = time.perf_counter()
+    start = time.perf_counter()  # cwd=tree: a -c child puts its cwd before PYTHONPATH on sys.path
     env = {**os.environ, "PYTHONPATH": str(tree)}
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(out), str(budget)], capture_output=True, text=True, env=env
+        [sys.executable, "-c", CHILD, str(out), str(budget)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tree,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"factorize from {tree} failed:\n{proc.stderr[-3000:]}")
