@@ -8,6 +8,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -67,9 +68,17 @@ model, tok, _ = load_model({model!r})
 RESULT = {{"ppl": perplexity(model, tok, load_text({text!r}), window=512, stride=512, max_tokens={tokens}).perplexity}}
 """
 
-__all__ = ["FACTORIZE", "PPL", "machine", "resource", "run_child", "save"]
+__all__ = ["FACTORIZE", "PPL", "machine", "main_or_help", "resource", "run_child", "save"]
 
 
 def arg(flag: str, default: str) -> str:
     """The value after `flag` on the command line, or `default`."""
     return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
+
+
+def main_or_help(main: Callable[[], None], doc: str | None) -> None:
+    """Run the script's `main`, or print its docstring for --help / -h."""
+    if "--help" in sys.argv or "-h" in sys.argv:
+        print(doc)
+    else:
+        main()

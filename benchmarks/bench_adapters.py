@@ -29,9 +29,8 @@ in-process; for exact merges merged equals after (the held-out columns check it)
 from __future__ import annotations
 
 import json
-import sys
 
-from _common import FACTORIZE, PPL, RESULTS, arg, run_child, save
+from _common import FACTORIZE, PPL, RESULTS, arg, main_or_help, run_child, save
 
 DEVILS = arg("--devils", str(RESULTS.parents[2] / "shared" / "data" / "devils-dictionary.txt"))
 ADAPTERS = {
@@ -111,7 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if "--help" in sys.argv or "-h" in sys.argv:
-        print(__doc__)
-    else:
-        main()
+    main_or_help(main, __doc__)

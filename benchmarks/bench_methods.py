@@ -21,9 +21,8 @@ results/methods.json.
 from __future__ import annotations
 
 import json
-import sys
 
-from _common import FACTORIZE, PPL, RESULTS, arg, run_child, save
+from _common import FACTORIZE, PPL, RESULTS, arg, main_or_help, run_child, save
 
 DEVILS = arg("--devils", str(RESULTS.parents[2] / "shared" / "data" / "devils-dictionary.txt"))
 METHODS = {
@@ -89,7 +88,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if "--help" in sys.argv or "-h" in sys.argv:
-        print(__doc__)
-    else:
-        main()
+    main_or_help(main, __doc__)

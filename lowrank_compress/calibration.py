@@ -644,47 +644,27 @@ def collect_stats(
         )
     grad_rows = _spread(batches.shape[0], grad_samples) if need_grad else []
     n_stat = -(-batches.shape[0] // batch_size)
-    n_grad = len(grad_rows)
+    total = n_stat + len(grad_rows)
     report = progress or (lambda done, total: None)
 
     accs = {name: _Accumulator() for name in targets}
-    training = {m: m.training for m in model.modules()}
-    requires = {p: p.requires_grad for p in model.parameters()}
-    handles: list[Any] = []
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        last: dict[str, Any] = {}
-        handles = [m.register_forward_hook(_input_hook(name, accs, last)) for name, m in targets.items()]
-        body = model if losses is not None else _body(model, targets)
-        with torch.no_grad():
-            for done, start in enumerate(range(0, batches.shape[0], batch_size), start=1):
-                ids = batches[start : start + batch_size].to(device)
-                out = body(input_ids=ids, **no_cache_kwargs(body))
-                if losses is not None:
-                    losses.extend(_window_losses(out.logits, ids))
-                del out
-                last.clear()
-                report(done, n_stat + n_grad)
-        for h in handles:
-            h.remove()
+    with frozen_eval(model):
+        starts = range(0, batches.shape[0], batch_size)
+        for done, start in enumerate(starts, start=1):  # pass 1: input sums (and window losses)
+            _input_step(model, batches[start : start + batch_size].to(device), targets, accs, losses)
+            report(done, total)
         if need_grad:
             handles = [m.register_forward_hook(_output_grad_hook(name, accs)) for name, m in targets.items()]
-            weights = [m.weight for m in targets.values()]
-            for w in weights if fisher else []:
-                w.requires_grad_(True)
-            for done, row in enumerate(grad_rows, start=1):
-                ids = batches[row : row + 1].to(device)
-                _gradient_step(model, ids, targets, accs, weights if fisher else None)
-                report(n_stat + done, n_stat + n_grad)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, flag in training.items():
-            m.training = flag
-        for p, flag in requires.items():
-            p.requires_grad_(flag)
+            weights = [m.weight for m in targets.values()] if fisher else None
+            try:
+                for w in weights or []:
+                    w.requires_grad_(True)
+                for done, row in enumerate(grad_rows, start=1):  # pass 2: gradients
+                    _gradient_step(model, batches[row : row + 1].to(device), targets, accs, weights)
+                    report(n_stat + done, total)
+            finally:
+                for h in handles:
+                    h.remove()
     return {name: acc.stats() for name, acc in accs.items()}
 
 
@@ -704,6 +684,45 @@ def _spread(n: int, k: int | None) -> list[int]:
     if k < 1:
         raise CalibrationError(f"gradient samples must be at least 1, got {k}")
     return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+
+
+@contextlib.contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout) with no parameter requiring grad; its modes and flags restored after."""
+    training = {m: m.training for m in model.modules()}
+    requires = {p: p.requires_grad for p in model.parameters()}
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        yield
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+
+
+def _input_step(
+    model: nn.Module,
+    ids: torch.Tensor,
+    targets: dict[str, nn.Module],
+    accs: dict[str, _Accumulator],
+    losses: list[float] | None,
+) -> None:
+    """One batch through the model body (the whole model when window losses are wanted), its targets' inputs added
+    to their sums."""
+    last: dict[str, Any] = {}
+    handles = [m.register_forward_hook(_input_hook(name, accs, last)) for name, m in targets.items()]
+    try:
+        body = model if losses is not None else _body(model, targets)
+        with torch.no_grad():
+            out = body(input_ids=ids, **no_cache_kwargs(body))
+            if losses is not None:
+                losses.extend(_window_losses(out.logits, ids))
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _body(model: nn.Module, targets: dict[str, nn.Module]) -> nn.Module:

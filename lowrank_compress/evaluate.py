@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_compress.calibration import no_cache_kwargs, quiet_transformers, special_affixes, tokenize_text
+from lowrank_compress.calibration import (
+    frozen_eval,
+    no_cache_kwargs,
+    quiet_transformers,
+    special_affixes,
+    tokenize_text,
+)
 from lowrank_compress.errors import CalibrationError, LowrankError
 
 if TYPE_CHECKING:
@@ -112,7 +118,6 @@ def perplexity(
     pre = torch.tensor(prefix, dtype=torch.long)
     nll_sum = 0.0
     n_tokens = 0
-    training = {m: m.training for m in model.modules()}
     # Windows of equal length are batched; only the last one is usually shorter.
     groups: list[list[tuple[int, int, int]]] = []
     for span in spans:
@@ -120,27 +125,22 @@ def perplexity(
             groups[-1].append(span)
         else:
             groups.append([span])
-    try:
-        model.eval()
-        with torch.inference_mode():
-            for done, group in enumerate(groups, start=1):
-                batch = torch.stack([torch.cat([pre, tokens[s:e]]) for s, e, _ in group]).to(device)
-                logits = model(input_ids=batch, **no_cache_kwargs(model)).logits
-                length = batch.shape[1]
-                for row, (_, _, k) in enumerate(group):
-                    # logits at position j predict token j + 1; the scored tokens are the last k of the row.
-                    pred = logits[row, length - k - 1 : length - 1]
-                    if pred.dtype not in (torch.float32, torch.float64):
-                        pred = pred.float()  # half-precision log-softmax loses too much
-                    target = batch[row, length - k :]
-                    nll = F.cross_entropy(pred, target, reduction="sum")
-                    nll_sum += float(nll.double())
-                    n_tokens += k
-                if progress is not None:
-                    progress(done, len(groups))
-    finally:
-        for m, flag in training.items():
-            m.training = flag
+    with frozen_eval(model), torch.inference_mode():
+        for done, group in enumerate(groups, start=1):
+            batch = torch.stack([torch.cat([pre, tokens[s:e]]) for s, e, _ in group]).to(device)
+            logits = model(input_ids=batch, **no_cache_kwargs(model)).logits
+            length = batch.shape[1]
+            for row, (_, _, k) in enumerate(group):
+                # logits at position j predict token j + 1; the scored tokens are the last k of the row.
+                pred = logits[row, length - k - 1 : length - 1]
+                if pred.dtype not in (torch.float32, torch.float64):
+                    pred = pred.float()  # half-precision log-softmax loses too much
+                target = batch[row, length - k :]
+                nll = F.cross_entropy(pred, target, reduction="sum")
+                nll_sum += float(nll.double())
+                n_tokens += k
+            if progress is not None:
+                progress(done, len(groups))
 
     with quiet_transformers():
         n_chars = len(tokenizer.decode(ids)) - len(tokenizer.decode(ids[:1]))

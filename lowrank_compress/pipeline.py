@@ -814,7 +814,7 @@ class Prepared:
         factorized. So o_proj corrects what factorizing q/k/v changed, down_proj what gate/up changed.
 
         The dense inputs X of every group are kept from the one dense pass that also gives the block's outputs (a
-        group's are dropped once it is fitted): running the dense block up to each group again cost about as much
+        group's are dropped as its sums take them): running the dense block up to each group again cost about as much
         as the rest of pass 2."""
         scales = self._part_scales()
         dense_inputs = self._dense_pass(block, modules, flow, scales)
@@ -823,10 +823,6 @@ class Prepared:
             group_modules = {n: modules[n] for n in group}
             sums = self._group_sums(block, group_modules, flow, dense_inputs, scales, bool(swapped))
             swapped.update(self._fit_group(group, ranks, sums, layers))
-            for batches in dense_inputs.values():
-                for seen in batches:
-                    for name in group:
-                        seen.pop(name, None)
         return swapped
 
     def _dense_pass(
@@ -850,8 +846,8 @@ class Prepared:
         dense_inputs: dict[str, list[dict[str, torch.Tensor]]],
         scales: dict[str, float], shifted_block: bool,
     ) -> dict[str, Any]:  # fmt: skip
-        """One group's error-aware sums: its kept dense inputs paired, batch by batch, with the inputs it sees on the
-        compressed prefix's hidden states (the same inputs while nothing before it differs from the dense model)."""
+        """One group's error-aware sums: its kept dense inputs (taken out of `dense_inputs`) paired, batch by batch, with
+        the inputs it sees on the compressed prefix's hidden states (the same while nothing before it differs)."""
         from lowrank_compress.calibration import BlockStatistics
 
         sums = BlockStatistics(group)
@@ -859,15 +855,14 @@ class Prepared:
         for part in (p for p in flow.ids if scales[p]):
             for b, seen in enumerate(dense_inputs[part]):
                 on_device: dict[int, torch.Tensor] = {}  # layers reading one tensor share their sums by it
-                dense = {
-                    n: on_device.setdefault(id(seen[n]), seen[n].to(self.streamed.device)) for n in group
-                }
+                kept = {n: seen.pop(n) for n in group}  # used once: they leave the store here
+                dense = {n: on_device.setdefault(id(x), x.to(self.streamed.device)) for n, x in kept.items()}
                 moved = None
                 if shifted:
                     with sums.record() as moved:
                         flow.inputs_of(block, part, b, flow.compressed[part][b], list(group))
                 sums.add(dense, moved, weight=scales[part])
-                dense = moved = None
+                kept = dense = moved = None
         return sums.stats()
 
     def _pass2_stats(self, block: nn.Module, modules: dict[str, nn.Module], flow: _Flow) -> dict[str, Any]:
