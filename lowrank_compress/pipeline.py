@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import math
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -761,8 +762,9 @@ class Prepared:
         for i in range(n):
             modules = self._block_targets(i)
             with streamed.block(i) as block, PeakMemory(streamed.device) as peak:
+                outputs = None  # the compressed block's outputs, where the fit already ran it
                 if flow is not None and self.settings.error_aware:
-                    swapped = self._fit_in_order(block, modules, ranks, flow, layers)
+                    swapped, outputs = self._fit_in_order(block, modules, ranks, flow, layers)
                 else:
                     stats = (
                         self._pass2_stats(block, modules, flow)
@@ -773,9 +775,10 @@ class Prepared:
                 if flow is not None:
                     if swapped and self.settings.refine_steps:
                         _refine(streamed, block, swapped, flow, self.settings.refine_steps)
+                        outputs = None
                     # the compressed prefix's hidden states are needed by the error-aware fit and the refinement
                     track = self.settings.error_aware or self.settings.refine_steps > 0
-                    flow.advance(block, compressed=track and (bool(swapped) or flow.shifted))
+                    flow.advance(block, compressed=track and (bool(swapped) or flow.shifted), outputs=outputs)
                 dtype = self._write_block(i, swapped, writer) or dtype
                 for name in swapped:
                     streamed.set_block_module(name, modules[name])
@@ -807,23 +810,40 @@ class Prepared:
     def _fit_in_order(
         self, block: nn.Module, modules: dict[str, nn.Module], ranks: dict[str, int | None], flow: _Flow,
         layers: dict[str, LayerResult],
-    ) -> dict[str, nn.Module]:  # fmt: skip
+    ) -> tuple[dict[str, nn.Module], dict[str, list[torch.Tensor]]]:  # fmt: skip
         """The error-aware fit inside the block as well as across blocks: the targets in the order they run, one
         group of layers reading the same input at a time (q/k/v, o, gate/up, down), each fitted to its dense inputs X
         and to the inputs X' it sees when the block is fed the compressed prefix with the groups before it already
         factorized. So o_proj corrects what factorizing q/k/v changed, down_proj what gate/up changed.
 
-        The dense inputs X of every group are kept from the one dense pass that also gives the block's outputs (a
-        group's are dropped as its sums take them): running the dense block up to each group again cost about as much
-        as the rest of pass 2."""
+        The dense inputs X of every group come from the one dense pass that also gives the block's outputs; the
+        inputs X' from one compressed pass per batch, all run in lockstep and paused at each group until it is
+        fitted (a pass per group cost about as much as the rest of pass 2). Returns the factors and the compressed
+        block's outputs per part and batch."""
+        from lowrank_compress.lockstep import Lockstep
+
         scales = self._part_scales()
         dense_inputs = self._dense_pass(block, modules, flow, scales)
-        swapped: dict[str, nn.Module] = {}
-        for group in _groups_in_order(modules, dense_inputs):
-            group_modules = {n: modules[n] for n in group}
-            sums = self._group_sums(block, group_modules, flow, dense_inputs, scales, bool(swapped))
-            swapped.update(self._fit_group(group, ranks, sums, layers))
-        return swapped
+        group_of = {n: group for group in _groups_in_order(modules, dense_inputs) for n in group}
+        batches = [(part, b) for part in flow.ids for b in range(len(flow.compressed[part]))]
+        jobs = [functools.partial(flow.run, block, part, b, flow.compressed[part][b]) for part, b in batches]
+        fitted: dict[str, nn.Module] = {}  # what each target is once its group is fitted: factors, or itself
+        with (
+            Lockstep(jobs) as lockstep,
+            _gated(modules, lambda name, x: _wait_for_fit(lockstep, name, x, fitted)),
+        ):
+            for name, parked in lockstep.pauses():
+                group = group_of[name]
+                moved = {batches[j]: x for j, x in parked}
+                shifted = flow.shifted or any(fitted[n] is not modules[n] for n in fitted)
+                sums = self._group_sums({n: modules[n] for n in group}, moved, dense_inputs, scales, shifted)
+                moved = parked = None
+                factors = self._fit_group(group, ranks, sums, layers)
+                fitted.update({n: factors.get(n, modules[n]) for n in group})
+        outputs: dict[str, list[torch.Tensor]] = {part: [] for part in flow.ids}
+        for (part, _), out in zip(batches, lockstep.results, strict=True):
+            outputs[part].append(out)
+        return {n: m for n, m in fitted.items() if m is not modules[n]}, outputs
 
     def _dense_pass(
         self, block: nn.Module, modules: dict[str, nn.Module], flow: _Flow, scales: dict[str, float]
@@ -842,27 +862,24 @@ class Prepared:
         return kept
 
     def _group_sums(
-        self, block: nn.Module, group: dict[str, nn.Module], flow: _Flow,
-        dense_inputs: dict[str, list[dict[str, torch.Tensor]]],
-        scales: dict[str, float], shifted_block: bool,
+        self, group: dict[str, nn.Module], moved: dict[tuple[str, int], torch.Tensor],
+        dense_inputs: dict[str, list[dict[str, torch.Tensor]]], scales: dict[str, float], shifted: bool,
     ) -> dict[str, Any]:  # fmt: skip
-        """One group's error-aware sums: its kept dense inputs (taken out of `dense_inputs`) paired, batch by batch, with
-        the inputs it sees on the compressed prefix's hidden states (the same while nothing before it differs)."""
+        """One group's error-aware sums: its kept dense inputs (taken out of `dense_inputs`) paired, batch by batch,
+        with the inputs X' it saw in the compressed pass (`moved`, by part and batch; the same as the dense ones
+        while nothing before the group differs, then only X^T X is summed)."""
         from lowrank_compress.calibration import BlockStatistics
 
         sums = BlockStatistics(group)
-        shifted = flow.shifted or shifted_block
-        for part in (p for p in flow.ids if scales[p]):
-            for b, seen in enumerate(dense_inputs[part]):
-                on_device: dict[int, torch.Tensor] = {}  # layers reading one tensor share their sums by it
-                kept = {n: seen.pop(n) for n in group}  # used once: they leave the store here
-                dense = {n: on_device.setdefault(id(x), x.to(self.streamed.device)) for n, x in kept.items()}
-                moved = None
-                if shifted:
-                    with sums.record() as moved:
-                        flow.inputs_of(block, part, b, flow.compressed[part][b], list(group))
-                sums.add(dense, moved, weight=scales[part])
-                kept = dense = moved = None
+        device = self.streamed.device
+        for (part, b), x_moved in moved.items():
+            if not scales[part]:
+                continue
+            kept = {n: dense_inputs[part][b].pop(n) for n in group}  # used once: they leave the store here
+            on_device: dict[int, torch.Tensor] = {}  # layers reading one tensor share their sums by it
+            dense = {n: on_device.setdefault(id(x), x.to(device)) for n, x in kept.items()}
+            sums.add(dense, dict.fromkeys(group, x_moved) if shifted else None, weight=scales[part])
+            kept = dense = None
         return sums.stats()
 
     def _pass2_stats(self, block: nn.Module, modules: dict[str, nn.Module], flow: _Flow) -> dict[str, Any]:
@@ -1024,11 +1041,16 @@ class _Flow:
     def _stash_path(self, part: str, i: int) -> str:
         return str(Path(self._spill.name) / f"{part}-{i}.safetensors")
 
-    def advance(self, block: nn.Module, compressed: bool) -> None:
+    def advance(
+        self, block: nn.Module, compressed: bool, outputs: dict[str, list[torch.Tensor]] | None = None
+    ) -> None:
         """After block i of pass 2: the dense hidden states become the dense block's outputs; the compressed ones
-        go through the (factorized) block when the prefix differs from the dense model, else follow the dense."""
+        go through the (factorized) block when the prefix differs from the dense model (or are its `outputs`, where
+        the fit already ran it), else follow the dense."""
         for part in self.ids:
-            if compressed:
+            if compressed and outputs is not None:
+                self.compressed[part] = outputs[part]
+            elif compressed:
                 self.compressed[part] = [
                     self.run(block, part, b, h) for b, h in enumerate(self.compressed[part])
                 ]
@@ -1053,6 +1075,40 @@ def _groups_in_order(
     for name, x in seen.items():
         groups.setdefault(id(x), []).append(name)
     return list(groups.values())
+
+
+@contextlib.contextmanager
+def _gated(modules: dict[str, nn.Module], wait: Callable[[str, torch.Tensor], nn.Module]) -> Iterator[None]:
+    """While inside, calling one of `modules` first asks `wait(name, input)` what it is now (it may pause there until
+    its group is fitted) and runs that: its factors, or itself. Patches the instances' forward, as accelerate's
+    hooks do, so every attribute the model code reads on the layer stays."""
+
+    def gate(name: str, module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
+        def gated_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            now = wait(name, x)
+            return forward(x, *args, **kwargs) if now is module else now(x, *args, **kwargs)
+
+        return gated_forward
+
+    own = {
+        name: module.__dict__.get("forward") for name, module in modules.items()
+    }  # an earlier patch, if any
+    for name, module in modules.items():
+        module.forward = gate(name, module, module.forward)
+    try:
+        yield
+    finally:
+        for name, module in modules.items():
+            del module.forward
+            if own[name] is not None:
+                module.forward = own[name]
+
+
+def _wait_for_fit(lockstep: Any, name: str, x: torch.Tensor, fitted: dict[str, nn.Module]) -> nn.Module:
+    """In a compressed pass of the in-order fit: pause at the first layer of a group not yet fitted."""
+    if name not in fitted:
+        lockstep.pause(name, x)
+    return fitted[name]
 
 
 def _refine(streamed: Any, block: nn.Module, swapped: dict[str, nn.Module], flow: _Flow, steps: int) -> None:

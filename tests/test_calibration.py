@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -685,3 +686,25 @@ def test_chat_windows_too_short_for_the_user_turn_are_one_clear_error() -> None:
 
     with pytest.raises(CalibrationError, match=r"--seq-len 12 leaves no room for an answer"):
         sample_chat_batches(tiny_llama(), chat_tokenizer("literal"), samples=2, seq_len=12)
+
+
+@pytest.mark.parametrize("width", [5, 256, 700])
+def test_add_product_sums_weighted_products_and_grams_computed_by_halves(width: int) -> None:
+    """The running sums behind every Gram and cross term: total + w a^T b over batches, against numpy in float64.
+    A Gram (b is a) is computed down to the diagonal and mirrored: it must still equal the full product on both sides
+    (widths below, at and across the slab width)."""
+    from lowrank_compress.calibration import add_product
+
+    gen = torch.Generator().manual_seed(width)
+    batches = [torch.randn(300, width, generator=gen) for _ in range(3)]
+    others = [torch.randn(300, 40, generator=gen) for _ in range(3)]
+    gram = cross = None
+    for x, y, w in zip(batches, others, (1.0, 0.5, 2.0), strict=True):
+        gram = add_product(gram, x, x, w)
+        cross = add_product(cross, x, y, w)
+    xs = [x.double().numpy() for x in batches]
+    ys = [y.double().numpy() for y in others]
+    want_gram = sum(w * x.T @ x for x, w in zip(xs, (1.0, 0.5, 2.0), strict=True))
+    want_cross = sum(w * x.T @ y for x, y, w in zip(xs, ys, (1.0, 0.5, 2.0), strict=True))
+    np.testing.assert_allclose(gram.numpy(), want_gram, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(cross.numpy(), want_cross, rtol=1e-5, atol=1e-3)
