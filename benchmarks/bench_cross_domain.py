@@ -51,6 +51,7 @@ CONFIGS = {  # label -> settings beyond the defaults
     "refine 16": {"refine_steps": 16},
     "damping 0.05": {"damping": 0.05},
     "damping 0.2": {"damping": 0.2},
+    "chat": {"chat": True},  # self-generated conversations through the chat template, text wrapped as turns
     "error-aware fit": {"error_aware": True},
     "error-aware, damping 0.1": {"error_aware": True, "damping": 0.1},
     "error-aware, refine 32": {"error_aware": True, "refine_steps": 32},
