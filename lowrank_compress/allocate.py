@@ -121,6 +121,40 @@ def allocate(
     multiple: ranks are multiples of it (hardware-friendly tiles); the rank floor is rounded up to one.
     tolerance: how far from the budget the kept fraction may land (absolute).
     """
+    _check_arguments(layers, policy, energy, multiple, min_rank, min_fraction)
+    floor_fraction = min_fraction if policy == "sensitivity" else 0.0
+    specs = [
+        _Layer(x, multiple, max(min_rank, floor_fraction * break_even_rank(x.out_features, x.in_features)))
+        for x in layers
+    ]
+    total = sum(s.dense for s in specs)
+    min_kept = sum(int(s.costs[0]) for s in specs) / total
+    solve = _solver(specs, policy, energy)
+
+    if policy == "energy" and energy is not None:
+        return _at_energy(specs, solve(math.inf), total, budget, energy, tolerance)
+
+    if budget is None:
+        raise ValueError(f"policy {policy!r} needs a budget")
+    where = (
+        f"reachable kept fractions for these {len(specs)} layers (min_rank={min_rank}, multiple={multiple}"
+        + (f", min_fraction={min_fraction:g}" if policy == "sensitivity" else "")
+        + f") are {min_kept:.4f} to 1"
+    )
+    if _only_floor_fits(budget, min_kept, tolerance, where):
+        return _ranks(specs, [0] * len(specs))
+    return _ranks(specs, _fit_budget(specs, solve, total, budget, tolerance, multiple))
+
+
+def _check_arguments(
+    layers: Sequence[LayerCandidate],
+    policy: str,
+    energy: float | None,
+    multiple: int,
+    min_rank: int,
+    min_fraction: float,
+) -> None:
+    """Refuse arguments no policy can work with, before any layer's rank grid is built."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if not layers:
@@ -135,41 +169,44 @@ def allocate(
     if energy is not None and not 0.0 < energy <= 1.0:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
 
-    floor_fraction = min_fraction if policy == "sensitivity" else 0.0
-    specs = [
-        _Layer(x, multiple, max(min_rank, floor_fraction * break_even_rank(x.out_features, x.in_features)))
-        for x in layers
-    ]
-    total = sum(s.dense for s in specs)
-    min_kept = sum(int(s.costs[0]) for s in specs) / total
-    solve = _solver(specs, policy, energy)
 
-    if policy == "energy" and energy is not None:
-        states = solve(math.inf)
-        kept = _cost(specs, states) / total
-        if budget is not None and kept > budget + tolerance:
-            raise BudgetError(
-                f"energy {energy:g} keeps {kept:.4f} of the target parameters, above the budget {budget:g}; "
-                "lower --energy or raise --budget"
-            )
-        return _ranks(specs, states)
+def _at_energy(
+    specs: list[_Layer], states: list[int], total: int, budget: float | None, energy: float, tolerance: float
+) -> dict[str, int | None]:
+    """An explicit energy sets the ranks by itself: the budget (when given) is only a ceiling to check them against."""
+    kept = _cost(specs, states) / total
+    if budget is not None and kept > budget + tolerance:
+        raise BudgetError(
+            f"energy {energy:g} keeps {kept:.4f} of the target parameters, above the budget {budget:g}; "
+            "lower --energy or raise --budget"
+        )
+    return _ranks(specs, states)
 
-    if budget is None:
-        raise ValueError(f"policy {policy!r} needs a budget")
-    where = (
-        f"reachable kept fractions for these {len(specs)} layers (min_rank={min_rank}, multiple={multiple}"
-        + (f", min_fraction={min_fraction:g}" if policy == "sensitivity" else "")
-        + f") are {min_kept:.4f} to 1"
-    )
+
+def _only_floor_fits(budget: float, min_kept: float, tolerance: float, where: str) -> bool:
+    """Refuse a budget no allocation can meet, before any search. True when the budget lies below the smallest
+    reachable kept fraction but within tolerance of it: the all-floor allocation is then the answer, unsearched."""
     if not 0.0 < budget < 1.0:
         raise BudgetError(f"budget must be strictly between 0 and 1, got {budget:g}; {where}")
     if budget < min_kept:
         if min_kept <= budget + tolerance:
-            return _ranks(specs, [0] * len(specs))
+            return True
         raise BudgetError(
             f"budget {budget:g} is unreachable: {where}; raise the budget or lower the rank floor"
         )
+    return False
 
+
+def _fit_budget(
+    specs: list[_Layer],
+    solve: Callable[[float], list[int]],
+    total: int,
+    budget: float,
+    tolerance: float,
+    multiple: int,
+) -> list[int]:
+    """States at most the budget when the rank grid allows one within tolerance below it, else at most budget +
+    tolerance; refused when even that lands farther than tolerance from the budget."""
     states = solve(budget * total)
     kept = _cost(specs, states) / total
     if kept < budget - tolerance:  # a coarse rank grid: allow landing just above the budget instead
@@ -180,7 +217,7 @@ def allocate(
             f"budget {budget:g} cannot be met within {tolerance:g} with rank multiple {multiple} "
             f"(closest kept fraction {kept:.4f}); use a smaller rank multiple or another budget"
         )
-    return _ranks(specs, states)
+    return states
 
 
 def _cost(specs: Sequence[_Layer], states: Sequence[int]) -> int:
@@ -323,20 +360,48 @@ def _min_error(specs: list[_Layer], errors: list[np.ndarray], cap: float) -> lis
        enough to possibly beat the incumbent: any better allocation has sum d_l < D = f(inc) - f(x*) + lam (cap -
        c(x*)). It is exhaustive unless it exceeds a node limit (then the incumbent, at most one segment worse, stays).
     """
-    n_layers = len(specs)
+    star, c_star, lam = _hull_greedy(specs, errors, cap)
+    f_star = sum(float(e[j]) for e, j in zip(errors, star, strict=True))
+    inc, f_inc = _top_up(specs, errors, star, c_star, f_star, cap)
+
+    # 3. branch and bound on reduced costs
+    scale = abs(f_star) + lam * c_star + 1e-300
+    eps = 1e-12 * scale
+    slack = cap - c_star
+    bound = f_inc - f_star + lam * slack
+    if bound <= eps:
+        return inc
+    options = _options(specs, errors, star, lam, bound)
+    if not options:
+        return inc
+    best_choice = _branch_and_bound(options, f_star, f_inc, lam, slack, bound, eps)
+    if best_choice is None:
+        return inc
+    result = list(star)
+    for (i, opts), k in zip(options, best_choice, strict=True):
+        result[i] = opts[k][2]
+    return result
+
+
+def _hull_greedy(specs: list[_Layer], errors: list[np.ndarray], cap: float) -> tuple[list[int], int, float]:
+    """Step 1 of `_min_error`: the Lagrangian minimizer x* that first fits `cap`, its cost and its multiplier lam.
+
+    Walking down the convex hulls from all dense, the cheapest error per parameter saved first, keeps every state on
+    the way optimal for its own cost; lam (the last segment's slope) prices the parameters in the reduced costs.
+    """
     hulls = [_lower_hull(s.costs.astype(np.float64), e) for s, e in zip(specs, errors, strict=True)]
     states = [s.dense_state for s in specs]
     cost = sum(s.dense for s in specs)
     pos = [len(h) - 1 for h in hulls]  # current position along each hull (at the dense end)
 
-    def push(heap: list, i: int) -> None:
+    def push(heap: list[tuple[float, int]], i: int) -> None:
         if pos[i] > 0:
             a, b = hulls[i][pos[i] - 1], hulls[i][pos[i]]
             saved = float(specs[i].costs[b] - specs[i].costs[a])
             heapq.heappush(heap, ((errors[i][a] - errors[i][b]) / saved, i))
 
-    heap: list = []
-    for i in range(n_layers):
+    heap: list[tuple[float, int]] = []
+    for i in range(len(specs)):
         push(heap, i)
     lam = 0.0
     while cost > cap:
@@ -348,11 +413,14 @@ def _min_error(specs: list[_Layer], errors: list[np.ndarray], cap: float) -> lis
         cost -= int(specs[i].costs[states[i]] - specs[i].costs[new])
         states[i] = new
         push(heap, i)
-    star = list(states)
-    f_star = sum(float(e[j]) for e, j in zip(errors, star, strict=True))
-    c_star = cost
+    return list(states), cost, lam
 
-    # 2. incumbent: greedy top-up of the leftover
+
+def _top_up(
+    specs: list[_Layer], errors: list[np.ndarray], star: list[int], c_star: int, f_star: float, cap: float
+) -> tuple[list[int], float]:
+    """Step 2 of `_min_error`: the incumbent and its error, x* topped up with the moves that fit what is left of the
+    cap and reduce the error most. Its error bounds the branch and bound, so the better it is the less is searched."""
     inc = list(star)
     c_inc, f_inc = c_star, f_star
     while True:
@@ -371,14 +439,18 @@ def _min_error(specs: list[_Layer], errors: list[np.ndarray], cap: float) -> lis
         c_inc += int(specs[i].costs[j] - specs[i].costs[inc[i]])
         f_inc -= best[0]
         inc[i] = j
+    return inc, f_inc
 
-    # 3. branch and bound on reduced costs
-    scale = abs(f_star) + lam * c_star + 1e-300
-    eps = 1e-12 * scale
-    slack = cap - c_star
-    bound = f_inc - f_star + lam * slack
-    if bound <= eps:
-        return inc
+
+_Options = list[tuple[int, list[tuple[float, int, int]]]]
+"""Per layer worth searching: (layer index, [(reduced cost d, cost change from x*, state)] sorted by d)."""
+
+
+def _options(
+    specs: list[_Layer], errors: list[np.ndarray], star: list[int], lam: float, bound: float
+) -> _Options:
+    """Step 3a of `_min_error`: the states whose reduced cost could still beat the incumbent, per layer with more
+    than one such state. Every other layer stays at x*, which keeps the search small."""
     options = []  # per active layer: (d, delta_cost, state) sorted by d
     for i, s in enumerate(specs):
         base = errors[i][star[i]] + lam * s.costs[star[i]]
@@ -387,8 +459,14 @@ def _min_error(specs: list[_Layer], errors: list[np.ndarray], cap: float) -> lis
         if ok.size > 1:
             order = ok[np.argsort(d[ok], kind="stable")]
             options.append((i, [(float(d[j]), int(s.costs[j] - s.costs[star[i]]), int(j)) for j in order]))
-    if not options:
-        return inc
+    return options
+
+
+def _branch_and_bound(
+    options: _Options, f_star: float, f_inc: float, lam: float, slack: float, bound: float, eps: float
+) -> list[int] | None:
+    """Step 3b of `_min_error`: the option index per layer of `options` of the best allocation found that beats the
+    incumbent by more than eps, None when none does. Exhaustive unless it passes `_NODE_LIMIT` nodes."""
     min_dc = [min(o[1] for o in opts) for _, opts in options]
     suffix = np.append(np.cumsum(min_dc[::-1])[::-1], 0)  # least extra cost the remaining layers can add
 
@@ -416,9 +494,4 @@ def _min_error(specs: list[_Layer], errors: list[np.ndarray], cap: float) -> lis
         if sum_dc + dc + suffix[depth + 1] <= slack:
             choice[depth] = k
             stack.append((depth + 1, 0, sum_d + d, sum_dc + dc))
-    if best_choice is None:
-        return inc
-    result = list(star)
-    for (i, opts), k in zip(options, best_choice, strict=True):
-        result[i] = opts[k][2]
-    return result
+    return best_choice

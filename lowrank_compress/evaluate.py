@@ -75,6 +75,35 @@ def perplexity(
     scored token ids (after truncation): the characters the scored tokens cover. It compares models with
     different tokenizers, which perplexity per token does not.
     """
+    prefix, body, stride = _window_layout(model, tokenizer, window, stride, batch_size)
+    ids = tokenize_text(tokenizer, text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise CalibrationError(f"evaluation text has {len(ids)} token(s); at least 2 are needed to score one")
+
+    groups = _batches(_spans(len(ids), body, stride), batch_size)
+    nll_sum, n_tokens = _score(model, ids, prefix, groups, device, progress)
+
+    with quiet_transformers():
+        n_chars = len(tokenizer.decode(ids)) - len(tokenizer.decode(ids[:1]))
+    n_chars = max(n_chars, 1)
+    return Perplexity(
+        perplexity=math.exp(nll_sum / n_tokens),
+        bits_per_char=nll_sum / math.log(2) / n_chars,
+        nll_sum=nll_sum,
+        n_tokens=n_tokens,
+        n_chars=n_chars,
+        window=window,
+        stride=stride,
+    )
+
+
+def _window_layout(
+    model: nn.Module, tokenizer: Any, window: int, stride: int, batch_size: int
+) -> tuple[list[int], int, int]:
+    """(special prefix, text tokens per window, stride used): the arguments checked against the model's context and
+    the tokenizer's prefix before any text is tokenized, the stride cut to what still scores every token."""
     if window < 2:
         raise CalibrationError(f"perplexity window must be at least 2 tokens, got {window}")
     if stride < 1:
@@ -95,36 +124,50 @@ def perplexity(
         raise CalibrationError(
             f"perplexity window {window} is too short to score any token; use a longer window"
         )
-    stride = min(stride, max_stride)
-    ids = tokenize_text(tokenizer, text)
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    if len(ids) < 2:
-        raise CalibrationError(f"evaluation text has {len(ids)} token(s); at least 2 are needed to score one")
+    return prefix, body, min(stride, max_stride)
 
-    # (start, end, n_scored): window text tokens ids[start:end], scoring the last n_scored of them.
+
+def _spans(n_ids: int, body: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, n_scored): window text tokens ids[start:end], scoring the last n_scored of them. The layout that
+    scores every token but the first exactly once, each with all the context its window holds."""
     spans: list[tuple[int, int, int]] = []
     prev_end = 0
-    for start in range(0, len(ids), stride):
-        end = min(start + body, len(ids))
+    for start in range(0, n_ids, stride):
+        end = min(start + body, n_ids)
         n_scored = end - max(prev_end, 1)  # the first token of the text is context only
         if n_scored > 0:
             spans.append((start, end, n_scored))
         prev_end = end
-        if end == len(ids):
+        if end == n_ids:
             break
+    return spans
 
-    tokens = torch.tensor(ids, dtype=torch.long)
-    pre = torch.tensor(prefix, dtype=torch.long)
-    nll_sum = 0.0
-    n_tokens = 0
-    # Windows of equal length are batched; only the last one is usually shorter.
+
+def _batches(spans: list[tuple[int, int, int]], batch_size: int) -> list[list[tuple[int, int, int]]]:
+    """Consecutive windows of equal length, at most `batch_size` to a batch: equal lengths stack into one input
+    without padding or an attention mask. Only the last window is usually shorter."""
     groups: list[list[tuple[int, int, int]]] = []
     for span in spans:
         if groups and len(groups[-1]) < batch_size and _length(groups[-1][0]) == _length(span):
             groups[-1].append(span)
         else:
             groups.append([span])
+    return groups
+
+
+def _score(
+    model: nn.Module,
+    ids: list[int],
+    prefix: list[int],
+    groups: list[list[tuple[int, int, int]]],
+    device: str,
+    progress: ProgressFn | None,
+) -> tuple[float, int]:
+    """(nll_sum in nats, tokens scored) over the batches of windows: the only part that runs the model, frozen."""
+    tokens = torch.tensor(ids, dtype=torch.long)
+    pre = torch.tensor(prefix, dtype=torch.long)
+    nll_sum = 0.0
+    n_tokens = 0
     with frozen_eval(model), torch.inference_mode():
         for done, group in enumerate(groups, start=1):
             batch = torch.stack([torch.cat([pre, tokens[s:e]]) for s, e, _ in group]).to(device)
@@ -141,19 +184,7 @@ def perplexity(
                 n_tokens += k
             if progress is not None:
                 progress(done, len(groups))
-
-    with quiet_transformers():
-        n_chars = len(tokenizer.decode(ids)) - len(tokenizer.decode(ids[:1]))
-    n_chars = max(n_chars, 1)
-    return Perplexity(
-        perplexity=math.exp(nll_sum / n_tokens),
-        bits_per_char=nll_sum / math.log(2) / n_chars,
-        nll_sum=nll_sum,
-        n_tokens=n_tokens,
-        n_chars=n_chars,
-        window=window,
-        stride=stride,
-    )
+    return nll_sum, n_tokens
 
 
 def context_length(model: nn.Module) -> int | None:

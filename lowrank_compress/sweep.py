@@ -13,10 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lowrank_compress.errors import BudgetError
 from lowrank_compress.recipe import FactorizeSettings
+
+if TYPE_CHECKING:
+    from lowrank_compress.evaluate import Perplexity, Speed
+    from lowrank_compress.pipeline import Prepared
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -109,11 +113,9 @@ def sweep(
     shorter. answers: the answer set asked of the dense model once and of each budget's model (None: skipped), so
     a budget is judged by the answers it keeps, not only by its perplexity."""
     from lowrank_compress.answers import AnswerSet, load_answer_set
-    from lowrank_compress.evaluate import context_length, measure_speed, perplexity, speed_ratios
-    from lowrank_compress.loading import load_model, require_finite, resolve
+    from lowrank_compress.loading import resolve
     from lowrank_compress.outdir import atomic_output_dir, check_output_dir
     from lowrank_compress.pipeline import Prepared
-    from lowrank_compress.report import write_json
     from lowrank_compress.text import load_text
 
     report = progress or (lambda *a: None)
@@ -122,78 +124,136 @@ def sweep(
     source = resolve(model_path)
     check_output_dir(out_dir, overwrite, inputs=[source.path, source.directory], warn=warn)
     text = load_text(data, split="heldout" if data == "builtin" else "all")
-
-    def quality(model: Any, tokenizer: Any, label: str) -> Any:
-        return perplexity(
-            model, tokenizer, text, window=window, stride=stride, max_tokens=max_tokens, device=settings.device,
-            progress=lambda done, total: report(f"perplexity ({label})", done, total),
-        )  # fmt: skip
-
     _require_language_model(source, model_path, allow_pickle)
     prepared = Prepared.load(model_path, settings, allow_pickle=allow_pickle, progress=report, warn=warn)
     # the dense model, whole, for its perplexity and speed (factorize itself streams it block by block)
-    dense_model, tokenizer, _ = load_model(model_path, device=settings.device, allow_pickle=allow_pickle)
-    require_finite(dense_model, model_path)
-    context = context_length(dense_model)
-    window = window or (min(512, context) if context else 512)
-    seq_lens = [n for n in (128, 512) if context is None or n <= context] or [context]
-    dense_q = quality(dense_model, tokenizer, "dense")
-    dense_answers = _ask(dense_model, tokenizer, answer_set, settings.device, "dense", report)
+    dense = _dense_reference(
+        model_path, allow_pickle, text, window, stride, max_tokens, answer_set, speed, settings.device, report
+    )
     dense_speed = None
     points: list[SweepPoint] = []
     with atomic_output_dir(out_dir, overwrite, warn=warn) as tmp, tempfile.TemporaryDirectory() as scratch:
         for i, budget in enumerate(budgets):
             where = (tmp / "models" if keep_models else Path(scratch)) / f"budget-{budget:g}"
-            written = prepared.write(where, budget)
-            compressed, tok, _ = load_model(where, device=settings.device)
-            q = quality(compressed, tok, f"budget {budget:g}")
-            check = _judge(
-                compressed, tok, answer_set, dense_answers, settings.device, f"budget {budget:g}", report
-            )
-            prefill_ratio = decode_ratio = reliable = None
-            if speed:
-                report("speed", i, len(budgets))
-                sp = measure_speed(
-                    {"dense": dense_model, "compressed": compressed},
-                    seq_lens=seq_lens,
-                    device=settings.device,
-                )
-                dense_speed = sp["dense"]
-                ratios = speed_ratios(sp["compressed"], sp["dense"])
-                prefill_ratio, decode_ratio = ratios["prefill_tokens_per_s"], ratios["decode_tokens_per_s"]
-                reliable = _speed_reliable(sp, settings.device)
-            points.append(
-                SweepPoint(
-                    budget=budget,
-                    kept_fraction_targets=written.kept_fraction_targets,
-                    kept_fraction_model=written.kept_fraction_model,
-                    params=written.total_params_after,
-                    perplexity=q.perplexity,
-                    bits_per_char=q.bits_per_char,
-                    prefill_ratio=prefill_ratio,
-                    decode_ratio=decode_ratio,
-                    output=str(out_dir / "models" / where.name) if keep_models else None,
-                    answers_right=check.count("model") if check else None,
-                    answers_kept=check.kept() if check else None,
-                    answers_kept_fraction=check.kept_fraction() if check else None,
-                    speed_reliable=reliable,
-                )
-            )
-            del compressed
+            output = str(out_dir / "models" / where.name) if keep_models else None
+            point, dense_speed = _budget_point(dense, prepared, budget, where, output, (i, len(budgets)))
+            points.append(point)
             if not keep_models and where.parent == Path(scratch):  # only the sweep's own scratch copy
                 shutil.rmtree(where)
         result = SweepResult(
             model=str(model_path),
             settings=dataclasses.asdict(prepared.settings),
-            dense=_dense_summary(prepared.total_before, dense_q, dense_speed, dense_answers),
+            dense=_dense_summary(prepared.total_before, dense.quality, dense_speed, dense.answers),
             points=points,
         )
-        names = ["sweep.json", "sweep.md", "sweep.png"]
-        result.files = [str(out_dir / n) for n in names] + [p.output for p in points if p.output]
-        write_json(tmp / "sweep.json", result.to_dict())
-        (tmp / "sweep.md").write_text(sweep_markdown(result))
-        (tmp / "sweep.png").write_bytes(sweep_plot(result))
+        _write_sweep_files(result, tmp, out_dir)
     return result
+
+
+@dataclass
+class _Dense:
+    """What every budget's model is measured with and against, gathered once: the dense model is loaded and scored a
+    single time for the whole sweep, and each budget's step takes this one argument instead of eight."""
+
+    model: Any
+    score: Callable[[Any, Any, str], Perplexity]  # (model, tokenizer, label): perplexity on the sweep's text
+    quality: Perplexity
+    answer_set: Any
+    answers: Any  # `_ask`'s (outputs, right) of the dense model; None without an answer set
+    seq_lens: list[int] | None  # speed sequence lengths; None: speed is not measured
+    device: str
+    report: ProgressFn
+
+
+def _dense_reference(
+    model_path: str | Path,
+    allow_pickle: bool,
+    text: str,
+    window: int | None,
+    stride: int,
+    max_tokens: int | None,
+    answer_set: Any,
+    speed: bool,
+    device: str,
+    report: ProgressFn,
+) -> _Dense:
+    """Load the dense model whole and score it; its context fixes the window and speed lengths of every budget."""
+    from lowrank_compress.evaluate import context_length, perplexity
+    from lowrank_compress.loading import load_model, require_finite
+
+    dense_model, tokenizer, _ = load_model(model_path, device=device, allow_pickle=allow_pickle)
+    require_finite(dense_model, model_path)
+    context = context_length(dense_model)
+    window = window or (min(512, context) if context else 512)
+    seq_lens = [n for n in (128, 512) if context is None or n <= context] or [context]
+
+    def score(model: Any, tokenizer: Any, label: str) -> Perplexity:
+        return perplexity(
+            model, tokenizer, text, window=window, stride=stride, max_tokens=max_tokens, device=device,
+            progress=lambda done, total: report(f"perplexity ({label})", done, total),
+        )  # fmt: skip
+
+    dense_q = score(dense_model, tokenizer, "dense")
+    dense_answers = _ask(dense_model, tokenizer, answer_set, device, "dense", report)
+    return _Dense(
+        dense_model, score, dense_q, answer_set, dense_answers, seq_lens if speed else None, device, report
+    )
+
+
+def _budget_point(
+    dense: _Dense, prepared: Prepared, budget: float, where: Path, output: str | None, step: tuple[int, int]
+) -> tuple[SweepPoint, Speed | None]:
+    """Write one budget's model to `where` and measure it against the dense model. Also returns the dense model's
+    speed from this budget's interleaved timing (None without speed): the sweep reports the last one."""
+    from lowrank_compress.evaluate import measure_speed, speed_ratios
+    from lowrank_compress.loading import load_model
+
+    written = prepared.write(where, budget)
+    compressed, tok, _ = load_model(where, device=dense.device)
+    q = dense.score(compressed, tok, f"budget {budget:g}")
+    check = _judge(
+        compressed, tok, dense.answer_set, dense.answers, dense.device, f"budget {budget:g}", dense.report
+    )
+    dense_speed = prefill_ratio = decode_ratio = reliable = None
+    if dense.seq_lens is not None:
+        dense.report("speed", *step)
+        sp = measure_speed(
+            {"dense": dense.model, "compressed": compressed},
+            seq_lens=dense.seq_lens,
+            device=dense.device,
+        )
+        dense_speed = sp["dense"]
+        ratios = speed_ratios(sp["compressed"], sp["dense"])
+        prefill_ratio, decode_ratio = ratios["prefill_tokens_per_s"], ratios["decode_tokens_per_s"]
+        reliable = _speed_reliable(sp, dense.device)
+    point = SweepPoint(
+        budget=budget,
+        kept_fraction_targets=written.kept_fraction_targets,
+        kept_fraction_model=written.kept_fraction_model,
+        params=written.total_params_after,
+        perplexity=q.perplexity,
+        bits_per_char=q.bits_per_char,
+        prefill_ratio=prefill_ratio,
+        decode_ratio=decode_ratio,
+        output=output,
+        answers_right=check.count("model") if check else None,
+        answers_kept=check.kept() if check else None,
+        answers_kept_fraction=check.kept_fraction() if check else None,
+        speed_reliable=reliable,
+    )
+    return point, dense_speed
+
+
+def _write_sweep_files(result: SweepResult, tmp: Path, out_dir: Path) -> None:
+    """Name the sweep's files in `result` as they will be in `out_dir`, then write them into `tmp`, the staging
+    directory that becomes `out_dir` only once the whole sweep has succeeded."""
+    from lowrank_compress.report import write_json
+
+    names = ["sweep.json", "sweep.md", "sweep.png"]
+    result.files = [str(out_dir / n) for n in names] + [p.output for p in result.points if p.output]
+    write_json(tmp / "sweep.json", result.to_dict())
+    (tmp / "sweep.md").write_text(sweep_markdown(result))
+    (tmp / "sweep.png").write_bytes(sweep_plot(result))
 
 
 def _dense_summary(params: int, quality: Any, speed: Any, answers: Any) -> dict[str, Any]:
