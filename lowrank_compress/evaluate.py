@@ -316,10 +316,7 @@ def measure_speed(
     if repeats < 1:
         raise LowrankError(f"speed repeats must be at least 1, got {repeats}")
     if vocab_size is None:
-        sizes = [getattr(getattr(m, "config", None), "vocab_size", None) for m in models.values()]
-        if any(s is None for s in sizes):
-            raise LowrankError("cannot tell the vocabulary size of every model; pass vocab_size")
-        vocab_size = min(sizes)  # type: ignore[type-var]
+        vocab_size = _common_vocab_size(models)
     gen = torch.Generator().manual_seed(seed)
     inputs = {n: torch.randint(0, vocab_size, (1, n), generator=gen).to(device) for n in seq_lens}
     prompt = torch.randint(0, vocab_size, (1, _PROMPT_LEN), generator=gen).to(device)
@@ -332,10 +329,45 @@ def measure_speed(
     def decode(model: nn.Module) -> float:
         return _timed(lambda: _generate(model, prompt, decode_tokens), device)
 
+    load_before = load_average()
+    prefill_times, decode_times = _time_interleaved(models, seq_lens, repeats, can_decode, prefill, decode)
+    loads = [x for x in (load_before, load_average()) if x is not None]
+    return {
+        name: Speed(
+            prefill_tokens_per_s={n: n / statistics.median(prefill_times[name][n]) for n in seq_lens},
+            decode_tokens_per_s=decode_tokens / statistics.median(decode_times[name])
+            if can_decode[name]
+            else None,
+            prefill_seconds=prefill_times[name],
+            decode_seconds=decode_times[name],
+            load_average=max(loads) if loads else None,
+        )
+        for name in models
+    }
+
+
+def _common_vocab_size(models: Mapping[str, nn.Module]) -> int:
+    """The smallest vocabulary of the models' configs: random token ids below it are valid input to every one."""
+    sizes = [getattr(getattr(m, "config", None), "vocab_size", None) for m in models.values()]
+    if any(s is None for s in sizes):
+        raise LowrankError("cannot tell the vocabulary size of every model; pass vocab_size")
+    return min(sizes)  # type: ignore[type-var]
+
+
+def _time_interleaved(
+    models: Mapping[str, nn.Module],
+    seq_lens: Sequence[int],
+    repeats: int,
+    can_decode: Mapping[str, bool],
+    prefill: Callable[[nn.Module, int], float],
+    decode: Callable[[nn.Module], float],
+) -> tuple[dict[str, dict[int, list[float]]], dict[str, list[float]]]:
+    """(prefill seconds per model and seq_len, decode seconds per model) of every repeat, after one warm-up of each.
+    Each repeat times every model in turn, so drifts in machine load hit all alike; the models run in eval mode and
+    get their own modes back afterwards, whatever happens."""
     prefill_times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in seq_lens} for name in models}
     decode_times: dict[str, list[float]] = {name: [] for name in models}
     training = {m: m.training for model in models.values() for m in model.modules()}
-    load_before = load_average()
     try:
         for model in models.values():
             model.eval()
@@ -354,19 +386,7 @@ def measure_speed(
     finally:
         for m, flag in training.items():
             m.training = flag
-    loads = [x for x in (load_before, load_average()) if x is not None]
-    return {
-        name: Speed(
-            prefill_tokens_per_s={n: n / statistics.median(prefill_times[name][n]) for n in seq_lens},
-            decode_tokens_per_s=decode_tokens / statistics.median(decode_times[name])
-            if can_decode[name]
-            else None,
-            prefill_seconds=prefill_times[name],
-            decode_seconds=decode_times[name],
-            load_average=max(loads) if loads else None,
-        )
-        for name in models
-    }
+    return prefill_times, decode_times
 
 
 def speed_ratios(a: Speed, b: Speed) -> dict[str, Any]:
@@ -565,39 +585,14 @@ def evaluate_models(
     report = progress or (lambda phase, done, total: None)
     paths = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
     loaded = _load_language_models(paths, device, allow_pickle)
-    limits = [n for n in (context_length(m) for m, _ in loaded.values()) if n is not None]
-    context = min(limits) if limits else None
-    if window is None:
-        window = min(512, context) if context else 512
-    if context is not None:
-        seq_lens = [n for n in seq_lens if n <= context] or [context]
-    quality = {
-        role: perplexity(
-            m,
-            tok,
-            text,
-            window=window,
-            stride=stride,
-            max_tokens=max_tokens,
-            device=device,
-            progress=lambda done, total, role=role: report(f"perplexity ({role})", done, total),
-        )
-        for role, (m, tok) in loaded.items()
-    }
+    window, seq_lens = _fit_lengths(loaded, window, seq_lens)
+    quality = _perplexities(loaded, text, window, stride, max_tokens, device, report)
     checked = None
     if answer_set is not None:
         checked = check_answers(loaded, answer_set, device=device, progress=report)
     speeds: dict[str, Speed] = {}
     if speed:
-        report("speed", 0, 1)
-        speeds = measure_speed(
-            {role: m for role, (m, _) in loaded.items()},
-            seq_lens=seq_lens,
-            decode_tokens=decode_tokens,
-            repeats=repeats,
-            device=device,
-        )
-        report("speed", 1, 1)
+        speeds = _speeds(loaded, seq_lens, decode_tokens, repeats, device, report)
     models = [
         ModelReport(role, str(paths[role]), _count_params(m), quality[role], speeds.get(role))
         for role, (m, _) in loaded.items()
@@ -622,6 +617,66 @@ def _load_language_models(
         require_finite(m, path)
         loaded[role] = (m, tok)
     return loaded
+
+
+def _fit_lengths(
+    loaded: dict[str, tuple[Any, Any]], window: int | None, seq_lens: Sequence[int]
+) -> tuple[int, Sequence[int]]:
+    """(window, speed sequence lengths) within the shortest context of the models, so both are measured alike; an
+    unset window defaults to 512."""
+    limits = [n for n in (context_length(m) for m, _ in loaded.values()) if n is not None]
+    context = min(limits) if limits else None
+    if window is None:
+        window = min(512, context) if context else 512
+    if context is not None:
+        seq_lens = [n for n in seq_lens if n <= context] or [context]
+    return window, seq_lens
+
+
+def _perplexities(
+    loaded: dict[str, tuple[Any, Any]],
+    text: str,
+    window: int,
+    stride: int,
+    max_tokens: int | None,
+    device: str,
+    report: Callable[[str, int, int], None],
+) -> dict[str, Perplexity]:
+    """role -> perplexity of each model on the same text and windows, its progress reported under its role."""
+    return {
+        role: perplexity(
+            m,
+            tok,
+            text,
+            window=window,
+            stride=stride,
+            max_tokens=max_tokens,
+            device=device,
+            progress=lambda done, total, role=role: report(f"perplexity ({role})", done, total),
+        )
+        for role, (m, tok) in loaded.items()
+    }
+
+
+def _speeds(
+    loaded: dict[str, tuple[Any, Any]],
+    seq_lens: Sequence[int],
+    decode_tokens: int,
+    repeats: int,
+    device: str,
+    report: Callable[[str, int, int], None],
+) -> dict[str, Speed]:
+    """role -> speed, the models timed interleaved; one progress step, since the timing cannot report its own."""
+    report("speed", 0, 1)
+    speeds = measure_speed(
+        {role: m for role, (m, _) in loaded.items()},
+        seq_lens=seq_lens,
+        decode_tokens=decode_tokens,
+        repeats=repeats,
+        device=device,
+    )
+    report("speed", 1, 1)
+    return speeds
 
 
 def judge_speeds(speeds: Mapping[str, Speed], model: str, baseline: str, device: str) -> dict[str, Any]:
