@@ -52,6 +52,11 @@ CONFIGS = {  # label -> settings beyond the defaults
     "damping 0.05": {"damping": 0.05},
     "damping 0.2": {"damping": 0.2},
     "chat": {"chat": True},  # self-generated conversations through the chat template, text wrapped as turns
+    "no chat": {"chat": False},  # plain windows even for a chat model
+    "chat, mix 0.8": {"chat": True, "self_mix": 0.8},
+    "chat, self only": {"chat": True, "self_mix": 1.0},
+    "chat, self grads": {"chat": True, "grad_source": "self"},
+    "chat, refine 8": {"chat": True, "refine_steps": 8},
     "error-aware fit": {"error_aware": True},
     "error-aware, damping 0.1": {"error_aware": True, "damping": 0.1},
     "error-aware, refine 32": {"error_aware": True, "refine_steps": 32},
