@@ -427,9 +427,10 @@ def settings_options(f: Any) -> Any:
                      help="Tokens per self-generated window."),
         click.option("--self-start", type=click.Choice(SELF_STARTS), default=_DEFAULTS.self_start,
                      show_default=True, help="Self-generated windows open on a random ordinary token, or the bare BOS."),
-        click.option("--chat/--no-chat", default=_DEFAULTS.chat, show_default=True,
+        click.option("--chat/--no-chat", default=_DEFAULTS.chat, show_default="when the tokenizer has a chat template",
                      help="Chat models: sample conversations (built-in user prompts, the model's answers) and wrap "
-                          "the text windows as turns, through the chat template (no template: ignored, with a note)."),
+                          "the text windows as turns, through the chat template (--chat without a template: "
+                          "ignored, with a note)."),
         click.option("--grad-source", type=click.Choice(GRAD_SOURCES), default=_DEFAULTS.grad_source,
                      show_default=True, help="Windows for loss gradients: the whole mix, or the self-generated ones."),
         click.option("--rank-multiple", type=int, default=_DEFAULTS.rank_multiple, show_default=True,

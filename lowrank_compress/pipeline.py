@@ -355,8 +355,8 @@ class Prepared:
         self_generated = settings.calibration == SELF
         if self_generated and not causal:
             raise LowrankError(f"{type(streamed.model).__name__} cannot generate; pass a calibration text")
-        self._chat = chat = settings.chat and has_chat_template(self.tokenizer)
-        if settings.chat and not chat:
+        self._chat = chat = settings.chat is not False and has_chat_template(self.tokenizer)
+        if settings.chat is True and not chat:
             self.warn(
                 "--chat: the tokenizer has no chat template; calibrating on plain text and free samples"
             )

@@ -71,9 +71,10 @@ class FactorizeSettings:
     # which varies how the samples open) or "prefix" (the bare prefix)
     self_start: str = "random"
     # chat models (the tokenizer has a chat template): calibrate on conversations: the self-generated share is the
-    # model's answers to built-in user prompts, the text windows are wrapped as turns; off for now (its default is
-    # to be chosen by measurement); ignored, with a note, for a tokenizer without a chat template
-    chat: bool = False
+    # model's answers to built-in user prompts, the text windows are wrapped as turns. None (the default): on when
+    # the tokenizer has a chat template (on SmolLM2-Instruct it kept far more answers, see the README); True without
+    # a template: ignored, with a note; False: plain calibration for every model
+    chat: bool | None = None
     # where the loss gradients (sensitivity, fisher) come from: "mix" (both parts) or "self" (self-generated only)
     grad_source: str = "mix"
     # fit each layer to the dense model's outputs while feeding it the compressed prefix's inputs (AA-SVD /
@@ -111,8 +112,10 @@ class FactorizeSettings:
             raise LowrankError(
                 f"unknown self-start {self.self_start!r}; choose one of {', '.join(SELF_STARTS)}"
             )
-        if not isinstance(self.chat, bool):
-            raise LowrankError(f"chat must be true or false, got {self.chat!r}")
+        if self.chat is not None and not isinstance(self.chat, bool):
+            raise LowrankError(
+                f"chat must be true, false or null (when the tokenizer has a chat template), got {self.chat!r}"
+            )
         if self.self_seq_len is not None and self.self_seq_len < 2:
             raise LowrankError(f"self-seq-len must be at least 2, got {self.self_seq_len}")
         if self.grad_source not in GRAD_SOURCES:
@@ -150,6 +153,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "refine_steps": (int,),
 }
 _BOOLS = ("error_aware", "offload", "chat")
+_AUTO = ("chat",)  # booleans whose null means "decide from the model"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -191,8 +195,9 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         )
     for key, value in data.items():
         if key in _BOOLS:
-            if not isinstance(value, bool):
-                raise LowrankError(f"recipe {p}: {key} must be true or false")
+            if not isinstance(value, bool) and not (key in _AUTO and value is None):
+                allowed = "true, false or null" if key in _AUTO else "true or false"
+                raise LowrankError(f"recipe {p}: {key} must be {allowed}")
             continue
         expected = _TYPES.get(key, (str,))
         if isinstance(value, bool) or not isinstance(value, expected):

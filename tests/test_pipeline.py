@@ -689,7 +689,35 @@ def test_chat_bad_recipe_values_are_one_clear_line(models: dict[str, Path], tmp_
         recipe = tmp_path / "bad.yaml"
         recipe.write_text(f"chat: {value}\n")
         line = _fails_cleanly(run("factorize", models["llama"], "-o", out, "--recipe", recipe), out)
-        assert "chat must be true or false" in line, line
-    with pytest.raises(LowrankError, match=r"^chat must be true or false, got 'yes'$"):
+        assert "chat must be true, false or null" in line, line
+    with pytest.raises(LowrankError, match=r"^chat must be true, false or null \(.*\), got 'yes'$"):
         build_settings(chat="yes")
-    assert build_settings().chat is False  # off by default, until measured
+
+
+def test_chat_is_the_default_for_chat_models_only(models: dict[str, Path], tmp_path: Path) -> None:
+    """Unset, chat calibration follows the tokenizer: conversations where it has a chat template (as --chat), plain
+    windows and no note where it has none (as --no-chat); --no-chat turns it off for a chat model."""
+    from lowrank_compress.pipeline import Prepared
+
+    assert build_settings().chat is None
+    src = _chat_copy(models["llama"], tmp_path / "chat")
+    small = {"self_mix": 0.5, "samples": 4, "seq_len": 128, "grad_samples": 2}
+    auto = Prepared.load(src, build_settings(**small))
+    forced = Prepared.load(src, build_settings(chat=True, **small))
+    off = Prepared.load(src, build_settings(chat=False, **small))
+    assert auto.calibration_info["chat"] is True and off.calibration_info["chat"] is False
+    for part in ("text", "self"):
+        assert torch.equal(auto.calibration_batches[part], forced.calibration_batches[part])
+    assert not torch.equal(auto.calibration_batches["text"], off.calibration_batches["text"])
+    warnings: list[str] = []
+    base = Prepared.load(models["llama"], build_settings(self_mix=0.25, **FAST), warn=warnings.append)
+    plain = Prepared.load(models["llama"], build_settings(chat=False, self_mix=0.25, **FAST))
+    assert not any("chat" in w for w in warnings)
+    for part in ("text", "self"):
+        assert torch.equal(base.calibration_batches[part], plain.calibration_batches[part])
+    out = tmp_path / "out"
+    res = run("factorize", src, "-o", out, "--no-chat", "--self-mix", "0.5", "--samples", 4, "--seq-len", 128,
+              "--grad-samples", 2, "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["calibration"]["chat"] is False
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["chat"] is False
