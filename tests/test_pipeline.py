@@ -280,6 +280,8 @@ def test_shipped_recipes_load() -> None:
         settings = build_settings(path)
         assert path.read_text().startswith("#"), f"{path.name} needs a comment saying when to use it"
         assert 0 < settings.budget < 1
+    # default.yaml says it is what factorize does with no flags
+    assert build_settings(Path(__file__).parent.parent / "recipes" / "default.yaml") == build_settings()
 
 
 def _fails_cleanly(res, out: Path, codes: tuple[int, ...] = (1,)) -> str:
