@@ -810,7 +810,7 @@ class Prepared:
     def _fit_in_order(
         self, block: nn.Module, modules: dict[str, nn.Module], ranks: dict[str, int | None], flow: _Flow,
         layers: dict[str, LayerResult],
-    ) -> tuple[dict[str, nn.Module], dict[str, list[torch.Tensor]]]:  # fmt: skip
+    ) -> tuple[dict[str, nn.Module], dict[str, list[torch.Tensor]] | None]:  # fmt: skip
         """The error-aware fit inside the block as well as across blocks: the targets in the order they run, one
         group of layers reading the same input at a time (q/k/v, o, gate/up, down), each fitted to its dense inputs X
         and to the inputs X' it sees when the block is fed the compressed prefix with the groups before it already
@@ -819,11 +819,14 @@ class Prepared:
         The dense inputs X of every group come from the one dense pass that also gives the block's outputs; the
         inputs X' from one compressed pass per batch, all run in lockstep and paused at each group until it is
         fitted (a pass per group cost about as much as the rest of pass 2). Returns the factors and the compressed
-        block's outputs per part and batch."""
+        block's outputs per part and batch (None where the block stays dense behind a dense prefix: they are the
+        dense outputs)."""
         from lowrank_compress.lockstep import Lockstep
 
         scales = self._part_scales()
         dense_inputs = self._dense_pass(block, modules, flow, scales)
+        if not flow.shifted and all(ranks[n] is None for n in modules):
+            return self._fit_group(list(modules), ranks, {}, layers), None
         group_of = {n: group for group in _groups_in_order(modules, dense_inputs) for n in group}
         batches = [(part, b) for part in flow.ids for b in range(len(flow.compressed[part]))]
         jobs = [functools.partial(flow.run, block, part, b, flow.compressed[part][b]) for part, b in batches]
