@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -25,15 +26,18 @@ def machine() -> dict:
     }
 
 
-def run_child(code: str) -> dict:
-    """Run `code` in a fresh interpreter; it must print one JSON line last. Adds wall_s and peak_rss_mb."""
+def run_child(code: str, tree: Path | None = None) -> dict:
+    """Run `code` in a fresh interpreter; it must set RESULT (a dict), printed as the last JSON line with the
+    child's peak_rss_mb; process_wall_s is added. `tree`: import the project from that checkout instead (a -c child
+    puts its cwd before PYTHONPATH on sys.path, so it runs there)."""
     wrapper = (
         "import json, resource, sys\n"
         + code
         + "\nprint(json.dumps({**RESULT, 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
     )
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True)
+    where = {} if tree is None else {"cwd": tree, "env": {**os.environ, "PYTHONPATH": str(tree)}}
+    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, **where)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"child failed:\n{proc.stderr[-3000:]}")

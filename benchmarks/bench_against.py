@@ -12,44 +12,26 @@ patch of the machine hits both; the ratio is new / old per round. Run it alone o
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import arg, save
+from _common import arg, run_child, save
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = """
-import json, resource, sys
 from lowrank_compress.demo import default_model_path
 from lowrank_compress.pipeline import factorize_model
 from lowrank_compress.recipe import build_settings
-r = factorize_model(default_model_path(), sys.argv[1], build_settings(calibration="builtin", budget=float(sys.argv[2])))
-print(json.dumps({"timings": r.timings, "kept": r.kept_fraction_targets,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+r = factorize_model(default_model_path(), {out!r}, build_settings(calibration="builtin", budget={budget}))
+RESULT = {{"timings": r.timings, "kept": r.kept_fraction_targets}}
 """
 
 
 def timed(tree: Path, out: Path, budget: float) -> dict:
     """One factorize in a fresh interpreter importing the project from `tree`."""
-    start = time.perf_counter()  # cwd=tree: a -c child puts its cwd before PYTHONPATH on sys.path
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(out), str(budget)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tree,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"factorize from {tree} failed:\n{proc.stderr[-3000:]}")
-    return {
-        "wall_s": round(time.perf_counter() - start, 1),
-        **json.loads(proc.stdout.strip().splitlines()[-1]),
-    }
+    result = run_child(CHILD.format(out=str(out), budget=budget), tree=tree)
+    return {"wall_s": result.pop("process_wall_s"), **result}
 
 
 def main() -> None:

@@ -44,9 +44,8 @@ class Lockstep:
         self._local = threading.local()
 
     def __enter__(self) -> Lockstep:
-        threads = (
-            torch.get_num_threads()
-        )  # a new thread starts with torch's default, not the caller's setting
+        # a new thread starts with OpenMP's default team size, not the caller's torch setting
+        threads = torch.get_num_threads()
         for i in range(len(self._jobs)):
             t = threading.Thread(target=self._body, args=(i, threads), daemon=True, name=f"lockstep-{i}")
             t.start()

@@ -967,10 +967,6 @@ def _release_stats(stats: dict[str, Any], name: str, users: Counter, cache: dict
             cache.pop(id(used.gram), None)
 
 
-class _StopBlock(Exception):
-    """Raised by a hook once the layers whose inputs are wanted have run: the rest of the block is not needed."""
-
-
 class _Flow:
     """The calibration windows' hidden states on their way through the blocks, per part ("text", "self").
 
@@ -1003,21 +999,6 @@ class _Flow:
         with torch.no_grad():
             out = self.streamed.run_block(block, hidden.to(self.streamed.device), self.ctx[part][b])
         return out.to(self.store)
-
-    def inputs_of(self, block: nn.Module, part: str, b: int, hidden: torch.Tensor, names: list[str]) -> None:
-        """Run the block on batch b until the last of these layers has been called (their inputs are what the
-        caller records); the rest of the block is skipped."""
-        last = self.streamed.model.get_submodule(names[-1])
-
-        def stop(*_: Any) -> None:
-            raise _StopBlock
-
-        handle = last.register_forward_hook(stop)
-        try:
-            with torch.no_grad(), contextlib.suppress(_StopBlock):
-                self.streamed.run_block(block, hidden.to(self.streamed.device), self.ctx[part][b])
-        finally:
-            handle.remove()
 
     def row(self, part: str, r: int) -> torch.Tensor:
         """Window r's current hidden states (1 x seq x hidden)."""
@@ -1093,17 +1074,17 @@ def _gated(modules: dict[str, nn.Module], wait: Callable[[str, torch.Tensor], nn
 
         return gated_forward
 
-    own = {
-        name: module.__dict__.get("forward") for name, module in modules.items()
-    }  # an earlier patch, if any
+    # an earlier patch of an instance's forward, if any, comes back afterwards
+    own = {name: module.__dict__.get("forward") for name, module in modules.items()}
     for name, module in modules.items():
         module.forward = gate(name, module, module.forward)
     try:
         yield
     finally:
         for name, module in modules.items():
-            del module.forward
-            if own[name] is not None:
+            if own[name] is None:
+                del module.forward
+            else:
                 module.forward = own[name]
 
 

@@ -71,9 +71,8 @@ class StreamedModel:
         # times; GGUF dequantization is slow); a large one is read anew each time, so memory stays one block.
         small = self.nbytes() < min(CACHE_BYTES, available_memory() // 4)
         self._cache: dict[str, torch.Tensor] | None = {} if small else None
-        if (
-            not small
-        ):  # memory must stay one block deep: what a block frees goes back to the system (see there)
+        if not small:
+            # memory must stay one block deep: what a block frees goes back to the system (see there)
             from lowrank_compress.memory import map_large_allocations
 
             map_large_allocations()
