@@ -3,9 +3,11 @@
 A LoRA around the whole layer adds s B A to W = up down, so the update spans the full weight space instead of the
 factors' subspace. Merging keeps the layer factorized:
 
-    grow  up' = [up, s B],  down' = [down; A]                      rank r + r_a, exact
-    keep  the best rank-r approximation of up' down'               one SVD of the merged weight; whitened by the
+    grow        up' = [up, s B],  down' = [down; A]                rank r + r_a, exact
+    keep        the best rank-r approximation of up' down'         one SVD of the merged weight; whitened by the
                                                                    calibration inputs when their statistics are given
+    break-even  grow while r + r_a stays below the break-even      exact for every adapter; a full-rank update
+                rank mn / (m + n), else the layer stored dense     (C3A, SURM) makes its layers dense
 DoRA rescales rows: W' = diag(m / ||W + s B A||_row) (W + s B A), which is a row scaling of up' (exact as well).
 
 `register_peft()` (run by `import lowrank_compress`, or when peft is imported after it: see plugins.py) registers
@@ -124,8 +126,8 @@ def grow(up: torch.Tensor, down: torch.Tensor, delta: AdapterDelta) -> tuple[tor
 
 
 GROW_REFUSAL = (
-    "{name}: the {kind} update is not low-rank, so it cannot grow the factors exactly; "
-    "merge with --merge-rank keep (re-truncated to the layer's rank)"
+    "{name}: the {kind} update is not low-rank, so it cannot grow the factors exactly; merge with --merge-rank "
+    "keep (re-truncated to the layer's rank) or break-even (exact: such layers stored dense)"
 )
 
 
@@ -182,20 +184,19 @@ def merge_adapters(
     merge_rank: str = "grow",
     stats: Mapping[str, Any] | None = None,
     kind: str = "adapter",
-    densify: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Fold `deltas` into `model` in place (weights must be plain floating point: dequantize first).
 
-    LowRankLinear layers stay factorized: `grow` concatenates the factors (low-rank updates only; otherwise a
-    LowrankError naming `--merge-rank keep`), `keep` re-truncates to the original rank (whitened by `stats[name]`
-    when given). With `densify`, a factorized layer whose update is not low-rank becomes a dense Linear holding W'
-    exactly instead (the trained model's own weights, for collecting the statistics of a keep merge). Dense layers
-    get the update added. Returns, per factorized layer, the rank before and after and the truncation error
-    relative to the merged weight, in the truncation's measure (0 for grow).
+    LowRankLinear layers: `grow` concatenates the factors (low-rank updates only; otherwise a LowrankError naming
+    the other two), `keep` re-truncates to the original rank (whitened by `stats[name]` when given), `break-even`
+    grows where the grown rank stays below break-even and otherwise replaces the layer by a dense Linear holding W'
+    (exact either way, no larger than dense). Dense layers get the update added. Returns, per factorized layer,
+    the rank before and after (None: stored dense) and the truncation error relative to the merged weight, in the
+    truncation's measure (0 for the exact merges).
     """
     if merge_rank not in MERGE_RANKS:
         raise LowrankError(f"unknown merge rank {merge_rank!r}; choose one of {', '.join(MERGE_RANKS)}")
-    if merge_rank == "grow" and not densify:  # refuse before changing anything, not half way through
+    if merge_rank == "grow":  # refuse before changing anything, not half way through
         for name, delta in deltas.items():
             if not delta.low_rank and isinstance(model.get_submodule(name), LowRankLinear):
                 raise LowrankError(GROW_REFUSAL.format(name=name, kind=kind))
@@ -203,10 +204,11 @@ def merge_adapters(
     for name, delta in deltas.items():
         module = model.get_submodule(name)
         if isinstance(module, LowRankLinear):
-            if densify and not delta.low_rank:
+            if merge_rank == "break-even" and not _grows_below_break_even(module, delta):
                 _set_module(
                     model, name, _dense_linear(module, merged_weight(module.dense_weight().detach(), delta))
                 )
+                report[name] = {"rank_before": module.rank, "rank_after": None, "relative_error": 0.0}
                 continue
             report[name] = _merge_factorized(model, name, module, delta, merge_rank, stats)
         elif isinstance(module, nn.Linear) or is_conv1d(module):
@@ -222,7 +224,8 @@ def merge_adapters(
 
 def _merge_factorized(model: nn.Module, name: str, module: LowRankLinear, delta: AdapterDelta, merge_rank: str,
                       stats: Mapping[str, Any] | None) -> dict[str, float]:  # fmt: skip
-    """Replace a LowRankLinear by its merge: grown factors, or W' re-truncated to the layer's rank (keep)."""
+    """Replace a LowRankLinear by its merge: grown factors (grow, break-even), or W' re-truncated to the layer's
+    rank (keep)."""
     up, down = module.up.weight.detach(), module.down.weight.detach()
     error = norm = 0.0
     if merge_rank == "keep":
@@ -240,6 +243,14 @@ def _merge_factorized(model: nn.Module, name: str, module: LowRankLinear, delta:
         "rank_after": new.rank,
         "relative_error": error / norm if norm > 0 else 0.0,
     }
+
+
+def _grows_below_break_even(module: LowRankLinear, delta: AdapterDelta) -> bool:
+    """Whether the exactly grown layer still has fewer parameters than the dense one: (r + r_a)(m + n) < m n."""
+    if not delta.low_rank:
+        return False
+    rank = module.rank + delta.b.shape[1]
+    return rank * (module.in_features + module.out_features) < module.in_features * module.out_features
 
 
 def _dense_linear(module: LowRankLinear, w: torch.Tensor) -> nn.Linear:

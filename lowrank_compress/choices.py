@@ -14,6 +14,9 @@ from lowrank_compress.errors import LowrankError
 # factorize
 METHODS: tuple[str, ...] = ("svd", "asvd", "whiten", "fisher")
 POLICIES: tuple[str, ...] = ("uniform", "energy", "stable-rank", "sensitivity")
+# the policies that read each layer's spectrum; the others need its shape (uniform) or stable rank only, so
+# factorize skips pass 1's decompositions for them
+SPECTRUM_POLICIES: tuple[str, ...] = ("energy", "sensitivity")
 GRAD_SOURCES: tuple[str, ...] = ("mix", "self")
 SELF_STARTS: tuple[str, ...] = ("random", "prefix")
 
@@ -23,7 +26,7 @@ SELF_STARTS: tuple[str, ...] = ("random", "prefix")
 ADAPTER_INFO: dict[str, tuple[str, str, str, str]] = {
     "lora": ("s B A", "r (in + out)", "grow: exact, rank + r", "LoRA (Hu et al. 2021)"),
     "dora": ("LoRA with learned row magnitudes", "r (in + out) + out", "grow: exact, rank + r", "DoRA (Liu et al. 2024)"),
-    "c3a": ("block-circulant update (FFT product), b x b blocks", "in out / b", "keep only (full rank)",
+    "c3a": ("block-circulant update (FFT product), b x b blocks", "in out / b", "keep, or break-even (dense)",
             "C3A (Chen et al. 2024)"),
     "gralora": ("k x k blocks, each its own rank-r/k LoRA", "r (in + out)", "grow: exact, rank + k r",
                 "GraLoRA (Jung et al. 2025)"),
@@ -36,10 +39,10 @@ ADAPTER_INFO: dict[str, tuple[str, str, str, str]] = {
     "bora": ("LoRA, then learned row and column magnitudes (two normalizations)", "r (in + out) + out + in",
              "grow: exact, rank + r", "BoRA (Wang et al. 2024)"),
     "surm": ("sum of r circulant x skew-circulant products (displacement rank r), n = max(in, out)", "2 r n",
-             "keep only (full rank)", "SURM (Sehanobish et al. 2024)"),
+             "keep, or break-even (dense)", "SURM (Sehanobish et al. 2024)"),
 }  # fmt: skip
 ADAPTERS: tuple[str, ...] = tuple(ADAPTER_INFO)
-MERGE_RANKS: tuple[str, ...] = ("grow", "keep")
+MERGE_RANKS: tuple[str, ...] = ("grow", "keep", "break-even")
 QUANTIZE: tuple[str, ...] = ("none", "nf4")
 TRAIN: tuple[str, ...] = ("adapters", "factors")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")

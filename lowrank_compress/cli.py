@@ -32,6 +32,7 @@ from lowrank_compress.choices import (
     DEVICES,
     GRAD_SOURCES,
     INITS,
+    MERGE_RANKS,
     METHODS,
     OPTIMIZERS,
     POLICIES,
@@ -857,10 +858,11 @@ def _adapter_epilog() -> str:
 )
 @click.option(
     "--merge-rank",
-    type=click.Choice(["grow", "keep"]),
+    type=click.Choice(MERGE_RANKS),
     default=_FT.merge_rank,
     show_default=True,
-    help="grow: exact, rank r + the update's rank (low-rank adapters only); keep: back to rank r by a whitened SVD.",
+    help="grow: exact, rank r + the update's rank (low-rank adapters only); keep: back to rank r by a whitened SVD; "
+    "break-even: exact, grown while that saves parameters, else the layer stored dense.",
 )
 @click.option(
     "--train",

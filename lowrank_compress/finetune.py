@@ -259,7 +259,8 @@ def _check_model(settings: FinetuneSettings, factorized: bool) -> None:
         if settings.adapter in FULL_RANK:
             raise LowrankError(
                 f"--adapter {settings.adapter} trains a full-rank update, which cannot grow the factors exactly; "
-                "use --merge-rank keep (re-truncated to each layer's rank) or --no-merge"
+                "use --merge-rank keep (re-truncated to each layer's rank), --merge-rank break-even (exact: its "
+                "layers stored dense) or --no-merge"
             )
     if not factorized and settings.train == "factors":
         raise LowrankError("--train factors needs a factorized MODEL (a `lowrank-compress factorize` output)")

@@ -236,6 +236,8 @@ class Prepared:
         self._chat = False  # the calibration windows were conversations (--chat with a chat template)
         # pass 1's gradient statistics per target: (fisher_rows, out_grad_sq)
         self._gradients: dict[str, tuple[Any, float | None]] = {}
+        # the report's spectra: layer -> singular values, from pass 1, or from pass 2 where pass 1 skipped them
+        self._report_spectra: dict[str, torch.Tensor | None] = {}
 
     @property
     def needs_data(self) -> bool:
@@ -461,6 +463,7 @@ class Prepared:
     ) -> None:  # fmt: skip
         """Spectrum (singular values only) and stable rank of each named target of the loaded block. `free`: each
         layer's statistics leave `stats` once used, a shared Gram and its Cholesky factor with their last layer."""
+        from lowrank_compress.choices import SPECTRUM_POLICIES
         from lowrank_compress.spectrum import spectrum_stats
 
         cache: dict[int, Any] = {}
@@ -471,7 +474,10 @@ class Prepared:
                 raise LowrankError(
                     f"{t.name} has NaN or Inf weights; fix the checkpoint or keep the layer dense with --ignore '{t.name}'"
                 )
-            spectra[name] = self._decompose(t, stats.get(name), cache, spectrum_only=True, consume=free)
+            if self.settings.policy in SPECTRUM_POLICIES:
+                spectra[name] = self._decompose(t, stats.get(name), cache, spectrum_only=True, consume=free)
+            else:  # the report's spectra come from pass 2's decompositions
+                spectra[name] = None
             # reported, and read by the stable-rank policy: five digits are plenty, twice as fast as 1e-7
             stable[name] = spectrum_stats(t.weight(), fast=True, tol=1e-5).stable_rank
             if free:
@@ -707,11 +713,15 @@ class Prepared:
         result = FactorizeResult(
             output=out, settings=settings, layers=[], total_params_before=self.total_before, total_params_after=0,
             target_params_before=0, target_params_after=0, calibration=self.calibration_info, timings={},
-            spectra=_extreme_spectra(self.candidates),
         )  # fmt: skip
+        self._report_spectra = {
+            c.name: c.decomposition.s if c.decomposition is not None else None
+            for c in _extremes(self.candidates)
+        }
         with atomic_output_dir(out, overwrite) as tmp:
             writer = ShardWriter(tmp, max_shard_size)
             result.layers, dtype = self._stream_factors(ranks, writer)
+            result.spectra = _normalized_spectra(self._report_spectra)
             written = writer.finalize()
             kept = {x.name: x.rank for x in result.layers if x.rank is not None}
             quant = {"method": settings.method, "policy": settings.policy, "budget": budget}
@@ -928,6 +938,8 @@ class Prepared:
         if rank is None:
             return LayerResult(t.name, shape, None, dense, dense, 0.0, stable), None
         dec = self._decompose(t, stats, cache, consume=True)  # pass 2 drops each layer's statistics after it
+        if t.name in self._report_spectra and self._report_spectra[t.name] is None:  # skipped in pass 1
+            self._report_spectra[t.name] = dec.s.cpu()
         err = dec.truncation_error()
         rel = math.sqrt(float(err[rank]) / float(err[0])) if float(err[0]) > 0 else 0.0
         up, down = dec.factors(rank, dtype=torch.float32)
@@ -1133,17 +1145,22 @@ def _write_sidecars(directory: Path, result: FactorizeResult, model_path: str | 
     (directory / "README.md").write_text(factorize_model_card(result.to_dict(), str(model_path)))
 
 
-def _extreme_spectra(candidates: list[Any], n: int = 3) -> dict[str, list[float]]:
-    """s / s_max of the n most and n least compressible layers (stable rank over break-even rank), for reports."""
+def _extremes(candidates: list[Any], n: int = 3) -> list[Any]:
+    """The n most and n least compressible layers (stable rank over break-even rank), whose spectra reports show."""
     from lowrank_compress.spectrum import break_even_rank
 
     ranked = sorted(candidates, key=lambda c: c.stable_rank / break_even_rank(c.out_features, c.in_features))
-    chosen = ranked[:n] + ranked[max(n, len(ranked) - n) :]
+    return ranked[:n] + ranked[max(n, len(ranked) - n) :]
+
+
+def _normalized_spectra(spectra: dict[str, torch.Tensor | None]) -> dict[str, list[float]]:
+    """s / s_max per layer, five digits (layers kept dense have none)."""
     out = {}
-    for c in chosen:
-        s = c.decomposition.s
+    for name, s in spectra.items():
+        if s is None:
+            continue
         top = float(s[0]) if s.numel() and float(s[0]) > 0 else 1.0
-        out[c.name] = [float(f"{float(v) / top:.5g}") for v in s]
+        out[name] = [float(f"{float(v) / top:.5g}") for v in s]
     return out
 
 

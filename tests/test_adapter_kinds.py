@@ -451,6 +451,37 @@ def test_full_rank_updates_refuse_to_grow_and_keep_merge_error_is_the_dropped_ta
         np.testing.assert_allclose(np.linalg.norm(w - got) ** 2 / np.sum(s**2), tail, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("kind", "rank"), [("lora", 4), ("lora", 16), ("gralora", 4), ("c3a", 4), ("surm", 4)]
+)
+def test_break_even_merge_is_exact_and_stores_dense_where_growing_saves_nothing(
+    factorized: Path, kind: str, rank: int
+) -> None:
+    """break-even: W' = up down + ΔW exactly; a layer stays factorized at rank r + r_a while the grown factors are
+    smaller than the dense weight, (r + r_a)(m + n) < m n, and is stored dense otherwise (always for a full-rank
+    update). lora r=16 crosses break-even on the 64 x 64 layers (r 19 + 16 > 32) but not on the 64 x 128 ones."""
+    model = lowrank_compress.load(factorized)
+    before = {n: (m.rank, m.out_features, m.in_features) for n, m in model.named_modules()
+              if isinstance(m, LowRankLinear)}  # fmt: skip
+    tuned = attach(model, kind, rank, 8.0, adapter_targets(model), **OPTIONS.get(kind, {}))
+    randomize(tuned)
+    expected = logits(tuned)
+    base, deltas = extract_adapters(tuned)
+    report = merge_adapters(base, deltas, merge_rank="break-even")
+    torch.testing.assert_close(logits(base), expected, rtol=1e-4, atol=1e-4)
+    grown = 2 * rank if kind == "gralora" else rank  # k r, r
+    stored = {}
+    for name, (r, m, n) in before.items():
+        module = base.get_submodule(name)
+        stored[name] = "dense" if type(module) is nn.Linear else module.rank
+        full = kind in ("c3a", "surm") or (r + grown) * (m + n) >= m * n
+        assert stored[name] == ("dense" if full else r + grown), name
+        assert report[name]["rank_after"] == (None if full else r + grown)
+        assert report[name]["relative_error"] == 0.0
+    if (kind, rank) == ("lora", 16):
+        assert "dense" in stored.values() and any(v != "dense" for v in stored.values())
+
+
 @pytest.mark.parametrize("which", ["factorized", "dense"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_adapters_train_on_an_nf4_model(factorized: Path, dense: Path, kind: str, which: str) -> None:
@@ -511,6 +542,30 @@ def test_finetune_c3a_keep_merge_writes_the_original_ranks(
     assert errors.keys() == rank.keys() and max(errors.values()) == result.merge["max_relative_error"]
 
 
+def test_finetune_c3a_break_even_merge_stores_its_layers_dense_and_reloads_exactly(
+    factorized: Path, data: Path, tmp_path: Path
+) -> None:
+    """A full-rank update cannot grow the factors, so break-even stores every adapted layer dense: the merged
+    output is exact (merged perplexity equals the unmerged one), the other layers stay factorized."""
+    from lowrank_compress.finetune import FinetuneSettings, finetune
+
+    settings = FinetuneSettings(data=str(data), adapter="c3a", block_size=16, steps=2, seq_len=64, batch_size=2,
+                                eval_tokens=512, lr=5e-3, merge=True, merge_rank="break-even")  # fmt: skip
+    result = finetune(factorized, tmp_path / "be", settings)
+    original = lowrank_compress.load(factorized)
+    adapted = set(result.merge["relative_errors"])
+    assert result.merge["dense_layers"] == sorted(adapted) and adapted
+    assert (
+        set(result.merge["ranks"])
+        == {n for n, m in original.named_modules() if isinstance(m, LowRankLinear)} - adapted
+    )
+    assert result.merge["max_relative_error"] == 0.0
+    assert result.perplexity["merged"] == pytest.approx(result.perplexity["after"], rel=1e-4)
+    reloaded = lowrank_compress.load(tmp_path / "be")
+    assert all(type(reloaded.get_submodule(n)) is nn.Linear for n in adapted)
+    assert result.params_after == sum(p.numel() for p in reloaded.parameters())
+
+
 def test_finetune_bad_adapter_settings_fail_cleanly(factorized: Path, data: Path, tmp_path: Path) -> None:
     from tests.fixtures import tiny_gpt2
     from tests.test_finetune import _fails_cleanly, run
@@ -518,8 +573,9 @@ def test_finetune_bad_adapter_settings_fail_cleanly(factorized: Path, data: Path
     gpt2 = tiny_gpt2(tmp_path)
     out = tmp_path / "o"
     base = ["--data", data, "--steps", "1", "--seq-len", "64", "--eval-tokens", "0", "-o", out]
-    assert "use --merge-rank keep" in _fails_cleanly(
-        run("finetune", factorized, "--adapter", "c3a", "--merge", *base), out
+    assert (
+        "use --merge-rank keep (re-truncated to each layer's rank), --merge-rank break-even"
+        in _fails_cleanly(run("finetune", factorized, "--adapter", "c3a", "--merge", *base), out)
     )
     assert "multiple of --blocks" in _fails_cleanly(
         run("finetune", factorized, "--adapter", "gralora", "--rank", "3", *base), out

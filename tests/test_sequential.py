@@ -464,3 +464,34 @@ def test_sampling_falls_back_to_the_stored_half_precision_then_to_streaming(
         assert prepared.calibration_info["self_sampling_peak_mb"] > 0  # the memory the sampling held
         assert prepared.calibration_batches["self"].shape == (2, 16)
         assert any("sampling at bfloat16" in w for w in warnings) == (expected != "streamed")
+
+
+def test_uniform_ranks_skip_the_spectra_and_the_report_shows_those_pass_2_measured(
+    models: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    """The uniform policy reads layer shapes only: pass 1 computes no spectrum (singular values only), yet the report
+    shows the spectra of the same layers an energy run shows, s / s_max of W for method svd."""
+    import lowrank_compress.factorize as factorize
+
+    calls: list[bool] = []
+    real = factorize.decompose
+
+    def counted(*args, **kwargs):
+        calls.append(bool(kwargs.get("spectrum_only")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(factorize, "decompose", counted)
+    uniform = factorize_model(
+        models["llama"], tmp_path / "u", build_settings(budget=0.6, method="svd", policy="uniform")
+    )
+    assert not any(calls) and len(calls) == sum(x.rank is not None for x in uniform.layers)
+    energy = factorize_model(
+        models["llama"], tmp_path / "e", build_settings(budget=0.6, method="svd", policy="energy")
+    )
+    assert any(calls)
+    assert uniform.spectra.keys() == energy.spectra.keys() and len(uniform.spectra) == 6
+    source = load_state_dict(models["llama"])
+    for name, s in uniform.spectra.items():
+        exact = np.linalg.svd(source[f"{name}.weight"].double().numpy(), compute_uv=False)
+        np.testing.assert_allclose(s, exact / exact[0], atol=1e-4)
+        np.testing.assert_allclose(s, energy.spectra[name], atol=1e-4)

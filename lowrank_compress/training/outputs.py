@@ -43,20 +43,21 @@ def merge(peft_model: Any, settings: FinetuneSettings, rows: torch.Tensor, devic
     errors = [v["relative_error"] for v in layers.values()]
     info = {"merge_rank": settings.merge_rank, "layers": len(deltas), "ranks": ranks(base),
             "max_relative_error": max(errors, default=0.0), "whitened": stats is not None,
-            "relative_errors": {n: v["relative_error"] for n, v in layers.items()}}  # fmt: skip
+            "relative_errors": {n: v["relative_error"] for n, v in layers.items()},
+            "dense_layers": sorted(n for n, v in layers.items() if v["rank_after"] is None)}  # fmt: skip
     return base, info
 
 
 def _keep_stats(base: nn.Module, deltas: dict[str, Any], rows: torch.Tensor, device: torch.device) -> Any:
-    """Input statistics of the factorized layers in the trained model (grown exactly, or dense where the update
-    is not low-rank), on up to 8 training sequences."""
+    """Input statistics of the factorized layers in the trained model (merged exactly: grown, or dense beyond
+    break-even), on up to 8 training sequences."""
     import copy
 
     from lowrank_compress.adapters import merge_adapters
     from lowrank_compress.calibration import collect_stats
 
     grown = copy.deepcopy(base)
-    merge_adapters(grown, deltas, merge_rank="grow", densify=True)
+    merge_adapters(grown, deltas, merge_rank="break-even")
     names = [n for n, m in base.named_modules() if isinstance(m, LowRankLinear)]
     return collect_stats(grown, rows[: min(8, rows.shape[0])], names, device=str(device))
 
