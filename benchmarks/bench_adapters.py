@@ -14,11 +14,12 @@ per-layer block size nearest LoRA's count (finetune's default), bone and singlor
 LoRA's count on the square attention layers, more or less elsewhere), bora r=16 (LoRA's count plus in + out), surm
 r=16 (2 r max(in, out): LoRA's count on the square layers); loldu cannot come near it (r + 1 per layer by
 construction; r=16 here). The table gives each one's exact count. Learning rates: the best of three per adapter
-(`--rates N` keeps the first N): 3e-4, 1e-3, 3e-3 for all but c3a, whose update is divided by the input width
-(576-1536 here), so its rates are 3e-2, 1e-1, 3e-1, and surm (its update scaled by 1 / max(in, out)): 1e-2, 3e-2,
-1e-1.
+(`--rates N` keeps the first N, in this order): 1e-3, 3e-3, 3e-4 for all but c3a, whose update is divided by the
+input width (576-1536 here), so its rates are 1e-1, 3e-1, 3e-2, and surm (its update scaled by 1 / max(in, out)):
+3e-2, 1e-1, 1e-2.
 
-Each run merges (grow where the update is low-rank, keep for c3a and surm) and reports: trainable params, median
+Each run merges (grow where the update is low-rank, keep for c3a and surm; these two then train once more at their
+best rate and merge with break-even, exactly, their layers stored dense) and reports: trainable params, median
 s/step, peak RSS during training, held-out perplexity before / after / merged on the built-in text's second half
 (first `--eval-tokens` tokens, windows of 512 without overlap), the merged model's perplexity on The Devil's
 Dictionary (../shared/data/devils-dictionary.txt; before = the factorized model), and the merged model's parameters
@@ -44,9 +45,9 @@ ADAPTERS = {
     "bora": {"rank": 16},
     "surm": {"rank": 16, "merge_rank": "keep"},
 }
-RATES = [3e-4, 1e-3, 3e-3]
-C3A_RATES = [3e-2, 1e-1, 3e-1]
-SURM_RATES = [1e-2, 3e-2, 1e-1]
+RATES = [1e-3, 3e-3, 3e-4]  # the first N with --rates N: the middle and the high rate before the low one
+C3A_RATES = [1e-1, 3e-1, 3e-2]
+SURM_RATES = [3e-2, 1e-1, 1e-2]
 
 FINETUNE = """
 from pathlib import Path
@@ -60,17 +61,20 @@ def devils_ppl(model: str, tokens: int) -> float:
     return run_child(PPL.format(model=model, text=DEVILS, tokens=tokens))["ppl"]
 
 
-def one_run(model: str, name: str, lr: float, steps: int, eval_tokens: int) -> dict:
+def one_run(
+    model: str, name: str, lr: float, steps: int, eval_tokens: int, merge_rank: str | None = None
+) -> dict:
     settings = {"adapter": name, "lr": lr, "steps": steps, "merge": True, "save_every": 10**6, "precision": "fp32",
                 "eval_tokens": eval_tokens, **ADAPTERS[name]}  # fmt: skip
+    if merge_rank:
+        settings["merge_rank"] = merge_rank
     out = str(RESULTS / "ft-adapters")
     r = run_child(FINETUNE.format(model=model, out=out, settings=settings))
     p = r["perplexity"]
-    merge = {
-        k: v for k, v in r["merge"].items() if k not in ("ranks", "relative_errors")
-    }  # per layer: too long
+    merge = {k: v for k, v in r["merge"].items() if k not in ("ranks", "relative_errors", "dense_layers")}
+    merge["dense_layers"] = len(r["merge"].get("dense_layers", []))  # per layer: too long
     return {
-        "adapter": name, "lr": lr, "steps": r["steps"], "trainable_params": r["trainable_params"],
+        "adapter": name + (f" ({merge_rank})" if merge_rank else ""), "lr": lr, "steps": r["steps"], "trainable_params": r["trainable_params"],
         "step_s": r["step_seconds"], "train_peak_rss_mb": r["peak_memory_mb"], "before": p["before"],
         "after": p["after"], "merged": p["merged"], "merge": merge, "params_after": r["params_after"],
         "merged_bytes": r["bytes"], "devils_merged": devils_ppl(out, eval_tokens), "losses": r["losses"],
@@ -97,10 +101,15 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
         runs += tried
         best.append(min(tried, key=lambda r: r["after"]))
-    print(f"\n{'adapter':9} {'lr':>7} {'params':>9} {'s/step':>7} {'peak MB':>8} {'before':>8} {'after':>8} "
+        if ADAPTERS[name].get("merge_rank") == "keep":  # the best rate again, merged exactly (dense layers)
+            row = one_run(str(model), name, best[-1]["lr"], steps, eval_tokens, merge_rank="break-even")
+            print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
+            runs.append(row)
+            best.append(row)
+    print(f"\n{'adapter':22} {'lr':>7} {'params':>9} {'s/step':>7} {'peak MB':>8} {'before':>8} {'after':>8} "
           f"{'merged':>8} {'devils':>8} {'merged MB':>9}")  # fmt: skip
     for r in best:
-        print(f"{r['adapter']:9} {r['lr']:>7.0e} {r['trainable_params']:>9,} {r['step_s']:>7.2f} "
+        print(f"{r['adapter']:22} {r['lr']:>7.0e} {r['trainable_params']:>9,} {r['step_s']:>7.2f} "
               f"{r['train_peak_rss_mb'] or 0:>8.0f} {r['before']:>8.3f} {r['after']:>8.3f} {r['merged']:>8.3f} "
               f"{r['devils_merged']:>8.3f} {r['merged_bytes'] / 2**20:>9.1f}")  # fmt: skip
     path = save(arg("--out", "adapters"), {"model": "SmolLM2-135M-Instruct Q4_1 GGUF, factorized at 0.8", "steps": steps,
