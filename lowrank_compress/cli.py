@@ -454,6 +454,12 @@ def settings_options(f: Any) -> Any:
     return f
 
 
+def answers_option(what: str) -> Any:
+    return click.option("--answers", "answers", default="builtin", show_default=True, metavar="FILE|builtin|none",
+                        help=f"Short prompts with checkable answers (.jsonl of prompt / answers), asked greedily; "
+                             f"{what}")  # fmt: skip
+
+
 def eval_options(f: Any) -> Any:
     """What text to score and how, shared by evaluate and sweep."""
     options = [
@@ -466,9 +472,7 @@ def eval_options(f: Any) -> Any:
         click.option("--stride", type=int, default=256, show_default=True, help="Tokens each window advances."),
         click.option("--speed/--no-speed", default=True, show_default=True,
                      help="Measure prefill and decode throughput."),
-        click.option("--answers", "answers", default="builtin", show_default=True, metavar="FILE|builtin|none",
-                     help="Short prompts with checkable answers (.jsonl of prompt / answers), asked greedily; "
-                          "counts the answers kept."),
+        answers_option("counts the answers kept."),
     ]  # fmt: skip
     for option in reversed(options):
         f = option(f)
@@ -850,6 +854,7 @@ def _adapter_epilog() -> str:
     show_default=True,
     help="Tokens scored (0: no evaluation).",
 )
+@answers_option("before and after training.")
 @click.option(
     "--merge/--no-merge",
     default=_FT.merge,
@@ -1000,6 +1005,8 @@ def finetune(model: str, output: Path, checkpoint_dir: Path | None, resume: Path
         f"loss {first:.3f} -> {last:.3f}; {result.step_seconds:.2f} s/step, {result.tokens_per_s:,.0f} tok/s; "
         f"{result.trainable_params:,} trainable params"
     )
+    if result.answers:
+        _render_answers(out, result.answers)
     if result.kind == "adapters":
         out.out.print(
             f"wrote {output} (PEFT adapters: import lowrank_compress; PeftModel.from_pretrained(model, ...))"

@@ -76,6 +76,8 @@ class FinetuneResult:
     resumed_from_step: int = 0
     warnings: list[str] = field(default_factory=list)
     methods: dict[str, Any] = field(default_factory=dict)  # what each training method did (methods.py)
+    # the answer check (answers.AnswerCheck.to_dict()): "baseline" is MODEL before training, "model" after it
+    answers: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -135,6 +137,7 @@ def finetune(
     say = warn or (lambda message: None)
     ckpt_dir = _check_dirs(model_path, out, checkpoint_dir, resume, overwrite, warn)
     saved = checkpoints.read(Path(resume), settings, model_path) if resume else None
+    answer_set = _answer_set(settings.answers)  # a bad file fails before any model is read
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -151,6 +154,7 @@ def finetune(
     loaded.model.to(accelerator.device)
     ppl = {"before": _scored("before", loaded.model, loaded, eval_text, settings, "fp32", report), "after": None,
            "merged": None}  # fmt: skip
+    asked = {"baseline": _ask("before", loaded.model, loaded.tokenizer, answer_set, report)}
     timings["eval_before"] = time.perf_counter() - clock - sum(timings.values())
 
     run = Run(settings=settings, accelerator=accelerator, model=loaded.model, rows=rows,
@@ -164,9 +168,11 @@ def finetune(
     trainer = accelerator.unwrap_model(run.model)
     trainer.eval()
     ppl["after"] = _scored("after", trainer, loaded, eval_text, settings, precision, report)
+    asked["model"] = _ask("after", trainer, loaded.tokenizer, answer_set, report)
     result = _result(
         run, model_path, out, loaded, data_info, ppl, params_before, memory, timings, qreport, warnings
     )
+    result.answers = _checked_answers(answer_set, asked, loaded.tokenizer)
     if accelerator.is_main_process:  # one writer; the other processes wait
         _write(result, trainer, run, loaded, eval_text, model_path, allow_pickle, overwrite, report, warn)
         remove_ours(ckpt_dir, kinds=("checkpoint",), warn=warn)  # OUT holds the result now
@@ -182,6 +188,43 @@ def _scored(phase: str, model: nn.Module, loaded: _Loaded, text: str | None, set
     report(f"perplexity {phase}", 0, 1, "")
     device = next(model.parameters()).device
     return _perplexity(model, loaded.tokenizer, text, settings, device, precision)
+
+
+def _answer_set(value: str) -> Any:
+    """settings.answers: None for "none", else the loaded set (builtin or a .jsonl file)."""
+    if value.strip().lower() == "none":
+        return None
+    from lowrank_compress.answers import load_answer_set
+
+    return load_answer_set(value)
+
+
+def _ask(
+    phase: str, model: nn.Module, tokenizer: Any, answer_set: Any, report: ProgressFn
+) -> list[str] | None:
+    """The model's greedy answers to the set (None without one)."""
+    if answer_set is None:
+        return None
+    from lowrank_compress.answers import generate_answers
+
+    return generate_answers(
+        model, tokenizer, [item.prompt for item in answer_set.items], device=str(next(model.parameters()).device),
+        progress=lambda done, total: report(f"answers {phase}", done, total, ""),
+    )  # fmt: skip
+
+
+def _checked_answers(
+    answer_set: Any, asked: dict[str, list[str] | None], tokenizer: Any
+) -> dict[str, Any] | None:
+    """Both sets of answers judged: right before and after training, and the ones training kept."""
+    if answer_set is None:
+        return None
+    from lowrank_compress.answers import MAX_NEW_TOKENS, AnswerCheck, has_chat_template
+
+    outputs = {"model": asked["model"], "baseline": asked["baseline"]}
+    check = AnswerCheck(answer_set.source, answer_set.sha256, answer_set.items, outputs,
+                        has_chat_template(tokenizer), MAX_NEW_TOKENS)  # fmt: skip
+    return check.to_dict()
 
 
 def _total_steps(settings: FinetuneSettings, rows: torch.Tensor, world: int) -> int:
