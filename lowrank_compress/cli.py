@@ -479,15 +479,6 @@ def eval_options(f: Any) -> Any:
     return f
 
 
-def _answer_set(value: str) -> Any:
-    """--answers: None for `none`, else the loaded set, read before any model so a bad file fails at once."""
-    if value.strip().lower() == "none":
-        return None
-    from lowrank_compress.answers import load_answer_set
-
-    return load_answer_set(value)
-
-
 def _settings(ctx: click.Context, flags: dict[str, Any], **extra: Any) -> FactorizeSettings:
     """Defaults, then --recipe, then the flags the user typed."""
     from lowrank_compress.recipe import build_settings
@@ -607,7 +598,9 @@ def evaluate(model: str | None, baseline: str | None, data: str, max_tokens: int
     MODEL may be a dense checkpoint or a factorize output. With --baseline both are measured in the same run.
     """
     check_device(device)
-    answer_set = _answer_set(answers)
+    from lowrank_compress.answers import optional_answer_set
+
+    answer_set = optional_answer_set(answers)
     out = Output(json_mode)
     _threads(threads, out)
     from lowrank_compress.evaluate import evaluate_models
@@ -727,7 +720,9 @@ def sweep(ctx: click.Context, model: str | None, budgets: str, output: Path, kee
     out = Output(json_mode)
     values = parse_budgets(budgets)
     settings = _settings(ctx, flags, budget=values[0])
-    answer_set = _answer_set(answers)
+    from lowrank_compress.answers import optional_answer_set
+
+    answer_set = optional_answer_set(answers)
     _threads(threads, out)
     with out.progress("sweep") as update:
         result = run_sweep(
