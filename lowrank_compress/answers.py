@@ -74,6 +74,12 @@ def load_answer_set(source: str | Path = BUILTIN) -> AnswerSet:
     return AnswerSet(str(source), hashlib.sha256(raw).hexdigest(), items)
 
 
+def optional_answer_set(value: str) -> AnswerSet | None:
+    """A command's --answers: None for `none`, else the loaded set (read before any model, so a bad file fails
+    at once)."""
+    return None if value.strip().lower() == "none" else load_answer_set(value)
+
+
 def _parse_item(line: str, path: Path, n: int) -> AnswerItem:
     """One line of a set: an object with a non-empty string prompt and a non-empty list of non-empty strings."""
     where = f"{path}:{n}"

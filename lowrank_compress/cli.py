@@ -454,6 +454,12 @@ def settings_options(f: Any) -> Any:
     return f
 
 
+def answers_option(what: str) -> Any:
+    return click.option("--answers", "answers", default="builtin", show_default=True, metavar="FILE|builtin|none",
+                        help=f"Short prompts with checkable answers (.jsonl of prompt / answers), asked greedily; "
+                             f"{what}")  # fmt: skip
+
+
 def eval_options(f: Any) -> Any:
     """What text to score and how, shared by evaluate and sweep."""
     options = [
@@ -466,22 +472,11 @@ def eval_options(f: Any) -> Any:
         click.option("--stride", type=int, default=256, show_default=True, help="Tokens each window advances."),
         click.option("--speed/--no-speed", default=True, show_default=True,
                      help="Measure prefill and decode throughput."),
-        click.option("--answers", "answers", default="builtin", show_default=True, metavar="FILE|builtin|none",
-                     help="Short prompts with checkable answers (.jsonl of prompt / answers), asked greedily; "
-                          "counts the answers kept."),
+        answers_option("counts the answers kept."),
     ]  # fmt: skip
     for option in reversed(options):
         f = option(f)
     return f
-
-
-def _answer_set(value: str) -> Any:
-    """--answers: None for `none`, else the loaded set, read before any model so a bad file fails at once."""
-    if value.strip().lower() == "none":
-        return None
-    from lowrank_compress.answers import load_answer_set
-
-    return load_answer_set(value)
 
 
 def _settings(ctx: click.Context, flags: dict[str, Any], **extra: Any) -> FactorizeSettings:
@@ -603,7 +598,9 @@ def evaluate(model: str | None, baseline: str | None, data: str, max_tokens: int
     MODEL may be a dense checkpoint or a factorize output. With --baseline both are measured in the same run.
     """
     check_device(device)
-    answer_set = _answer_set(answers)
+    from lowrank_compress.answers import optional_answer_set
+
+    answer_set = optional_answer_set(answers)
     out = Output(json_mode)
     _threads(threads, out)
     from lowrank_compress.evaluate import evaluate_models
@@ -723,7 +720,9 @@ def sweep(ctx: click.Context, model: str | None, budgets: str, output: Path, kee
     out = Output(json_mode)
     values = parse_budgets(budgets)
     settings = _settings(ctx, flags, budget=values[0])
-    answer_set = _answer_set(answers)
+    from lowrank_compress.answers import optional_answer_set
+
+    answer_set = optional_answer_set(answers)
     _threads(threads, out)
     with out.progress("sweep") as update:
         result = run_sweep(
@@ -850,6 +849,7 @@ def _adapter_epilog() -> str:
     show_default=True,
     help="Tokens scored (0: no evaluation).",
 )
+@answers_option("before and after training.")
 @click.option(
     "--merge/--no-merge",
     default=_FT.merge,
@@ -1000,6 +1000,8 @@ def finetune(model: str, output: Path, checkpoint_dir: Path | None, resume: Path
         f"loss {first:.3f} -> {last:.3f}; {result.step_seconds:.2f} s/step, {result.tokens_per_s:,.0f} tok/s; "
         f"{result.trainable_params:,} trainable params"
     )
+    if result.answers:
+        _render_answers(out, result.answers)
     if result.kind == "adapters":
         out.out.print(
             f"wrote {output} (PEFT adapters: import lowrank_compress; PeftModel.from_pretrained(model, ...))"

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_compress.answers import optional_answer_set
 from lowrank_compress.errors import LowrankError, TrainingInterrupted
 from lowrank_compress.memory import PeakMemory
 from lowrank_compress.outdir import (
@@ -76,6 +77,8 @@ class FinetuneResult:
     resumed_from_step: int = 0
     warnings: list[str] = field(default_factory=list)
     methods: dict[str, Any] = field(default_factory=dict)  # what each training method did (methods.py)
+    # the answer check (answers.AnswerCheck.to_dict()): "baseline" is MODEL before training, "model" after it
+    answers: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -135,6 +138,7 @@ def finetune(
     say = warn or (lambda message: None)
     ckpt_dir = _check_dirs(model_path, out, checkpoint_dir, resume, overwrite, warn)
     saved = checkpoints.read(Path(resume), settings, model_path) if resume else None
+    answer_set = optional_answer_set(settings.answers)  # a bad file fails before any model is read
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -149,8 +153,8 @@ def finetune(
 
     params_before = _count(loaded.model)
     loaded.model.to(accelerator.device)
-    ppl = {"before": _scored("before", loaded.model, loaded, eval_text, settings, "fp32", report), "after": None,
-           "merged": None}  # fmt: skip
+    judge = _Judge(loaded, eval_text, answer_set, settings, report)
+    judge.measure("before", loaded.model, "fp32")
     timings["eval_before"] = time.perf_counter() - clock - sum(timings.values())
 
     run = Run(settings=settings, accelerator=accelerator, model=loaded.model, rows=rows,
@@ -163,10 +167,21 @@ def finetune(
     memory = _train(run, ckpt_dir, model_path, data_info, report, stop_after, timings)
     trainer = accelerator.unwrap_model(run.model)
     trainer.eval()
-    ppl["after"] = _scored("after", trainer, loaded, eval_text, settings, precision, report)
+    judge.measure("after", trainer, precision)
     result = _result(
-        run, model_path, out, loaded, data_info, ppl, params_before, memory, timings, qreport, warnings
+        run,
+        model_path,
+        out,
+        loaded,
+        data_info,
+        judge.perplexity,
+        params_before,
+        memory,
+        timings,
+        qreport,
+        warnings,
     )
+    result.answers = judge.answers()
     if accelerator.is_main_process:  # one writer; the other processes wait
         _write(result, trainer, run, loaded, eval_text, model_path, allow_pickle, overwrite, report, warn)
         remove_ours(ckpt_dir, kinds=("checkpoint",), warn=warn)  # OUT holds the result now
@@ -174,14 +189,46 @@ def finetune(
     return result
 
 
-def _scored(phase: str, model: nn.Module, loaded: _Loaded, text: str | None, settings: FinetuneSettings,
-            precision: str, report: ProgressFn) -> float | None:  # fmt: skip
-    """Held-out perplexity of `model` (None without evaluation text)."""
-    if text is None:
-        return None
-    report(f"perplexity {phase}", 0, 1, "")
-    device = next(model.parameters()).device
-    return _perplexity(model, loaded.tokenizer, text, settings, device, precision)
+class _Judge:
+    """Held-out perplexity and the answer check, measured before and after training."""
+
+    def __init__(self, loaded: _Loaded, text: str | None, answer_set: Any, settings: FinetuneSettings,
+                 report: ProgressFn) -> None:  # fmt: skip
+        self.loaded, self.text, self.answer_set, self.settings, self.report = (
+            loaded,
+            text,
+            answer_set,
+            settings,
+            report,
+        )
+        self.perplexity: dict[str, float | None] = {"before": None, "after": None, "merged": None}
+        self.asked: dict[str, list[str]] = {}  # "baseline" before training, "model" after
+
+    def measure(self, phase: str, model: nn.Module, precision: str) -> None:
+        device = next(model.parameters()).device
+        if self.text is not None:
+            self.report(f"perplexity {phase}", 0, 1, "")
+            self.perplexity[phase] = _perplexity(
+                model, self.loaded.tokenizer, self.text, self.settings, device, precision
+            )
+        if self.answer_set is not None:
+            from lowrank_compress.answers import generate_answers
+
+            self.asked["baseline" if phase == "before" else "model"] = generate_answers(
+                model, self.loaded.tokenizer, [item.prompt for item in self.answer_set.items], device=str(device),
+                progress=lambda done, total: self.report(f"answers {phase}", done, total, ""),
+            )  # fmt: skip
+
+    def answers(self) -> dict[str, Any] | None:
+        """Both sets of answers judged: right before and after training, and the ones training kept."""
+        if self.answer_set is None:
+            return None
+        from lowrank_compress.answers import MAX_NEW_TOKENS, AnswerCheck, has_chat_template
+
+        s = self.answer_set
+        outputs = {"model": self.asked["model"], "baseline": self.asked["baseline"]}
+        chat = has_chat_template(self.loaded.tokenizer)
+        return AnswerCheck(s.source, s.sha256, s.items, outputs, chat, MAX_NEW_TOKENS).to_dict()
 
 
 def _total_steps(settings: FinetuneSettings, rows: torch.Tensor, world: int) -> int:

@@ -236,8 +236,8 @@ class Prepared:
         self._chat = False  # the calibration windows were conversations (--chat with a chat template)
         # pass 1's gradient statistics per target: (fisher_rows, out_grad_sq)
         self._gradients: dict[str, tuple[Any, float | None]] = {}
-        # the report's spectra: layer -> singular values, from pass 1, or from pass 2 where pass 1 skipped them
-        self._report_spectra: dict[str, torch.Tensor | None] = {}
+        # the report's spectra: layer -> singular values, from pass 1, or from pass 2 where pass 1 measured none
+        self._report_spectra: dict[str, torch.Tensor] = {}
 
     @property
     def needs_data(self) -> bool:
@@ -433,7 +433,7 @@ class Prepared:
                 grads.update(self._backward(flow, spectra, stable, keep_stats))
             self.tick("calibration")
         for i, names in self._blocks_with_targets():
-            if all(n in spectra for n in names):
+            if all(n in spectra for n in names) or not self._reads_weights_in_pass1:
                 continue
             with self.streamed.block(i):
                 self._spectra(names, spectra, stable, stats={})
@@ -441,12 +441,19 @@ class Prepared:
         self._stable_ranks = stable
         self.candidates = [
             LayerCandidate(
-                name=t.name, out_features=t.out_features, in_features=t.in_features, decomposition=spectra[t.name],
-                stable_rank=stable[t.name], sensitivity=grads.get(t.name, (None, None))[1],
+                name=t.name, out_features=t.out_features, in_features=t.in_features,
+                decomposition=spectra.get(t.name), stable_rank=stable.get(t.name),
+                sensitivity=grads.get(t.name, (None, None))[1],
             )
             for t in self.targets
         ]  # fmt: skip
         self.tick("spectra")
+
+    @property
+    def _reads_weights_in_pass1(self) -> bool:
+        """Data-free uniform ranks need the layer shapes alone: pass 1 then reads no weight, and each layer's stable
+        rank comes from pass 2's exact spectrum of W."""
+        return self.needs_data or self.settings.policy != "uniform"
 
     def _blocks_with_targets(self) -> list[tuple[int, list[str]]]:
         by_block: dict[int, list[str]] = {}
@@ -715,13 +722,12 @@ class Prepared:
             target_params_before=0, target_params_after=0, calibration=self.calibration_info, timings={},
         )  # fmt: skip
         self._report_spectra = {
-            c.name: c.decomposition.s if c.decomposition is not None else None
-            for c in _extremes(self.candidates)
+            c.name: c.decomposition.s for c in self.candidates if c.decomposition is not None
         }
         with atomic_output_dir(out, overwrite) as tmp:
             writer = ShardWriter(tmp, max_shard_size)
             result.layers, dtype = self._stream_factors(ranks, writer)
-            result.spectra = _normalized_spectra(self._report_spectra)
+            result.spectra = _extreme_spectra(result.layers, self._report_spectra)
             written = writer.finalize()
             kept = {x.name: x.rank for x in result.layers if x.rank is not None}
             quant = {"method": settings.method, "policy": settings.policy, "budget": budget}
@@ -934,12 +940,11 @@ class Prepared:
 
         shape = (t.out_features, t.in_features)
         dense = t.out_features * t.in_features
-        stable = self._stable_ranks[t.name]
         if rank is None:
-            return LayerResult(t.name, shape, None, dense, dense, 0.0, stable), None
+            return LayerResult(t.name, shape, None, dense, dense, 0.0, self._stable_rank(t, None)), None
         dec = self._decompose(t, stats, cache, consume=True)  # pass 2 drops each layer's statistics after it
-        if t.name in self._report_spectra and self._report_spectra[t.name] is None:  # skipped in pass 1
-            self._report_spectra[t.name] = dec.s.cpu()
+        stable = self._stable_rank(t, dec)
+        self._report_spectra.setdefault(t.name, dec.s.float().cpu())  # where pass 1 measured none
         err = dec.truncation_error()
         rel = math.sqrt(float(err[rank]) / float(err[0])) if float(err[0]) > 0 else 0.0
         up, down = dec.factors(rank, dtype=torch.float32)
@@ -948,6 +953,16 @@ class Prepared:
         module = LowRankLinear.from_factors(up.to(device), down.to(device), bias)
         module.requires_grad_(False)
         return LayerResult(t.name, shape, rank, dense, rank * sum(shape), rel, stable), module
+
+    def _stable_rank(self, t: Target, dec: Decomposition | None) -> float:
+        """Pass 1's estimate; else exact from pass 2's spectrum of W (method svd); else measured now."""
+        from lowrank_compress.spectrum import spectrum_stats, stable_rank
+
+        if t.name in self._stable_ranks:
+            return self._stable_ranks[t.name]
+        if dec is not None and dec.method == "svd":
+            return stable_rank(dec.s)
+        return spectrum_stats(t.weight(), fast=True, tol=1e-5).stable_rank
 
     def _write_block(self, i: int, swapped: dict[str, nn.Module], writer: Any) -> torch.dtype | None:
         """Block i's tensors: factors in the stored dtype of the weight they replace, the rest as stored."""
@@ -1145,22 +1160,20 @@ def _write_sidecars(directory: Path, result: FactorizeResult, model_path: str | 
     (directory / "README.md").write_text(factorize_model_card(result.to_dict(), str(model_path)))
 
 
-def _extremes(candidates: list[Any], n: int = 3) -> list[Any]:
-    """The n most and n least compressible layers (stable rank over break-even rank), whose spectra reports show."""
+def _extreme_spectra(
+    layers: list[LayerResult], spectra: dict[str, torch.Tensor], n: int = 3
+) -> dict[str, list[float]]:
+    """s / s_max (five digits) of the n most and n least compressible factorized layers (stable rank over
+    break-even rank), for reports."""
     from lowrank_compress.spectrum import break_even_rank
 
-    ranked = sorted(candidates, key=lambda c: c.stable_rank / break_even_rank(c.out_features, c.in_features))
-    return ranked[:n] + ranked[max(n, len(ranked) - n) :]
-
-
-def _normalized_spectra(spectra: dict[str, torch.Tensor | None]) -> dict[str, list[float]]:
-    """s / s_max per layer, five digits (layers kept dense have none)."""
+    measured = [x for x in layers if x.name in spectra]
+    ranked = sorted(measured, key=lambda x: x.stable_rank / break_even_rank(*x.shape))
     out = {}
-    for name, s in spectra.items():
-        if s is None:
-            continue
+    for x in ranked[:n] + ranked[max(n, len(ranked) - n) :]:
+        s = spectra[x.name]
         top = float(s[0]) if s.numel() and float(s[0]) > 0 else 1.0
-        out[name] = [float(f"{float(v) / top:.5g}") for v in s]
+        out[x.name] = [float(f"{float(v) / top:.5g}") for v in s]
     return out
 
 

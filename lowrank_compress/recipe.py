@@ -259,6 +259,7 @@ class FinetuneSettings:
     ard_tv: float = 1e-3  # ard: weight of the total-variation term across depth
     save_every: int = 50
     eval_tokens: int = 16384
+    answers: str = "builtin"  # the answer check before and after training: builtin, a .jsonl set, or none
     seed: int = 0
 
     def validate(self) -> FinetuneSettings:

@@ -66,7 +66,8 @@ def finetune_plots(data: dict[str, Any]) -> dict[str, bytes]:
 
 
 def finetune_verdict(data: dict[str, Any]) -> list[str]:
-    """The opening: perplexity before -> after (and merged), the loss's first and last values, the size."""
+    """The opening: perplexity before -> after (and merged), answers right before -> after, the loss's first and
+    last values, the size."""
     p = data["perplexity"]
     said = [f"{data['steps']} steps of {data['settings']['train']} ({data['settings']['adapter']}, "
             f"rank {data['settings']['rank']}) on {data['data'].get('tokens', 0):,} tokens"]  # fmt: skip
@@ -78,6 +79,10 @@ def finetune_verdict(data: dict[str, Any]) -> list[str]:
         said.append(
             f"held-out perplexity {p['before']:.3f} -> {p['after']:.3f} ({p['after'] / p['before']:.2f}x)"
         )
+    answers = data.get("answers")
+    if answers:  # "baseline" is MODEL before training, "model" the trained one
+        right = answers["right"]
+        said.append(f"answers right {right['baseline']} -> {right['model']} of {answers['items']}")
     losses = data["losses"]
     if losses:
         said.append(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")

@@ -247,8 +247,9 @@ def test_a_non_finite_loss_stops_training_and_writes_nothing(dense: Path, data: 
     save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "o"
     res = run(
-        "finetune", broken, "--data", data, "--steps", "2", "--seq-len", "64", "--eval-tokens", "0", "-o", out
-    )
+        "finetune", broken, "--data", data, "--steps", "2", "--seq-len", "64", "--eval-tokens", "0",
+        "--answers", "none", "-o", out,
+    )  # fmt: skip
     assert "training loss is nan at step 1" in _fails_cleanly(res, out)
 
 
@@ -332,3 +333,54 @@ def test_training_runs_on_the_gpu_and_the_merge_reloads_on_the_cpu(
     assert doc["device"].startswith("cuda") and doc["kind"] == "lowrank"
     assert all(map(math.isfinite, doc["losses"])) and min(doc["losses"][4:]) < doc["losses"][0]
     assert torch.isfinite(logits(lowrank_compress.load(tmp_path / "o"))).all()
+
+
+def test_answers_are_asked_before_and_after_training(
+    factorized: Path, data: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """finetune.json's answer check: "baseline" holds MODEL's greedy answers before training, "model" those of the
+    trained model, each judged against the set. Which model answered is checked by its logits when asked (greedy
+    text of a tiny random model flips on round-off): MODEL's own, then those of the saved adapters through peft."""
+    from peft import PeftModel
+
+    import lowrank_compress.answers as answers
+
+    own = tmp_path / "set.jsonl"
+    own.write_text(
+        "".join(json.dumps({"prompt": f"Say {w}.", "answers": [w]}) + "\n" for w in ("yes", "no", "up"))
+    )
+    asked: list[tuple[torch.Tensor, list[str]]] = []
+    real = answers.generate_answers
+
+    def recorded(model, *args, **kwargs):
+        said = real(model, *args, **kwargs)
+        asked.append((logits(model), said))
+        return said
+
+    monkeypatch.setattr(answers, "generate_answers", recorded)
+    result = finetune(factorized, tmp_path / "a", settings(data, lr=5e-3, answers=str(own), precision="fp32"))
+    assert len(asked) == 2
+    (before_logits, before), (after_logits, after) = asked
+    torch.testing.assert_close(before_logits, logits(lowrank_compress.load(factorized)))
+    trained = PeftModel.from_pretrained(lowrank_compress.load(factorized), tmp_path / "a")
+    torch.testing.assert_close(after_logits, logits(trained), rtol=1e-4, atol=1e-4)
+    assert before_logits.sub(after_logits).abs().max() > 1e-3  # training changed the model
+    checked = result.answers
+    assert checked is not None and checked["items"] == 3 and checked["source"] == str(own)
+    assert [r["outputs"]["baseline"] for r in checked["results"]] == before
+    assert [r["outputs"]["model"] for r in checked["results"]] == after
+    items = answers.load_answer_set(own).items
+    right = {role: sum(answers.is_right(o, i.answers) for o, i in zip(outs, items, strict=True))
+             for role, outs in (("model", after), ("baseline", before))}  # fmt: skip
+    assert checked["right"] == right
+    saved = json.loads((tmp_path / "a" / "finetune.json").read_text())
+    assert saved["answers"]["results"] == checked["results"]
+    assert finetune(factorized, tmp_path / "n", settings(data, answers="none")).answers is None
+
+
+def test_a_bad_answer_set_fails_before_training(factorized: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "no answers here"}\n')
+    res = run("finetune", factorized, "--data", data, "--steps", "1", "--answers", bad, "-o", out)
+    assert "bad.jsonl" in _fails_cleanly(res, out)

@@ -113,7 +113,9 @@ def test_layers_kept_dense_collapse_into_one_row() -> None:
 
 
 def test_report_renders_a_finetune_output(tmp_path: Path) -> None:
-    """From finetune.json alone: the loss curve, perplexity before / after / merged, and the verdict."""
+    """From finetune.json alone: the loss curve, perplexity before / after / merged, answers right before / after
+    (scripted: 1 right before, 2 after, 1 kept), and the verdict."""
+    from lowrank_compress.answers import AnswerCheck, AnswerItem
     from lowrank_compress.outdir import write_marker
 
     out = tmp_path / "ft"
@@ -128,6 +130,13 @@ def test_report_renders_a_finetune_output(tmp_path: Path) -> None:
         "params_before": 100, "params_after": 110, "precision": "bf16", "device": "cpu", "step_seconds": 3.2,
         "tokens_per_s": 320.0, "warnings": ["a warning"],
     }  # fmt: skip
+    items = (
+        AnswerItem("Capital of France?", ("Paris",)),
+        AnswerItem("2 + 2?", ("4",)),
+        AnswerItem("Hi?", ("hello",)),
+    )
+    said = {"model": ["Paris.", "4", "no"], "baseline": ["It is Paris", "5", "no"]}
+    data["answers"] = AnswerCheck("builtin", "0" * 64, items, said, True, 32).to_dict()
     (out / "finetune.json").write_text(json.dumps(data))
     res = run("report", out, "--json")
     assert res.exit_code == 0, res.output
@@ -136,6 +145,7 @@ def test_report_renders_a_finetune_output(tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "18.235 -> 10.113 (0.55x)" in md and "| merged | 10.114 |" in md
     assert f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" in md
+    assert "answers right 1 -> 2 of 3" in md and "answers kept 1 of 1" in md
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert '<p class="warn"><strong>warning: a warning</strong></p>' in (out / "report.html").read_text()
 
