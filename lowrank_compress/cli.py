@@ -849,7 +849,7 @@ def _adapter_epilog() -> str:
     show_default=True,
     help="Tokens scored (0: no evaluation).",
 )
-@answers_option("before and after training.")
+@answers_option("before and after training (not with --eval-tokens 0).")
 @click.option(
     "--merge/--no-merge",
     default=_FT.merge,

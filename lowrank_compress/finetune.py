@@ -139,6 +139,7 @@ def finetune(
     ckpt_dir = _check_dirs(model_path, out, checkpoint_dir, resume, overwrite, warn)
     saved = checkpoints.read(Path(resume), settings, model_path) if resume else None
     answer_set = optional_answer_set(settings.answers)  # a bad file fails before any model is read
+    answer_set = answer_set if settings.eval_tokens else None  # --eval-tokens 0: no evaluation at all
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()

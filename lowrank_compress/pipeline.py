@@ -471,22 +471,17 @@ class Prepared:
         """Spectrum (singular values only) and stable rank of each named target of the loaded block. `free`: each
         layer's statistics leave `stats` once used, a shared Gram and its Cholesky factor with their last layer."""
         from lowrank_compress.choices import SPECTRUM_POLICIES
-        from lowrank_compress.spectrum import spectrum_stats
 
         cache: dict[int, Any] = {}
         users = Counter(id(st.gram) for st in stats.values())
         for name in names:
             t = self._target(name)
-            if not bool(torch.isfinite(t.weight()).all()):
-                raise LowrankError(
-                    f"{t.name} has NaN or Inf weights; fix the checkpoint or keep the layer dense with --ignore '{t.name}'"
-                )
+            _check_finite(t)
             if self.settings.policy in SPECTRUM_POLICIES:
                 spectra[name] = self._decompose(t, stats.get(name), cache, spectrum_only=True, consume=free)
             else:  # the report's spectra come from pass 2's decompositions
                 spectra[name] = None
-            # reported, and read by the stable-rank policy: five digits are plenty, twice as fast as 1e-7
-            stable[name] = spectrum_stats(t.weight(), fast=True, tol=1e-5).stable_rank
+            stable[name] = _estimated_stable_rank(t.weight())
             if free:
                 _release_stats(stats, name, users, cache)
 
@@ -942,6 +937,7 @@ class Prepared:
         dense = t.out_features * t.in_features
         if rank is None:
             return LayerResult(t.name, shape, None, dense, dense, 0.0, self._stable_rank(t, None)), None
+        _check_finite(t)  # when pass 1 read no weight
         dec = self._decompose(t, stats, cache, consume=True)  # pass 2 drops each layer's statistics after it
         stable = self._stable_rank(t, dec)
         self._report_spectra.setdefault(t.name, dec.s.float().cpu())  # where pass 1 measured none
@@ -956,13 +952,13 @@ class Prepared:
 
     def _stable_rank(self, t: Target, dec: Decomposition | None) -> float:
         """Pass 1's estimate; else exact from pass 2's spectrum of W (method svd); else measured now."""
-        from lowrank_compress.spectrum import spectrum_stats, stable_rank
+        from lowrank_compress.spectrum import stable_rank
 
         if t.name in self._stable_ranks:
             return self._stable_ranks[t.name]
         if dec is not None and dec.method == "svd":
             return stable_rank(dec.s)
-        return spectrum_stats(t.weight(), fast=True, tol=1e-5).stable_rank
+        return _estimated_stable_rank(t.weight())
 
     def _write_block(self, i: int, swapped: dict[str, nn.Module], writer: Any) -> torch.dtype | None:
         """Block i's tensors: factors in the stored dtype of the weight they replace, the rest as stored."""
@@ -1158,6 +1154,25 @@ def _write_sidecars(directory: Path, result: FactorizeResult, model_path: str | 
     (directory / "recipe.yaml").write_text(result.settings.to_yaml(header))
     write_json(directory / "report.json", result.to_dict())
     (directory / "README.md").write_text(factorize_model_card(result.to_dict(), str(model_path)))
+
+
+def _check_finite(t: Target) -> None:
+    if not bool(torch.isfinite(t.weight()).all()):
+        raise LowrankError(
+            f"{t.name} has NaN or Inf weights; fix the checkpoint or keep the layer dense with --ignore '{t.name}'"
+        )
+
+
+def _estimated_stable_rank(w: torch.Tensor) -> float:
+    """||W||_F^2 / ||W||_2^2 with the spectral norm by at most 20 block power steps: reported, and read by the
+    stable-rank policy, where a few parts in a thousand do not matter. Trained weights converge in a few steps;
+    random ones (scale benchmarks) do not: on a random 11008 x 4096 matrix 60 steps took 12.7 s for a 2e-3 error in
+    the stable rank, 20 steps 4.4 s for 2e-2, against 10 s for LAPACK's exact norm (2 cores)."""
+    from lowrank_compress.spectrum import power_spectral_norm
+
+    spectral = power_spectral_norm(w, tol=1e-4, iters=20)
+    frobenius = float(torch.linalg.vector_norm(w.double()))
+    return (frobenius / spectral) ** 2 if spectral > 0 else 0.0
 
 
 def _extreme_spectra(

@@ -258,7 +258,8 @@ def test_finetune_prints_its_phases_and_report_renders_its_output(factorized: Pa
     phases = [
         x.split(": ", 1)[1].rsplit(" ", 2)[0] for x in res.stderr.splitlines() if x.startswith("finetune: ")
     ]
-    assert phases == ["loading", "perplexity before", "training (3/3)", "perplexity after"], res.stderr
+    assert phases == ["loading", "perplexity before", "answers before (2/2)", "training (3/3)", "perplexity after",
+                      "answers after (2/2)"], res.stderr  # fmt: skip
     res = CliRunner().invoke(cli, ["report", str(out)])
     assert res.exit_code == 0, res.output
     tuned = json.loads((out / "finetune.json").read_text())
