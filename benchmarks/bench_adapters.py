@@ -23,7 +23,8 @@ best rate and merge with break-even, exactly, their layers stored dense) and rep
 s/step, peak RSS during training, held-out perplexity before / after / merged on the built-in text's second half
 (first `--eval-tokens` tokens, windows of 512 without overlap), the merged model's perplexity on The Devil's
 Dictionary (../shared/data/devils-dictionary.txt; before = the factorized model), and the merged model's parameters
-and bytes on disk. On the Devil's Dictionary "after" (unmerged) is not measured: finetune scores one held-out text
+and bytes on disk, and the answers right (built-in set, greedy, through the chat template) before and after
+training. On the Devil's Dictionary "after" (unmerged) is not measured: finetune scores one held-out text
 in-process; for exact merges merged equals after (the held-out columns check it). Writes results/adapters.json.
 """
 
@@ -78,6 +79,7 @@ def one_run(
         "step_s": r["step_seconds"], "train_peak_rss_mb": r["peak_memory_mb"], "before": p["before"],
         "after": p["after"], "merged": p["merged"], "merge": merge, "params_after": r["params_after"],
         "merged_bytes": r["bytes"], "devils_merged": devils_ppl(out, eval_tokens), "losses": r["losses"],
+        "answers_right": (r["answers"] or {}).get("right"),  # {"baseline": before training, "model": after}
     }  # fmt: skip
 
 
