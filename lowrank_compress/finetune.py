@@ -169,18 +169,9 @@ def finetune(
     trainer = accelerator.unwrap_model(run.model)
     trainer.eval()
     judge.measure("after", trainer, precision)
+    ppl = judge.perplexity
     result = _result(
-        run,
-        model_path,
-        out,
-        loaded,
-        data_info,
-        judge.perplexity,
-        params_before,
-        memory,
-        timings,
-        qreport,
-        warnings,
+        run, model_path, out, loaded, data_info, ppl, params_before, memory, timings, qreport, warnings
     )
     result.answers = judge.answers()
     if accelerator.is_main_process:  # one writer; the other processes wait
@@ -195,13 +186,8 @@ class _Judge:
 
     def __init__(self, loaded: _Loaded, text: str | None, answer_set: Any, settings: FinetuneSettings,
                  report: ProgressFn) -> None:  # fmt: skip
-        self.loaded, self.text, self.answer_set, self.settings, self.report = (
-            loaded,
-            text,
-            answer_set,
-            settings,
-            report,
-        )
+        self.loaded, self.text, self.answer_set = loaded, text, answer_set
+        self.settings, self.report = settings, report
         self.perplexity: dict[str, float | None] = {"before": None, "after": None, "merged": None}
         self.asked: dict[str, list[str]] = {}  # "baseline" before training, "model" after
 

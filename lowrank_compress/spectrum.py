@@ -104,13 +104,18 @@ class SpectrumStats:
 
 
 def spectrum_stats(
-    w: torch.Tensor, *, fast: bool = False, energies: tuple[float, ...] = ENERGIES, tol: float = 1e-7
+    w: torch.Tensor,
+    *,
+    fast: bool = False,
+    energies: tuple[float, ...] = ENERGIES,
+    tol: float = 1e-7,
+    iters: int = 60,
 ) -> SpectrumStats:
     """Statistics of `w` (out x in). Exact: one full SVD. Fast: exact Frobenius norm, power-iteration spectral norm
-    converged to `tol` (relative)."""
+    converged to `tol` (relative) or stopped after `iters` steps."""
     if fast:
         fro = float(torch.linalg.vector_norm(w.double()))
-        spec = power_spectral_norm(w, tol=tol)
+        spec = power_spectral_norm(w, tol=tol, iters=iters)
         return SpectrumStats(frobenius=fro, spectral=spec, stable_rank=(fro / spec) ** 2 if spec > 0 else 0.0)
     s = singular_values(w)
     return SpectrumStats(
