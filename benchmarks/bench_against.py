@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from _common import arg, run_child, save
+from _common import arg, main_or_help, run_child, save
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = """
@@ -58,4 +58,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main_or_help(main, __doc__)

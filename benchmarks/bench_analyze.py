@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from _common import run_child, save
+from _common import main_or_help, run_child, save
 
 CODE = """
 import time
@@ -46,4 +46,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main_or_help(main, __doc__)

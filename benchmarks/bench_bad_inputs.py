@@ -49,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import arg, save
+from _common import arg, main_or_help, save
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.fixtures, and this checkout's lowrank_compress
@@ -1148,4 +1148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main_or_help(main, __doc__)

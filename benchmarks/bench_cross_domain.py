@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import arg, run_child, save
+from _common import arg, main_or_help, run_child, save
 
 ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = {
@@ -165,4 +165,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main_or_help(main, __doc__)

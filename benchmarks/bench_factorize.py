@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import arg, run_child, save
+from _common import arg, main_or_help, run_child, save
 
 TEXT_ONLY = {"policy": "uniform", "self_mix": 0.0}
 RUNS = {  # label -> settings beyond the defaults
@@ -88,4 +88,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main_or_help(main, __doc__)

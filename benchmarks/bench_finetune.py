@@ -16,7 +16,7 @@ import json
 import math
 import sys
 
-from _common import RESULTS, run_child, save
+from _common import RESULTS, main_or_help, run_child, save
 
 RUNS = {"LoRA r=16, bf16 base": {}, "LoRA r=16, NF4 base": {"quantize": "nf4"}}
 
@@ -88,4 +88,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main_or_help(main, __doc__)

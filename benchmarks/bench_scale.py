@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import arg, save
+from _common import arg, main_or_help, save
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {
@@ -186,4 +186,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main_or_help(main, __doc__)
