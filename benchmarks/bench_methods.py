@@ -14,8 +14,8 @@ budget is plain LoRA's: GoRA shares out r (in + out) per layer by importance; Ad
 and ends at 16 on average; ElaLoRA keeps 16 active per layer on average out of a pool of 32; ARD-LoRA's ranks end at most 16 on average (pool 32). Reported per method:
 trainable params, median s/step, peak RSS during training, held-out perplexity before / after / merged on the
 built-in text's second half (first `--eval-tokens` tokens, windows of 512 without overlap), the merged model's
-perplexity on The Devil's Dictionary, and the final rank pattern's spread (min / max / mean). Writes
-results/methods.json.
+perplexity on The Devil's Dictionary, the final rank pattern's spread (min / max / mean), and the answers right
+(built-in set, greedy, through the chat template) before and after training. Writes results/methods.json.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def one_run(model: str, name: str, lr: float, steps: int, eval_tokens: int) -> d
         "step_s": r["step_seconds"], "train_peak_rss_mb": r["peak_memory_mb"], "before": p["before"],
         "after": p["after"], "merged": p["merged"], "devils_merged": devils_ppl(out, eval_tokens),
         "rank_spread": record.get("spread"), "ranks": record.get("ranks"), "losses": r["losses"],
+        "answers_right": (r["answers"] or {}).get("right"),  # {"baseline": before training, "model": after}
     }  # fmt: skip
 
 
