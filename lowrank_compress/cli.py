@@ -40,7 +40,7 @@ from lowrank_compress.choices import (
     SELF_STARTS,
     check_device,
 )
-from lowrank_compress.console import command_running, interrupt_code, interrupt_message
+from lowrank_compress.console import command_running, interrupt_code, interrupt_message, signal_received
 from lowrank_compress.console import main as main  # the console script of earlier installs names cli:main
 from lowrank_compress.errors import LowrankError, TrainingInterrupted
 from lowrank_compress.recipe import FactorizeSettings, FinetuneSettings
@@ -158,11 +158,14 @@ class Group(click.Group):
             raise
         except TrainingInterrupted as e:
             _exit_interrupted(str(e))
-        except LowrankError as e:
-            _fail(str(e))
         except KeyboardInterrupt:
             _exit_interrupted(interrupt_message())
-        except Exception as e:  # an unexpected failure is a bug: still one line unless debugging
+        except Exception as e:
+            if signal_received():  # the signal's doing, whatever it became (console.signal_received)
+                _exit_interrupted(interrupt_message())
+            if isinstance(e, LowrankError):
+                _fail(str(e))
+            # an unexpected failure is a bug: still one line unless debugging
             if os.environ.get("LOWRANK_DEBUG"):
                 raise
             _fail(f"unexpected {type(e).__name__}: {e} (this is a bug; LOWRANK_DEBUG=1 shows the traceback)")

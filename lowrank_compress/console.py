@@ -28,6 +28,12 @@ _received: list[int] = []  # the first signal, once one came
 _running = [False]  # a command is running
 
 
+def signal_received() -> bool:
+    """A Ctrl-C or SIGTERM came while the command ran. Its KeyboardInterrupt can surface as another error: raised
+    inside a library's native code (safetensors' reader), it comes back wrapped as that library's failure."""
+    return bool(_received)
+
+
 def interrupt_code() -> int:
     """128 + the signal: 143 after SIGTERM, else 130 (Ctrl-C, or a KeyboardInterrupt raised in-process)."""
     return 128 + signal.SIGTERM if signal.SIGTERM in _received else 130

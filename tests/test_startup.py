@@ -245,3 +245,49 @@ def test_a_signal_during_the_imports_is_one_line_and_exit_130_or_143(
     what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
     assert code == 128 + signum and said == [f"{what}; nothing was written"], rest[-3000:]
     assert list(tmp_path.iterdir()) == []
+
+
+# A reader that turns the KeyboardInterrupt raised inside it into its own error, as safetensors' native reader does:
+# the signal arrives while `get_tensor` runs, and what comes back is a TypeError (seen in CI: "could not determine the
+# shape of object type 'torch.storage.UntypedStorage'").
+_WRAPPING_READER = """
+import os, signal, sys, time
+import safetensors
+
+_real = safetensors.safe_open
+
+
+class Wrapping:
+    def __init__(self, *args, **kwargs):
+        self.handle = _real(*args, **kwargs)
+
+    def get_tensor(self, name):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        except KeyboardInterrupt:
+            raise TypeError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+        return self.handle.get_tensor(name)
+
+
+safetensors.safe_open = Wrapping
+from lowrank_compress.console import main
+
+sys.argv[0] = "lowrank-compress"
+sys.exit(main())
+"""
+
+
+def test_a_signal_that_a_library_wraps_as_its_own_error_is_still_an_interruption(
+    model: Path, tmp_path: Path
+) -> None:
+    """Not "cannot read tensor ...; re-download or re-save it": a user who pressed Ctrl-C (or a scheduler that sent
+    SIGTERM) would be told that a sound checkpoint is corrupt."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _WRAPPING_READER, "factorize", str(model), "-o", "out", "--method", "svd"],
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    said = [x for x in proc.stderr.splitlines() if x.strip() and not x.startswith("warning: ")]
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert said == ["terminated (SIGTERM); nothing was written"], proc.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
