@@ -312,23 +312,21 @@ def test_bora_merged_weight_has_the_learned_column_norms_and_row_normed_intermed
     )
 
 
-def test_surm_fft_products_equal_the_dense_circulant_and_skew_circulant_matrices() -> None:
-    from lowrank_compress.peft_methods.surm.layer import _ldr_apply, circulant_apply, skew_circulant_apply
+@pytest.mark.parametrize(("n_out", "n_in"), [(12, 12), (12, 9), (7, 12), (1, 1)])
+def test_surm_matrix_from_its_diagonals_equals_the_sum_of_circulant_times_skew_circulant(
+    n_out: int, n_in: int
+) -> None:
+    """SURM's M = sum_i circ(g_i) skewcirc(h_i) (Sec. 3), built by the layer from prefix sums along wrapped
+    diagonals, equals the product of scipy's dense matrices, and its corner is what the layer applies to x."""
+    from lowrank_compress.peft_methods.surm.layer import _ldr_apply, ldr_matrix
 
-    gen = torch.Generator().manual_seed(0)
-    g, h = (
-        torch.randn(3, 12, generator=gen, dtype=torch.float64),
-        torch.randn(3, 12, generator=gen, dtype=torch.float64),
-    )
-    x = torch.randn(5, 12, generator=gen, dtype=torch.float64)
-    c, s_ = scipy.linalg.circulant(g[0].numpy()), skew_circulant(h[0].numpy())
-    np.testing.assert_allclose(circulant_apply(g[0], x).numpy(), x.numpy() @ c.T, atol=1e-12)
-    np.testing.assert_allclose(skew_circulant_apply(h[0], x).numpy(), x.numpy() @ s_.T, atol=1e-12)
-    m = surm_reference(g.numpy(), h.numpy(), 1.0, 12, 12)
-    np.testing.assert_allclose(_ldr_apply(g, h, x, 12).numpy(), x.numpy() @ m.T, atol=1e-11)
-    np.testing.assert_allclose(
-        _ldr_apply(g, h, x[:, :9], 9).numpy(), x[:, :9].numpy() @ m[:, :9].T, atol=1e-11
-    )
+    n = max(n_out, n_in)
+    gen = torch.Generator().manual_seed(n_out * 100 + n_in)
+    g, h = (torch.randn(3, n, generator=gen, dtype=torch.float64) for _ in range(2))
+    x = torch.randn(5, n_in, generator=gen, dtype=torch.float64)
+    m = surm_reference(g.numpy(), h.numpy(), 1.0, n_out, n_in)
+    np.testing.assert_allclose(ldr_matrix(g, h, n_out, n_in).numpy(), m, atol=1e-12)
+    np.testing.assert_allclose(_ldr_apply(g, h, x, n_out).numpy(), x.numpy() @ m.T, atol=1e-12)
 
 
 def test_c3a_fft_matvec_equals_the_dense_circulant_product() -> None:

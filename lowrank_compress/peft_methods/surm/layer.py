@@ -1,8 +1,7 @@
-"""SURM's layer: a sum of circulant x skew-circulant products, applied by FFT."""
+"""SURM's layer: a sum of circulant x skew-circulant products, built as a dense matrix from its diagonals."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -11,39 +10,28 @@ from torch import nn
 from lowrank_compress.peft_methods.common import MethodLayer
 
 
-def circulant_apply(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """C(g) x for each row x of `x` (.., n), C(g) the circulant with first column g: the circular convolution
-    g * x = ifft(fft(g) fft(x)). `g` may be (r, n) against x (.., r, n)."""
-    n = x.shape[-1]
-    return torch.fft.irfft(torch.fft.rfft(g, n=n) * torch.fft.rfft(x, n=n), n=n)
+def ldr_matrix(g: torch.Tensor, h: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
+    """The top-left n_out x n_in corner of M = sum_i C(g_i) S(h_i) (C: circulant, S: skew-circulant, first columns
+    g_i, h_i of length n), built without FFTs in O(n^2 r).
 
-
-def skew_circulant_apply(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """S(h) x, S(h) the skew-circulant with first column h (S[i, j] = h[i - j], -h[n + i - j] above the diagonal):
-    S(h) = W^-1 C(W h) W with W = diag(w^k), w = exp(i pi / n) (a root of -1), so an FFT product as well."""
-    n = x.shape[-1]
-    cdtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
-    w = torch.exp(1j * math.pi * torch.arange(n, dtype=torch.float64, device=x.device) / n).to(cdtype)
-    y = torch.fft.ifft(torch.fft.fft(h * w) * torch.fft.fft(x * w))
-    return (y / w).real
-
-
-def _ldr_apply(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, n_in: int) -> torch.Tensor:
-    """sum_i C(g_i) S(h_i) x on x zero-padded from `n_in` to n, one term at a time (r times less memory than
-    broadcasting over the terms). The transforms shared by the terms are done once: fft(W x) going in, and the sum
-    stays in the frequency domain until one inverse transform at the end (about 2x fewer FFTs than applying
-    `circulant_apply(g_i, skew_circulant_apply(h_i, x))` term by term, which the tests check it equals)."""
+    Entry by entry, M[j, k] = sum_m T[(j - m) % n, (m - k) % n] sign(m - k) with T = G^T H (all r terms in one
+    matmul) and sign -1 where m < k (S's wrapped entries). For fixed d = (j - k) % n the pairs (a, b) = ((j-m)%n,
+    (m-k)%n) run over the wrapped diagonal a + b = d, and the ones with m < k are those with b >= n - k. So with P the
+    prefix sums along b of U[d, b] = T[(d - b) % n, b] (P[d, 0] = 0): M[j, k] = 2 P[d, n - k] - P[d, n].
+    Applying M as a dense matrix costs what the base layer costs; the FFT products it replaces (two transforms of
+    every token per term) made a training step 16x slower than LoRA's."""
     n = g.shape[-1]
-    xp = torch.nn.functional.pad(x, (0, n - n_in))
-    cdtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
-    w = torch.exp(1j * math.pi * torch.arange(n, dtype=torch.float64, device=x.device) / n).to(cdtype)
-    u = torch.fft.fft(xp * w)
-    acc = None
-    for gi, hi in zip(g, h, strict=True):
-        s_x = (torch.fft.ifft(torch.fft.fft(hi * w) * u) / w).real  # S(h_i) x
-        term = torch.fft.rfft(gi, n=n) * torch.fft.rfft(s_x, n=n)  # the spectrum of C(g_i) S(h_i) x
-        acc = term if acc is None else acc + term
-    return torch.fft.irfft(acc, n=n)
+    t = g.T @ h
+    rows = torch.arange(n, device=g.device)
+    u = torch.gather(t, 0, (rows[:, None] - rows[None, :]) % n)  # U[d, b] = T[(d - b) % n, b]
+    p = torch.nn.functional.pad(u.cumsum(1), (1, 0))  # P[d, c] = sum_{b < c} U[d, b]
+    j, k = rows[:n_out, None], rows[None, :n_in]
+    d = (j - k) % n
+    return 2 * p[d, n - k] - p[d, n]
+
+
+def _ldr_apply(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, n_out: int) -> torch.Tensor:
+    return x @ ldr_matrix(g, h, n_out, x.shape[-1]).T
 
 
 class SurmLayer(MethodLayer):
@@ -69,19 +57,20 @@ class SurmLayer(MethodLayer):
         g, h = self.surm_g[adapter], self.surm_h[adapter]
         x = x.to(g.dtype)
         if torch.is_grad_enabled() and (g.requires_grad or x.requires_grad):
-            # recomputed in the backward pass: kept for it, every layer's FFT products would hold several
-            # tokens x r x n complex tensors (200 MB each on SmolLM2 at 4 x 256 tokens, r 16, n 1536); a smoke
-            # run of the benchmark that kept them died without a message (surm only; the other adapters ran)
-            y = torch.utils.checkpoint.checkpoint(_ldr_apply, g, h, x, self.in_features, use_reentrant=False)
+            # M recomputed in the backward pass: kept for it, every layer would hold an out x in float32 matrix
+            # (the size of the model's own weights in float32)
+            y = torch.utils.checkpoint.checkpoint(_ldr_apply, g, h, x, self.out_features, use_reentrant=False)
         else:
-            y = _ldr_apply(g, h, x, self.in_features)
-        return self.surm_scale[adapter] * y[..., : self.out_features]
+            y = _ldr_apply(g, h, x, self.out_features)
+        return self.surm_scale[adapter] * y
 
     def adapter_delta(self, adapter: str) -> Any:
-        """ΔW as a dense matrix (full rank in general): the update applied to the identity."""
+        """ΔW as a dense matrix (full rank in general)."""
         from lowrank_compress.adapter_kinds import AdapterDelta
 
         with torch.no_grad():
-            eye = torch.eye(self.in_features, device=self.surm_g[adapter].device)
-            dense = self.update(eye, adapter).T.float().cpu()
+            g, h = self.surm_g[adapter], self.surm_h[adapter]
+            dense = (
+                self.surm_scale[adapter] * ldr_matrix(g, h, self.out_features, self.in_features).float().cpu()
+            )
         return AdapterDelta(torch.zeros(0, self.in_features), torch.zeros(self.out_features, 0), dense=dense)
