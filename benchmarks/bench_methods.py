@@ -1,11 +1,12 @@
 """The training methods of issue 15 on SmolLM2 factorized at 0.8: plain LoRA against LoRA-Pro, GoRA, AdaLoRA,
-ElaLoRA and ARD-LoRA at LoRA r=16's budget, same steps and data.
+ElaLoRA and ARD-LoRA at LoRA r=16's budget, same steps and data; and LoRA with LoRAE's regularizer (`lorae`).
 
     python benchmarks/bench_methods.py                                     # every method, 60 steps
     python benchmarks/bench_methods.py --steps 2 --methods lora,gora --eval-tokens 1024        # a smoke run
     (--devils FILE: where The Devil's Dictionary is, if not at ../shared/data/devils-dictionary.txt;
      --model DIR: another factorized model instead of results/smollm2-0.8/ (a tiny one for a smoke run);
-     --lr R: the learning rate of every method (1e-3); --out NAME: results/NAME.json instead of methods.json)
+     --lr R: the learning rate of every method (1e-3); --out NAME: results/NAME.json instead of methods.json;
+     --low-rank-reg W: the weight of LoRAE's term in the `lorae` run (1e-3))
 
 SmolLM2-135M-Instruct factorized at budget 0.8 with the default settings (cached in results/smollm2-0.8/, shared with
 bench_finetune and bench_adapters). Every method trains LoRA at r=16 (alpha 32) for `--steps` steps (batch 4 x 256
@@ -32,6 +33,7 @@ METHODS = {
     "adalora": {"rank_schedule": "adalora"},
     "elalora": {"rank_schedule": "elalora"},
     "ard": {"rank_schedule": "ard"},
+    "lorae": {"low_rank_reg": float(arg("--low-rank-reg", "1e-3"))},
 }
 
 FINETUNE = """
@@ -52,12 +54,14 @@ def one_run(model: str, name: str, lr: float, steps: int, eval_tokens: int) -> d
     r = run_child(FINETUNE.format(model=model, out=out, settings=settings))
     p = r["perplexity"]
     record = next(iter(v for k, v in r["methods"].items() if k in ("gora", "adalora", "elalora", "ard")), {})
+    reg = r["methods"].get("low_rank_reg") or {}
     return {
         "method": name, "lr": lr, "steps": r["steps"], "trainable_params": r["trainable_params"],
         "step_s": r["step_seconds"], "train_peak_rss_mb": r["peak_memory_mb"], "before": p["before"],
         "after": p["after"], "merged": p["merged"], "devils_merged": devils_ppl(out, eval_tokens),
         "rank_spread": record.get("spread"), "ranks": record.get("ranks"), "losses": r["losses"],
         "answers_right": (r["answers"] or {}).get("right"),  # {"baseline": before training, "model": after}
+        "low_rank_reg": reg.get("weight"), "low_rank_reg_last": reg.get("last_value"),
     }  # fmt: skip
 
 

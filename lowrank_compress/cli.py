@@ -890,6 +890,13 @@ def _adapter_epilog() -> str:
 )
 @click.option("--truncate-energy", type=FINITE, default=_FT.truncate_energy, show_default=True)
 @click.option(
+    "--low-rank-reg",
+    type=FINITE,
+    default=_FT.low_rank_reg,
+    show_default=True,
+    help="LoRAE: weight of the exact nuclear norm of each trained product (lora / dora's B A, or the factors).",
+)
+@click.option(
     "--optimizer",
     type=click.Choice(OPTIMIZERS),
     default=_FT.optimizer,

@@ -249,6 +249,7 @@ class FinetuneSettings:
     nuclear: float = 0.0
     truncate_every: int = 0
     truncate_energy: float = 0.999
+    low_rank_reg: float = 0.0  # LoRAE: weight of the exact nuclear norm of every trained low-rank product
     precision: str = "auto"
     optimizer: str = "adamw"  # lora-pro: LoRA-Pro's adjusted gradients (training/lora_pro.py)
     init: str = "zero"  # gora: GoRA's ranks and gradient init (training/gora.py)
@@ -290,6 +291,17 @@ class FinetuneSettings:
             raise LowrankError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if self.nuclear < 0 or self.truncate_every < 0 or not 0.0 < self.truncate_energy <= 1.0:
             raise LowrankError("--nuclear and --truncate-every must be >= 0 and --truncate-energy in (0, 1]")
+        if not (self.low_rank_reg >= 0 and math.isfinite(self.low_rank_reg)):
+            raise LowrankError(f"--low-rank-reg must be a number >= 0, got {self.low_rank_reg}")
+        if (
+            self.low_rank_reg
+            and self.train == "adapters"
+            and (self.adapter not in ("lora", "dora") or self.rank_schedule != "none")
+        ):
+            raise LowrankError(
+                "--low-rank-reg penalizes a low-rank product B A or U D: use --adapter lora or dora without "
+                "--rank-schedule, or --train factors"
+            )
         if self.train == "factors":
             if self.quantize != "none":
                 raise LowrankError(

@@ -15,7 +15,7 @@ import lowrank_compress
 from lowrank_compress.errors import LowrankError, TrainingInterrupted
 from lowrank_compress.finetune import FinetuneSettings, finetune
 from lowrank_compress.modules import LowRankLinear
-from lowrank_compress.training import gora, lora_pro, rank_schedule, trp
+from lowrank_compress.training import gora, lora_pro, lorae, rank_schedule, trp
 from tests.fixtures import tiny_llama, training_text
 
 FAST = {"seq_len": 64, "rank": 4, "eval_tokens": 0, "batch_size": 2, "steps": 4}
@@ -600,6 +600,88 @@ def test_the_finetune_report_says_what_each_method_did() -> None:
     assert method_lines({}) == []
 
 
+# --------------------------------------------------------------------------------------------------- LoRAE
+
+
+@pytest.mark.parametrize("case", ["tall", "wide", "square", "rank-deficient", "zero"])
+def test_lorae_term_is_the_nuclear_norm_of_the_product_with_its_subgradient(case: str) -> None:
+    """LoRAE's term ||M||_* for M = U D: the value is numpy's nuclear norm of the product, and the gradient is the
+    subgradient P V^T of ||.||_* (M = P S V^T, directions of nonzero S) carried to the factors by the chain rule:
+    dU = P V^T D^T, dD = U^T P V^T. A zero product (LoRA's B at its start) has value 0 and gradient 0."""
+    m, r, n = {"tall": (9, 3, 5), "wide": (5, 4, 11), "square": (6, 6, 6)}.get(case, (8, 4, 7))
+    up, down = rand(m, r, seed=30), rand(r, n, seed=31)
+    if case == "rank-deficient":
+        up = rand(m, 2, seed=32) @ rand(2, r, seed=33)
+    if case == "zero":
+        up = np.zeros((m, r))
+    u, d = torch.tensor(up, requires_grad=True), torch.tensor(down, requires_grad=True)
+    value = lorae.product_nuclear(u, d)
+    value.backward()
+    assert u.grad is not None and d.grad is not None
+    p, sv, vt = np.linalg.svd(up @ down, full_matrices=False)
+    assert float(value.detach()) == pytest.approx(sv.sum(), rel=1e-10, abs=1e-12)
+    live = sv > 1e-8 * max(sv.max(), 1e-300)
+    g = p[:, live] @ vt[live]
+    np.testing.assert_allclose(u.grad.numpy(), g @ down.T, atol=1e-9)
+    np.testing.assert_allclose(d.grad.numpy(), up.T @ g, atol=1e-9)
+
+
+def adapter_nuclear(adapter_dir: Path) -> float:
+    """Sum over layers of ||B A||_* of a saved LoRA adapter (numpy SVD of each product)."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    total = 0.0
+    for key, a in tensors.items():
+        if key.endswith("lora_A.weight"):
+            b = tensors[key.replace("lora_A", "lora_B")]
+            total += np.linalg.svd(b.astype(np.float64) @ a, compute_uv=False).sum()
+    return total
+
+
+def test_lorae_regularizer_lowers_the_nuclear_norm_of_the_trained_updates(
+    factorized: Path, data: Path, tmp_path: Path
+) -> None:
+    """The same run with and without the term: the penalized adapters' summed ||B A||_* ends lower, the term is
+    recorded, and the saved adapter still reproduces its merge."""
+    kw = {"steps": 6, "lr": 2e-2}
+    plain = finetune(factorized, tmp_path / "p", settings(data, **kw))
+    reg_kw = {**kw, "low_rank_reg": 0.05}
+    reg = finetune(factorized, tmp_path / "a", settings(data, **reg_kw))
+    rec = reg.methods["low_rank_reg"]
+    assert rec["weight"] == 0.05 and rec["layers"] > 0 and rec["last_value"] > 0
+    assert "low_rank_reg" not in plain.methods
+    assert adapter_nuclear(tmp_path / "a") < 0.9 * adapter_nuclear(tmp_path / "p")
+    assert_reloads_as_merged(factorized, data, tmp_path, reg, reg_kw)
+
+
+def test_lorae_regularizer_on_trained_factors(factorized: Path, data: Path, tmp_path: Path) -> None:
+    """--train factors: the term covers every factorized layer's U D."""
+    result = finetune(factorized, tmp_path / "f", settings(data, train="factors", low_rank_reg=1e-3, lr=1e-3))
+    model = lowrank_compress.load(factorized)
+    layers = sum(isinstance(m, LowRankLinear) for m in model.modules())
+    assert result.methods["low_rank_reg"]["layers"] == layers > 0
+
+
+def test_a_checkpoint_written_before_an_option_existed_resumes_with_its_default(
+    factorized: Path, data: Path, tmp_path: Path
+) -> None:
+    """A checkpoint whose settings lack a key added later (here low_rank_reg) resumes when the option is at its
+    default, and ends where the uninterrupted run does."""
+    kw = {"steps": 4, "save_every": 2, "lr": 5e-3}
+    straight = finetune(factorized, tmp_path / "s", settings(data, **kw))
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(TrainingInterrupted):
+        finetune(factorized, tmp_path / "r", settings(data, **kw), checkpoint_dir=ckpt, stop_after=2)
+    state = json.loads((ckpt / "state.json").read_text())
+    del state["settings"]["low_rank_reg"]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    with pytest.raises(LowrankError, match=r"other settings \(low_rank_reg\)"):
+        finetune(factorized, tmp_path / "q", settings(data, **kw, low_rank_reg=0.1), resume=ckpt)
+    resumed = finetune(factorized, tmp_path / "r", settings(data, **kw), checkpoint_dir=ckpt, resume=ckpt)
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-5, abs=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------- processes
 
 
@@ -645,6 +727,9 @@ def test_two_processes_run_gora_and_lora_pro_with_accelerate_checkpoints(
         (["--rank-schedule", "elalora", "--init", "gora"], "does not combine with --init gora"),
         (["--rank-schedule", "ard", "--ard-l1", "-1"], "--ard-l1 and --ard-tv must be numbers >= 0"),
         (["--rank-schedule", "ard", "--adapter", "bone"], "--rank-schedule ard works on LoRA's factors"),
+        (["--low-rank-reg", "1e-3", "--adapter", "c3a"], "--low-rank-reg penalizes a low-rank product"),
+        (["--low-rank-reg", "1e-3", "--rank-schedule", "adalora"], "without --rank-schedule"),
+        (["--low-rank-reg", "-1"], "--low-rank-reg must be a number >= 0"),
     ],
 )  # fmt: skip
 def test_methods_on_the_wrong_adapter_fail_in_one_line(

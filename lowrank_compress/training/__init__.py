@@ -7,6 +7,7 @@ loop.py           the steps: micro-batches, gradients, optimizer, schedule, the 
 state.py          checkpoints through accelerate's save_state / load_state, plus a small state.json
 outputs.py        writing OUT: PEFT adapters, merged factors
 trp.py            TRP: the nuclear-norm regularizer and energy truncation of trained factors (--train factors)
+lorae.py          LoRAE's regularizer: the exact nuclear norm of each trained low-rank product (--low-rank-reg)
 lora_pro.py       LoRA-Pro's adjusted gradients (--optimizer lora-pro)
 gora.py           GoRA's ranks and gradient init (--init gora)
 rank_schedule.py  AdaLoRA (peft's) and ElaLoRA: ranks pruned / expanded during training (--rank-schedule)

@@ -98,6 +98,10 @@ def build_methods(settings: FinetuneSettings) -> list[TrainingMethod]:
             methods.append(trp.EnergyTruncation(settings.truncate_every, settings.truncate_energy))
     else:
         methods.append(AdapterSchedule())
+    if settings.low_rank_reg:
+        from lowrank_compress.training.lorae import LowRankReg
+
+        methods.append(LowRankReg(settings.low_rank_reg))
     if settings.init == "gora":
         from lowrank_compress.training.gora import Gora
 

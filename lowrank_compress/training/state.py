@@ -108,7 +108,9 @@ def read(directory: Path, settings: FinetuneSettings, model_path: str | Path) ->
     if state["model"] != str(Path(model_path).resolve()):
         raise LowrankError(f"{directory}: the checkpoint was made from {state['model']}, not {model_path}")
     saved, mine = state["settings"], dataclasses.asdict(settings)
-    differ = sorted(k for k in mine if saved.get(k) != mine[k])
+    # an option added since the checkpoint was written counts as its default there
+    default = dataclasses.asdict(FinetuneSettings())
+    differ = sorted(k for k in mine if saved.get(k, default[k]) != mine[k])
     if differ:
         raise LowrankError(
             f"{directory}: the checkpoint was made with other settings ({', '.join(differ)}); "
