@@ -318,14 +318,14 @@ def test_surm_matrix_from_its_diagonals_equals_the_sum_of_circulant_times_skew_c
 ) -> None:
     """SURM's M = sum_i circ(g_i) skewcirc(h_i) (Sec. 3), built by the layer from prefix sums along wrapped
     diagonals, equals the product of scipy's dense matrices, and its corner is what the layer applies to x."""
-    from lowrank_compress.peft_methods.surm.layer import _ldr_apply, ldr_matrix
+    from lowrank_compress.peft_methods.surm.layer import _ldr_apply, ldr_matrix_t
 
     n = max(n_out, n_in)
     gen = torch.Generator().manual_seed(n_out * 100 + n_in)
     g, h = (torch.randn(3, n, generator=gen, dtype=torch.float64) for _ in range(2))
     x = torch.randn(5, n_in, generator=gen, dtype=torch.float64)
     m = surm_reference(g.numpy(), h.numpy(), 1.0, n_out, n_in)
-    np.testing.assert_allclose(ldr_matrix(g, h, n_out, n_in).numpy(), m, atol=1e-12)
+    np.testing.assert_allclose(ldr_matrix_t(g, h, n_out, n_in).numpy(), m.T, atol=1e-12)
     np.testing.assert_allclose(_ldr_apply(g, h, x, n_out).numpy(), x.numpy() @ m.T, atol=1e-12)
 
 

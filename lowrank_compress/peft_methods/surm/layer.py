@@ -10,28 +10,36 @@ from torch import nn
 from lowrank_compress.peft_methods.common import MethodLayer
 
 
-def ldr_matrix(g: torch.Tensor, h: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
-    """The top-left n_out x n_in corner of M = sum_i C(g_i) S(h_i) (C: circulant, S: skew-circulant, first columns
-    g_i, h_i of length n), built without FFTs in O(n^2 r).
+def _turn_rows(x: torch.Tensor) -> torch.Tensor:
+    """Y[i, j] = X[i, (j - i) % n] for X of shape (m, n), m <= n: row i turned right by i. Done by reading [X X]
+    with a row stride of 2n - 1 (a reshape, no index tensor), so its backward pass is as cheap as its forward."""
+    m, n = x.shape
+    flat = torch.cat([x, x], 1).flatten()
+    if m < n:  # the last row reads n - m entries past the end; they fall in the columns cut off
+        flat = torch.nn.functional.pad(flat, (0, n - m))
+    return flat[n : n + m * (2 * n - 1)].view(m, 2 * n - 1)[:, :n]
+
+
+def ldr_matrix_t(g: torch.Tensor, h: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
+    """The transpose of the top-left n_out x n_in corner of M = sum_i C(g_i) S(h_i) (C: circulant, S:
+    skew-circulant, first columns g_i, h_i of length n), built without FFTs in O(n^2 r).
 
     Entry by entry, M[j, k] = sum_m T[(j - m) % n, (m - k) % n] sign(m - k) with T = G^T H (all r terms in one
     matmul) and sign -1 where m < k (S's wrapped entries). For fixed d = (j - k) % n the pairs (a, b) = ((j-m)%n,
-    (m-k)%n) run over the wrapped diagonal a + b = d, and the ones with m < k are those with b >= n - k. So with P the
-    prefix sums along b of U[d, b] = T[(d - b) % n, b] (P[d, 0] = 0): M[j, k] = 2 P[d, n - k] - P[d, n].
-    Applying M as a dense matrix costs what the base layer costs; the FFT products it replaces (two transforms of
-    every token per term) made a training step 16x slower than LoRA's."""
+    (m-k)%n) run over the wrapped diagonal a + b = d, and the ones with m < k are those with b >= n - k. So with Q
+    the prefix sums down the columns of V[b, d] = T[(d - b) % n, b] (Q[0] = 0, Q[n] the diagonals' totals):
+    M[j, k] = 2 Q[n - k, d] - Q[n, d] = F[k, (j - k) % n], F[k] = 2 Q[n - k] - Q[n]; both V and M^T are turned
+    rows. Applying M as a dense matrix costs what the base layer costs; the FFT products it replaces (two transforms
+    of every token per term) made a training step 16x slower than LoRA's."""
     n = g.shape[-1]
-    t = g.T @ h
-    rows = torch.arange(n, device=g.device)
-    u = torch.gather(t, 0, (rows[:, None] - rows[None, :]) % n)  # U[d, b] = T[(d - b) % n, b]
-    p = torch.nn.functional.pad(u.cumsum(1), (1, 0))  # P[d, c] = sum_{b < c} U[d, b]
-    j, k = rows[:n_out, None], rows[None, :n_in]
-    d = (j - k) % n
-    return 2 * p[d, n - k] - p[d, n]
+    v = _turn_rows(h.T @ g)  # V[b, d] = T[(d - b) % n, b], from T^T = H^T G (contiguous, no transpose copy)
+    c = v.cumsum(0)  # C[c, d] = sum_{b <= c} V[b, d] = Q[c + 1, d]
+    f = 2 * c[n - n_in :].flip(0) - c[-1]  # F[k, d] = 2 Q[n - k, d] - Q[n, d], k < n_in
+    return _turn_rows(f)[:, :n_out]
 
 
 def _ldr_apply(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, n_out: int) -> torch.Tensor:
-    return x @ ldr_matrix(g, h, n_out, x.shape[-1]).T
+    return x @ ldr_matrix_t(g, h, n_out, x.shape[-1])
 
 
 class SurmLayer(MethodLayer):
@@ -70,7 +78,6 @@ class SurmLayer(MethodLayer):
 
         with torch.no_grad():
             g, h = self.surm_g[adapter], self.surm_h[adapter]
-            dense = (
-                self.surm_scale[adapter] * ldr_matrix(g, h, self.out_features, self.in_features).float().cpu()
-            )
+            m_t = ldr_matrix_t(g, h, self.out_features, self.in_features)
+            dense = self.surm_scale[adapter] * m_t.T.float().cpu()
         return AdapterDelta(torch.zeros(0, self.in_features), torch.zeros(self.out_features, 0), dense=dense)
