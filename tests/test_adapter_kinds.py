@@ -327,6 +327,12 @@ def test_surm_matrix_from_its_diagonals_equals_the_sum_of_circulant_times_skew_c
     m = surm_reference(g.numpy(), h.numpy(), 1.0, n_out, n_in)
     np.testing.assert_allclose(ldr_matrix_t(g, h, n_out, n_in).numpy(), m.T, atol=1e-12)
     np.testing.assert_allclose(_ldr_apply(g, h, x, n_out).numpy(), x.numpy() @ m.T, atol=1e-12)
+    with torch.autocast(
+        "cpu", dtype=torch.bfloat16
+    ):  # bf16 training: the matrix is still built in full precision
+        np.testing.assert_allclose(
+            ldr_matrix_t(g.float(), h.float(), n_out, n_in).numpy(), m.T, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_c3a_fft_matvec_equals_the_dense_circulant_product() -> None:

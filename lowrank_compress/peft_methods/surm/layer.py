@@ -31,6 +31,11 @@ def ldr_matrix_t(g: torch.Tensor, h: torch.Tensor, n_out: int, n_in: int) -> tor
     M[j, k] = 2 Q[n - k, d] - Q[n, d] = F[k, (j - k) % n], F[k] = 2 Q[n - k] - Q[n]; both V and M^T are turned
     rows. Applying M as a dense matrix costs what the base layer costs; the FFT products it replaces (two transforms
     of every token per term) made a training step 16x slower than LoRA's."""
+    with torch.autocast(g.device.type, enabled=False):  # prefix sums of n terms need float32, not bf16
+        return _ldr_matrix_t(g, h, n_out, n_in)
+
+
+def _ldr_matrix_t(g: torch.Tensor, h: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
     n = g.shape[-1]
     v = _turn_rows(h.T @ g)  # V[b, d] = T[(d - b) % n, b], from T^T = H^T G (contiguous, no transpose copy)
     c = v.cumsum(0)  # C[c, d] = sum_{b <= c} V[b, d] = Q[c + 1, d]
