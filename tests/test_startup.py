@@ -195,6 +195,12 @@ def test_help_usage_errors_and_refused_settings_import_no_torch(tmp_path: Path) 
 _SCRIPT = "import sys; from lowrank_compress.console import main; sys.argv[0] = 'lowrank-compress'; sys.exit(main())"
 
 
+def _sigint_default() -> None:
+    """In the child: Ctrl-C's default action, even when pytest runs as a background job (which inherits SIGINT
+    ignored, and the CLI rightly keeps an ignored SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_llama(tmp_path_factory.mktemp("model"))
@@ -228,8 +234,9 @@ def test_a_signal_during_the_imports_is_one_line_and_exit_130_or_143(
         "svd",
     ]
     proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+        cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_sigint_default,
+    )  # fmt: skip
     try:
         assert proc.stderr is not None
         seen = re.compile(rf"^import time:.*\| +{re.escape(after)}")
