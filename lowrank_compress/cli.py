@@ -242,19 +242,33 @@ def cli() -> None:
     """
 
 
+def _finite(number: float, value: Any, kind: click.ParamType, param: click.Parameter | None,
+            ctx: click.Context | None) -> float:  # fmt: skip
+    if not math.isfinite(number):
+        kind.fail(f"{value!r} is not a finite number", param, ctx)
+    return number
+
+
 class FiniteFloat(click.FloatRange):
-    """A float option that refuses nan and inf (which every range check lets through), optionally in a range."""
+    """A float option in a range that refuses nan and inf (which every range check lets through)."""
 
     name = "number"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        return number
+        return _finite(super().convert(value, param, ctx), value, self, param, ctx)
 
 
-FINITE = FiniteFloat()
+class AnyFinite(click.ParamType):
+    """A float option that refuses nan and inf; a plain type, not an unbounded FloatRange, whose help would read
+    "x<=None"."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return _finite(click.FLOAT.convert(value, param, ctx), value, self, param, ctx)
+
+
+FINITE = AnyFinite()
 
 
 def _threads(threads: int | None, out: Output) -> None:

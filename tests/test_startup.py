@@ -298,3 +298,14 @@ def test_a_signal_that_a_library_wraps_as_its_own_error_is_still_an_interruption
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert said == ["terminated (SIGTERM); nothing was written"], proc.stderr[-3000:]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_describes_no_range_that_is_not_there(command: str) -> None:
+    """Number options without bounds say nothing about a range (an unbounded click FloatRange printed "x<=None")."""
+    from click.testing import CliRunner
+
+    from lowrank_compress.cli import cli
+
+    res = CliRunner().invoke(cli, [command, "--help"], terminal_width=200)
+    assert res.exit_code == 0 and "None]" not in res.output and "x<=None" not in res.output, res.output
