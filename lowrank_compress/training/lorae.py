@@ -49,20 +49,13 @@ def product_nuclear(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
 
 
 def low_rank_products(model: Any) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-    """(U, D, scale) of every trained low-rank product: a factorized layer's factors when they train, else every
-    active LoRA / DoRA adapter's B and A with its scaling."""
-    products = []
-    for module in model.modules():
-        if isinstance(module, LowRankLinear) and module.up.weight.requires_grad:
-            products.append((module.up.weight, module.down.weight, 1.0))
-        lora_a = getattr(module, "lora_A", None)
-        if lora_a is not None and hasattr(module, "scaling"):
-            for name in module.active_adapters:
-                if name in lora_a and lora_a[name].weight.requires_grad:
-                    products.append(
-                        (module.lora_B[name].weight, lora_a[name].weight, float(module.scaling[name]))
-                    )
-    return products
+    """(U, D, scale) of every trained low-rank product: a factorized layer's factors when they train, and every
+    LoRA / DoRA adapter's B and A with its scaling (the pairs LoRA-Pro adjusts)."""
+    from lowrank_compress.training.lora_pro import lora_pairs
+
+    products = [(m.up.weight, m.down.weight, 1.0) for m in model.modules()
+                if isinstance(m, LowRankLinear) and m.up.weight.requires_grad]  # fmt: skip
+    return products + [(b, a, s) for a, b, s in lora_pairs(model) if a.requires_grad]
 
 
 class LowRankReg(TrainingMethod):

@@ -31,16 +31,14 @@ def ldr_matrix_t(g: torch.Tensor, h: torch.Tensor, n_out: int, n_in: int) -> tor
     M[j, k] = 2 Q[n - k, d] - Q[n, d] = F[k, (j - k) % n], F[k] = 2 Q[n - k] - Q[n]; both V and M^T are turned
     rows. Applying M as a dense matrix costs what the base layer costs; the FFT products it replaces (two transforms
     of every token per term) made a training step 16x slower than LoRA's."""
-    with torch.autocast(g.device.type, enabled=False):  # prefix sums of n terms need float32, not bf16
-        return _ldr_matrix_t(g, h, n_out, n_in)
-
-
-def _ldr_matrix_t(g: torch.Tensor, h: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
     n = g.shape[-1]
-    v = _turn_rows(h.T @ g)  # V[b, d] = T[(d - b) % n, b], from T^T = H^T G (contiguous, no transpose copy)
-    c = v.cumsum(0)  # C[c, d] = sum_{b <= c} V[b, d] = Q[c + 1, d]
-    f = 2 * c[n - n_in :].flip(0) - c[-1]  # F[k, d] = 2 Q[n - k, d] - Q[n, d], k < n_in
-    return _turn_rows(f)[:, :n_out]
+    with torch.autocast(g.device.type, enabled=False):  # prefix sums of n terms need float32, not bf16
+        v = _turn_rows(
+            h.T @ g
+        )  # V[b, d] = T[(d - b) % n, b], from T^T = H^T G (contiguous, no transpose copy)
+        c = v.cumsum(0)  # C[c, d] = sum_{b <= c} V[b, d] = Q[c + 1, d]
+        f = 2 * c[n - n_in :].flip(0) - c[-1]  # F[k, d] = 2 Q[n - k, d] - Q[n, d], k < n_in
+        return _turn_rows(f)[:, :n_out]
 
 
 def _ldr_apply(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, n_out: int) -> torch.Tensor:
