@@ -149,6 +149,42 @@ def test_damping_blends_whitening_towards_plain_svd() -> None:
         assert not torch.allclose(light.reconstruct(r), plain.reconstruct(r), atol=1e-3)
 
 
+def _loaded_whitening_reference(
+    w: np.ndarray, x: np.ndarray, damping: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """numpy float64: the Cholesky factor L of X^T X + damping x mean(diag) I and the singular values of W L."""
+    gram = x.T @ x
+    chol = np.linalg.cholesky(gram + damping * np.diag(gram).mean() * np.eye(gram.shape[0]))
+    return chol, np.linalg.svd(w @ chol, compute_uv=False)
+
+
+def test_the_damped_whiten_fit_runs_in_float32_and_reaches_the_float64_optimum() -> None:
+    """Damping >= FLOAT32_DAMPING: computed in float32, yet SVD-LLM's objective with the loading,
+    ||(W - W_r) L||_F^2 with L L^T = X^T X + rho I, equals the float64 optimum sum_{i>r} s_i(W L)^2 (Eckart-Young)
+    to 1e-4, with input channels 1000x the others as LLM activations have."""
+    rng = np.random.default_rng(40)
+    x, w = rng.standard_normal((400, 64)), make_weight(48, 64, seed=41)
+    x[:, :3] *= 1000.0
+    chol, s = _loaded_whitening_reference(w, x, damping=0.1)
+    stats = make_stats(x, 48, seed=42)
+    dec = decompose(torch.from_numpy(w), "whiten", stats, damping=0.1)
+    assert dec.u.dtype == dec.v.dtype == torch.float32 and dec.s.dtype == torch.float64
+    np.testing.assert_allclose(dec.s.numpy(), s, rtol=1e-4)
+    for r in (4, 16, 40):
+        got = float((((w - dec.reconstruct(r).numpy()) @ chol) ** 2).sum())
+        assert got == pytest.approx(float((s[r:] ** 2).sum()), rel=1e-4)
+    assert decompose(torch.from_numpy(w), "whiten", stats, damping=5e-3).u.dtype == torch.float64
+
+
+def test_a_gram_float32_cannot_hold_is_factorized_in_float64() -> None:
+    """Statistics beyond float32's range (3.4e38) fall back to float64 instead of failing."""
+    x, w = make_inputs(60, 8, seed=43) * 1e20, make_weight(6, 8, seed=44)
+    chol, s = _loaded_whitening_reference(w, x, damping=0.1)
+    dec = decompose(torch.from_numpy(w), "whiten", make_stats(x, 6, seed=45), damping=0.1)
+    assert dec.u.dtype == torch.float64
+    np.testing.assert_allclose(dec.s.numpy(), s, rtol=1e-9)
+
+
 def test_zero_input_channel_is_handled() -> None:
     x = make_inputs(80, 16, seed=13)
     x[:, 5] = 0.0  # a dead channel: zero row and column in the Gram, zero mean |x|

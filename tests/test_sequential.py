@@ -192,17 +192,20 @@ def test_a_wide_layer_keeps_w_times_the_cross_term_and_fits_the_same() -> None:
 
 
 def test_consuming_the_statistics_factorizes_the_same_without_a_copy() -> None:
-    """`consume_stats`: the Gram becomes its own Cholesky factor (no working copy) and the factors are the same as
-    from the symmetrized copy; without damping the Gram is left alone (a larger ridge may need the original)."""
+    """`consume_stats` in float64 (damping under `FLOAT32_DAMPING`): the Gram becomes its own Cholesky factor (no
+    working copy) and the factors are the same as from the symmetrized copy; without damping the Gram is left alone
+    (a larger ridge may need the original)."""
     torch.manual_seed(0)
     w, x = torch.randn(6, 9, dtype=torch.float64), torch.randn(40, 9, dtype=torch.float64)
     fresh = lambda: LayerStats(x.T @ x, x.abs().sum(0), 40)  # noqa: E731
-    ref = decompose(w, "whiten", fresh(), damping=0.1)
+    damping = 5e-3
+    ref = decompose(w, "whiten", fresh(), damping=damping)
     consumed = fresh()
     gram = consumed.gram.clone()
-    got = decompose(w, "whiten", consumed, damping=0.1, consume_stats=True)
+    got = decompose(w, "whiten", consumed, damping=damping, consume_stats=True)
+    assert got.u.dtype == torch.float64
     torch.testing.assert_close(got.reconstruct(4), ref.reconstruct(4), rtol=1e-9, atol=1e-9)
-    loaded = gram + 0.1 * gram.diagonal().mean() * torch.eye(9, dtype=torch.float64)
+    loaded = gram + damping * gram.diagonal().mean() * torch.eye(9, dtype=torch.float64)
     torch.testing.assert_close(consumed.gram, torch.linalg.cholesky(loaded))
     kept = fresh()
     decompose(w, "whiten", kept, damping=0.0, consume_stats=True)
