@@ -372,11 +372,11 @@ class Prepared:
             )
         if mix > 0.0:
             length = settings.seq_len if self_generated else (settings.self_seq_len or settings.seq_len)
-            dtype = streamed.resident_dtype()
+            dtype = streamed.resident_dtype(rows=settings.samples, tokens=length)
             resident = dtype is not None
             if resident and dtype != streamed.dtype:
                 self.warn(
-                    f"the model does not fit in half the free memory at float32: sampling at {_dtype_name(dtype)}, "
+                    f"the model and its sampling cache do not fit in memory at float32: sampling at {_dtype_name(dtype)}, "
                     "the dtype its checkpoint stores"
                 )
             with streamed.whole(resident=resident, dtype=dtype) as model, PeakMemory(settings.device) as peak:
@@ -394,7 +394,7 @@ class Prepared:
             self._sampling_peak_mb = round(peak.mb, 1)
             if not resident:
                 self.warn(
-                    "the model does not fit in half the free memory: sampling reads each block from the checkpoint "
+                    "the model and its sampling cache do not fit in memory: sampling reads each block from the checkpoint "
                     "for every token (slow; --self-mix 0 skips the sampling)"
                 )
             self.tick("sampling")

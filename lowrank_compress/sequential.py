@@ -103,22 +103,24 @@ class StreamedModel:
     # -- loading and releasing --
 
     def _materialize(self, params: Sequence[str], dtype: torch.dtype | None = None) -> None:
-        """Read these parameters (at `dtype`, default the working dtype) onto the device."""
+        """Read these parameters (at `dtype`, default the working dtype) onto the device. Never as inference
+        tensors: a block read while the model samples (under inference mode) may be cached for the gradient pass."""
         from accelerate.utils import set_module_tensor_to_device
 
         dtype = dtype or self.dtype
         cache = self._cache if dtype == self.dtype else None
-        for name in params:
-            value = cache.get(name) if cache is not None else None
-            if value is None:
-                value = self.ckpt.read(self.ckpt_name[name])
-                if value.is_floating_point():
-                    value = value.to(dtype)
-                if cache is not None:
-                    cache[name] = value
-            set_module_tensor_to_device(self.model, name, self.device, value=value)
-            if name in self._params:
-                self.model.get_parameter(name).requires_grad_(False)
+        with torch.inference_mode(False):
+            for name in params:
+                value = cache.get(name) if cache is not None else None
+                if value is None:
+                    value = self.ckpt.read(self.ckpt_name[name])
+                    if value.is_floating_point():
+                        value = value.to(dtype)
+                    if cache is not None:
+                        cache[name] = value
+                set_module_tensor_to_device(self.model, name, self.device, value=value)
+                if name in self._params:
+                    self.model.get_parameter(name).requires_grad_(False)
 
     @contextlib.contextmanager
     def outer(self, embeddings: bool = True, dtype: torch.dtype | None = None) -> Iterator[None]:
@@ -298,26 +300,32 @@ class StreamedModel:
         """The model's parameters at `dtype` (default the working dtype)."""
         return sum(p.numel() for p in self.model.parameters()) * torch.finfo(dtype or self.dtype).bits // 8
 
-    def fits_in_memory(self, fraction: float = 0.5, dtype: torch.dtype | None = None) -> bool:
-        """Whether the whole model at `dtype` (default the working dtype) takes less than `fraction` of the device
-        memory available now."""
-        size = self.nbytes(dtype)
+    def resident_dtype(self, rows: int = 0, tokens: int = 0) -> torch.dtype | None:
+        """The dtype at which the whole model can stay in memory while it generates `rows` x `tokens` (sampling):
+        the working dtype when it fits, else the half-precision dtype the checkpoint stores (a 7B model: 27 GB at
+        float32, 13.5 GB at bfloat16) when that fits, else None (stream it block by block). Fits: the weights and
+        the key/value cache leave a tenth of the memory available now, and at least 1 GiB, free."""
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return size < fraction * free
-        return size < fraction * available_memory()
-
-    def resident_dtype(self, fraction: float = 0.5) -> torch.dtype | None:
-        """The dtype at which the whole model can stay in memory (for sampling): the working dtype when it fits in
-        `fraction` of the free memory, else the half-precision dtype the checkpoint stores (a 7B model: 27 GB at
-        float32, 13.5 GB at bfloat16) when that fits, else None (stream it block by block)."""
-        if self.fits_in_memory(fraction):
-            return self.dtype
+        else:
+            free = available_memory()
+        room = free - max(free // 10, 2**30)
         stored = {self.ckpt.stored_dtype(c) for m, c in self.ckpt_name.items() if m in self._params}
         half = [d for d in (torch.bfloat16, torch.float16) if d in stored]
-        if half and self.fits_in_memory(fraction, half[0]):
-            return half[0]
+        for dtype in [self.dtype, *half[:1]]:
+            if self.nbytes(dtype) + self.kv_cache_bytes(rows, tokens, dtype) <= room:
+                return dtype
         return None
+
+    def kv_cache_bytes(self, rows: int, tokens: int, dtype: torch.dtype) -> int:
+        """The key/value cache of generating `rows` sequences of `tokens` at `dtype`: keys and values of every
+        layer, num_key_value_heads x head_dim wide (the config's head_dim, else hidden / heads)."""
+        config = self.model.config
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        return rows * tokens * len(self.blocks) * 2 * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
 
 def available_memory() -> int:

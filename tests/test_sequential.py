@@ -451,15 +451,19 @@ def test_sampling_falls_back_to_the_stored_half_precision_then_to_streaming(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A model that does not fit in memory at float32 but does at the bfloat16 its checkpoint stores is sampled
-    resident at bfloat16 (said in a warning and in report.json); one that fits at neither is streamed."""
+    resident at bfloat16 (said in a warning and in report.json); one that fits at neither is streamed. Fits: the
+    weights and the sampling's key/value cache within the memory available less max(a tenth, 1 GiB)."""
     import lowrank_compress.sequential as sequential
     from lowrank_compress.pipeline import Prepared
 
     src = tiny_llama(tmp_path, dtype=torch.bfloat16)
     settings = build_settings(**{**FAST, "self_mix": 0.5, "samples": 2, "seq_len": 16, "grad_samples": 1})
     n = sum(t.numel() for t in load_state_dict(src).values())
-    # sampling keeps the model when it takes under half the free memory: 4n bytes at float32, 2n at bfloat16
-    for free, expected in ((6 * n, "resident (bfloat16)"), (2 * n, "streamed")):
+    cache = (
+        2 * 16 * 2 * 2 * 4 * 16 * 2
+    )  # rows x tokens x layers x (keys, values) x heads x head_dim x 2 bytes
+    fits_bf16 = 2**30 + 2 * n + cache  # 4n bytes at float32 do not fit, 2n at bfloat16 with the cache just do
+    for free, expected in ((fits_bf16, "resident (bfloat16)"), (fits_bf16 - 1, "streamed")):
         monkeypatch.setattr(sequential, "available_memory", lambda free=free: free)
         warnings: list[str] = []
         prepared = Prepared.load(src, settings, warn=warnings.append)
@@ -467,6 +471,28 @@ def test_sampling_falls_back_to_the_stored_half_precision_then_to_streaming(
         assert prepared.calibration_info["self_sampling_peak_mb"] > 0  # the memory the sampling held
         assert prepared.calibration_batches["self"].shape == (2, 16)
         assert any("sampling at bfloat16" in w for w in warnings) == (expected != "streamed")
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_the_sampling_cache_estimate_is_what_generate_holds(tmp_path: Path, gqa: bool) -> None:
+    """`kv_cache_bytes` equals the bytes of the key/value cache transformers' generate returns, GQA included."""
+    from transformers import AutoModelForCausalLM
+
+    from lowrank_compress.checkpoint import Checkpoint
+    from lowrank_compress.sequential import StreamedModel
+
+    src = tiny_llama(tmp_path, gqa=gqa)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    ids = torch.ones(3, 5, dtype=torch.long)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=7, min_new_tokens=7,
+                         do_sample=False, return_dict_in_generate=True)  # fmt: skip
+    held = sum(
+        t.numel() * t.element_size()
+        for layer in out.past_key_values.layers
+        for t in (layer.keys, layer.values)
+    )
+    streamed = StreamedModel(Checkpoint.open(src))
+    assert streamed.kv_cache_bytes(3, 5 + 7 - 1, torch.float32) == held  # the last token is never cached
 
 
 def test_uniform_ranks_skip_the_spectra_and_the_report_shows_those_pass_2_measured(
