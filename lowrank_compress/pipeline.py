@@ -382,6 +382,7 @@ class Prepared:
             with streamed.whole(resident=resident, dtype=dtype) as model, PeakMemory(settings.device) as peak:
                 sampling: dict[str, Any] = dict(
                     samples=settings.samples, seq_len=length, seed=settings.seed, batch_size=settings.samples,
+                    temperature=settings.self_temperature,
                     device=settings.device, progress=lambda d, t: self.report("sampling calibration", d, t),
                 )  # fmt: skip
                 if chat:
@@ -667,6 +668,7 @@ class Prepared:
             "grad_samples": sum(grads.values()),
             "self_mix": self.part_weights.get("self", 0.0),
             "self_start": settings.self_start if "self" in batches and not self._chat else None,
+            "self_temperature": settings.self_temperature if "self" in batches else None,
             # the windows were conversations through the tokenizer's chat template (--chat, and it has one)
             "chat": self._chat,
             "parts": {

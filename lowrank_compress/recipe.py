@@ -70,6 +70,9 @@ class FactorizeSettings:
     # how each self-generated window starts after the BOS/EOS prefix: "random" (a uniformly drawn ordinary token,
     # which varies how the samples open) or "prefix" (the bare prefix)
     self_start: str = "random"
+    # sampling temperature of the self-generated windows: 1 keeps the model's full distribution; lower values stay
+    # closer to what it writes when decoding greedily, as chat users and the answer check see it
+    self_temperature: float = 1.0
     # chat models (the tokenizer has a chat template): calibrate on conversations: the self-generated share is the
     # model's answers to built-in user prompts, the text windows are wrapped as turns. None (the default): on when
     # the tokenizer has a chat template (on SmolLM2-Instruct it kept far more answers, see the README); True without
@@ -108,6 +111,8 @@ class FactorizeSettings:
                 "self-mix must be the self-generated share of the calibration statistics in [0, 1], "
                 f"got {self.self_mix}"
             )
+        if not 0.0 < self.self_temperature <= 10.0:
+            raise LowrankError(f"self-temperature must be in (0, 10], got {self.self_temperature}")
         if self.self_start not in SELF_STARTS:
             raise LowrankError(
                 f"unknown self-start {self.self_start!r}; choose one of {', '.join(SELF_STARTS)}"
@@ -143,6 +148,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "damping": (float, int),
     "self_mix": (float, int),
     "self_seq_len": (int, type(None)),
+    "self_temperature": (float, int),
     "samples": (int,),
     "seq_len": (int,),
     "grad_samples": (int,),

@@ -433,6 +433,25 @@ def test_self_generated_batches_are_seeded_and_start_like_a_document(style: str)
     assert torch.equal(torch.rand(3), x)
 
 
+def test_a_low_sampling_temperature_collapses_the_samples_to_the_models_mode() -> None:
+    """Logits divided by T: at T = 1e-6 the distribution is its argmax, so two seeds draw the same rows (the greedy
+    continuation, EOS suppressed), while at T = 1 they differ."""
+    from lowrank_compress.calibration import sample_batches
+
+    model, tok = tiny_llama(), make_tokenizer("bos")
+    kw = dict(samples=3, seq_len=10)
+    cold = [sample_batches(model, tok, seed=s, temperature=1e-6, **kw) for s in (1, 2)]
+    assert torch.equal(cold[0], cold[1])
+    assert not torch.equal(*(sample_batches(model, tok, seed=s, **kw) for s in (1, 2)))
+    ids = cold[0][:1, :1]
+    with torch.no_grad():
+        for _ in range(9):
+            logits = model(ids).logits[0, -1]
+            logits[tok.eos_token_id] = -float("inf")
+            ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
+    assert torch.equal(cold[0][0], ids[0])
+
+
 def test_random_start_draws_each_rows_first_token_from_the_ordinary_vocabulary() -> None:
     from lowrank_compress.calibration import sample_batches
 
