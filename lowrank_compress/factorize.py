@@ -136,8 +136,8 @@ def decompose(
 
     Computed in float64, except the damped whiten fit (damping >= 0.01), which runs in float32 (its Cholesky, eigh
     and solves about twice as fast on CPUs, far faster on GPUs with few float64 units): the damping bounds the
-    whitening's condition number, and the factors are stored at float32 or below anyway. If its float32 Cholesky factorization fails, the layer is
-    computed in float64.
+    whitening's condition number, and the factors are stored at float32 or below anyway. If its float32 Cholesky
+    factorization fails, the layer is computed in float64.
 
     stats: calibration statistics (required for asvd, whiten and fisher; ignored for svd).
     asvd_alpha: ASVD's exponent on the mean absolute activation (0 gives plain SVD).
