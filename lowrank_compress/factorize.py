@@ -290,10 +290,10 @@ def _whitening(
     practice)."""
     cached = cache.get(id(stats.gram)) if cache is not None else None
     if cached is None:
-        like = torch.empty(0, dtype=torch.float64, device=device)
         cached = _cholesky_float32(stats, in_f, device, damping) if damping >= FLOAT32_DAMPING else None
         if cached is None:
-            gram = _checked(stats.gram, (in_f, in_f), "gram", like)
+            float64 = torch.empty(0, dtype=torch.float64, device=device)
+            gram = _checked(stats.gram, (in_f, in_f), "gram", float64)
             in_place = consume and damping >= _IN_PLACE_DAMPING
             cached = (
                 _cholesky_in_place(gram, damping) if in_place else _cholesky_with_ridge(gram, ridge, damping)

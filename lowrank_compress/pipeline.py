@@ -376,8 +376,8 @@ class Prepared:
             resident = dtype is not None
             if resident and dtype != streamed.dtype:
                 self.warn(
-                    f"the model and its sampling cache do not fit in memory at float32: sampling at {_dtype_name(dtype)}, "
-                    "the dtype its checkpoint stores"
+                    "the model and its sampling cache do not fit in memory at float32: sampling at "
+                    f"{_dtype_name(dtype)}, the dtype its checkpoint stores"
                 )
             with streamed.whole(resident=resident, dtype=dtype) as model, PeakMemory(settings.device) as peak:
                 sampling: dict[str, Any] = dict(
@@ -395,8 +395,8 @@ class Prepared:
             self._sampling_peak_mb = round(peak.mb, 1)
             if not resident:
                 self.warn(
-                    "the model and its sampling cache do not fit in memory: sampling reads each block from the checkpoint "
-                    "for every token (slow; --self-mix 0 skips the sampling)"
+                    "the model and its sampling cache do not fit in memory: sampling reads each block from the "
+                    "checkpoint for every token (slow; --self-mix 0 skips the sampling)"
                 )
             self.tick("sampling")
         self.calibration_batches = batches

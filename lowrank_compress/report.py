@@ -248,13 +248,13 @@ def _calibration_sources(cal: dict[str, Any]) -> str:
     parts = cal.get("parts") or {}
     text, own = parts.get("text"), parts.get("self")
     if text and own:  # a mixed set (--self-mix)
-        start = " opened on random tokens" if cal.get("self_start") == "random" else ""
+        how = " opened on random tokens" if cal.get("self_start") == "random" else ""
         if cal.get("self_temperature") not in (None, 1.0):
-            start += f" at temperature {cal['self_temperature']:g}"
+            how += f" at temperature {cal['self_temperature']:g}"
         return (
             f"{cal['source']} ({cal['split']} split), {text['samples']} x {text['seq_len']} tokens, sha256 "
             f"{text['sha256'][:16]}..., pooled with {own['samples']} x {own['seq_len']} tokens sampled from the model "
-            f"itself{start} (self-mix {cal['self_mix']:g}: their share of the statistics), sha256 "
+            f"itself{how} (self-mix {cal['self_mix']:g}: their share of the statistics), sha256 "
             f"{own['sha256'][:16]}...; {cal['tokens']:,} tokens, "
             f"seed {cal['seed']}"
         )

@@ -320,11 +320,9 @@ class StreamedModel:
     def kv_cache_bytes(self, rows: int, tokens: int, dtype: torch.dtype) -> int:
         """The key/value cache of generating `rows` sequences of `tokens` at `dtype`: keys and values of every
         layer, num_key_value_heads x head_dim wide (the config's head_dim, else hidden / heads)."""
-        config = self.model.config
-        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
-        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        config = self.model.config  # GPT-2's n_embd / n_head read as these names through its attribute map
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return rows * tokens * len(self.blocks) * 2 * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
 

@@ -33,9 +33,8 @@ def ldr_matrix_t(g: torch.Tensor, h: torch.Tensor, n_out: int, n_in: int) -> tor
     of every token per term) made a training step 16x slower than LoRA's."""
     n = g.shape[-1]
     with torch.autocast(g.device.type, enabled=False):  # prefix sums of n terms need float32, not bf16
-        v = _turn_rows(
-            h.T @ g
-        )  # V[b, d] = T[(d - b) % n, b], from T^T = H^T G (contiguous, no transpose copy)
+        # V[b, d] = T[(d - b) % n, b], from T^T = H^T G (contiguous, no transpose copy)
+        v = _turn_rows(h.T @ g)
         c = v.cumsum(0)  # C[c, d] = sum_{b <= c} V[b, d] = Q[c + 1, d]
         f = 2 * c[n - n_in :].flip(0) - c[-1]  # F[k, d] = 2 Q[n - k, d] - Q[n, d], k < n_in
         return _turn_rows(f)[:, :n_out]
