@@ -505,17 +505,19 @@ class LayerStats:
     read-only.
     """
 
-    gram: torch.Tensor  # (in x in) float64: sum over calibration tokens of x x^T, x = the layer's input
+    # (in x in) float64 (float32 where the fit runs in float32, `factorize.fit_dtype`): sum over calibration tokens
+    # of x x^T, x = the layer's input
+    gram: torch.Tensor
     abs_sum: torch.Tensor  # (in,) float64: sum of |x| per input channel (ASVD's activation magnitude)
     n_tokens: int
     # (out,) float64: sum over batches of the squared weight gradient, summed per output row (FWSVD)
     fisher_rows: torch.Tensor | None = None
     # mean squared loss gradient w.r.t. the layer output, per element (sensitivity)
     out_grad_sq: float | None = None
-    # (in x in) float64, error-aware fitting only: sum of x x'^T, x the layer's input in the dense model and x' its
+    # (in x in) in `gram`'s dtype, error-aware fitting only: sum of x x'^T, x the layer's input in the dense model and x' its
     # input when the block is fed the compressed prefix's hidden states; `gram` and `abs_sum` then describe x'
     cross: torch.Tensor | None = None
-    # (out x in) float64, error-aware fitting only, in place of `cross` for a layer with fewer outputs than inputs
+    # (out x in) in `gram`'s dtype, error-aware fitting only, in place of `cross` for a layer with fewer outputs than inputs
     # (down_proj: 4096 x 11008 rather than 11008^2): W times the cross term, summed directly as sum of (W x) x'^T
     weighted_cross: torch.Tensor | None = None
 
@@ -546,18 +548,20 @@ def _has_lm_head(model: nn.Module) -> bool:
 class _InputSums:
     """Running input sums, shared by the layers that read the same tensor (q/k/v, gate/up): one Gram, not three."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
         self.gram: torch.Tensor | None = None
         self.abs_sum: torch.Tensor | None = None
         self.n_tokens = 0
+        self.dtype = dtype
 
     def add(self, x: torch.Tensor, weight: float = 1.0) -> None:
         """Add a batch's sums, multiplied by `weight` (a calibration part's share, see `BlockStatistics.add`).
 
         The product runs in float32 (twice as fast as float64 on CPUs, and a batch has only thousands of rows);
-        the running sums are float64, so accuracy does not decay with the number of batches."""
+        the running sums are in `dtype`: float64 by default, so accuracy does not decay with the number of batches,
+        float32 where the fit that reads them runs in float32 anyway (`factorize.fit_dtype`)."""
         flat = x.detach().reshape(-1, x.shape[-1]).float()
-        self.gram = add_product(self.gram, flat, flat, weight)
+        self.gram = add_product(self.gram, flat, flat, weight, self.dtype)
         abs_sum = flat.abs().sum(0, dtype=torch.float64).mul_(weight)
         self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum.add_(abs_sum)
         self.n_tokens += flat.shape[0]
@@ -571,15 +575,17 @@ GRAM_COLUMNS = 256
 
 
 def add_product(
-    total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, weight: float = 1.0
-) -> torch.Tensor:
-    """`total + weight a^T b` in float64, in place, the product taken in float32 a slab of columns at a time: a whole
-    float32 product and its float64 copy would add 1.5x the Gram (1.4 GB for a 11008-wide layer) for a moment.
+    total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, weight: float = 1.0,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:  # fmt: skip
+    """`total + weight a^T b` in place (a new `dtype` total when `total` is None), the product taken in float32 a
+    slab of columns at a time: a whole float32 product and its float64 copy would add 1.5x the Gram (1.4 GB for a
+    11008-wide layer) for a moment.
 
     A Gram (`b is a`) is symmetric: each slab computes only the rows down to its diagonal block and mirrors them, half
     the multiplications."""
     if total is None:
-        total = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64, device=a.device)
+        total = torch.zeros(a.shape[1], b.shape[1], dtype=dtype, device=a.device)
     step = GRAM_COLUMNS if b is a else PRODUCT_COLUMNS
     for j in range(0, b.shape[1], step):
         end = min(j + step, b.shape[1])
@@ -827,10 +833,12 @@ class BlockStatistics:
 
     Several calibration parts pool into one set of sums as `blend_stats` pools them: `add(..., weight=w)` with
     w = share x total tokens / part tokens (`part_scales`), so the mixture never holds a second copy of the sums.
+    The square sums are kept in `dtype` (see `_InputSums.add`).
     """
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
+    def __init__(self, modules: dict[str, nn.Module], dtype: torch.dtype = torch.float64) -> None:
         self.modules = modules
+        self.dtype = dtype
         self.sums: dict[str, _InputSums] = {}
         self.cross: dict[int, torch.Tensor] = {}  # id(sums) -> running cross term
         self.weighted: dict[str, torch.Tensor] = {}  # name -> running W X^T X', where that is the smaller one
@@ -871,7 +879,7 @@ class BlockStatistics:
                 )
             groups.setdefault(id(dense[name]), []).append(name)
         for names in groups.values():
-            sums = self.sums.get(names[0]) or _InputSums()
+            sums = self.sums.get(names[0]) or _InputSums(self.dtype)
             self.sums.update(dict.fromkeys(names, sums))
             x = dense[names[0]]
             if shifted is None:
@@ -884,9 +892,11 @@ class BlockStatistics:
             weights = {n: _dense_weight(self.modules[n]) for n in names}
             if sum(w.shape[0] for w in weights.values()) < a.shape[1]:
                 for n, w in weights.items():
-                    self.weighted[n] = add_product(self.weighted.get(n), a @ w.float().T, b, weight)
+                    self.weighted[n] = add_product(
+                        self.weighted.get(n), a @ w.float().T, b, weight, self.dtype
+                    )
             else:
-                self.cross[id(sums)] = add_product(self.cross.get(id(sums)), a, b, weight)
+                self.cross[id(sums)] = add_product(self.cross.get(id(sums)), a, b, weight, self.dtype)
 
     def stats(self) -> dict[str, LayerStats]:
         out = {}

@@ -290,7 +290,8 @@ def _whitening(
     practice)."""
     cached = cache.get(id(stats.gram)) if cache is not None else None
     if cached is None:
-        cached = _cholesky_float32(stats, in_f, device, damping) if damping >= FLOAT32_DAMPING else None
+        in_float32 = fit_dtype("whiten", damping) == torch.float32
+        cached = _cholesky_float32(stats, in_f, device, damping, consume) if in_float32 else None
         if cached is None:
             float64 = torch.empty(0, dtype=torch.float64, device=device)
             gram = _checked(stats.gram, (in_f, in_f), "gram", float64)
@@ -303,14 +304,30 @@ def _whitening(
     return cached
 
 
-def _cholesky_float32(stats: LayerStats, in_f: int, device: torch.device, damping: float) -> Whitening | None:
-    """The damped Gram's Cholesky factor in float32 (from a float32 copy), or None where float32 cannot hold the Gram
-    or factorize it."""
+def _cholesky_float32(
+    stats: LayerStats, in_f: int, device: torch.device, damping: float, consume: bool
+) -> Whitening | None:
+    """The damped Gram's Cholesky factor in float32, or None where float32 cannot hold the Gram or factorize it (the
+    caller then computes in float64). A float64 Gram is copied; a float32 one (summed in `fit_dtype`) is factorized
+    where it lies when `consume` allows, else in a copy. A consumed Gram cannot be retried: its failure is an error
+    (the damping makes it one in practice only for broken statistics)."""
     like = torch.empty(0, dtype=torch.float32, device=device)
+    shared = stats.gram.dtype == torch.float32 and stats.gram.device == like.device
     try:
-        return _cholesky_in_place(_checked(stats.gram, (in_f, in_f), "gram", like), damping)
+        gram = _checked(stats.gram, (in_f, in_f), "gram", like)
+        return _cholesky_in_place(gram if consume or not shared else gram.clone(), damping)
     except CalibrationError:
+        if shared and consume:
+            raise
         return None
+
+
+def fit_dtype(method: str, damping: float) -> torch.dtype:
+    """The precision `decompose` computes `method` in at this damping, and so the one worth summing its input
+    statistics in: float32 for the damped whiten fit (see `FLOAT32_DAMPING`), float64 otherwise. Summing in float32
+    there halves the statistics (an 11008-wide Gram is 0.5 GB instead of 1 GB) and saves the float32 copy the fit
+    would make."""
+    return torch.float32 if method == "whiten" and damping >= FLOAT32_DAMPING else torch.float64
 
 
 class Whitening(NamedTuple):

@@ -451,6 +451,13 @@ class Prepared:
         self.tick("spectra")
 
     @property
+    def _sums_dtype(self) -> torch.dtype:
+        """The input statistics are summed in the precision the fit reads them in (`factorize.fit_dtype`)."""
+        from lowrank_compress.factorize import fit_dtype
+
+        return fit_dtype(self.settings.method, self.settings.damping)
+
+    @property
     def _reads_weights_in_pass1(self) -> bool:
         """Data-free uniform ranks need the layer shapes alone: pass 1 then reads no weight, and each layer's stable
         rank comes from pass 2's exact spectrum of W."""
@@ -510,7 +517,7 @@ class Prepared:
         for i in range(n):
             modules = self._block_targets(i)
             with self.streamed.block(i) as block, PeakMemory(self.streamed.device) as peak:
-                sums = BlockStatistics(modules)
+                sums = BlockStatistics(modules, self._sums_dtype)
                 for part in flow.ids:
                     flow.stash_inputs(part, i)
                     for b in range(len(flow.hidden[part])):
@@ -886,7 +893,7 @@ class Prepared:
         while nothing before the group differs, then only X^T X is summed)."""
         from lowrank_compress.calibration import BlockStatistics
 
-        sums = BlockStatistics(group)
+        sums = BlockStatistics(group, self._sums_dtype)
         device = self.streamed.device
         for (part, b), x_moved in moved.items():
             if not scales[part]:
@@ -904,7 +911,7 @@ class Prepared:
         from lowrank_compress.calibration import BlockStatistics
 
         scales = self._part_scales()
-        sums = BlockStatistics(modules)
+        sums = BlockStatistics(modules, self._sums_dtype)
         for part in flow.ids:
             for b in range(len(flow.hidden[part])):
                 with sums.record() as dense:

@@ -212,6 +212,40 @@ def test_consuming_the_statistics_factorizes_the_same_without_a_copy() -> None:
     torch.testing.assert_close(kept.gram, gram)
 
 
+def test_statistics_for_the_float32_fit_are_summed_in_float32_and_consumed_in_place() -> None:
+    """`fit_dtype`: the damped whiten fit runs in float32, so its sums (X'^T X', W X^T X') are kept in float32: equal
+    to numpy's float64 sums to float32 round-off, the same optimum of ||W X - M X'||^2 + rho ||W - M||^2 as from
+    float64 sums, and factorized where they lie when consumed (an 11008-wide Gram is then 0.5 GB, never 1 + 0.5 GB);
+    unconsumed, they are left as they were."""
+    from lowrank_compress.factorize import fit_dtype
+
+    assert fit_dtype("whiten", 0.1) == torch.float32 and fit_dtype("whiten", 5e-3) == torch.float64
+    assert fit_dtype("asvd", 0.1) == torch.float64
+    torch.manual_seed(1)
+    wide = nn.Linear(12, 4, bias=False)
+    x, xs = torch.randn(3, 40, 12), torch.randn(3, 40, 12)
+    sums = {dtype: BlockStatistics({"wide": wide}, dtype) for dtype in (torch.float32, torch.float64)}
+    for b in range(3):
+        for s in sums.values():
+            s.add({"wide": x[b]}, {"wide": xs[b]}, weight=0.5)
+    single, double = sums[torch.float32].stats()["wide"], sums[torch.float64].stats()["wide"]
+    flat, flat_s = x.reshape(-1, 12).double().numpy(), xs.reshape(-1, 12).double().numpy()
+    w = wide.weight.detach().double().numpy()
+    assert single.gram.dtype == single.weighted_cross.dtype == torch.float32
+    np.testing.assert_allclose(single.gram.numpy(), 0.5 * flat_s.T @ flat_s, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(single.weighted_cross.numpy(), 0.5 * w @ flat.T @ flat_s, rtol=1e-5, atol=1e-4)
+    ref = decompose(wide.weight.detach(), "whiten", double, damping=0.1)
+    before = single.gram.clone()
+    kept = decompose(wide.weight.detach(), "whiten", single, damping=0.1)
+    torch.testing.assert_close(single.gram, before, rtol=0, atol=0)
+    got = decompose(wide.weight.detach(), "whiten", single, damping=0.1, consume_stats=True)
+    for dec in (kept, got):
+        assert dec.u.dtype == torch.float32
+        torch.testing.assert_close(dec.reconstruct(3), ref.reconstruct(3), rtol=1e-4, atol=1e-5)
+    loaded = before.double() + 0.1 * before.double().diagonal().mean() * torch.eye(12, dtype=torch.float64)
+    torch.testing.assert_close(single.gram.double(), torch.linalg.cholesky(loaded), rtol=1e-4, atol=1e-4)
+
+
 def last_hidden_errors(src: Path, outputs: dict[str, Path]) -> dict[str, float]:
     """||h - h_dense|| of each compressed output's last hidden states on the calibration windows."""
     dense, tok, _ = load_model(src)
