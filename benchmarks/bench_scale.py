@@ -129,6 +129,8 @@ def run(model: Path, out: Path, flags: list[str], samples: str, device: str) -> 
     return {"wall_s": round(wall, 1), "peak_rss_mb": round(peak_kb / 1024), "output_bytes": size,
             "timings_s": report["timings_s"], "peak_block_mb": report["peak_block_mb"], "peak_gpu_mb_nvidia_smi": gpu_mb,
             "kept_fraction_targets": report["summary"]["kept_fraction_targets"],
+            "self_sampling": report["calibration"].get("self_sampling"),
+            "self_sampling_peak_mb": report["calibration"].get("self_sampling_peak_mb"),
             "warnings": report["calibration"].get("warnings")}  # fmt: skip
 
 

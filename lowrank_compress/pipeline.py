@@ -430,9 +430,10 @@ class Prepared:
             flow = _Flow(self)
             self._forward(flow, spectra, stable, keep_stats)
             self._record_calibration(flow)
+            self.tick("calibration")
             if any(self.grad_rows.values()):
                 grads.update(self._backward(flow, spectra, stable, keep_stats))
-            self.tick("calibration")
+                self.tick("gradients")
         for i, names in self._blocks_with_targets():
             if all(n in spectra for n in names) or not self._reads_weights_in_pass1:
                 continue

@@ -236,6 +236,9 @@ def test_cli_json_files_and_a_reproducible_recipe(models: dict[str, Path], tmp_p
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["summary"]["budget"] == 0.6 and data["settings"]["method"] == "whiten"
+    # each phase timed on its own: the sensitivity policy's backward pass apart from the statistics pass
+    phases = ["load", "sampling", "calibration", "gradients", "spectra", "allocate", "factors and write"]
+    assert list(data["timings_s"]) == phases and all(v >= 0 for v in data["timings_s"].values())
     for name in (
         "config.json",
         "model.safetensors",
