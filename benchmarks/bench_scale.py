@@ -16,6 +16,9 @@ is the kernel's (file pages the reader maps count too). Configs:
 - default: everything default, self-generated samples included (the model samples them itself)
 
 `--samples N` (default 16) sets the calibration windows of 512 tokens for the data-aware configs.
+`--stop-after PHASE` stops each factorize when its phase line for PHASE appears (e.g. `--stop-after sampling`: what
+drawing the self-generated samples costs at this size, without the hours of passes after it); the row then has the
+phase lines and the peak RSS so far instead of an output.
 `--device cuda` runs each factorize with `--device cuda` (the weights are drawn on the GPU, faster) and adds the
 GPU's peak memory as nvidia-smi reports it (sampled every 200 ms: the allocator's cache and the CUDA context count)
 beside the allocator's per-block peak. `--tokenizer DIR` takes the tokenizer from a directory instead of the
@@ -109,13 +112,17 @@ _TIME_WRAPPER = (
 )
 
 
-def run(model: Path, out: Path, flags: list[str], samples: str, device: str) -> dict:
+def run(
+    model: Path, out: Path, flags: list[str], samples: str, device: str, stop_after: str | None = None
+) -> dict:
     data_flags = [] if flags[:2] == ["--method", "svd"] else ["--samples", samples]
     timer = (
         ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else [sys.executable, "-c", _TIME_WRAPPER]
     )
     cmd = [*timer, sys.executable, "-m", "lowrank_compress.cli", "factorize", str(model), "-o", str(out), "--json",
            "--device", device, *flags, *data_flags]  # fmt: skip
+    if stop_after:
+        return run_until(cmd, stop_after)
     gpu = GpuPeak() if device.startswith("cuda") else None
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -132,6 +139,31 @@ def run(model: Path, out: Path, flags: list[str], samples: str, device: str) -> 
             "self_sampling": report["calibration"].get("self_sampling"),
             "self_sampling_peak_mb": report["calibration"].get("self_sampling_peak_mb"),
             "warnings": report["calibration"].get("warnings")}  # fmt: skip
+
+
+def run_until(cmd: list[str], phase: str) -> dict:
+    """Run `cmd` (factorize under the timer) until its phase line for `phase` appears, then stop factorize (the
+    timer still reports the peak RSS so far)."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    lines, stopped = [], False
+    for line in proc.stderr:
+        lines.append(line.rstrip())
+        if not stopped and line.startswith(f"factorize: {phase}"):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                if "lowrank_compress.cli" in " ".join(child.cmdline()):
+                    child.terminate()
+            stopped = True
+    proc.wait()
+    if not stopped:
+        raise RuntimeError("factorize ended before the phase line:\n" + "\n".join(lines[-30:]))
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", "\n".join(lines)).group(1))
+    return {"wall_s": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak_kb / 1024),
+            "stopped_after": phase, "phase_lines": [x for x in lines if x.startswith("factorize:")],
+            "warnings": [x for x in lines if x.startswith("warning:")]}  # fmt: skip
 
 
 class GpuPeak:
@@ -168,7 +200,7 @@ def main() -> None:
                 row = {"layers": layers, "config": label, "checkpoint_bytes": size, "samples": samples,
                        "device": device}  # fmt: skip
                 try:
-                    row.update(run(model, out, CONFIGS[label], samples, device))
+                    row.update(run(model, out, CONFIGS[label], samples, device, arg("--stop-after", None)))
                 except RuntimeError as e:  # the other configs still run; the failure is in the results
                     row["error"] = str(e)[-2000:]
                 rows.append(row)
@@ -179,6 +211,10 @@ def main() -> None:
     for r in rows:
         if "error" in r:
             print(f"{r['layers']:>6} {r['config']:10} failed: {r['error'].splitlines()[-1]}")
+            continue
+        if "stopped_after" in r:
+            print(f"{r['layers']:>6} {r['config']:10} {r['wall_s']:>8} {r['peak_rss_mb']:>12}   stopped after "
+                  f"{r['stopped_after']}: {'; '.join(r['phase_lines'])}")  # fmt: skip
             continue
         print(
             f"{r['layers']:>6} {r['config']:10} {r['wall_s']:>8} {r['peak_rss_mb']:>12} {r['output_bytes'] / 1e9:>10.2f}"
