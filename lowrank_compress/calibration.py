@@ -514,11 +514,13 @@ class LayerStats:
     fisher_rows: torch.Tensor | None = None
     # mean squared loss gradient w.r.t. the layer output, per element (sensitivity)
     out_grad_sq: float | None = None
-    # (in x in) in `gram`'s dtype, error-aware fitting only: sum of x x'^T, x the layer's input in the dense model and x' its
-    # input when the block is fed the compressed prefix's hidden states; `gram` and `abs_sum` then describe x'
+    # (in x in) in `gram`'s dtype, error-aware fitting only: sum of x x'^T, x the layer's input in the dense model
+    # and x' its input when the block is fed the compressed prefix's hidden states; `gram` and `abs_sum` then
+    # describe x'
     cross: torch.Tensor | None = None
-    # (out x in) in `gram`'s dtype, error-aware fitting only, in place of `cross` for a layer with fewer outputs than inputs
-    # (down_proj: 4096 x 11008 rather than 11008^2): W times the cross term, summed directly as sum of (W x) x'^T
+    # (out x in) in `gram`'s dtype, error-aware fitting only, in place of `cross` for a layer with fewer outputs
+    # than inputs (down_proj: 4096 x 11008 rather than 11008^2): W times the cross term, summed directly as
+    # sum of (W x) x'^T
     weighted_cross: torch.Tensor | None = None
 
 
