@@ -546,10 +546,10 @@ def test_mixed_calibration_pools_the_text_with_as_many_seeded_self_samples(model
     parts = [collect_stats(dense, x, names, sensitivity=True, grad_samples=2) for x in (text, own)]
     expected = blend_stats([(parts[0], 0.75), (parts[1], 0.25)])
     for n in names:
-        torch.testing.assert_close(a.stats[n].gram.double(), expected[n].gram, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a.stats[n].gram.double(), expected[n].gram, rtol=1e-5, atol=1e-5)
         assert a.stats[n].out_grad_sq == pytest.approx(expected[n].out_grad_sq, rel=1e-5)
         torch.testing.assert_close(  # pooled sums: the Gram is 3:1 text to samples, scaled to all 16 windows
-            a.stats[n].gram.double(), 2 * (0.75 * parts[0][n].gram + 0.25 * parts[1][n].gram), rtol=1e-6, atol=1e-6
+            a.stats[n].gram.double(), 2 * (0.75 * parts[0][n].gram + 0.25 * parts[1][n].gram), rtol=1e-5, atol=1e-5
         )
     info = a.calibration_info
     assert info["self_mix"] == 0.25 and info["self_start"] == "random"
