@@ -67,6 +67,7 @@ class StreamedModel:
         self._outer_users = 0  # open `outer()` contexts
         self._outer_loaded: set[str] = set()
         self._params = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+        self._skeleton_dtype: dict[str, torch.dtype] = {}  # tensors read at a dtype not their placeholder's
         # A model far smaller than memory keeps its tensors once read (the passes read every block two or three
         # times; GGUF dequantization is slow); a large one is read anew each time, so memory stays one block.
         small = self.nbytes() < min(CACHE_BYTES, available_memory() // 4)
@@ -118,7 +119,13 @@ class StreamedModel:
                         value = value.to(dtype)
                     if cache is not None:
                         cache[name] = value
-                set_module_tensor_to_device(self.model, name, self.device, value=value)
+                # accelerate casts a value to the placeholder's dtype unless told one: without it a 7B model
+                # read at bfloat16 to sample from became float32 again (27 GB) and ran out of memory
+                explicit = None
+                if dtype != self.dtype and value.is_floating_point():
+                    self._skeleton_dtype.setdefault(name, _tensor(self.model, name).dtype)
+                    explicit = dtype
+                set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=explicit)
                 if name in self._params:
                     self.model.get_parameter(name).requires_grad_(False)
 
@@ -171,8 +178,8 @@ class StreamedModel:
 
         from lowrank_compress.memory import return_free_memory
 
-        for n in names:
-            set_module_tensor_to_device(self.model, n, "meta")
+        for n in names:  # a placeholder read at another dtype gets its own back
+            set_module_tensor_to_device(self.model, n, "meta", dtype=self._skeleton_dtype.pop(n, None))
         return_free_memory()
 
     def load_block(self, i: int, dtype: torch.dtype | None = None) -> nn.Module:
@@ -324,6 +331,12 @@ class StreamedModel:
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return rows * tokens * len(self.blocks) * 2 * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """A parameter or buffer by its dotted name."""
+    owner, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, leaf)
 
 
 def available_memory() -> int:

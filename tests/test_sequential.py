@@ -558,3 +558,29 @@ def test_uniform_ranks_skip_the_spectra_and_the_report_shows_those_pass_2_measur
         exact = np.linalg.svd(source[f"{name}.weight"].double().numpy(), compute_uv=False)
         np.testing.assert_allclose(s, exact / exact[0], atol=1e-4)
         np.testing.assert_allclose(s, energy.spectra[name], atol=1e-4)
+
+
+def test_the_whole_model_is_held_at_the_dtype_asked_and_read_at_the_working_dtype_after(
+    tmp_path: Path,
+) -> None:
+    """Sampling's whole model at the bfloat16 its checkpoint stores really is bfloat16 (half the bytes of float32:
+    a 7B model's 13.5 GB, not 27 GB), and the blocks read afterwards are at the working dtype again."""
+    from lowrank_compress.checkpoint import Checkpoint
+    from lowrank_compress.sequential import StreamedModel
+
+    src = tiny_llama(tmp_path, dtype=torch.bfloat16)
+    streamed = StreamedModel(Checkpoint.open(src))
+    assert streamed.dtype == torch.float32
+    with streamed.whole(resident=True, dtype=torch.bfloat16) as model:
+        params = list(model.parameters())
+        assert {p.dtype for p in params} == {torch.bfloat16}
+        assert sum(p.numel() * p.element_size() for p in params) == streamed.nbytes(torch.bfloat16)
+        stored = load_state_dict(src)
+        assert torch.equal(
+            model.model.layers[0].mlp.up_proj.weight, stored["model.layers.0.mlp.up_proj.weight"]
+        )
+    assert all(p.device.type == "meta" and p.dtype == torch.float32 for p in streamed.model.parameters())
+    with streamed.block(0) as block:
+        assert {p.dtype for p in block.parameters()} == {torch.float32}
+    with streamed.outer():
+        assert streamed.model.get_input_embeddings().weight.dtype == torch.float32
