@@ -161,6 +161,72 @@ SELF = "self"
 """--calibration self: windows sampled from the model itself."""
 
 
+def _sampling_prefix(tokenizer: Any) -> list[int]:
+    """What every self-generated row opens with: the special prefix (BOS), or without one the end-of-text token
+    that separates documents in training."""
+    prefix, _ = special_affixes(tokenizer)
+    if prefix:
+        return prefix
+    start = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    if start is None:
+        raise CalibrationError(
+            "the tokenizer has no BOS or EOS token to start self-generated calibration from; pass a text"
+        )
+    return [int(start)]
+
+
+def _ordinary_tokens(model: nn.Module, tokenizer: Any, samples: int, seed: int) -> torch.LongTensor:
+    """`samples` tokens drawn uniformly (seeded) from the ordinary, non-special vocabulary."""
+    vocab = min(len(tokenizer), int(getattr(model.config, "vocab_size", None) or len(tokenizer)))
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ordinary = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
+    return ordinary[torch.randint(len(ordinary), (samples,), generator=torch.Generator().manual_seed(seed))]
+
+
+def _sampling_config(tokenizer: Any, new: int, temperature: float, stops: list[int | None]) -> Any:
+    """Plain ancestral sampling of exactly `new` tokens (no top-k / top-p truncation: the samples keep the model's
+    full distribution; the `stops` tokens are suppressed, so every row is full length)."""
+    from transformers import GenerationConfig
+
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    stop_ids = sorted({int(i) for i in stops if i is not None})
+    return GenerationConfig(
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
+        pad_token_id=pad, eos_token_id=stop_ids or None, use_cache=True,
+    )  # fmt: skip
+
+
+def _generate_seeded(
+    model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    config: Any,
+    *,
+    seed: int,
+    device: str,
+    progress: ProgressFn | None,
+) -> list[torch.Tensor]:
+    """`model.generate` on each (input ids, attention mask) batch in turn, on the CPU afterwards. Seeded once before
+    the first batch; the global RNG and the model's train/eval mode are left as they were."""
+    outs = []
+    training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(seed)
+            for done, (ids, mask) in enumerate(batches, start=1):
+                with quiet_transformers():
+                    out = model.generate(
+                        input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+                    )
+                outs.append(out.cpu())
+                if progress is not None:
+                    progress(done, len(batches))
+    finally:
+        model.train(training)
+    return outs
+
+
 def sample_batches(
     model: nn.Module,
     tokenizer: Any,
@@ -186,60 +252,26 @@ def sample_batches(
     LLM-QAT does for data-free calibration: the rows open in more varied ways than from the bare prefix, so they
     spread wider over what the model writes (benchmarks/bench_cross_domain.py measures the effect).
     """
-    from transformers import GenerationConfig
-
     if samples < 1 or seq_len < 2:
         raise CalibrationError(
             f"self calibration needs samples >= 1 and seq-len >= 2, got {samples} x {seq_len}"
         )
-    prefix, _ = special_affixes(tokenizer)
-    if not prefix:
-        start = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-        if start is None:
-            raise CalibrationError(
-                "the tokenizer has no BOS or EOS token to start self-generated calibration from; pass a text"
-            )
-        prefix = [int(start)]
+    prefix = _sampling_prefix(tokenizer)
     new = seq_len - len(prefix) - int(random_start)
     if new < 1:
         raise CalibrationError(
             f"--seq-len {seq_len} leaves no room to sample after the {len(prefix)}-token prefix"
         )
-    starts = None
-    if random_start:
-        vocab = min(len(tokenizer), int(getattr(model.config, "vocab_size", None) or len(tokenizer)))
-        special = set(getattr(tokenizer, "all_special_ids", []) or [])
-        ordinary = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
-        pick = torch.randint(len(ordinary), (samples,), generator=torch.Generator().manual_seed(seed))
-        starts = ordinary[pick]
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    config = GenerationConfig(
-        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
-        pad_token_id=pad, eos_token_id=eos, use_cache=True,
-    )  # fmt: skip
-    rows = []
-    training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
-            torch.manual_seed(seed)
-            for done, start_row in enumerate(range(0, samples, batch_size), start=1):
-                n = min(batch_size, samples - start_row)
-                ids = torch.tensor([prefix] * n, dtype=torch.long)
-                if starts is not None:
-                    ids = torch.cat([ids, starts[start_row : start_row + n, None]], dim=1)
-                ids = ids.to(device)
-                with quiet_transformers():
-                    out = model.generate(
-                        input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
-                    )
-                rows.append(out[:, :seq_len].cpu())
-                if progress is not None:
-                    progress(done, -(-samples // batch_size))
-    finally:
-        model.train(training)
-    return torch.cat(rows)
+    starts = _ordinary_tokens(model, tokenizer, samples, seed) if random_start else None
+    config = _sampling_config(tokenizer, new, temperature, stops=[tokenizer.eos_token_id])
+    batches = []
+    for first in range(0, samples, batch_size):
+        ids = torch.tensor([prefix] * min(batch_size, samples - first), dtype=torch.long)
+        if starts is not None:
+            ids = torch.cat([ids, starts[first : first + len(ids), None]], dim=1)
+        batches.append((ids, torch.ones_like(ids)))
+    outs = _generate_seeded(model, batches, config, seed=seed, device=device, progress=progress)
+    return torch.cat([out[:, :seq_len] for out in outs])
 
 
 # --------------------------------------------------------------------------------------------------- chat calibration
@@ -340,8 +372,6 @@ def sample_chat_batches(
     through the chat template with the assistant's opening, then the model's own answer by plain ancestral sampling
     (temperature 1, EOS suppressed so every row is full length: the answer runs to the window's end).
     Batched with left padding, which is removed from the rows. Seeded, and the global RNG is left untouched."""
-    from transformers import GenerationConfig
-
     prompts = chat_prompts()
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
     openings = [
@@ -355,36 +385,23 @@ def sample_chat_batches(
             "tokens); use a longer --seq-len (or --self-seq-len)"
         )
     new = seq_len - min(len(o) for o in openings)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     # every end-of-turn token is suppressed, the generation config's too (Llama 3 ends turns with <|eot_id|>, not
     # the tokenizer's EOS), so the answer runs on instead of opening a turn the window never asked for
-    stops = sorted({*_stop_ids(model), *([eos] if eos is not None else [])})
-    config = GenerationConfig(
-        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
-        pad_token_id=pad, eos_token_id=stops or None, use_cache=True,
-    )  # fmt: skip
-    rows: list[torch.Tensor] = []
-    training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
-            torch.manual_seed(seed)
-            for done, first in enumerate(range(0, samples, batch_size), start=1):
-                batch = openings[first : first + batch_size]
-                width = max(len(o) for o in batch)
-                ids = torch.tensor([[pad] * (width - len(o)) + o for o in batch], dtype=torch.long)
-                mask = torch.tensor([[0] * (width - len(o)) + [1] * len(o) for o in batch], dtype=torch.long)
-                with quiet_transformers():
-                    out = model.generate(
-                        input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
-                    ).cpu()
-                for k, o in enumerate(batch):
-                    rows.append(out[k, width - len(o) : width - len(o) + seq_len])
-                if progress is not None:
-                    progress(done, -(-samples // batch_size))
-    finally:
-        model.train(training)
+    config = _sampling_config(tokenizer, new, temperature, stops=[*_stop_ids(model), tokenizer.eos_token_id])
+    pad = config.pad_token_id
+    batches, widths = [], []
+    for first in range(0, samples, batch_size):  # left padding: every opening ends where the answer starts
+        batch = openings[first : first + batch_size]
+        width = max(len(o) for o in batch)
+        ids = torch.tensor([[pad] * (width - len(o)) + o for o in batch], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(o)) + [1] * len(o) for o in batch], dtype=torch.long)
+        batches.append((ids, mask))
+        widths.append(width)
+    outs = _generate_seeded(model, batches, config, seed=seed, device=device, progress=progress)
+    rows = []
+    for out, width, first in zip(outs, widths, range(0, samples, batch_size), strict=True):
+        for k, o in enumerate(openings[first : first + batch_size]):
+            rows.append(out[k, width - len(o) : width - len(o) + seq_len])
     return torch.stack(rows)
 
 

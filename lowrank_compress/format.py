@@ -536,21 +536,8 @@ def save_compressed(
             f"{type(model).__name__} is custom (remote) code; the lowrank format never uses trust_remote_code, "
             "so only architectures built into transformers can be written"
         )
-    actual = _factor_names(model)
     ranks = dict(ranks)
-    if actual != ranks:
-        missing = sorted(set(ranks) - set(actual))
-        extra = sorted(set(actual) - set(ranks))
-        wrong = sorted(n for n in set(ranks) & set(actual) if ranks[n] != actual[n])
-        raise FormatError(
-            "ranks do not match the model's LowRankLinear modules "
-            f"(named but not factorized: {missing[:3]}, factorized but not named: {extra[:3]}, "
-            f"rank differs: {wrong[:3]}); pass the ranks the model was factorized with"
-        )
-    tied = _tied_names(model)
-    for name in ranks:
-        if f"{name}.weight" in tied:  # a reload would tie (and so refuse) this layer
-            raise FormatError(_tied_message(name))
+    _check_ranks_match(model, ranks)
     qc = quantization_config(ranks, quant_info)
 
     # --- weights
@@ -573,17 +560,43 @@ def save_compressed(
         out_dir, model, qc, dtype=model.dtype, tokenizer=tokenizer, source_dir=source_dir
     )
 
-    # --- the caller's files (recipe.yaml, report.json, README.md)
-    for name, content in (extra_files or {}).items():
+    written += _write_extra_files(
+        out_dir, extra_files or {}
+    )  # the caller's recipe.yaml, report.json, README.md
+    return sorted(set(written))
+
+
+def _check_ranks_match(model: PreTrainedModel, ranks: dict[str, int]) -> None:
+    """`ranks` must name exactly the model's LowRankLinear modules, none of them tied (a reload would tie, and so
+    refuse, such a layer)."""
+    actual = _factor_names(model)
+    if actual != ranks:
+        missing = sorted(set(ranks) - set(actual))
+        extra = sorted(set(actual) - set(ranks))
+        wrong = sorted(n for n in set(ranks) & set(actual) if ranks[n] != actual[n])
+        raise FormatError(
+            "ranks do not match the model's LowRankLinear modules "
+            f"(named but not factorized: {missing[:3]}, factorized but not named: {extra[:3]}, "
+            f"rank differs: {wrong[:3]}); pass the ranks the model was factorized with"
+        )
+    tied = _tied_names(model)
+    for name in ranks:
+        if f"{name}.weight" in tied:
+            raise FormatError(_tied_message(name))
+
+
+def _write_extra_files(out_dir: Path, files: Mapping[str, str | bytes]) -> list[Path]:
+    """Files the caller adds beside the model, by plain name (text as UTF-8)."""
+    written = []
+    for name, content in files.items():
         _check_extra_name(name)
         path = out_dir / name
         if isinstance(content, bytes):
             path.write_bytes(content)
         else:
             path.write_text(content, encoding="utf-8")
-        if path not in written:
-            written.append(path)
-    return sorted(set(written))
+        written.append(path)
+    return written
 
 
 def quantization_config(ranks: Mapping[str, int], quant_info: Mapping[str, Any]) -> dict[str, Any]:

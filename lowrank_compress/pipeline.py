@@ -348,8 +348,6 @@ class Prepared:
             has_chat_template,
             make_batches,
             make_chat_batches,
-            sample_batches,
-            sample_chat_batches,
         )
         from lowrank_compress.text import load_text
 
@@ -371,33 +369,7 @@ class Prepared:
                 self.tokenizer, text, samples=settings.samples, seq_len=settings.seq_len, seed=settings.seed
             )
         if mix > 0.0:
-            length = settings.seq_len if self_generated else (settings.self_seq_len or settings.seq_len)
-            dtype = streamed.resident_dtype(rows=settings.samples, tokens=length)
-            resident = dtype is not None
-            if resident and dtype != streamed.dtype:
-                self.warn(
-                    "the model and its sampling cache do not fit in memory at float32: sampling at "
-                    f"{_dtype_name(dtype)}, the dtype its checkpoint stores"
-                )
-            with streamed.whole(resident=resident, dtype=dtype) as model, PeakMemory(settings.device) as peak:
-                sampling: dict[str, Any] = dict(
-                    samples=settings.samples, seq_len=length, seed=settings.seed, batch_size=settings.samples,
-                    temperature=settings.self_temperature,
-                    device=settings.device, progress=lambda d, t: self.report("sampling calibration", d, t),
-                )  # fmt: skip
-                if chat:
-                    batches["self"] = sample_chat_batches(model, self.tokenizer, **sampling)
-                else:
-                    batches["self"] = sample_batches(
-                        model, self.tokenizer, random_start=settings.self_start == "random", **sampling
-                    )
-            self._sampling = "streamed" if dtype is None else f"resident ({_dtype_name(dtype)})"
-            self._sampling_peak_mb = round(peak.mb, 1)
-            if not resident:
-                self.warn(
-                    "the model and its sampling cache do not fit in memory: sampling reads each block from the "
-                    "checkpoint for every token (slow; --self-mix 0 skips the sampling)"
-                )
+            batches["self"] = self._sample_self(chat, settings.seq_len if self_generated else None)
             self.tick("sampling")
         self.calibration_batches = batches
         self.part_weights = {part: (mix if part == "self" else 1.0 - mix) for part in batches}
@@ -414,6 +386,41 @@ class Prepared:
         )  # fmt: skip
         for note in self._notes:
             self.warn(note)
+
+    def _sample_self(self, chat: bool, seq_len: int | None) -> torch.Tensor:
+        """The self-generated windows (`seq_len` tokens, or --self-seq-len), drawn from the whole model in memory
+        when it fits there with its sampling cache, else streamed block by block for every token (with a warning)."""
+        from lowrank_compress.calibration import sample_batches, sample_chat_batches
+
+        settings, streamed = self.settings, self.streamed
+        length = seq_len or settings.self_seq_len or settings.seq_len
+        dtype = streamed.resident_dtype(rows=settings.samples, tokens=length)
+        resident = dtype is not None
+        if resident and dtype != streamed.dtype:
+            self.warn(
+                "the model and its sampling cache do not fit in memory at float32: sampling at "
+                f"{_dtype_name(dtype)}, the dtype its checkpoint stores"
+            )
+        with streamed.whole(resident=resident, dtype=dtype) as model, PeakMemory(settings.device) as peak:
+            sampling: dict[str, Any] = dict(
+                samples=settings.samples, seq_len=length, seed=settings.seed, batch_size=settings.samples,
+                temperature=settings.self_temperature,
+                device=settings.device, progress=lambda d, t: self.report("sampling calibration", d, t),
+            )  # fmt: skip
+            if chat:
+                rows = sample_chat_batches(model, self.tokenizer, **sampling)
+            else:
+                rows = sample_batches(
+                    model, self.tokenizer, random_start=settings.self_start == "random", **sampling
+                )
+        self._sampling = "streamed" if dtype is None else f"resident ({_dtype_name(dtype)})"
+        self._sampling_peak_mb = round(peak.mb, 1)
+        if not resident:
+            self.warn(
+                "the model and its sampling cache do not fit in memory: sampling reads each block from the "
+                "checkpoint for every token (slow; --self-mix 0 skips the sampling)"
+            )
+        return rows
 
     # -- pass 1 --
 
@@ -630,6 +637,17 @@ class Prepared:
             for n in modules
         }
 
+    def _mean_loss(self, flow: _Flow, part: str) -> float:
+        """The source model's mean next-token loss on one calibration part, from the last block's outputs."""
+        with torch.no_grad(), self.streamed.outer(embeddings=False):
+            losses = [
+                self.streamed.head_loss(
+                    h.to(self.streamed.device), flow.ids[part][b * BATCH : (b + 1) * BATCH], per_row=True
+                )
+                for b, h in enumerate(flow.hidden[part])
+            ]
+        return float(torch.cat(losses).mean())
+
     def _record_calibration(self, flow: _Flow) -> None:
         """calibration_info for report.json, with the narrow-text check (the model's loss on each part, from the
         last block's outputs) when both parts are there."""
@@ -640,18 +658,7 @@ class Prepared:
         notes = list(self._notes)
         perplexity = None
         if len(batches) == 2:
-            mean_loss = {}
-            for part in batches:
-                with torch.no_grad(), self.streamed.outer(embeddings=False):
-                    losses = [
-                        self.streamed.head_loss(
-                            h.to(self.streamed.device),
-                            flow.ids[part][b * BATCH : (b + 1) * BATCH],
-                            per_row=True,
-                        )
-                        for b, h in enumerate(flow.hidden[part])
-                    ]
-                mean_loss[part] = float(torch.cat(losses).mean())
+            mean_loss = {part: self._mean_loss(flow, part) for part in batches}
             perplexity = {part: math.exp(v) for part, v in mean_loss.items()}
             narrow = narrow_calibration_warning(
                 mean_loss["text"], mean_loss["self"], self.part_weights["self"]
@@ -748,23 +755,28 @@ class Prepared:
             result.target_params_after = sum(_written_target_params(shapes, x) for x in result.layers)
             tick("factors and write")
             if evaluate:
-                from lowrank_compress.evaluate import evaluate_models
-
-                evaluation = evaluate_models(
-                    tmp,
-                    self.model_path,
-                    device=settings.device,
-                    allow_pickle=self.allow_pickle,
-                    progress=self.report,
-                ).to_dict()
-                evaluation["models"][0]["path"] = str(out)
-                result.evaluation = evaluation
+                result.evaluation = self._evaluate(tmp, out)
                 tick("evaluate")
             result.timings = dict(tick.laps)
             result.peak_block_mb = max(self.block_peaks, default=0.0)
             result.files = sorted({p.name for p in written} | {"recipe.yaml", "report.json", "README.md"})
             _write_sidecars(tmp, result, self.model_path)
         return result
+
+    def _evaluate(self, written: Path, out: Path) -> dict[str, Any]:
+        """`factorize --evaluate`: the written model against the source, as `evaluate` reports it (under OUT's name,
+        not the temporary directory's)."""
+        from lowrank_compress.evaluate import evaluate_models
+
+        evaluation = evaluate_models(
+            written,
+            self.model_path,
+            device=self.settings.device,
+            allow_pickle=self.allow_pickle,
+            progress=self.report,
+        ).to_dict()
+        evaluation["models"][0]["path"] = str(out)
+        return evaluation
 
     def _stream_factors(
         self, ranks: dict[str, int | None], writer: Any

@@ -21,6 +21,28 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend: plots become files, never windows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def png_bytes(fig: Any, dpi: int = 100, tight: bool = True) -> bytes:
+    """The figure as PNG bytes, then closed. `tight` crops to what is drawn, so legends beside the axes are kept."""
+    import io
+
+    buf = io.BytesIO()
+    if tight:
+        fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
+    pyplot().close(fig)
+    return buf.getvalue()
+
+
 def legend_beside(ax: Any, fontsize: str = "small") -> None:
     """A legend to the right of the axes, where it cannot cover a line (the figure is saved with bbox "tight")."""
     ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
@@ -67,9 +89,7 @@ def analysis_plots(result: AnalysisResult, out_dir: Path) -> list[Path]:
     """Spectrum curves per layer type (exact mode) and stable rank by depth. Returns the files written."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     written: list[Path] = []
     by_type: dict[str, list] = defaultdict(list)
     for layer in result.layers:
@@ -97,12 +117,11 @@ def analysis_plots(result: AnalysisResult, out_dir: Path) -> list[Path]:
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
         fig.suptitle("Normalized spectra by layer type (colour: depth)")
-        fig.tight_layout()
+        fig.tight_layout()  # before the colour bar, which tight_layout cannot place
         scale = plt.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(0, top))
         fig.colorbar(scale, ax=axes.ravel().tolist(), label="depth (block index)", shrink=0.8)
         path = out_dir / "spectra.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        path.write_bytes(png_bytes(fig, dpi=110, tight=False))
         written.append(path)
 
     if by_type:
@@ -116,10 +135,8 @@ def analysis_plots(result: AnalysisResult, out_dir: Path) -> list[Path]:
         ax.set_ylabel("stable rank / break-even rank")
         ax.set_title("Stable rank by depth")
         legend_beside(ax)
-        fig.tight_layout()
         path = out_dir / "stable_rank_by_depth.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        path.write_bytes(png_bytes(fig, dpi=110))
         written.append(path)
     return written
 
@@ -355,82 +372,86 @@ def _depth(module: str) -> int:
 
 def factorize_plots(reports: list[dict[str, Any]]) -> dict[str, bytes]:
     """PNG images (name -> bytes) for the first report, plus perplexity vs size when several carry evaluations."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    images: dict[str, bytes] = {}
-
-    def save(name: str, fig: Any) -> None:
-        buf = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")  # "tight": the legends beside the axes
-        plt.close(fig)
-        images[name] = buf.getvalue()
-
     main = reports[0]
     by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for layer in main["layers"]:
         by_type[_layer_type(layer["module"])].append(layer)
-
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    for ltype, layers in sorted(by_type.items()):
-        pts = []
-        for x in sorted(layers, key=lambda x: _depth(x["module"])):
-            m, n = x["shape"]
-            pts.append((_depth(x["module"]), 1.0 if x["rank"] is None else x["rank"] * (m + n) / (m * n)))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=ltype)
-    ax.set_xlabel("depth (block index)")
-    ax.set_ylabel("params kept (rank / break-even rank)")
-    ax.set_title("Ranks by depth and layer type (1.0: kept dense)")
-    legend_beside(ax)
-    save("ranks_by_depth.png", fig)
-
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    for ltype, layers in sorted(by_type.items()):
-        pts = sorted((_depth(x["module"]), 1.0 - x["relative_error"] ** 2) for x in layers)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=ltype)
-    ax.set_xlabel("depth (block index)")
-    ax.set_ylabel("kept energy (method's metric)")
-    ax.set_title(f"Kept energy per layer ({main['settings']['method']})")
-    legend_beside(ax)
-    save("kept_energy.png", fig)
-
-    spectra = main.get("spectra") or {}
-    if spectra:
-        fig, ax = plt.subplots(figsize=(7.5, 4))
-        names = list(spectra)
-        for i, name in enumerate(names):
-            s = spectra[name]
-            style = "-" if i < len(names) / 2 else "--"
-            ax.plot([j / len(s) for j in range(len(s))], [max(v, 1e-12) for v in s], style, label=name, lw=1)
-        ax.set_yscale("log")
-        ax.set_xlabel("index / full rank")
-        ax.set_ylabel("sigma / sigma_max")
-        ax.set_title("Spectra: most compressible (solid) and least (dashed)")
-        legend_beside(ax, fontsize="x-small")
-        save("spectra.png", fig)
-
+    images = {
+        "ranks_by_depth.png": _ranks_by_depth(by_type),
+        "kept_energy.png": _kept_energy(by_type, main["settings"]["method"]),
+    }
+    if main.get("spectra"):
+        images["spectra.png"] = _extreme_spectra(main["spectra"])
     evaluated = [r for r in reports if r.get("evaluation")]
     if len(evaluated) >= 2:
-        fig, ax = plt.subplots(figsize=(7.5, 4))
-        pts = sorted(
-            (r["summary"]["kept_fraction_model"], r["evaluation"]["models"][0]["perplexity"])
-            for r in evaluated
-        )
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="factorized")
-        base = next((m for m in evaluated[0]["evaluation"]["models"] if m["role"] == "baseline"), None)
-        if base is not None:
-            ax.axhline(base["perplexity"], color="grey", ls=":", label="original")
-        ax.set_xlabel("params kept (fraction of the model)")
-        ax.set_ylabel("perplexity")
-        ax.set_title("Perplexity vs size")
-        legend_beside(ax)
-        save("perplexity_vs_size.png", fig)
+        images["perplexity_vs_size.png"] = _perplexity_vs_size(evaluated)
     return images
+
+
+def _by_depth(by_type: dict[str, list[dict[str, Any]]], value: Any, ylabel: str, title: str) -> bytes:
+    """One line per layer type: `value(layer)` against the layer's block index."""
+    fig, ax = pyplot().subplots(figsize=(7.5, 4))
+    for ltype, layers in sorted(by_type.items()):
+        pts = sorted((_depth(x["module"]), value(x)) for x in layers)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=ltype)
+    ax.set_xlabel("depth (block index)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    legend_beside(ax)
+    return png_bytes(fig)
+
+
+def _ranks_by_depth(by_type: dict[str, list[dict[str, Any]]]) -> bytes:
+    def kept(x: dict[str, Any]) -> float:
+        m, n = x["shape"]
+        return 1.0 if x["rank"] is None else x["rank"] * (m + n) / (m * n)
+
+    return _by_depth(
+        by_type,
+        kept,
+        "params kept (rank / break-even rank)",
+        "Ranks by depth and layer type (1.0: kept dense)",
+    )
+
+
+def _kept_energy(by_type: dict[str, list[dict[str, Any]]], method: str) -> bytes:
+    return _by_depth(
+        by_type,
+        lambda x: 1.0 - x["relative_error"] ** 2,
+        "kept energy (method's metric)",
+        f"Kept energy per layer ({method})",
+    )
+
+
+def _extreme_spectra(spectra: dict[str, list[float]]) -> bytes:
+    fig, ax = pyplot().subplots(figsize=(7.5, 4))
+    names = list(spectra)
+    for i, name in enumerate(names):
+        s = spectra[name]
+        style = "-" if i < len(names) / 2 else "--"
+        ax.plot([j / len(s) for j in range(len(s))], [max(v, 1e-12) for v in s], style, label=name, lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("index / full rank")
+    ax.set_ylabel("sigma / sigma_max")
+    ax.set_title("Spectra: most compressible (solid) and least (dashed)")
+    legend_beside(ax, fontsize="x-small")
+    return png_bytes(fig)
+
+
+def _perplexity_vs_size(evaluated: list[dict[str, Any]]) -> bytes:
+    fig, ax = pyplot().subplots(figsize=(7.5, 4))
+    pts = sorted(
+        (r["summary"]["kept_fraction_model"], r["evaluation"]["models"][0]["perplexity"]) for r in evaluated
+    )
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="factorized")
+    base = next((m for m in evaluated[0]["evaluation"]["models"] if m["role"] == "baseline"), None)
+    if base is not None:
+        ax.axhline(base["perplexity"], color="grey", ls=":", label="original")
+    ax.set_xlabel("params kept (fraction of the model)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("Perplexity vs size")
+    legend_beside(ax)
+    return png_bytes(fig)
 
 
 def verdict_lines(report: dict[str, Any]) -> list[str]:

@@ -31,21 +31,14 @@ def read_finetune_report(output: Path) -> dict[str, Any] | None:
 
 def finetune_plots(data: dict[str, Any]) -> dict[str, bytes]:
     """loss.png: the training loss per step, with a running mean when there are enough steps to smooth."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lowrank_compress.report import legend_beside
+    from lowrank_compress.report import legend_beside, png_bytes, pyplot
 
     losses = data["losses"]
     if not losses:
         return {}
     start = data.get("resumed_from_step", 0)
     steps = list(range(start + 1, start + len(losses) + 1))
-    fig, ax = plt.subplots(figsize=(7.5, 4))
+    fig, ax = pyplot().subplots(figsize=(7.5, 4))
     ax.plot(steps, losses, lw=0.8, alpha=0.6, label="loss")
     k = max(1, len(losses) // 20)
     if k > 1:
@@ -58,11 +51,7 @@ def finetune_plots(data: dict[str, Any]) -> dict[str, bytes]:
     ax.set_ylabel("training loss")
     ax.set_title("Training loss")
     legend_beside(ax)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return {"loss.png": buf.getvalue()}
+    return {"loss.png": png_bytes(fig)}
 
 
 def finetune_verdict(data: dict[str, Any]) -> list[str]:

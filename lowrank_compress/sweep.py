@@ -334,16 +334,11 @@ def sweep_markdown(result: SweepResult) -> str:
 
 def sweep_plot(result: SweepResult) -> bytes:
     """Perplexity and speed ratios against the fraction of the model's parameters kept (PNG bytes)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lowrank_compress.report import legend_beside, png_bytes, pyplot
 
     pts = sorted(result.points, key=lambda p: p.kept_fraction_model)
     xs = [p.kept_fraction_model for p in pts]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(11, 4))
     ax1.plot(xs + [1.0], [p.perplexity for p in pts] + [result.dense["perplexity"]], marker="o")
     ax1.set_xlabel("params kept (fraction of the model; 1 = dense)")
     ax1.set_ylabel("perplexity")
@@ -367,12 +362,8 @@ def sweep_plot(result: SweepResult) -> bytes:
         if any(p.decode_ratio for p in pts):
             ax2.plot(xs, [p.decode_ratio or float("nan") for p in pts], marker="s", label="decode")
         ax2.axhline(1.0, color="grey", ls=":")
-        ax2.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        legend_beside(ax2)
     ax2.set_xlabel("params kept (fraction of the model)")
     ax2.set_ylabel("throughput / dense")
     ax2.set_title("Speed")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")  # the legend beside the axes
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
