@@ -589,10 +589,8 @@ def _build_meta_model(
     candidate holding every stored tensor wins, else the one holding most: a BertModel checkpoint under a
     BertForMaskedLM config keeps its pooler that way.
     """
-    import transformers
     from accelerate import init_empty_weights
     from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoModel, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from lowrank_compress.calibration import quiet_transformers
@@ -608,17 +606,10 @@ def _build_meta_model(
     except Exception:
         return None
 
-    builders: list[tuple[str | None, Any]] = []
-    for arch in config.get("architectures") or []:
-        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
-        if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
-            builders.append((arch, cls))
-    autos = [AutoModelForCausalLM, AutoModel] if prefer_causal_lm else [AutoModel]
-    builders += [(None, auto) for auto in autos]
     best: tuple[int, torch.nn.Module] | None = None
     tried: set[type] = set()
     failure: Exception | None = None
-    for arch, cls in builders:
+    for arch, cls in _model_builders(config, prefer_causal_lm):
         try:
             with init_empty_weights(include_buffers=True), quiet_transformers():
                 model = cls(cfg) if arch is not None else cls.from_config(cfg)
@@ -644,6 +635,20 @@ def _build_meta_model(
     full = cfg.to_dict()
     full["architectures"] = [type(model).__name__]
     return model, type(model).__name__, full
+
+
+def _model_builders(config: dict[str, Any], prefer_causal_lm: bool) -> list[tuple[str | None, Any]]:
+    """(architecture name, class) for the config's architectures transformers knows, then (None, Auto class)."""
+    import transformers
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    builders: list[tuple[str | None, Any]] = []
+    for arch in config.get("architectures") or []:
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+        if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+            builders.append((arch, cls))
+    autos = [AutoModelForCausalLM, AutoModel] if prefer_causal_lm else [AutoModel]
+    return builders + [(None, auto) for auto in autos]
 
 
 class _NameMap:
@@ -683,6 +688,16 @@ def _tied_map(model: torch.nn.Module) -> dict[str, str]:
         except Exception:
             return {}
     return {}
+
+
+def _parameter_roles(model: torch.nn.Module) -> dict[str, str]:
+    """Every parameter name (tied copies included) -> the role of the module holding it (`_module_role`)."""
+    owner = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        role = _module_role(module)
+        for pname, _ in module.named_parameters(recurse=False, remove_duplicate=False):
+            owner[f"{mname}.{pname}" if mname else pname] = role
+    return owner
 
 
 def _module_role(module: torch.nn.Module) -> str:
@@ -902,18 +917,12 @@ class Checkpoint:
     def _classify_with_model(self, model: torch.nn.Module) -> tuple[list[LinearTarget], list[Skipped]]:
         to_model = _NameMap(model).to_model
         tied = _tied_map(model)
-
         ckpt_of: dict[str, str] = {}
         for name in self.tensors:
             m = to_model(name)
             if m is not None and m not in ckpt_of:
                 ckpt_of[m] = name
-
-        owner: dict[str, str] = {}  # model parameter name -> role of the module holding it
-        for mname, module in model.named_modules(remove_duplicate=False):
-            role = _module_role(module)
-            for pname, _ in module.named_parameters(recurse=False, remove_duplicate=False):
-                owner[f"{mname}.{pname}" if mname else pname] = role
+        owner = _parameter_roles(model)
 
         def tied_reason(param: str) -> str:
             source = tied[param]
@@ -926,51 +935,43 @@ class Checkpoint:
             role = _module_role(module)
             if role not in ("linear", "conv1d"):
                 continue
-            w_model, b_model = f"{mname}.weight", f"{mname}.bias"
+            w_model = f"{mname}.weight"
             w_name = ckpt_of.get(w_model)
-            b_name = ckpt_of.get(b_model) if getattr(module, "bias", None) is not None else None
+            b_name = ckpt_of.get(f"{mname}.bias") if getattr(module, "bias", None) is not None else None
             claimed.update(n for n in (w_name, b_name) if n)
             if w_model in tied:
                 shape = self.tensors[w_name].shape if w_name else tuple(module.weight.shape)
                 skipped.append(Skipped(w_name or mname, shape, tied_reason(w_model)))
-                continue
-            if w_name is None:
+            elif w_name is None:
                 skipped.append(Skipped(mname, tuple(module.weight.shape), "missing from checkpoint"))
-                continue
-            shape = self.tensors[w_name].shape
-            if len(shape) != 2:
-                skipped.append(Skipped(w_name, shape, "not a Linear weight"))
-                continue
-            out_f, in_f = (shape[1], shape[0]) if role == "conv1d" else shape
-            module_name = w_name[: -len(".weight")] if w_name.endswith(".weight") else w_name
-            candidates.append(
-                LinearTarget(
-                    module=module_name,
-                    weight=w_name,
-                    bias=b_name,
-                    out_features=out_f,
-                    in_features=in_f,
-                    kind=role,
-                    layer_type=module_name.rsplit(".", 1)[-1],
-                    depth=module_depth(module_name),
-                )
-            )
-
+            elif len(self.tensors[w_name].shape) != 2:
+                skipped.append(Skipped(w_name, self.tensors[w_name].shape, "not a Linear weight"))
+            else:
+                candidates.append(self._linear_target(w_name, b_name, role))
         for name, info in self.tensors.items():
             if name in claimed:
                 continue
             m = to_model(name)
             if m is None:
-                skipped.append(Skipped(name, info.shape, "not in the model architecture"))
+                reason = "not in the model architecture"
             elif m in tied:
-                skipped.append(Skipped(name, info.shape, tied_reason(m)))
+                reason = tied_reason(m)
             elif owner.get(m) == "embedding" or (owner.get(m) is None and _is_embedding_name(m)):
-                skipped.append(Skipped(name, info.shape, "embedding"))
-            elif owner.get(m) == "norm":
-                skipped.append(Skipped(name, info.shape, "norm"))
+                reason = "embedding"
             else:
-                skipped.append(Skipped(name, info.shape, "not a Linear weight"))
+                reason = "norm" if owner.get(m) == "norm" else "not a Linear weight"
+            skipped.append(Skipped(name, info.shape, reason))
         return candidates, skipped
+
+    def _linear_target(self, w_name: str, b_name: str | None, role: str) -> LinearTarget:
+        """A Linear (or GPT-2 Conv1D, whose weight is stored in x out) weight as a factorization target."""
+        shape = self.tensors[w_name].shape
+        out_f, in_f = (shape[1], shape[0]) if role == "conv1d" else shape
+        module_name = w_name[: -len(".weight")] if w_name.endswith(".weight") else w_name
+        return LinearTarget(
+            module=module_name, weight=w_name, bias=b_name, out_features=out_f, in_features=in_f, kind=role,
+            layer_type=module_name.rsplit(".", 1)[-1], depth=module_depth(module_name),
+        )  # fmt: skip
 
     def _classify_by_name(self) -> tuple[list[LinearTarget], list[Skipped]]:
         """Without an architecture: 2-D `*.weight` tensors that are neither embeddings nor norms by name."""
