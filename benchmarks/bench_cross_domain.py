@@ -60,6 +60,8 @@ CONFIGS = {  # label -> settings beyond the defaults
     "chat, refine 32": {"chat": True, "refine_steps": 32},
     "chat, temperature 0.7": {"chat": True, "self_temperature": 0.7},
     "chat, temperature 0.5": {"chat": True, "self_temperature": 0.5},
+    "chat exchanges 128": {"chat": True, "self_answer_tokens": 128},
+    "chat exchanges 64": {"chat": True, "self_answer_tokens": 64},
     "error-aware fit": {"error_aware": True},
     "error-aware, damping 0.1": {"error_aware": True, "damping": 0.1},
     "error-aware, refine 32": {"error_aware": True, "refine_steps": 32},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -183,18 +184,30 @@ def _ordinary_tokens(model: nn.Module, tokenizer: Any, samples: int, seed: int) 
     return ordinary[torch.randint(len(ordinary), (samples,), generator=torch.Generator().manual_seed(seed))]
 
 
-def _sampling_config(tokenizer: Any, new: int, temperature: float, stops: list[int | None]) -> Any:
-    """Plain ancestral sampling of exactly `new` tokens (no top-k / top-p truncation: the samples keep the model's
-    full distribution; the `stops` tokens are suppressed, so every row is full length)."""
+def _sampling_config(
+    tokenizer: Any, new: int, temperature: float, stops: list[int | None], full_length: bool = True
+) -> Any:
+    """Plain ancestral sampling of `new` tokens (no top-k / top-p truncation: the samples keep the model's full
+    distribution). `full_length`: the `stops` tokens are suppressed, so every row has all `new` tokens; else a row
+    ends at its first stop token (and is padded after it)."""
     from transformers import GenerationConfig
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     stop_ids = sorted({int(i) for i in stops if i is not None})
     return GenerationConfig(
-        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
-        pad_token_id=pad, eos_token_id=stop_ids or None, use_cache=True,
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new,
+        min_new_tokens=new if full_length else 0, pad_token_id=pad, eos_token_id=stop_ids or None, use_cache=True,
     )  # fmt: skip
+
+
+def _left_padded(openings: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as one batch, padded on the left so every row ends where generation starts;
+    with the attention mask that hides the padding."""
+    width = max(len(o) for o in openings)
+    ids = torch.tensor([[pad] * (width - len(o)) + list(o) for o in openings], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(o)) + [1] * len(o) for o in openings], dtype=torch.long)
+    return ids, mask
 
 
 def _generate_seeded(
@@ -388,21 +401,67 @@ def sample_chat_batches(
     # every end-of-turn token is suppressed, the generation config's too (Llama 3 ends turns with <|eot_id|>, not
     # the tokenizer's EOS), so the answer runs on instead of opening a turn the window never asked for
     config = _sampling_config(tokenizer, new, temperature, stops=[*_stop_ids(model), tokenizer.eos_token_id])
-    pad = config.pad_token_id
-    batches, widths = [], []
-    for first in range(0, samples, batch_size):  # left padding: every opening ends where the answer starts
-        batch = openings[first : first + batch_size]
-        width = max(len(o) for o in batch)
-        ids = torch.tensor([[pad] * (width - len(o)) + o for o in batch], dtype=torch.long)
-        mask = torch.tensor([[0] * (width - len(o)) + [1] * len(o) for o in batch], dtype=torch.long)
-        batches.append((ids, mask))
-        widths.append(width)
+    firsts = range(0, samples, batch_size)
+    batches = [_left_padded(openings[first : first + batch_size], config.pad_token_id) for first in firsts]
     outs = _generate_seeded(model, batches, config, seed=seed, device=device, progress=progress)
     rows = []
-    for out, width, first in zip(outs, widths, range(0, samples, batch_size), strict=True):
-        for k, o in enumerate(openings[first : first + batch_size]):
-            rows.append(out[k, width - len(o) : width - len(o) + seq_len])
+    for out, (ids, _), first in zip(outs, batches, firsts, strict=True):
+        for k, o in enumerate(openings[first : first + batch_size]):  # the row without its left padding
+            rows.append(out[k, ids.shape[1] - len(o) : ids.shape[1] - len(o) + seq_len])
     return torch.stack(rows)
+
+
+def sample_chat_exchanges(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    samples: int,
+    seq_len: int,
+    answer_tokens: int,
+    seed: int = 0,
+    temperature: float = 1.0,
+    device: str = "cpu",
+    progress: ProgressFn | None = None,
+) -> torch.LongTensor:
+    """`samples` x `seq_len` multi-turn conversations sampled from a chat model: each row asks a built-in prompt
+    (`chat_prompts`, a seeded permutation), the model answers until its end of turn (or `answer_tokens` tokens), the
+    next prompt follows, and so on until the rendered conversation fills `seq_len` (cut there). Unlike
+    `sample_chat_batches`, whose one answer runs on past its end, the windows hold many answers as users see them,
+    each opening and ending as it does in use. Every row is re-rendered through the chat template after each turn.
+    All rows sample as one batch per round; seeded, and the global RNG is left untouched."""
+    if answer_tokens < 1:
+        raise CalibrationError(f"--self-answer-tokens must be at least 1, got {answer_tokens}")
+    prompts = chat_prompts()
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    stops = [*_stop_ids(model), tokenizer.eos_token_id]
+    stop_set = {int(i) for i in stops if i is not None}
+    conversations: list[list[dict[str, str]]] = [[] for _ in range(samples)]
+    rendered: list[list[int]] = [[] for _ in range(samples)]
+    asked = 0
+    for turn in itertools.count(1):
+        open_rows = [i for i in range(samples) if len(rendered[i]) < seq_len]
+        for i in open_rows:  # rows take the next prompts in turn, so rows ask different things
+            conversations[i].append({"role": "user", "content": prompts[order[asked % len(prompts)]]})
+            asked += 1
+            rendered[i] = render_chat(tokenizer, conversations[i], add_generation_prompt=True)
+        open_rows = [i for i in open_rows if len(rendered[i]) < seq_len]  # a user turn may fill the window
+        if not open_rows:
+            break
+        room = seq_len - min(len(rendered[i]) for i in open_rows)
+        config = _sampling_config(tokenizer, min(answer_tokens, room), temperature, stops, full_length=False)
+        batch = _left_padded([rendered[i] for i in open_rows], config.pad_token_id)
+        (out,) = _generate_seeded(
+            model, [batch], config, seed=seed * 1009 + turn, device=device, progress=None
+        )
+        for k, i in enumerate(open_rows):
+            answer = out[k, batch[0].shape[1] :].tolist()
+            ends = [j for j, t in enumerate(answer) if t in stop_set]
+            text = tokenizer.decode(answer[: ends[0] if ends else len(answer)], skip_special_tokens=True)
+            conversations[i].append({"role": "assistant", "content": text})
+            rendered[i] = render_chat(tokenizer, conversations[i])
+        if progress is not None:
+            progress(samples - sum(len(r) < seq_len for r in rendered), samples)
+    return torch.tensor([r[:seq_len] for r in rendered], dtype=torch.long)
 
 
 def calibration_warnings(

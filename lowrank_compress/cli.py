@@ -452,6 +452,9 @@ def settings_options(f: Any) -> Any:
                      help="Chat models: sample conversations (built-in user prompts, the model's answers) and wrap "
                           "the text windows as turns, through the chat template (--chat without a template: "
                           "ignored, with a note)."),
+        click.option("--self-answer-tokens", type=int, default=None, show_default="one answer fills the window",
+                     help="Chat calibration: each sampled answer ends at its end of turn or after this many tokens, "
+                          "and the window goes on with the next prompt and answer until full."),
         click.option("--grad-source", type=click.Choice(GRAD_SOURCES), default=_DEFAULTS.grad_source,
                      show_default=True, help="Windows for loss gradients: the whole mix, or the self-generated ones."),
         click.option("--rank-multiple", type=int, default=_DEFAULTS.rank_multiple, show_default=True,

@@ -356,6 +356,8 @@ class Prepared:
         if self_generated and not causal:
             raise LowrankError(f"{type(streamed.model).__name__} cannot generate; pass a calibration text")
         self._chat = chat = settings.chat is not False and has_chat_template(self.tokenizer)
+        if settings.self_answer_tokens and not chat:
+            self.warn("--self-answer-tokens applies to chat calibration only; ignored")
         if settings.chat is True and not chat:
             self.warn(
                 "--chat: the tokenizer has no chat template; calibrating on plain text and free samples"
@@ -390,7 +392,7 @@ class Prepared:
     def _sample_self(self, chat: bool, seq_len: int | None) -> torch.Tensor:
         """The self-generated windows (`seq_len` tokens, or --self-seq-len), drawn from the whole model in memory
         when it fits there with its sampling cache, else streamed block by block for every token (with a warning)."""
-        from lowrank_compress.calibration import sample_batches, sample_chat_batches
+        from lowrank_compress.calibration import sample_batches, sample_chat_batches, sample_chat_exchanges
 
         settings, streamed = self.settings, self.streamed
         length = seq_len or settings.self_seq_len or settings.seq_len
@@ -407,7 +409,12 @@ class Prepared:
                 temperature=settings.self_temperature,
                 device=settings.device, progress=lambda d, t: self.report("sampling calibration", d, t),
             )  # fmt: skip
-            if chat:
+            if chat and settings.self_answer_tokens:
+                del sampling["batch_size"]  # all rows at once, one round per turn
+                rows = sample_chat_exchanges(
+                    model, self.tokenizer, answer_tokens=settings.self_answer_tokens, **sampling
+                )
+            elif chat:
                 rows = sample_chat_batches(model, self.tokenizer, **sampling)
             else:
                 rows = sample_batches(
@@ -684,6 +691,8 @@ class Prepared:
             "self_mix": self.part_weights.get("self", 0.0),
             "self_start": settings.self_start if "self" in batches and not self._chat else None,
             "self_temperature": settings.self_temperature if "self" in batches else None,
+            # chat samples: answers end at their end of turn (or this many tokens), several to a window
+            "self_answer_tokens": settings.self_answer_tokens if "self" in batches and self._chat else None,
             # the windows were conversations through the tokenizer's chat template (--chat, and it has one)
             "chat": self._chat,
             "parts": {

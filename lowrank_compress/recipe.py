@@ -78,6 +78,10 @@ class FactorizeSettings:
     # the tokenizer has a chat template (on SmolLM2-Instruct it kept far more answers, see the README); True without
     # a template: ignored, with a note; False: plain calibration for every model
     chat: bool | None = None
+    # chat calibration: each sampled answer ends at its end of turn (or after this many tokens) and the window goes
+    # on with the next prompt and answer until it is full, so it holds several answers as users see them; None: one
+    # answer runs on to fill the window
+    self_answer_tokens: int | None = None
     # where the loss gradients (sensitivity, fisher) come from: "mix" (both parts) or "self" (self-generated only)
     grad_source: str = "mix"
     # fit each layer to the dense model's outputs while feeding it the compressed prefix's inputs (AA-SVD /
@@ -121,6 +125,8 @@ class FactorizeSettings:
             raise LowrankError(
                 f"chat must be true, false or null (when the tokenizer has a chat template), got {self.chat!r}"
             )
+        if self.self_answer_tokens is not None and self.self_answer_tokens < 1:
+            raise LowrankError(f"self-answer-tokens must be at least 1, got {self.self_answer_tokens}")
         if self.self_seq_len is not None and self.self_seq_len < 2:
             raise LowrankError(f"self-seq-len must be at least 2, got {self.self_seq_len}")
         if self.grad_source not in GRAD_SOURCES:
@@ -149,6 +155,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "self_mix": (float, int),
     "self_seq_len": (int, type(None)),
     "self_temperature": (float, int),
+    "self_answer_tokens": (int, type(None)),
     "samples": (int,),
     "seq_len": (int,),
     "grad_samples": (int,),

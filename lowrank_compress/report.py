@@ -268,6 +268,8 @@ def _calibration_sources(cal: dict[str, Any]) -> str:
         how = " opened on random tokens" if cal.get("self_start") == "random" else ""
         if cal.get("self_temperature") not in (None, 1.0):
             how += f" at temperature {cal['self_temperature']:g}"
+        if cal.get("self_answer_tokens"):
+            how += f", several answers to a window (each at most {cal['self_answer_tokens']} tokens)"
         return (
             f"{cal['source']} ({cal['split']} split), {text['samples']} x {text['seq_len']} tokens, sha256 "
             f"{text['sha256'][:16]}..., pooled with {own['samples']} x {own['seq_len']} tokens sampled from the model "

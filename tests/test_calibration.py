@@ -727,3 +727,63 @@ def test_add_product_sums_weighted_products_and_grams_computed_by_halves(width: 
     want_cross = sum(w * x.T @ y for x, y, w in zip(xs, ys, (1.0, 0.5, 2.0), strict=True))
     np.testing.assert_allclose(gram.numpy(), want_gram, rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(cross.numpy(), want_cross, rtol=1e-5, atol=1e-3)
+
+
+def _always_says(model, token: int):
+    """The model with a head that puts all probability on `token`."""
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[token] = 50.0
+    model.lm_head = head
+    return model
+
+
+def test_chat_exchanges_are_the_templates_own_multi_turn_conversations_cut_to_the_window() -> None:
+    """A model that ends every answer at once: each window is, token for token, the tokenizer's own rendering of
+    [user: p1, assistant: "", user: p2, assistant: "", ...] cut to seq_len, the prompts taken in the seeded order
+    row after row, one round of prompts per turn."""
+    from lowrank_compress.calibration import sample_chat_exchanges
+
+    tok = chat_tokenizer("literal")
+    model = _always_says(tiny_llama(), tok.eos_token_id)
+    samples, seq_len = 3, 120
+    rows = sample_chat_exchanges(model, tok, samples=samples, seq_len=seq_len, answer_tokens=8, seed=2)
+    prompts = shipped_chat_prompts()
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(2)).tolist()
+    conversations: list[list[dict[str, str]]] = [[] for _ in range(samples)]
+    asked = 0
+    while any(len(template_ids(tok, c)) < seq_len for c in conversations):
+        for c in conversations:
+            if len(template_ids(tok, c)) < seq_len:
+                c += [{"role": "user", "content": prompts[order[asked % len(prompts)]]}]
+                asked += 1
+                if len(template_ids(tok, c, True)) < seq_len:
+                    c += [{"role": "assistant", "content": ""}]
+    expected = [template_ids(tok, c, c[-1]["role"] == "user")[:seq_len] for c in conversations]
+    assert rows.tolist() == expected
+    assert all(sum(m["role"] == "user" for m in c) >= 2 for c in conversations)  # several exchanges a window
+
+
+def test_chat_exchanges_cap_each_answer_are_seeded_and_leave_the_rng_and_mode_alone() -> None:
+    from lowrank_compress.calibration import sample_chat_exchanges
+
+    tok = chat_tokenizer("literal")
+    model = tiny_llama()
+    model.train()
+    kw = dict(samples=3, seq_len=100, answer_tokens=4)
+    a = sample_chat_exchanges(model, tok, seed=1, **kw)
+    assert a.shape == (3, 100)
+    assert torch.equal(a, sample_chat_exchanges(model, tok, seed=1, **kw))
+    assert not torch.equal(a, sample_chat_exchanges(model, tok, seed=2, **kw))
+    for row in a.tolist():  # at most 4 answer tokens per turn: many user turns fit in 100 tokens
+        assert tok.decode(row).count("user:") >= 3
+    assert model.training
+    torch.manual_seed(0)
+    x = torch.rand(3)
+    torch.manual_seed(0)
+    sample_chat_exchanges(model, tok, samples=1, seq_len=60, answer_tokens=2)
+    assert torch.equal(torch.rand(3), x)
+    with pytest.raises(CalibrationError, match="at least 1"):
+        sample_chat_exchanges(model, tok, samples=1, seq_len=60, answer_tokens=0)

@@ -549,7 +549,10 @@ def test_mixed_calibration_pools_the_text_with_as_many_seeded_self_samples(model
         torch.testing.assert_close(a.stats[n].gram.double(), expected[n].gram, rtol=1e-5, atol=1e-5)
         assert a.stats[n].out_grad_sq == pytest.approx(expected[n].out_grad_sq, rel=1e-5)
         torch.testing.assert_close(  # pooled sums: the Gram is 3:1 text to samples, scaled to all 16 windows
-            a.stats[n].gram.double(), 2 * (0.75 * parts[0][n].gram + 0.25 * parts[1][n].gram), rtol=1e-5, atol=1e-5
+            a.stats[n].gram.double(),
+            2 * (0.75 * parts[0][n].gram + 0.25 * parts[1][n].gram),
+            rtol=1e-5,
+            atol=1e-5,
         )
     info = a.calibration_info
     assert info["self_mix"] == 0.25 and info["self_start"] == "random"
@@ -669,6 +672,42 @@ def test_chat_calibration_samples_conversations_and_wraps_the_text(
     assert (
         "as conversations through the tokenizer's chat template (--chat)" in (out / "README.md").read_text()
     )
+
+
+def test_self_answer_tokens_sample_exchanges_from_the_cli_to_the_report(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """--self-answer-tokens: the self-generated share is `sample_chat_exchanges`' windows (same seed, same tokens),
+    recorded in report.json, recipe.yaml and the model card; a model without a chat template ignores it with a note,
+    and a bad value is one clear line."""
+    from lowrank_compress.calibration import sample_chat_exchanges
+    from lowrank_compress.loading import load_model
+    from lowrank_compress.pipeline import Prepared
+
+    src = _chat_copy(models["llama"], tmp_path / "chat")
+    small = {"self_mix": 0.5, "samples": 4, "seq_len": 128, "grad_samples": 2}
+    prepared = Prepared.load(src, build_settings(self_answer_tokens=16, **small))
+    dense, tok, _ = load_model(src)
+    expected = sample_chat_exchanges(dense, tok, samples=4, seq_len=128, answer_tokens=16, seed=0)
+    assert torch.equal(prepared.calibration_batches["self"], expected)
+    assert prepared.calibration_info["self_answer_tokens"] == 16
+    out = tmp_path / "out"
+    res = run("factorize", src, "-o", out, "--self-answer-tokens", 16, "--self-mix", 0.5, "--samples", 4,
+              "--seq-len", 128, "--grad-samples", 2, "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "report.json").read_text())["calibration"]["self_answer_tokens"] == 16
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["self_answer_tokens"] == 16
+    assert "several answers to a window (each at most 16 tokens)" in (out / "README.md").read_text()
+    warnings: list[str] = []
+    plain = Prepared.load(
+        models["llama"], build_settings(self_answer_tokens=16, self_mix=0.25, **FAST), warn=warnings.append
+    )
+    assert plain.calibration_info["self_answer_tokens"] is None
+    assert any("--self-answer-tokens applies to chat calibration only" in w for w in warnings)
+    line = _fails_cleanly(
+        run("factorize", src, "-o", tmp_path / "bad", "--self-answer-tokens", 0), tmp_path / "bad"
+    )
+    assert "self-answer-tokens must be at least 1" in line, line
 
 
 def test_chat_without_a_chat_template_keeps_todays_calibration_with_a_note(models: dict[str, Path]) -> None:
