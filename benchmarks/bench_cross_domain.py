@@ -62,6 +62,7 @@ CONFIGS = {  # label -> settings beyond the defaults
     "chat, temperature 0.5": {"chat": True, "self_temperature": 0.5},
     "chat exchanges 128": {"chat": True, "self_answer_tokens": 128},
     "chat exchanges 64": {"chat": True, "self_answer_tokens": 64},
+    "chat exchanges 128, temperature 0.7": {"chat": True, "self_answer_tokens": 128, "self_temperature": 0.7},
     "error-aware fit": {"error_aware": True},
     "error-aware, damping 0.1": {"error_aware": True, "damping": 0.1},
     "error-aware, refine 32": {"error_aware": True, "refine_steps": 32},
