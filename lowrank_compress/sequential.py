@@ -142,6 +142,7 @@ class StreamedModel:
             self._materialize(
                 [n for n, b in self.model.named_buffers() if b.device.type == "meta" and n in self.ckpt_name]
             )
+            self.ckpt.release()  # the shard's mapped pages (the embedding table's and head's) go with it
             self._tie()
         self._outer_users += 1
         try:
