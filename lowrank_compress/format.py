@@ -560,9 +560,8 @@ def save_compressed(
         out_dir, model, qc, dtype=model.dtype, tokenizer=tokenizer, source_dir=source_dir
     )
 
-    written += _write_extra_files(
-        out_dir, extra_files or {}
-    )  # the caller's recipe.yaml, report.json, README.md
+    # the caller's recipe.yaml, report.json, README.md
+    written += _write_extra_files(out_dir, extra_files or {})
     return sorted(set(written))
 
 

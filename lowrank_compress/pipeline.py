@@ -405,21 +405,19 @@ class Prepared:
             )
         with streamed.whole(resident=resident, dtype=dtype) as model, PeakMemory(settings.device) as peak:
             sampling: dict[str, Any] = dict(
-                samples=settings.samples, seq_len=length, seed=settings.seed, batch_size=settings.samples,
-                temperature=settings.self_temperature,
+                samples=settings.samples, seq_len=length, seed=settings.seed, temperature=settings.self_temperature,
                 device=settings.device, progress=lambda d, t: self.report("sampling calibration", d, t),
             )  # fmt: skip
-            if chat and settings.self_answer_tokens:
-                del sampling["batch_size"]  # all rows at once, one round per turn
+            whole = {"batch_size": settings.samples}  # every window in one batch
+            if chat and settings.self_answer_tokens:  # one batch per turn already
                 rows = sample_chat_exchanges(
                     model, self.tokenizer, answer_tokens=settings.self_answer_tokens, **sampling
                 )
             elif chat:
-                rows = sample_chat_batches(model, self.tokenizer, **sampling)
+                rows = sample_chat_batches(model, self.tokenizer, **whole, **sampling)
             else:
-                rows = sample_batches(
-                    model, self.tokenizer, random_start=settings.self_start == "random", **sampling
-                )
+                random_start = settings.self_start == "random"
+                rows = sample_batches(model, self.tokenizer, random_start=random_start, **whole, **sampling)
         self._sampling = "streamed" if dtype is None else f"resident ({_dtype_name(dtype)})"
         self._sampling_peak_mb = round(peak.mb, 1)
         if not resident:
@@ -645,8 +643,9 @@ class Prepared:
         }
 
     def _mean_loss(self, flow: _Flow, part: str) -> float:
-        """The source model's mean next-token loss on one calibration part, from the last block's outputs."""
-        with torch.no_grad(), self.streamed.outer(embeddings=False):
+        """The source model's mean next-token loss on one calibration part, from the last block's outputs (call it
+        inside `streamed.outer()`, which holds the head)."""
+        with torch.no_grad():
             losses = [
                 self.streamed.head_loss(
                     h.to(self.streamed.device), flow.ids[part][b * BATCH : (b + 1) * BATCH], per_row=True
@@ -665,7 +664,8 @@ class Prepared:
         notes = list(self._notes)
         perplexity = None
         if len(batches) == 2:
-            mean_loss = {part: self._mean_loss(flow, part) for part in batches}
+            with self.streamed.outer(embeddings=False):  # the head read once for both parts
+                mean_loss = {part: self._mean_loss(flow, part) for part in batches}
             perplexity = {part: math.exp(v) for part, v in mean_loss.items()}
             narrow = narrow_calibration_warning(
                 mean_loss["text"], mean_loss["self"], self.part_weights["self"]
