@@ -51,7 +51,8 @@ CONFIGS = {  # label -> settings beyond the defaults
     "refine 16": {"refine_steps": 16},
     "damping 0.05": {"damping": 0.05},
     "damping 0.2": {"damping": 0.2},
-    "chat": {"chat": True},  # self-generated conversations through the chat template, text wrapped as turns
+    "chat": {"chat": True},  # self-generated conversations through the chat template, the text plain
+    "chat text": {"chat": True, "chat_text": True},  # the text windows wrapped as turns too
     "no chat": {"chat": False},  # plain windows even for a chat model
     "chat, mix 0.8": {"chat": True, "self_mix": 0.8},
     "chat, self only": {"chat": True, "self_mix": 1.0},

@@ -449,9 +449,11 @@ def settings_options(f: Any) -> Any:
         click.option("--self-start", type=click.Choice(SELF_STARTS), default=_DEFAULTS.self_start,
                      show_default=True, help="Self-generated windows open on a random ordinary token, or the bare BOS."),
         click.option("--chat/--no-chat", default=_DEFAULTS.chat, show_default="when the tokenizer has a chat template",
-                     help="Chat models: sample conversations (built-in user prompts, the model's answers) and wrap "
-                          "the text windows as turns, through the chat template (--chat without a template: "
-                          "ignored, with a note)."),
+                     help="Chat models: the self-generated share is conversations (built-in user prompts, the "
+                          "model's answers) through the chat template (--chat without a template: ignored, with a "
+                          "note)."),
+        click.option("--chat-text/--no-chat-text", default=_DEFAULTS.chat_text, show_default=True,
+                     help="Chat calibration: wrap the text windows as turns too (off: they stay plain text)."),
         click.option("--self-answer-tokens", type=int, default=None, show_default="one answer fills the window",
                      help="Chat calibration: each sampled answer ends at its end of turn or after this many tokens, "
                           "and the window goes on with the next prompt and answer until full."),

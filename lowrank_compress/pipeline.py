@@ -234,6 +234,7 @@ class Prepared:
             None  # the memory held while sampling (RSS, or the GPU allocator's)
         )
         self._chat = False  # the calibration windows were conversations (--chat with a chat template)
+        self._chat_text = False  # the text windows were wrapped as turns (--chat-text)
         # pass 1's gradient statistics per target: (fisher_rows, out_grad_sq)
         self._gradients: dict[str, tuple[Any, float | None]] = {}
         # the report's spectra: layer -> singular values, from pass 1, or from pass 2 where pass 1 measured none
@@ -355,19 +356,25 @@ class Prepared:
         self_generated = settings.calibration == SELF
         if self_generated and not causal:
             raise LowrankError(f"{type(streamed.model).__name__} cannot generate; pass a calibration text")
-        self._chat = chat = settings.chat is not False and has_chat_template(self.tokenizer)
-        if settings.self_answer_tokens and not chat:
-            self.warn("--self-answer-tokens applies to chat calibration only; ignored")
+        chat = settings.chat is not False and has_chat_template(self.tokenizer)
+        for flag, option in (
+            (settings.self_answer_tokens, "--self-answer-tokens"),
+            (settings.chat_text, "--chat-text"),
+        ):
+            if flag and not chat:
+                self.warn(f"{option} applies to chat calibration only; ignored")
         if settings.chat is True and not chat:
             self.warn(
                 "--chat: the tokenizer has no chat template; calibrating on plain text and free samples"
             )
         mix = 1.0 if self_generated else settings.self_mix
+        self._chat_text = chat and settings.chat_text and mix < 1.0
+        self._chat = chat and (mix > 0.0 or self._chat_text)
         batches: dict[str, torch.Tensor] = {}
         if mix < 1.0:
             text = load_text(settings.calibration, split="calibration")
             self._text = text
-            batches["text"] = (make_chat_batches if chat else make_batches)(
+            batches["text"] = (make_chat_batches if self._chat_text else make_batches)(
                 self.tokenizer, text, samples=settings.samples, seq_len=settings.seq_len, seed=settings.seed
             )
         if mix > 0.0:
@@ -693,8 +700,10 @@ class Prepared:
             "self_temperature": settings.self_temperature if "self" in batches else None,
             # chat samples: answers end at their end of turn (or this many tokens), several to a window
             "self_answer_tokens": settings.self_answer_tokens if "self" in batches and self._chat else None,
-            # the windows were conversations through the tokenizer's chat template (--chat, and it has one)
+            # windows were conversations through the tokenizer's chat template (--chat, and it has one): the samples,
+            # and with chat_text the text windows too
             "chat": self._chat,
+            "chat_text": self._chat_text,
             "parts": {
                 part: {
                     "samples": batches[part].shape[0],

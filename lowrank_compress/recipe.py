@@ -73,11 +73,14 @@ class FactorizeSettings:
     # sampling temperature of the self-generated windows: 1 keeps the model's full distribution; lower values stay
     # closer to what it writes when decoding greedily, as chat users and the answer check see it
     self_temperature: float = 1.0
-    # chat models (the tokenizer has a chat template): calibrate on conversations: the self-generated share is the
-    # model's answers to built-in user prompts, the text windows are wrapped as turns. None (the default): on when
-    # the tokenizer has a chat template (on SmolLM2-Instruct it kept far more answers, see the README); True without
-    # a template: ignored, with a note; False: plain calibration for every model
+    # chat models (the tokenizer has a chat template): the self-generated share is conversations, the model's answers
+    # to built-in user prompts through the template. None (the default): on when the tokenizer has a chat template
+    # (on SmolLM2-Instruct it kept far more answers, see the README); True without a template: ignored, with a note;
+    # False: plain calibration for every model
     chat: bool | None = None
+    # chat calibration: the text windows too are wrapped as turns (a user opening, the rest as the answer); False
+    # (the default) keeps them plain text, which held out better on SmolLM2-Instruct (see the README)
+    chat_text: bool = False
     # chat calibration: each sampled answer ends at its end of turn (or after this many tokens) and the window goes
     # on with the next prompt and answer until it is full, so it holds several answers as users see them; None: one
     # answer runs on to fill the window
@@ -165,7 +168,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "ignore": (list,),
     "refine_steps": (int,),
 }
-_BOOLS = ("error_aware", "offload", "chat")
+_BOOLS = ("error_aware", "offload", "chat", "chat_text")
 _AUTO = ("chat",)  # booleans whose null means "decide from the model"
 
 

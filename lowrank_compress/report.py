@@ -252,10 +252,18 @@ def answer_lines(answers: dict[str, Any] | None) -> list[str]:
 
 def _calibration_line(cal: dict[str, Any]) -> str:
     """The model card's calibration cell: source, split, tokens, windows and fingerprints of each part, and whether
-    the windows were chat conversations (--chat)."""
+    the windows were chat conversations (--chat, --chat-text)."""
     line = _calibration_sources(cal)
     if cal.get("chat"):
-        line += "; as conversations through the tokenizer's chat template (--chat)"
+        parts = cal.get("parts") or {}
+        which = (
+            "the text"
+            if "self" not in parts
+            else "the text and the samples"
+            if cal.get("chat_text", True)
+            else "the samples"
+        )
+        line += f"; {which} as conversations through the tokenizer's chat template (--chat)"
     return line
 
 

@@ -5,6 +5,7 @@ Expected values come from the original checkpoint and numpy/scipy, never from th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -637,20 +638,29 @@ def _chat_copy(src: Path, dest: Path) -> Path:
     return dest
 
 
-def test_chat_calibration_samples_conversations_and_wraps_the_text(
+def test_chat_calibration_samples_conversations_and_wraps_the_text_only_when_asked(
     models: dict[str, Path], tmp_path: Path
 ) -> None:
+    """--chat: the self-generated share opens with a built-in prompt through the template; the text windows stay
+    those of `make_batches` unless --chat-text wraps them as turns too. Both reach recipe.yaml, report.json and the
+    model card."""
+    from lowrank_compress.calibration import make_batches
     from lowrank_compress.pipeline import Prepared
+    from lowrank_compress.text import load_text
     from tests.test_calibration import shipped_chat_prompts, template_ids
 
     src = _chat_copy(models["llama"], tmp_path / "chat")
     settings = build_settings(chat=True, self_mix=0.5, samples=4, seq_len=128, grad_samples=2)
     warnings: list[str] = []
     prepared = Prepared.load(src, settings, warn=warnings.append)
+    wrapped = Prepared.load(src, dataclasses.replace(settings, chat_text=True), warn=warnings.append)
     tok = prepared.tokenizer
     assert not any("chat" in w for w in warnings)
-    text, own = prepared.calibration_batches["text"], prepared.calibration_batches["self"]
+    plain = make_batches(tok, load_text(settings.calibration, split="calibration"), samples=4, seq_len=128, seed=0)
+    assert torch.equal(prepared.calibration_batches["text"], plain)
+    text, own = wrapped.calibration_batches["text"], prepared.calibration_batches["self"]
     assert text.shape == own.shape == (4, 128)
+    assert torch.equal(own, wrapped.calibration_batches["self"])
     for row in text.tolist():
         assert tok.decode(row).startswith(
             "<s>user: Continue this text:\n\n"
@@ -659,19 +669,25 @@ def test_chat_calibration_samples_conversations_and_wraps_the_text(
     for row in own.tolist():
         assert sum(row[: len(o)] == o for o in openings) == 1
     info = prepared.calibration_info
-    assert info["chat"] is True and info["self_start"] is None
-    # the CLI: --chat reaches the settings, recipe.yaml and report.json
-    out = tmp_path / "out"
-    res = run("factorize", src, "-o", out, "--chat", "--self-mix", "0.5", "--samples", 4, "--seq-len", 128,
-              "--grad-samples", 2, "--json")  # fmt: skip
-    assert res.exit_code == 0, res.output
-    data = json.loads(res.stdout)
-    assert data["settings"]["chat"] is True and data["calibration"]["chat"] is True
-    assert yaml.safe_load((out / "recipe.yaml").read_text())["chat"] is True
-    assert json.loads((out / "report.json").read_text())["calibration"]["chat"] is True
-    assert (
-        "as conversations through the tokenizer's chat template (--chat)" in (out / "README.md").read_text()
-    )
+    assert info["chat"] is True and info["chat_text"] is False and info["self_start"] is None
+    assert wrapped.calibration_info["chat_text"] is True
+    # the CLI: --chat and --chat-text reach the settings, recipe.yaml, report.json and the card
+    for flag, chat_text, which in (
+        ("--no-chat-text", False, "the samples"),
+        ("--chat-text", True, "the text and the samples"),
+    ):
+        out = tmp_path / flag
+        res = run("factorize", src, "-o", out, "--chat", flag, "--self-mix", "0.5", "--samples", 4, "--seq-len", 128,
+                  "--grad-samples", 2, "--json")  # fmt: skip
+        assert res.exit_code == 0, res.output
+        data = json.loads(res.stdout)
+        assert data["settings"]["chat"] is True and data["calibration"]["chat"] is True
+        assert data["settings"]["chat_text"] is chat_text and data["calibration"]["chat_text"] is chat_text
+        recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+        assert recipe["chat"] is True and recipe["chat_text"] is chat_text
+        assert json.loads((out / "report.json").read_text())["calibration"]["chat_text"] is chat_text
+        card = (out / "README.md").read_text()
+        assert f"; {which} as conversations through the tokenizer's chat template (--chat)" in card
 
 
 def test_self_answer_tokens_sample_exchanges_from_the_cli_to_the_report(
@@ -715,10 +731,13 @@ def test_chat_without_a_chat_template_keeps_todays_calibration_with_a_note(model
 
     src = models["llama"]  # the fixture tokenizer has no chat template
     warnings: list[str] = []
-    chat = Prepared.load(src, build_settings(chat=True, self_mix=0.25, **FAST), warn=warnings.append)
+    chat = Prepared.load(
+        src, build_settings(chat=True, chat_text=True, self_mix=0.25, **FAST), warn=warnings.append
+    )
     plain = Prepared.load(src, build_settings(self_mix=0.25, **FAST))
     notes = [w for w in warnings if "chat" in w]
-    assert len(notes) == 1 and "no chat template" in notes[0] and "\n" not in notes[0]
+    assert len(notes) == 2 and "no chat template" in notes[1] and not any("\n" in n for n in notes)
+    assert "--chat-text applies to chat calibration only; ignored" in notes[0]
     for part in ("text", "self"):
         assert torch.equal(chat.calibration_batches[part], plain.calibration_batches[part])
     assert chat.calibration_info["chat"] is False and plain.calibration_info["chat"] is False
@@ -752,7 +771,10 @@ def test_chat_is_the_default_for_chat_models_only(models: dict[str, Path], tmp_p
     assert auto.calibration_info["chat"] is True and off.calibration_info["chat"] is False
     for part in ("text", "self"):
         assert torch.equal(auto.calibration_batches[part], forced.calibration_batches[part])
-    assert not torch.equal(auto.calibration_batches["text"], off.calibration_batches["text"])
+    assert not torch.equal(auto.calibration_batches["self"], off.calibration_batches["self"])
+    assert torch.equal(
+        auto.calibration_batches["text"], off.calibration_batches["text"]
+    )  # plain unless --chat-text
     warnings: list[str] = []
     base = Prepared.load(models["llama"], build_settings(self_mix=0.25, **FAST), warn=warnings.append)
     plain = Prepared.load(models["llama"], build_settings(chat=False, self_mix=0.25, **FAST))
