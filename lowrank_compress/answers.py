@@ -226,14 +226,10 @@ def answers_summary(data: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------- asking
 
 
-def has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     """The prompt as the model is asked it: through the chat template (a user turn, then the assistant's opening),
     else as "Question: ...\\nAnswer:" with the tokenizer's own special prefix (BOS)."""
-    from lowrank_compress.calibration import quiet_transformers
+    from lowrank_compress.calibration import has_chat_template, quiet_transformers
 
     with quiet_transformers():
         if has_chat_template(tokenizer):
@@ -242,16 +238,6 @@ def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
             )
             return list(tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(tokenizer(_PLAIN_TEMPLATE.format(prompt=prompt))["input_ids"])
-
-
-def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every token that ends an answer: the generation config's EOS ids and the tokenizer's EOS."""
-    ids: list[int] = []
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.append(tokenizer.eos_token_id)
-    return sorted(set(ids))
 
 
 def generate_answers(
@@ -270,7 +256,9 @@ def generate_answers(
     the same batches."""
     import torch
 
-    stops = _stop_ids(model, tokenizer)
+    from lowrank_compress.calibration import left_padded, stop_ids
+
+    stops = stop_ids(tokenizer, model)
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else (stops[0] if stops else 0)
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
@@ -282,11 +270,10 @@ def generate_answers(
         for done, batch in enumerate(batches, start=1):
             width = max(len(x) for x in batch)
             new_tokens = _room(model, width, max_new_tokens)
-            ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=device)
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=device)
+            ids, mask = left_padded(batch, pad)
             with torch.inference_mode():
                 out = model.generate(
-                    input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                    input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, max_new_tokens=new_tokens,
                     eos_token_id=stops or None, pad_token_id=pad,
                 )  # fmt: skip
             outputs += [_decode(tokenizer, row[width:].tolist(), stops) for row in out]
@@ -330,6 +317,8 @@ def check_answers(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> AnswerCheck:
     """Ask every model (role -> (model, tokenizer)) the whole set; judge each answer."""
+    from lowrank_compress.calibration import has_chat_template
+
     prompts = [item.prompt for item in answer_set.items]
     report = progress or (lambda phase, done, total: None)
     outputs = {

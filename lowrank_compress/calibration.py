@@ -185,7 +185,7 @@ def _ordinary_tokens(model: nn.Module, tokenizer: Any, samples: int, seed: int) 
 
 
 def _sampling_config(
-    tokenizer: Any, new: int, temperature: float, stops: list[int | None], full_length: bool = True
+    tokenizer: Any, new: int, temperature: float, stops: list[int], full_length: bool = True
 ) -> Any:
     """Plain ancestral sampling of `new` tokens (no top-k / top-p truncation: the samples keep the model's full
     distribution). `full_length`: the `stops` tokens are suppressed, so every row has all `new` tokens; else a row
@@ -194,14 +194,13 @@ def _sampling_config(
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    stop_ids = sorted({int(i) for i in stops if i is not None})
     return GenerationConfig(
         do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new,
-        min_new_tokens=new if full_length else 0, pad_token_id=pad, eos_token_id=stop_ids or None, use_cache=True,
+        min_new_tokens=new if full_length else 0, pad_token_id=pad, eos_token_id=stops or None, use_cache=True,
     )  # fmt: skip
 
 
-def _left_padded(openings: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(openings: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows of different lengths as one batch, padded on the left so every row ends where generation starts;
     with the attention mask that hides the padding."""
     width = max(len(o) for o in openings)
@@ -276,7 +275,7 @@ def sample_batches(
             f"--seq-len {seq_len} leaves no room to sample after the {len(prefix)}-token prefix"
         )
     starts = _ordinary_tokens(model, tokenizer, samples, seed) if random_start else None
-    config = _sampling_config(tokenizer, new, temperature, stops=[tokenizer.eos_token_id])
+    config = _sampling_config(tokenizer, new, temperature, stops=stop_ids(tokenizer))
     batches = []
     for first in range(0, samples, batch_size):
         ids = torch.tensor([prefix] * min(batch_size, samples - first), dtype=torch.long)
@@ -336,10 +335,12 @@ def chat_window_messages(tokenizer: Any, body: Sequence[int], head_len: int) -> 
     ]
 
 
-def _stop_ids(model: nn.Module) -> list[int]:
-    """The EOS ids of the model's generation config (one id or a list; none without a config)."""
+def stop_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """Every token that ends a turn, sorted: the tokenizer's EOS and the EOS ids (one or a list) of the model's
+    generation config (Llama 3 ends turns with <|eot_id|>, not the tokenizer's EOS)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return [int(i) for i in (eos if isinstance(eos, list) else [eos] if eos is not None else [])]
+    ids = [*(eos if isinstance(eos, list) else [eos]), getattr(tokenizer, "eos_token_id", None)]
+    return sorted({int(i) for i in ids if i is not None})
 
 
 def make_chat_batches(
@@ -400,9 +401,9 @@ def sample_chat_batches(
     new = seq_len - min(len(o) for o in openings)
     # every end-of-turn token is suppressed, the generation config's too (Llama 3 ends turns with <|eot_id|>, not
     # the tokenizer's EOS), so the answer runs on instead of opening a turn the window never asked for
-    config = _sampling_config(tokenizer, new, temperature, stops=[*_stop_ids(model), tokenizer.eos_token_id])
+    config = _sampling_config(tokenizer, new, temperature, stops=stop_ids(tokenizer, model))
     firsts = range(0, samples, batch_size)
-    batches = [_left_padded(openings[first : first + batch_size], config.pad_token_id) for first in firsts]
+    batches = [left_padded(openings[first : first + batch_size], config.pad_token_id) for first in firsts]
     outs = _generate_seeded(model, batches, config, seed=seed, device=device, progress=progress)
     rows = []
     for out, (ids, _), first in zip(outs, batches, firsts, strict=True):
@@ -433,8 +434,8 @@ def sample_chat_exchanges(
         raise CalibrationError(f"--self-answer-tokens must be at least 1, got {answer_tokens}")
     prompts = chat_prompts()
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
-    stops = [*_stop_ids(model), tokenizer.eos_token_id]
-    stop_set = {int(i) for i in stops if i is not None}
+    stops = stop_ids(tokenizer, model)
+    stop_set = set(stops)
     conversations: list[list[dict[str, str]]] = [[] for _ in range(samples)]
     rendered: list[list[int]] = [[] for _ in range(samples)]
     asked = 0
@@ -449,7 +450,7 @@ def sample_chat_exchanges(
             break
         room = seq_len - min(len(rendered[i]) for i in open_rows)
         config = _sampling_config(tokenizer, min(answer_tokens, room), temperature, stops, full_length=False)
-        batch = _left_padded([rendered[i] for i in open_rows], config.pad_token_id)
+        batch = left_padded([rendered[i] for i in open_rows], config.pad_token_id)
         (out,) = _generate_seeded(
             model, [batch], config, seed=seed * 1009 + turn, device=device, progress=None
         )

@@ -210,7 +210,8 @@ class _Judge:
         """Both sets of answers judged: right before and after training, and the ones training kept."""
         if self.answer_set is None:
             return None
-        from lowrank_compress.answers import MAX_NEW_TOKENS, AnswerCheck, has_chat_template
+        from lowrank_compress.answers import MAX_NEW_TOKENS, AnswerCheck
+        from lowrank_compress.calibration import has_chat_template
 
         s = self.answer_set
         outputs = {"model": self.asked["model"], "baseline": self.asked["baseline"]}

@@ -87,58 +87,52 @@ def analysis_markdown(result: AnalysisResult) -> str:
 
 def analysis_plots(result: AnalysisResult, out_dir: Path) -> list[Path]:
     """Spectrum curves per layer type (exact mode) and stable rank by depth. Returns the files written."""
-    import matplotlib
-
-    plt = pyplot()
-    written: list[Path] = []
     by_type: dict[str, list] = defaultdict(list)
     for layer in result.layers:
         if layer.finite:
             by_type[layer.layer_type].append(layer)
+    if not by_type:
+        return []
+    images: dict[str, bytes] = {}
+    if result.mode == "exact":
+        top = max((x.depth or 0 for x in result.layers), default=0) or 1  # one colour scale for every panel
+        images["spectra.png"] = _spectra_panels(by_type, top)
+    series = {t: [(x.depth or 0, x.stable_rank / x.break_even_rank) for x in ls] for t, ls in by_type.items()}
+    images["stable_rank_by_depth.png"] = _by_depth(
+        series, "stable rank / break-even rank", "Stable rank by depth", dpi=110
+    )
+    for name, data in images.items():
+        (out_dir / name).write_bytes(data)
+    return [out_dir / name for name in images]
 
-    if result.mode == "exact" and by_type:
-        n = len(by_type)
-        cols = min(n, 4)
-        rows = (n + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-        cmap = plt.get_cmap("viridis")
-        top = max((x.depth or 0 for x in result.layers), default=0) or 1  # one scale for every panel
-        for ax, (ltype, layers) in zip(axes.flat, sorted(by_type.items()), strict=False):
-            for layer in layers:
-                s = layer.singular_values or []
-                if not s or s[0] <= 0:
-                    continue
+
+def _spectra_panels(by_type: dict[str, list], top: int) -> bytes:
+    """One panel per layer type: each layer's normalized spectrum, coloured by depth on one colour scale."""
+    import matplotlib
+
+    plt = pyplot()
+    n = len(by_type)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, (ltype, layers) in zip(axes.flat, sorted(by_type.items()), strict=False):
+        for layer in layers:
+            s = layer.singular_values or []
+            if s and s[0] > 0:
                 xs = [i / len(s) for i in range(len(s))]
                 ax.plot(xs, [v / s[0] for v in s], color=cmap((layer.depth or 0) / top), lw=0.8)
-            ax.set_title(ltype)
-            ax.set_yscale("log")
-            ax.set_xlabel("index / full rank")
-            ax.set_ylabel("sigma / sigma_max")
-        for ax in list(axes.flat)[n:]:
-            ax.axis("off")
-        fig.suptitle("Normalized spectra by layer type (colour: depth)")
-        fig.tight_layout()  # before the colour bar, which tight_layout cannot place
-        scale = plt.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(0, top))
-        fig.colorbar(scale, ax=axes.ravel().tolist(), label="depth (block index)", shrink=0.8)
-        path = out_dir / "spectra.png"
-        path.write_bytes(png_bytes(fig, dpi=110, tight=False))
-        written.append(path)
-
-    if by_type:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for ltype, layers in sorted(by_type.items()):
-            pts = sorted(
-                (x.depth if x.depth is not None else 0, x.stable_rank / x.break_even_rank) for x in layers
-            )
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=ltype)
-        ax.set_xlabel("depth (block index)")
-        ax.set_ylabel("stable rank / break-even rank")
-        ax.set_title("Stable rank by depth")
-        legend_beside(ax)
-        path = out_dir / "stable_rank_by_depth.png"
-        path.write_bytes(png_bytes(fig, dpi=110))
-        written.append(path)
-    return written
+        ax.set_title(ltype)
+        ax.set_yscale("log")
+        ax.set_xlabel("index / full rank")
+        ax.set_ylabel("sigma / sigma_max")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle("Normalized spectra by layer type (colour: depth)")
+    fig.tight_layout()  # before the colour bar, which tight_layout cannot place
+    scale = plt.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(0, top))
+    fig.colorbar(scale, ax=axes.ravel().tolist(), label="depth (block index)", shrink=0.8)
+    return png_bytes(fig, dpi=110, tight=False)
 
 
 def write_analysis_report(result: AnalysisResult, out_dir: Path) -> list[Path]:
@@ -398,17 +392,22 @@ def factorize_plots(reports: list[dict[str, Any]]) -> dict[str, bytes]:
     return images
 
 
-def _by_depth(by_type: dict[str, list[dict[str, Any]]], value: Any, ylabel: str, title: str) -> bytes:
-    """One line per layer type: `value(layer)` against the layer's block index."""
+def _by_depth(series: dict[str, list[tuple[int, float]]], ylabel: str, title: str, dpi: int = 100) -> bytes:
+    """One line per layer type (name -> (block index, value) points) against depth."""
     fig, ax = pyplot().subplots(figsize=(7.5, 4))
-    for ltype, layers in sorted(by_type.items()):
-        pts = sorted((_depth(x["module"]), value(x)) for x in layers)
+    for ltype, points in sorted(series.items()):
+        pts = sorted(points)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=ltype)
     ax.set_xlabel("depth (block index)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     legend_beside(ax)
-    return png_bytes(fig)
+    return png_bytes(fig, dpi=dpi)
+
+
+def _layer_series(by_type: dict[str, list[dict[str, Any]]], value: Any) -> dict[str, list[tuple[int, float]]]:
+    """`value(layer)` at each report layer's block index, per layer type."""
+    return {t: [(_depth(x["module"]), value(x)) for x in layers] for t, layers in by_type.items()}
 
 
 def _ranks_by_depth(by_type: dict[str, list[dict[str, Any]]]) -> bytes:
@@ -417,8 +416,7 @@ def _ranks_by_depth(by_type: dict[str, list[dict[str, Any]]]) -> bytes:
         return 1.0 if x["rank"] is None else x["rank"] * (m + n) / (m * n)
 
     return _by_depth(
-        by_type,
-        kept,
+        _layer_series(by_type, kept),
         "params kept (rank / break-even rank)",
         "Ranks by depth and layer type (1.0: kept dense)",
     )
@@ -426,8 +424,7 @@ def _ranks_by_depth(by_type: dict[str, list[dict[str, Any]]]) -> bytes:
 
 def _kept_energy(by_type: dict[str, list[dict[str, Any]]], method: str) -> bytes:
     return _by_depth(
-        by_type,
-        lambda x: 1.0 - x["relative_error"] ** 2,
+        _layer_series(by_type, lambda x: 1.0 - x["relative_error"] ** 2),
         "kept energy (method's metric)",
         f"Kept energy per layer ({method})",
     )

@@ -656,7 +656,9 @@ def test_chat_calibration_samples_conversations_and_wraps_the_text_only_when_ask
     wrapped = Prepared.load(src, dataclasses.replace(settings, chat_text=True), warn=warnings.append)
     tok = prepared.tokenizer
     assert not any("chat" in w for w in warnings)
-    plain = make_batches(tok, load_text(settings.calibration, split="calibration"), samples=4, seq_len=128, seed=0)
+    plain = make_batches(
+        tok, load_text(settings.calibration, split="calibration"), samples=4, seq_len=128, seed=0
+    )
     assert torch.equal(prepared.calibration_batches["text"], plain)
     text, own = wrapped.calibration_batches["text"], prepared.calibration_batches["self"]
     assert text.shape == own.shape == (4, 128)
