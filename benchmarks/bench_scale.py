@@ -8,7 +8,8 @@
 The checkpoint is generated here (never committed): hidden 4096, intermediate 11008, 32 heads, `--layers` decoder
 layers, SmolLM2's tokenizer (vocab 49152), bf16 weights drawn N(0, 0.02) in 2 GB shards, written with the project's
 streaming ShardWriter. Each factorize runs as `lowrank-compress factorize` under `/usr/bin/time -v`, so the peak RSS
-is the kernel's (file pages the reader maps count too). Configs:
+is the kernel's (file pages the reader maps count too); `peak_rss_parts_mb` splits the largest RSS seen in /proc
+(every 100 ms) into anonymous memory and file pages. Configs:
 
 - data-free: `--method svd --policy uniform` (no calibration at all)
 - text: the default on the built-in text alone (`--self-mix 0`): whitening, sensitivity ranks (block-wise
@@ -34,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -125,15 +127,18 @@ def run(
         return run_until(cmd, stop_after)
     gpu = GpuPeak() if device.startswith("cuda") else None
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watch = RssParts(proc.pid)
+    stdout, stderr = proc.communicate()
     wall = time.perf_counter() - start
+    parts = watch.stop()
     gpu_mb = gpu.stop() if gpu else None
     if proc.returncode != 0:
-        raise RuntimeError(f"factorize failed:\n{proc.stderr[-3000:]}")
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    report = json.loads(proc.stdout)
+        raise RuntimeError(f"factorize failed:\n{stderr[-3000:]}")
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1))
+    report = json.loads(stdout)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    return {"wall_s": round(wall, 1), "peak_rss_mb": round(peak_kb / 1024), "output_bytes": size,
+    return {"wall_s": round(wall, 1), "peak_rss_mb": round(peak_kb / 1024), "peak_rss_parts_mb": parts, "output_bytes": size,
             "timings_s": report["timings_s"], "peak_block_mb": report["peak_block_mb"], "peak_gpu_mb_nvidia_smi": gpu_mb,
             "kept_fraction_targets": report["summary"]["kept_fraction_targets"],
             "self_sampling": report["calibration"].get("self_sampling"),
@@ -148,6 +153,7 @@ def run_until(cmd: list[str], phase: str) -> dict:
 
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    watch = RssParts(proc.pid)
     assert proc.stderr is not None
     lines, stopped = [], False
     for line in proc.stderr:
@@ -158,12 +164,49 @@ def run_until(cmd: list[str], phase: str) -> dict:
                     child.terminate()
             stopped = True
     proc.wait()
+    parts = watch.stop()
     if not stopped:
         raise RuntimeError("factorize ended before the phase line:\n" + "\n".join(lines[-30:]))
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", "\n".join(lines)).group(1))
     return {"wall_s": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak_kb / 1024),
-            "stopped_after": phase, "phase_lines": [x for x in lines if x.startswith("factorize:")],
+            "peak_rss_parts_mb": parts, "stopped_after": phase, "phase_lines": [x for x in lines if x.startswith("factorize:")],
             "warnings": [x for x in lines if x.startswith("warning:")]}  # fmt: skip
+
+
+class RssParts:
+    """What factorize's resident memory was made of at its largest (from /proc, every 100 ms): anonymous memory
+    (tensors, the heap) and file pages (mapped checkpoint shards, libraries). Linux only; {} elsewhere."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.best = pid, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.1):
+            try:
+                kids = psutil.Process(self.pid).children(recursive=True)
+                cli = next(k for k in kids if "lowrank_compress.cli" in " ".join(k.cmdline()))
+                status = Path(f"/proc/{cli.pid}/status").read_text()
+            except (StopIteration, psutil.Error, OSError):
+                continue
+            kb = {
+                k: int(v.split()[0])
+                for k, v in (x.split(":", 1) for x in status.splitlines())
+                if k.startswith(("VmRSS", "Rss"))
+            }
+            if kb.get("VmRSS", 0) > self.best.get("VmRSS", 0):
+                self.best = kb
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join()
+        return {
+            k.removeprefix("Rss").removeprefix("Vm").lower(): round(v / 1024) for k, v in self.best.items()
+        }
 
 
 class GpuPeak:
