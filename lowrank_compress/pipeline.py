@@ -233,7 +233,7 @@ class Prepared:
         self._sampling_peak_mb: float | None = (
             None  # the memory held while sampling (RSS, or the GPU allocator's)
         )
-        self._chat = False  # the calibration windows were conversations (--chat with a chat template)
+        self._chat = False  # some calibration windows were conversations (--chat with a chat template)
         self._chat_text = False  # the text windows were wrapped as turns (--chat-text)
         # pass 1's gradient statistics per target: (fisher_rows, out_grad_sq)
         self._gradients: dict[str, tuple[Any, float | None]] = {}
