@@ -256,7 +256,7 @@ def generate_answers(
     the same batches."""
     import torch
 
-    from lowrank_compress.calibration import left_padded, stop_ids
+    from lowrank_compress.calibration import contiguous_head_input, left_padded, stop_ids
 
     stops = stop_ids(tokenizer, model)
     pad = getattr(tokenizer, "pad_token_id", None)
@@ -271,7 +271,7 @@ def generate_answers(
             width = max(len(x) for x in batch)
             new_tokens = _room(model, width, max_new_tokens)
             ids, mask = left_padded(batch, pad)
-            with torch.inference_mode():
+            with torch.inference_mode(), contiguous_head_input(model):
                 out = model.generate(
                     input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, max_new_tokens=new_tokens,
                     eos_token_id=stops or None, pad_token_id=pad,

@@ -433,6 +433,29 @@ def test_self_generated_batches_are_seeded_and_start_like_a_document(style: str)
     assert torch.equal(torch.rand(3), x)
 
 
+def test_generation_hands_the_output_head_a_contiguous_input_and_leaves_no_hook() -> None:
+    """`generate` gives the head a strided view (the last position of each row): torch's CPU bfloat16 matmul then
+    copies the head's weight once per row (6 GB at the 7B shape). Sampling and the answer check run it under
+    `contiguous_head_input`, so the head's forward receives contiguous rows there, and strided ones without it."""
+    from lowrank_compress.answers import generate_answers
+    from lowrank_compress.calibration import sample_batches
+
+    model, tok = tiny_llama(), make_tokenizer("bos")
+    head = model.get_output_embeddings()
+    received: list[bool] = []
+    original = head.forward
+    head.forward = lambda x: (received.append(x.is_contiguous()), original(x))[1]  # what the matmul gets
+    ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+    assert received[0] is False  # the prefill's view, which the context exists for
+    received.clear()
+    sample_batches(model, tok, samples=2, seq_len=8, seed=0)
+    generate_answers(model, tok, ["What is two plus two?", "Name a colour."], max_new_tokens=2)
+    assert len(received) > 4 and all(received)
+    assert not head._forward_pre_hooks  # removed on the way out
+
+
 def test_a_low_sampling_temperature_collapses_the_samples_to_the_models_mode() -> None:
     """Logits divided by T: at T = 1e-6 the distribution is its argmax, so two seeds draw the same rows (the greedy
     continuation, EOS suppressed), while at T = 1 they differ."""
