@@ -40,6 +40,7 @@ CONFIGS = {  # label -> settings beyond the defaults
     "default, seed 1": {"seed": 1},
     "mix 0.5": {"self_mix": 0.5},
     "mix 0.75": {"self_mix": 0.75},
+    "mix 0.75, seed 1": {"self_mix": 0.75, "seed": 1},
     "prefix start": {"self_start": "prefix"},
     "self grads": {"grad_source": "self"},
     "self only": {"self_mix": 1.0},
