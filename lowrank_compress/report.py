@@ -249,14 +249,13 @@ def _calibration_line(cal: dict[str, Any]) -> str:
     the windows were chat conversations (--chat, --chat-text)."""
     line = _calibration_sources(cal)
     if cal.get("chat"):
-        parts = cal.get("parts") or {}
-        which = (
-            "the text"
-            if "self" not in parts
-            else "the text and the samples"
-            if cal.get("chat_text", True)
-            else "the samples"
-        )
+        # reports written before --chat-text have no chat_text key: they wrapped the text too
+        if "self" not in (cal.get("parts") or {}):
+            which = "the text"
+        elif cal.get("chat_text", True):
+            which = "the text and the samples"
+        else:
+            which = "the samples"
         line += f"; {which} as conversations through the tokenizer's chat template (--chat)"
     return line
 
