@@ -43,9 +43,7 @@ CONFIGS = {  # label -> settings beyond the defaults
     "mix 0.75, seed 1": {"self_mix": 0.75, "seed": 1},
     "prefix start": {"self_start": "prefix"},
     "self 256": {"self_seq_len": 256},  # shorter sampled windows: more of them are the starts of answers
-    "self 256, seed 1": {"self_seq_len": 256, "seed": 1},
     "self 128": {"self_seq_len": 128},
-    "self 128, seed 1": {"self_seq_len": 128, "seed": 1},
     "32 samples": {"samples": 32},  # twice the calibration tokens in both parts
     "32 samples, seed 1": {"samples": 32, "seed": 1},
     "self grads": {"grad_source": "self"},
