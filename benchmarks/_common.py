@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -81,8 +82,14 @@ def arg(flag: str, default: str) -> str:
 
 
 def main_or_help(main: Callable[[], None], doc: str | None) -> None:
-    """Run the script's `main`, or print its docstring for --help / -h."""
+    """Run the script's `main`, or print its docstring for --help / -h. SIGTERM (kill, a time limit) exits like
+    Ctrl-C: the running child is killed and temporary directories are removed (a 7B-shaped checkpoint is 14 GB)."""
     if "--help" in sys.argv or "-h" in sys.argv:
         print(doc)
-    else:
-        main()
+        return
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    main()
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)

