@@ -83,7 +83,7 @@ def arg(flag: str, default: str) -> str:
 
 def main_or_help(main: Callable[[], None], doc: str | None) -> None:
     """Run the script's `main`, or print its docstring for --help / -h. SIGTERM (kill, a time limit) exits like
-    Ctrl-C: the running child is killed and temporary directories are removed (a 7B-shaped checkpoint is 14 GB)."""
+    Ctrl-C: the running child is killed and temporary directories are removed (a 7B-shaped checkpoint is 13.8 GB)."""
     if "--help" in sys.argv or "-h" in sys.argv:
         print(doc)
         return
