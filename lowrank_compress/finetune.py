@@ -178,6 +178,10 @@ def finetune(
         _write(result, trainer, run, loaded, eval_text, model_path, allow_pickle, overwrite, report, warn)
         remove_ours(ckpt_dir, kinds=("checkpoint",), warn=warn)  # OUT holds the result now
     accelerator.wait_for_everyone()
+    # several processes (torchrun, accelerate launch): destroy the process group while the interpreter is whole; left
+    # to the exit, gloo's threads sometimes abort the process (SIGABRT) after the work is done. Only on success: a
+    # process that failed must not wait in a collective for the others.
+    accelerator.end_training()
     return result
 
 
