@@ -2,7 +2,8 @@
 
     python benchmarks/bench_cross_domain.py                 # budget 0.8; writes benchmarks/results/cross_domain.json
     python benchmarks/bench_cross_domain.py --budgets 0.8,0.6
-    python benchmarks/bench_cross_domain.py --configs "default;mix 0.25" --calibrate-on fiction --out NAME  # a subset
+    python benchmarks/bench_cross_domain.py --configs "default;mix 0.5" --calibrate-on fiction --out NAME  # a subset
+    python benchmarks/bench_cross_domain.py --configs "default;mix 0.75" --seeds 0,1,2,3 --out NAME  # mean and range
 
 Domains: "python" = the built-in Python reference text; "fiction" = The Devil's Dictionary, the plain text from Project
 Gutenberg (literary English; read here only, never by the installed tool), from `--fiction FILE` (default: the
@@ -16,7 +17,9 @@ its perplexity is.
 
 from __future__ import annotations
 
+import itertools
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -140,6 +143,10 @@ def main() -> None:
     calibrate_on = arg("--calibrate-on", ",".join(DOMAINS)).split(",")
     if any(d not in DOMAINS for d in calibrate_on):
         sys.exit(f"--calibrate-on takes domains from {list(DOMAINS)}")
+    seeds_arg = arg("--seeds", "")
+    if seeds_arg and not all(x.strip().isdigit() for x in seeds_arg.split(",")):
+        sys.exit(f"--seeds takes comma-separated non-negative integers, got {seeds_arg!r}")
+    seeds = [int(x) for x in seeds_arg.split(",")] if seeds_arg else [None]
     answers = arg("--answers", "builtin")
     dense_run = run_child(DENSE.format(domains=DOMAINS, answers=answers))
     dense = {d: dense_run[d] for d in DOMAINS}
@@ -149,41 +156,78 @@ def main() -> None:
         print(f"dense answers right: {sum(dense_right)} of {len(dense_right)}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for budget in budgets:
-            for cal_domain in calibrate_on:
-                cal_src = DOMAINS[cal_domain]
-                other = next(d for d in DOMAINS if d != cal_domain)
-                for label, extra in configs.items():
-                    out = str(Path(tmp) / f"{cal_domain}-{len(rows)}")
-                    r = run_child(
-                        RUN.format(
-                            domains=DOMAINS, out=out, cal=cal_src, budget=budget, extra=extra, answers=answers
-                        )
-                    )
-                    right = r["ppl"].pop("answers_right", None)
-                    in_ratio = r["ppl"][cal_domain] / dense[cal_domain]
-                    cross_ratio = r["ppl"][other] / dense[other]
-                    row = {"budget": budget, "calibrated_on": cal_domain, "config": label, "settings": extra,
-                           "ppl": r["ppl"], "in_domain_ratio": in_ratio, "cross_domain_ratio": cross_ratio,
-                           "quotient": cross_ratio / in_ratio, "factorize_s": r["seconds"], "timings_s": r["timings"],
-                           "calibration_perplexity": r["calibration_perplexity"], "warnings": r["warnings"],
-                           **_kept(dense_right, right)}  # fmt: skip
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-    print(
-        f"\n{'budget':>6} {'calibrated on':14} {'config':32} {'in-domain':>10} {'cross':>10} {'cross/in':>9} "
-        f"{'answers kept':>13}"
-    )
-    for r in rows:
-        kept = f"{r['answers_kept']}/{r['answers_dense_right']}" if r.get("answers_kept") is not None else "-"
-        print(f"{r['budget']:>6} {r['calibrated_on']:14} {r['config']:32} {r['in_domain_ratio']:>10.3f} "
-              f"{r['cross_domain_ratio']:>10.3f} {r['quotient']:>9.2f} {kept:>13}")  # fmt: skip
+        for budget, cal_domain, (label, extra), seed in itertools.product(
+            budgets, calibrate_on, configs.items(), seeds
+        ):
+            settings = extra if seed is None else {**extra, "seed": seed}
+            out = str(Path(tmp) / f"{cal_domain}-{len(rows)}")
+            code = RUN.format(domains=DOMAINS, out=out, cal=DOMAINS[cal_domain], budget=budget, extra=settings,
+                              answers=answers)  # fmt: skip
+            row = _row(run_child(code), budget, cal_domain, label, settings, dense, dense_right)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    _print_rows(rows)
+    summary = _summary(rows) if len(seeds) > 1 else []
     path = save(
         arg("--out", "cross_domain"),
         {"model": "SmolLM2-135M-Instruct Q4_1 GGUF", "dense": dense, "answers": answers,
-         "dense_answers_right": sum(dense_right) if dense_right is not None else None, "runs": rows},
+         "dense_answers_right": sum(dense_right) if dense_right is not None else None, "runs": rows,
+         **({"summary": summary} if summary else {})},
     )  # fmt: skip
     print(f"wrote {path}")
+
+
+def _row(
+    r: dict, budget: float, cal_domain: str, label: str, settings: dict, dense: dict, dense_right: list | None
+) -> dict:
+    """One factorize-and-evaluate child's result as a row: ratios to the dense model, answers kept, timings."""
+    other = next(d for d in DOMAINS if d != cal_domain)
+    right = r["ppl"].pop("answers_right", None)
+    in_ratio = r["ppl"][cal_domain] / dense[cal_domain]
+    cross_ratio = r["ppl"][other] / dense[other]
+    return {"budget": budget, "calibrated_on": cal_domain, "config": label, "seed": settings.get("seed", 0),
+            "settings": settings, "ppl": r["ppl"], "in_domain_ratio": in_ratio, "cross_domain_ratio": cross_ratio,
+            "quotient": cross_ratio / in_ratio, "factorize_s": r["seconds"], "timings_s": r["timings"],
+            "calibration_perplexity": r["calibration_perplexity"], "warnings": r["warnings"],
+            **_kept(dense_right, right)}  # fmt: skip
+
+
+def _print_rows(rows: list[dict]) -> None:
+    print(
+        f"\n{'budget':>6} {'calibrated on':14} {'config':32} {'seed':>4} {'in-domain':>10} {'cross':>10} "
+        f"{'cross/in':>9} {'answers kept':>13}"
+    )
+    for r in rows:
+        kept = f"{r['answers_kept']}/{r['answers_dense_right']}" if r.get("answers_kept") is not None else "-"
+        print(f"{r['budget']:>6} {r['calibrated_on']:14} {r['config']:32} {r['seed']:>4} {r['in_domain_ratio']:>10.3f} "
+              f"{r['cross_domain_ratio']:>10.3f} {r['quotient']:>9.2f} {kept:>13}")  # fmt: skip
+
+
+def _summary(rows: list[dict]) -> list[dict]:
+    """Per budget, domain and config over the seeds (`--seeds`): mean, lowest and highest of the two ratios and of
+    the answers kept. One seed moves the answers by several, so defaults are chosen on these."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["budget"], r["calibrated_on"], r["config"]), []).append(r)
+    out = []
+    print("\nover the seeds: mean [lowest, highest]")
+    for (budget, domain, config), rs in groups.items():
+        entry = {
+            "budget": budget,
+            "calibrated_on": domain,
+            "config": config,
+            "seeds": [r["seed"] for r in rs],
+        }
+        for key in ("in_domain_ratio", "cross_domain_ratio", "answers_kept"):
+            values = [r[key] for r in rs if r.get(key) is not None]
+            if values:
+                entry[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+        out.append(entry)
+        cells = [f"{k.split('_')[0]} {v['mean']:.3f} [{v['min']:.3f}, {v['max']:.3f}]" if k != "answers_kept"
+                 else f"answers {v['mean']:.1f} [{v['min']}, {v['max']}]"
+                 for k, v in entry.items() if isinstance(v, dict)]  # fmt: skip
+        print(f"{budget:>6} {domain:14} {config:32} " + "; ".join(cells))
+    return out
 
 
 if __name__ == "__main__":
