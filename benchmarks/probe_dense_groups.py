@@ -60,13 +60,18 @@ def main() -> None:
     items = load_answer_set(arg("--answers", "builtin"))
     dense_model, dense_tok, _ = load_model(dense_path)
     dense_right = check_answers({"dense": (dense_model, dense_tok)}, items).right["dense"]
+    model, tok, _ = load_model(str(out))
     rows = []
     for label, (kinds, first, last) in {"none": ((), 0, -1), **groups}.items():
-        model, tok, _ = load_model(str(out))
         chosen = [n for n in factorized if n.endswith(kinds) and _in_blocks(n, first, last)]
-        for name in chosen:
-            model.set_submodule(name, dense_model.get_submodule(name))
-        right = check_answers({"model": (model, tok)}, items).right["model"]
+        factors = {n: model.get_submodule(n) for n in chosen}
+        try:  # the group's dense layers in, for this check only
+            for name in chosen:
+                model.set_submodule(name, dense_model.get_submodule(name))
+            right = check_answers({"model": (model, tok)}, items).right["model"]
+        finally:
+            for name, module in factors.items():
+                model.set_submodule(name, module)
         kept = sum(d and m for d, m in zip(dense_right, right, strict=True))
         saved = sum(factorized[n]["params_before"] - factorized[n]["params_after"] for n in chosen)
         rows.append({"group": label, "layers": len(chosen), "params_back": saved, "answers_kept": kept})
