@@ -14,7 +14,9 @@ moment leaves the target or the previous target; the previous one is then delete
 beside it, and the next run on that target puts it back.
 
 Temporary directories of killed runs (marked, and whose process is gone) are removed, or restored, when the next run
-checks the same target, with a warning.
+checks the same target, with a warning. Scratch space in the system's temporary folder (the calibration stash, a
+sweep's models), `lowrank-compress-WHAT-PID-*`, is marked too, and what a killed run left there is removed when the
+next run asks for scratch space.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import shutil
 import signal
 import stat
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,6 +42,7 @@ from lowrank_compress.errors import LowrankError
 
 MARKER = ".lowrank-compress"
 KINDS = ("output", "checkpoint", "report")  # report: a folder `report -o DIR` created
+SCRATCH = "scratch"  # a marked directory in the system's temporary folder (never an output)
 
 # Directories written before the marker existed: a file of this tool whose JSON object has these keys.
 _LEGACY_FILES = {
@@ -66,7 +70,7 @@ def _cause(e: OSError) -> str:
 
 def write_marker(directory: Path, kind: str = "output") -> None:
     """Mark `directory` as made by lowrank-compress (an output, a finetune checkpoint or a report folder)."""
-    if kind not in KINDS:
+    if kind not in (*KINDS, SCRATCH):
         raise ValueError(f"unknown directory kind {kind!r}")
     data = {"tool": "lowrank-compress", "kind": kind, "marker_version": 1}
     (Path(directory) / MARKER).write_text(json.dumps(data) + "\n", encoding="utf-8")
@@ -83,12 +87,13 @@ def _json_object(path: Path) -> dict | None:
 
 
 def marker_kind(directory: str | Path) -> str | None:
-    """The kind ("output", "checkpoint", "report") when `directory` carries this tool's marker, else None."""
+    """The kind ("output", "checkpoint", "report", "scratch") when `directory` carries this tool's marker, else
+    None."""
     data = _json_object(Path(directory) / MARKER)
     if not data or data.get("tool") != "lowrank-compress":
         return None
     kind = data.get("kind", "output")
-    return kind if kind in KINDS else None
+    return kind if kind in (*KINDS, SCRATCH) else None
 
 
 def ours(directory: str | Path) -> str | None:
@@ -302,6 +307,42 @@ def clean_stale(target: str | Path, warn: Warn | None = None) -> list[Path]:
             done.append(p)
         except OSError as e:
             say(f"could not remove {p}, left by a killed run (pid {pid}): {_cause(e)}")
+    return done
+
+
+def scratch_dir(what: str, warn: Warn | None = None) -> tempfile.TemporaryDirectory:
+    """A marked directory in the system's temporary folder, `lowrank-compress-WHAT-PID-*`, deleted when the returned
+    object is cleaned up or collected. First removes those that killed runs (SIGKILL, the OOM killer) left there:
+    a run's calibration stash holds hidden states for every block."""
+    clean_stale_scratch(warn)
+    scratch = tempfile.TemporaryDirectory(prefix=f"lowrank-compress-{what}-{os.getpid()}-")
+    write_marker(Path(scratch.name), SCRATCH)
+    return scratch
+
+
+_SCRATCH_NAME = re.compile(r"lowrank-compress-[a-z]+-(\d+)-.+")
+
+
+def clean_stale_scratch(warn: Warn | None = None) -> list[Path]:
+    """Remove the scratch directories (this user's, marked) whose process is gone; returns those removed."""
+    say = warn or _stderr_warn
+    try:
+        entries = list(Path(tempfile.gettempdir()).iterdir())
+    except OSError:
+        return []
+    done = []
+    for p in entries:
+        m = _SCRATCH_NAME.fullmatch(p.name)
+        if not m or p.is_symlink() or not p.is_dir() or _alive(int(m.group(1))):
+            continue
+        try:
+            if p.stat().st_uid != os.getuid() or marker_kind(p) != SCRATCH:
+                continue
+            _remove_tree(p)
+            say(f"removed {p}, left by a killed run (pid {m.group(1)})")
+            done.append(p)
+        except OSError as e:
+            say(f"could not remove {p}, left by a killed run (pid {m.group(1)}): {_cause(e)}")
     return done
 
 

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import hashlib
 import math
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -1056,7 +1055,9 @@ class _Flow:
         self.compressed = {part: list(h) for part, h in self.hidden.items()}
         self.dense_out: dict[str, list[Any]] = {part: [None] * len(h) for part, h in self.hidden.items()}
         # the gradient windows' inputs of every block, spilled to disk so that memory does not grow with depth
-        self._spill = tempfile.TemporaryDirectory(prefix="lowrank-compress-stash-")
+        from lowrank_compress.outdir import scratch_dir
+
+        self._spill = scratch_dir("stash", prepared.warn)
         self.shifted = False
 
     def run(self, block: nn.Module, part: str, b: int, hidden: torch.Tensor) -> torch.Tensor:

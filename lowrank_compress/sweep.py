@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +113,7 @@ def sweep(
     a budget is judged by the answers it keeps, not only by its perplexity."""
     from lowrank_compress.answers import AnswerSet, load_answer_set
     from lowrank_compress.loading import resolve
-    from lowrank_compress.outdir import atomic_output_dir, check_output_dir
+    from lowrank_compress.outdir import atomic_output_dir, check_output_dir, scratch_dir
     from lowrank_compress.pipeline import Prepared
     from lowrank_compress.text import load_text
 
@@ -132,7 +131,7 @@ def sweep(
     )
     dense_speed = None
     points: list[SweepPoint] = []
-    with atomic_output_dir(out_dir, overwrite, warn=warn) as tmp, tempfile.TemporaryDirectory() as scratch:
+    with atomic_output_dir(out_dir, overwrite, warn=warn) as tmp, scratch_dir("sweep", warn) as scratch:
         for i, budget in enumerate(budgets):
             where = (tmp / "models" if keep_models else Path(scratch)) / f"budget-{budget:g}"
             output = str(out_dir / "models" / where.name) if keep_models else None

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -415,6 +416,58 @@ def test_stale_temporaries_are_reported_on_stderr_by_the_cli(
     assert (
         "not empty" in one_error_line(res) and not stale.exists() and (out / "mine.txt").read_text() == "mine"
     )
+
+
+def test_scratch_space_of_killed_runs_is_removed_by_the_next(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    pid = dead_pid()
+    stale = tmp_path / f"lowrank-compress-stash-{pid}-abc123"  # ours, its process gone: removed
+    stale.mkdir()
+    outdir.write_marker(stale, outdir.SCRATCH)
+    (stale / "text-3.safetensors").write_text("hidden states")
+    unmarked = tmp_path / f"lowrank-compress-stash-{pid}-def456"  # no marker: not ours, left alone
+    unmarked.mkdir()
+    output = tmp_path / f"lowrank-compress-sweep-{pid}-0a1b2c"  # marked an output: not scratch, left alone
+    output.mkdir()
+    outdir.write_marker(output)
+    running = tmp_path / f"lowrank-compress-stash-{os.getpid()}-789abc"  # its process is alive: left alone
+    running.mkdir()
+    outdir.write_marker(running, outdir.SCRATCH)
+
+    said: list[str] = []
+    with outdir.scratch_dir("sweep", said.append) as fresh:
+        assert Path(fresh).name.startswith(f"lowrank-compress-sweep-{os.getpid()}-")
+        assert outdir.marker_kind(fresh) == outdir.SCRATCH
+    assert not Path(fresh).exists() and not stale.exists()
+    assert said == [f"removed {stale}, left by a killed run (pid {pid})"]
+    assert unmarked.is_dir() and output.is_dir() and running.is_dir()
+
+
+def test_a_factorize_killed_outright_leaves_its_stash_to_the_next_run(model: Path, tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer) cannot be cleaned up after: the next run removes what it left, output and stash."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(scratch)}
+    cmd = [sys.executable, "-m", "lowrank_compress.cli", "factorize", str(model), "-o", "out"]
+    cmd += ["--policy", "uniform", "--self-mix", "0"]  # data-aware, so the calibration flow stashes
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(scratch.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    left = [p.name for p in scratch.iterdir()]
+    assert left and all(name.startswith(f"lowrank-compress-stash-{proc.pid}-") for name in left), left
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    for name in left:
+        assert f"warning: removed {scratch / name}, left by a killed run (pid {proc.pid})" in again.stderr
+    assert list(scratch.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["out", "tmp"]
 
 
 # --------------------------------------------------------------------------------------------------- SIGTERM
