@@ -284,30 +284,48 @@ def clean_stale(target: str | Path, warn: Warn | None = None) -> list[Path]:
     say = warn or _stderr_warn
     if not target.name:
         return []
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)-[0-9a-f]+")
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?P<what>tmp|old)-(?P<pid>\d+)-[0-9a-f]+")
+    stale = _left_by_killed_runs(target.parent, pattern)
+    stale.sort(key=lambda s: (s[0]["what"] != "old", -_mtime(s[1])))  # the newest previous output first
+    done = []
+    for m, p in stale:
+        if m["what"] == "old" and not (target.exists() or target.is_symlink()):
+            try:
+                os.rename(p, target)
+            except OSError as e:
+                say(
+                    f"could not restore {target} from {p}, left by a killed run (pid {m['pid']}): {_cause(e)}"
+                )
+                continue
+            say(f"restored {target} from {p.name}, which a killed run (pid {m['pid']}) left mid-replacement")
+            done.append(p)
+        elif _remove_reported(p, m["pid"], say):
+            done.append(p)
+    return done
+
+
+def _left_by_killed_runs(folder: Path, pattern: re.Pattern[str]) -> list[tuple[re.Match[str], Path]]:
+    """The marked directories in `folder` whose name matches `pattern` and whose process (group `pid`) is gone."""
     try:
-        entries = list(target.parent.iterdir())
+        entries = list(folder.iterdir())
     except OSError:
         return []
-    stale = []
+    found = []
     for p in entries:
         m = pattern.fullmatch(p.name)
-        if m and not p.is_symlink() and p.is_dir() and not _alive(int(m.group(2))) and marker_kind(p):
-            stale.append((m.group(1), int(m.group(2)), p))
-    stale.sort(key=lambda s: (s[0] != "old", -_mtime(s[2])))  # the newest previous output first
-    done = []
-    for what, pid, p in stale:
-        try:
-            if what == "old" and not (target.exists() or target.is_symlink()):
-                os.rename(p, target)
-                say(f"restored {target} from {p.name}, which a killed run (pid {pid}) left mid-replacement")
-            else:
-                _remove_tree(p)
-                say(f"removed {p}, left by a killed run (pid {pid})")
-            done.append(p)
-        except OSError as e:
-            say(f"could not remove {p}, left by a killed run (pid {pid}): {_cause(e)}")
-    return done
+        if m and not p.is_symlink() and p.is_dir() and not _alive(int(m["pid"])) and marker_kind(p):
+            found.append((m, p))
+    return found
+
+
+def _remove_reported(path: Path, pid: str, say: Warn) -> bool:
+    try:
+        _remove_tree(path)
+    except OSError as e:
+        say(f"could not remove {path}, left by a killed run (pid {pid}): {_cause(e)}")
+        return False
+    say(f"removed {path}, left by a killed run (pid {pid})")
+    return True
 
 
 def scratch_dir(what: str, warn: Warn | None = None) -> tempfile.TemporaryDirectory:
@@ -320,29 +338,20 @@ def scratch_dir(what: str, warn: Warn | None = None) -> tempfile.TemporaryDirect
     return scratch
 
 
-_SCRATCH_NAME = re.compile(r"lowrank-compress-[a-z]+-(\d+)-.+")
+_SCRATCH_NAME = re.compile(r"lowrank-compress-[a-z]+-(?P<pid>\d+)-.+")
 
 
 def clean_stale_scratch(warn: Warn | None = None) -> list[Path]:
     """Remove the scratch directories (this user's, marked) whose process is gone; returns those removed."""
     say = warn or _stderr_warn
-    try:
-        entries = list(Path(tempfile.gettempdir()).iterdir())
-    except OSError:
-        return []
     done = []
-    for p in entries:
-        m = _SCRATCH_NAME.fullmatch(p.name)
-        if not m or p.is_symlink() or not p.is_dir() or _alive(int(m.group(1))):
-            continue
+    for m, p in _left_by_killed_runs(Path(tempfile.gettempdir()), _SCRATCH_NAME):
         try:
-            if p.stat().st_uid != os.getuid() or marker_kind(p) != SCRATCH:
-                continue
-            _remove_tree(p)
-            say(f"removed {p}, left by a killed run (pid {m.group(1)})")
+            mine = p.stat().st_uid == os.getuid() and marker_kind(p) == SCRATCH
+        except OSError:
+            continue
+        if mine and _remove_reported(p, m["pid"], say):
             done.append(p)
-        except OSError as e:
-            say(f"could not remove {p}, left by a killed run (pid {m.group(1)}): {_cause(e)}")
     return done
 
 
