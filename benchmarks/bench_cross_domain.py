@@ -61,6 +61,7 @@ CONFIGS = {  # label -> settings beyond the defaults
     "dense-input fit": {"error_aware": False},
     "refine 8": {"refine_steps": 8},
     "refine 16": {"refine_steps": 16},
+    "loss-weighted": {"loss_weighted": True},  # output errors weighted by the loss gradient
     "damping 0.05": {"damping": 0.05},
     "damping 0.2": {"damping": 0.2},
     "chat": {"chat": True},  # self-generated conversations through the chat template, the text plain

@@ -572,14 +572,16 @@ def blend_stats(parts: Sequence[tuple[dict[str, LayerStats], float]]) -> dict[st
                 raise CalibrationError("internal: only some calibration parts have error-aware statistics")
             shared[key] = (gram, abs_sum, sum(crosses) if crosses else None)  # type: ignore[assignment]
         gram, abs_sum, cross = shared[key]
-        fisher, grad = blend_gradients(layer)
-        out[name] = LayerStats(gram, abs_sum, n_total, fisher, grad, cross)  # type: ignore[arg-type]
+        fisher, grad, channels = blend_gradients(layer)
+        out[name] = LayerStats(gram, abs_sum, n_total, fisher, grad, channels, cross)  # type: ignore[arg-type]
     return out
 
 
-def blend_gradients(layer: Sequence[tuple[LayerStats, float]]) -> tuple[torch.Tensor | None, float | None]:
-    """One layer's gradient statistics (fisher_rows, out_grad_sq) pooled over the parts that measured them, with
-    the parts' weights (summing to 1 over all parts); see `blend_stats`."""
+def blend_gradients(
+    layer: Sequence[tuple[LayerStats, float]],
+) -> tuple[torch.Tensor | None, float | None, torch.Tensor | None]:
+    """One layer's gradient statistics (fisher_rows, out_grad_sq, out_grad_channels) pooled over the parts that
+    measured them, with the parts' weights (summing to 1 over all parts); see `blend_stats`."""
     n_total = sum(st.n_tokens for st, _ in layer)
     rows = [(st, w) for st, w in layer if st.fisher_rows is not None]
     fisher = None
@@ -588,7 +590,9 @@ def blend_gradients(layer: Sequence[tuple[LayerStats, float]]) -> tuple[torch.Te
         fisher = sum(st.fisher_rows * (w * norm / st.n_tokens) for st, w in rows)  # type: ignore[operator]
     measured = [(st.out_grad_sq, w) for st, w in layer if st.out_grad_sq is not None]
     grad = sum(g * w for g, w in measured) / sum(w for _, w in measured) if measured else None
-    return fisher, grad  # type: ignore[return-value]
+    per_channel = [(st.out_grad_channels, w) for st, w in layer if st.out_grad_channels is not None]
+    channels = sum(c * w for c, w in per_channel) / sum(w for _, w in per_channel) if per_channel else None
+    return fisher, grad, channels  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------------- statistics
@@ -611,6 +615,8 @@ class LayerStats:
     fisher_rows: torch.Tensor | None = None
     # mean squared loss gradient w.r.t. the layer output, per element (sensitivity)
     out_grad_sq: float | None = None
+    # (out,) float64: the same per output channel (its mean is out_grad_sq): the loss-weighted fit's row weights
+    out_grad_channels: torch.Tensor | None = None
     # (in x in) in `gram`'s dtype, error-aware fitting only: sum of x x'^T, x the layer's input in the dense model
     # and x' its input when the block is fed the compressed prefix's hidden states; `gram` and `abs_sum` then
     # describe x'
@@ -697,14 +703,34 @@ def add_product(
     return total
 
 
+class OutputGrads:
+    """The squared loss gradient at one layer's output, summed per output channel over the positions seen: the
+    sensitivity is its mean, the loss-weighted fit's row weights its per-channel means."""
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+        self.positions = 0
+
+    def add(self, g: torch.Tensor) -> None:
+        sq = g.detach().to(torch.float64).pow(2).reshape(-1, g.shape[-1])
+        self.sums = sq.sum(0) if self.sums is None else self.sums + sq.sum(0)
+        self.positions += sq.shape[0]
+
+    def channels(self) -> torch.Tensor | None:
+        return self.sums.cpu() / self.positions if self.sums is not None and self.positions else None
+
+    def mean(self) -> float | None:
+        channels = self.channels()
+        return float(channels.mean()) if channels is not None else None
+
+
 class _Accumulator:
     """Running sums for one layer: its (possibly shared) input sums and its own gradient statistics."""
 
     def __init__(self) -> None:
         self.inputs: _InputSums | None = None
         self.fisher_rows: torch.Tensor | None = None
-        self.grad_sq_sum = 0.0
-        self.grad_count = 0
+        self.grads = OutputGrads()
 
     def stats(self) -> LayerStats:
         sums = self.inputs
@@ -713,8 +739,10 @@ class _Accumulator:
                 "a calibration target was never called during the forward pass; is it a used layer?"
             )
         fisher = self.fisher_rows.cpu() if self.fisher_rows is not None else None
-        mean_sq = self.grad_sq_sum / self.grad_count if self.grad_count else None
-        return LayerStats(sums.gram.cpu(), sums.abs_sum.cpu(), sums.n_tokens, fisher, mean_sq)
+        grads = self.grads
+        return LayerStats(
+            sums.gram.cpu(), sums.abs_sum.cpu(), sums.n_tokens, fisher, grads.mean(), grads.channels()
+        )
 
 
 def collect_stats(
@@ -871,13 +899,7 @@ def _input_hook(name: str, accs: dict[str, _Accumulator], last: dict[str, Any]) 
 def _output_grad_hook(name: str, accs: dict[str, _Accumulator]) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if isinstance(output, torch.Tensor) and output.requires_grad:
-            acc = accs[name]
-
-            def grad_hook(g: torch.Tensor) -> None:
-                acc.grad_sq_sum += float(g.detach().to(torch.float64).pow(2).sum())
-                acc.grad_count += g.numel()
-
-            output.register_hook(grad_hook)
+            output.register_hook(accs[name].grads.add)
 
     return hook
 

@@ -131,6 +131,7 @@ def decompose(
     cholesky_cache: dict[int, Whitening] | None = None,
     spectrum_only: bool = False,
     consume_stats: bool = False,
+    row_weights: torch.Tensor | None = None,
 ) -> Decomposition:
     """One SVD of `w` (out x in) under `method`; see the module docstring for the objectives.
 
@@ -154,6 +155,10 @@ def decompose(
         factor: read it through `cholesky_cache` only), saving a copy of it (1 GB for a 11008-wide layer). The
         damping makes a failed factorization (which would need the original for a larger ridge) impossible in
         practice; it is then an error.
+    row_weights: whiten only, (out,) positive: the squared output error of row i counts row_weights[i] times, so
+        the fit minimizes sum_t sum_i row_weights[i] ((W - M) x_t)_i^2 (plus the damping term in the same norm):
+        with the loss's mean squared gradient per output channel, the diagonal of K-FAC's output factor, that is
+        the second-order estimate of the loss increase (the loss-weighted fit). Their scale does not matter.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -170,7 +175,9 @@ def decompose(
 
     if method == "whiten":
         assert stats is not None
-        return _whiten(w, stats, ridge, damping, cholesky_cache, spectrum_only, consume_stats)
+        return _whiten(w, stats, ridge, damping, cholesky_cache, spectrum_only, consume_stats, row_weights)
+    if row_weights is not None:
+        raise ValueError(f"row_weights are for the whiten method, not {method!r}")
     w = w.to(torch.float64)
     if method == "svd":
         u, s, v = _svd(w, spectrum_only)
@@ -197,16 +204,27 @@ def decompose(
 
 def _whiten(
     w: torch.Tensor, stats: LayerStats, ridge: float, damping: float, cache: dict[int, Whitening] | None,
-    spectrum_only: bool, consume: bool,
+    spectrum_only: bool, consume: bool, row_weights: torch.Tensor | None = None,
 ) -> Decomposition:  # fmt: skip
-    """SVD-LLM's whitened SVD (or the error-aware fit), in the Cholesky factor's precision (see `decompose`)."""
+    """SVD-LLM's whitened SVD (or the error-aware fit), in the Cholesky factor's precision (see `decompose`).
+    Row weights D scale the whitened target's rows by D^1/2 (every term of it is linear in W from the left) and the
+    left factor back by D^-1/2: the truncated SVD of D^1/2 T is the optimum of the weighted objective."""
     cached = _whitening(stats, w.shape[1], w.device, ridge, damping, cache, consume)
     chol = cached.chol
     w = w.to(chol.dtype)
     if getattr(stats, "cross", None) is None and getattr(stats, "weighted_cross", None) is None:
-        u, s, vh = _svd(w @ chol, spectrum_only)
+        target = w @ chol
     else:
-        u, s, vh = _svd(_error_aware_target(w, stats, cached), spectrum_only)
+        target = _error_aware_target(w, stats, cached)
+    root = None
+    if row_weights is not None:
+        root = _checked(row_weights, (w.shape[0],), "row_weights", w).clamp_min(0.0).sqrt()
+        root = root / root.max().clamp_min(torch.finfo(root.dtype).tiny)  # scale-free; keeps float32 in range
+        root = root.clamp_min(_MIN_ROW_ROOT)
+        target = target * root[:, None]
+    u, s, vh = _svd(target, spectrum_only)
+    if root is not None and not spectrum_only:
+        u = u / root[:, None]
     # v = Vh L^-1, solved as v L = Vh (triangular, never an explicit inverse)
     v = torch.linalg.solve_triangular(chol, vh, upper=False, left=False)
     return Decomposition(u, s.double(), v, "whiten", ridge=cached.rel)
@@ -257,6 +275,11 @@ def _error_aware_target(w: torch.Tensor, stats: LayerStats, whitening: Whitening
         a = torch.add(a, w, alpha=rho)  # never in place: `a` may be the statistics themselves
     # T L^T = A, L^T upper triangular
     return torch.linalg.solve_triangular(whitening.chol.T, a, upper=True, left=False)
+
+
+_MIN_ROW_ROOT = 1e-3
+"""Row weights below 1e-6 of the largest count as 1e-6 of it: a channel the loss never moved is still fitted a little,
+and the left factor's D^-1/2 stays finite."""
 
 
 def _checked(t: torch.Tensor, shape: tuple[int, ...], what: str, like: torch.Tensor) -> torch.Tensor:

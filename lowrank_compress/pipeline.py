@@ -234,8 +234,8 @@ class Prepared:
         )
         self._chat = False  # some calibration windows were conversations (--chat with a chat template)
         self._chat_text = False  # the text windows were wrapped as turns (--chat-text)
-        # pass 1's gradient statistics per target: (fisher_rows, out_grad_sq)
-        self._gradients: dict[str, tuple[Any, float | None]] = {}
+        # pass 1's gradient statistics per target: (fisher_rows, out_grad_sq, out_grad_channels)
+        self._gradients: dict[str, tuple[Any, float | None, Any]] = {}
         # the report's spectra: layer -> singular values, from pass 1, or from pass 2 where pass 1 measured none
         self._report_spectra: dict[str, torch.Tensor] = {}
 
@@ -318,6 +318,14 @@ class Prepared:
         if settings.policy == "sensitivity" and not causal:
             settings = dataclasses.replace(settings, policy="uniform")
             self.warn(f"{name} has no language-model loss for the sensitivity policy; using --policy uniform")
+        if settings.loss_weighted and not causal:
+            settings = dataclasses.replace(settings, loss_weighted=False)
+            self.warn(
+                f"{name} has no language-model loss to weight the fit by; fitting without (--no-loss-weighted)"
+            )
+        if settings.loss_weighted and settings.method != "whiten":
+            settings = dataclasses.replace(settings, loss_weighted=False)
+            self.warn(f"--loss-weighted is for --method whiten; fitting {settings.method} without it")
         data = settings.method != "svd" or settings.policy == "sensitivity"
         if settings.self_mix > 0 and not causal and settings.calibration != SELF and data:
             settings = dataclasses.replace(settings, self_mix=0.0)
@@ -381,7 +389,7 @@ class Prepared:
             self.tick("sampling")
         self.calibration_batches = batches
         self.part_weights = {part: (mix if part == "self" else 1.0 - mix) for part in batches}
-        gradients = settings.method == "fisher" or settings.policy == "sensitivity"
+        gradients = settings.method == "fisher" or settings.policy == "sensitivity" or settings.loss_weighted
         grad_n = min(settings.grad_samples, settings.samples) if gradients else 0
         for part, rows in batches.items():
             n = 0 if part == "text" and settings.grad_source == "self" and "self" in batches else grad_n
@@ -463,7 +471,7 @@ class Prepared:
             LayerCandidate(
                 name=t.name, out_features=t.out_features, in_features=t.in_features,
                 decomposition=spectra.get(t.name), stable_rank=stable.get(t.name),
-                sensitivity=grads.get(t.name, (None, None))[1],
+                sensitivity=grads[t.name][1] if t.name in grads else None,
             )
             for t in self.targets
         ]  # fmt: skip
@@ -518,9 +526,11 @@ class Prepared:
         """`consume`: the statistics are not read again (their Gram may become its Cholesky factor)."""
         from lowrank_compress.factorize import decompose
 
+        # the loss-weighted fit (pass 2; pass 1's spectra come before the gradients)
+        rows = self._gradients.get(t.name, (None, None, None))[2] if self.settings.loss_weighted else None
         return decompose(
             t.weight(), self.settings.method, stats, damping=self.settings.damping, cholesky_cache=cache,
-            spectrum_only=spectrum_only, consume_stats=consume,
+            spectrum_only=spectrum_only, consume_stats=consume, row_weights=rows,
         )  # fmt: skip
 
     def _block_targets(self, i: int) -> dict[str, nn.Module]:
@@ -558,7 +568,7 @@ class Prepared:
 
     def _backward(
         self, flow: _Flow, spectra: dict[str, Any], stable: dict[str, float], keep_stats: bool
-    ) -> dict[str, tuple[torch.Tensor | None, float | None]]:
+    ) -> dict[str, tuple[torch.Tensor | None, float | None, torch.Tensor | None]]:
         """Loss gradients through the blocks in reverse, one block in memory, recomputing each block's forward
         from its stored input (one window at a time, as `collect_stats` does): per target the mean squared
         gradient of its output (sensitivity) and, for fisher, the squared weight gradient per output row."""
@@ -575,7 +585,7 @@ class Prepared:
                         loss = streamed.head_loss(final, flow.ids[part][r : r + 1])
                         upstream[part].append(torch.autograd.grad(loss, final)[0].detach())
         n = len(streamed.blocks)
-        out: dict[str, tuple[torch.Tensor | None, float | None]] = {}
+        out: dict[str, tuple[torch.Tensor | None, float | None, torch.Tensor | None]] = {}
         for i in reversed(range(n)):
             modules = self._block_targets(i)
             with streamed.block(i) as block:
@@ -587,10 +597,11 @@ class Prepared:
                         )
                         parts.append((measured, self.part_weights[part]))
                 for name in modules:
-                    fisher_rows, grad = blend_gradients([(m[name], w) for m, w in parts])
-                    out[name] = (fisher_rows, grad)
+                    fisher_rows, grad, channels = blend_gradients([(m[name], w) for m, w in parts])
+                    out[name] = (fisher_rows, grad, channels)
                     if keep_stats and name in self.stats:
-                        self.stats[name].fisher_rows, self.stats[name].out_grad_sq = fisher_rows, grad
+                        st = self.stats[name]
+                        st.fisher_rows, st.out_grad_sq, st.out_grad_channels = fisher_rows, grad, channels
                 if fisher and modules:
                     self._gradients.update(out)
                     self._spectra(list(modules), spectra, stable, self._fisher_stats(modules))
@@ -605,19 +616,14 @@ class Prepared:
     ) -> dict[str, Any]:  # fmt: skip
         """One part's gradient statistics of block i's targets; `upstream` (the loss gradients at the block's
         output, one per gradient window) is replaced by the gradients at its input."""
-        from lowrank_compress.calibration import LayerStats
+        from lowrank_compress.calibration import LayerStats, OutputGrads
 
-        sq = dict.fromkeys(modules, 0.0)
-        count = dict.fromkeys(modules, 0)
+        grads = {n: OutputGrads() for n in modules}
         rows: dict[str, torch.Tensor] = {}
 
         def hook(name: str) -> Callable[..., None]:
             def fn(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-                def grad_hook(g: torch.Tensor) -> None:
-                    sq[name] += float(g.detach().double().pow(2).sum())
-                    count[name] += g.numel()
-
-                output.register_hook(grad_hook)
+                output.register_hook(grads[name].add)
 
             return fn
 
@@ -642,10 +648,8 @@ class Prepared:
                 h.remove()
         tokens = int(flow.ids[part].numel())
         return {
-            n: LayerStats(
-                torch.empty(0), torch.empty(0), tokens, rows.get(n), sq[n] / count[n] if count[n] else None
-            )
-            for n in modules
+            n: LayerStats(torch.empty(0), torch.empty(0), tokens, rows.get(n), g.mean(), g.channels())
+            for n, g in grads.items()
         }
 
     def _mean_loss(self, flow: _Flow, part: str) -> float:
@@ -721,6 +725,7 @@ class Prepared:
             "self_sampling": self._sampling,
             "self_sampling_peak_mb": self._sampling_peak_mb,
             "error_aware": settings.error_aware,
+            "loss_weighted": settings.loss_weighted,
             "refine_steps": settings.refine_steps,
         }
 

@@ -90,6 +90,10 @@ class FactorizeSettings:
     # fit each layer to the dense model's outputs while feeding it the compressed prefix's inputs (AA-SVD /
     # SVD-LLM V2 style, closed form); False: fit to the dense inputs alone (SVD-LLM)
     error_aware: bool = True
+    # whiten: weight each output channel's squared error by the loss's mean squared gradient there (measured by the
+    # gradient windows' backward pass, which it then needs), the diagonal of K-FAC's output factor; off: every
+    # channel counts alike (SVD-LLM)
+    loss_weighted: bool = False
     # Adam steps per block refining its factors against the dense block's outputs (0: closed form only)
     refine_steps: int = 0
     device: str = "cpu"
@@ -168,7 +172,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "ignore": (list,),
     "refine_steps": (int,),
 }
-_BOOLS = ("error_aware", "offload", "chat", "chat_text")
+_BOOLS = ("error_aware", "loss_weighted", "offload", "chat", "chat_text")
 _AUTO = ("chat",)  # booleans whose null means "decide from the model"
 
 

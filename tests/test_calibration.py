@@ -269,7 +269,8 @@ def test_gpt2_conv1d_gram_equals_xtx_of_the_layer_inputs() -> None:
 
 
 def _reference_grads(model, names, batches, batch_size, conv1d: bool):
-    """Fisher rows and mean squared output gradients by plain autograd, with our own loss."""
+    """Fisher rows and mean squared output gradients (overall and per output channel) by plain autograd, with our
+    own loss."""
     modules = [model.get_submodule(n) for n in names]
     fisher = {
         n: torch.zeros(m.weight.shape[1 if conv1d else 0], dtype=torch.float64)
@@ -277,6 +278,7 @@ def _reference_grads(model, names, batches, batch_size, conv1d: bool):
     }
     sq = dict.fromkeys(names, 0.0)
     count = dict.fromkeys(names, 0)
+    per_channel: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
 
     def keep(name):
@@ -297,10 +299,13 @@ def _reference_grads(model, names, batches, batch_size, conv1d: bool):
             og = outputs[n].grad.double()
             sq[n] += float(og.pow(2).sum())
             count[n] += og.numel()
+            flat = og.pow(2).reshape(-1, og.shape[-1])
+            per_channel[n] = per_channel.get(n, 0) + flat.sum(0)  # summed over positions
         model.zero_grad(set_to_none=True)
     for h in handles:
         h.remove()
-    return fisher, {n: sq[n] / count[n] for n in names}
+    channels = {n: per_channel[n] / (count[n] / per_channel[n].shape[0]) for n in names}
+    return fisher, {n: sq[n] / count[n] for n in names}, channels
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -327,7 +332,9 @@ def test_fisher_rows_and_output_sensitivity_equal_autograd(arch) -> None:
 
     model.eval()
     model.get_submodule(names[0]).weight.requires_grad_(True)
-    fisher, sens = _reference_grads(model, names, batches, 1, conv1d=arch == "gpt2")  # one loss per window
+    fisher, sens, channels = _reference_grads(
+        model, names, batches, 1, conv1d=arch == "gpt2"
+    )  # a loss per window
     for n in names:
         st = stats[n]
         assert st.fisher_rows is not None and st.fisher_rows.dtype == torch.float64
@@ -335,6 +342,7 @@ def test_fisher_rows_and_output_sensitivity_equal_autograd(arch) -> None:
         assert st.fisher_rows.shape == (out_dim,)
         torch.testing.assert_close(st.fisher_rows, fisher[n], rtol=1e-4, atol=1e-12)
         assert st.out_grad_sq == pytest.approx(sens[n], rel=1e-4)
+        torch.testing.assert_close(st.out_grad_channels, channels[n], rtol=1e-4, atol=1e-12)
         assert st.n_tokens == 45
 
 

@@ -9,6 +9,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from lowrank_compress.calibration import LayerStats
 from lowrank_compress.errors import CalibrationError, LowrankError
 from lowrank_compress.factorize import METHODS, Decomposition, decompose
 
@@ -120,6 +121,54 @@ def test_whitening_error_equals_discarded_values_and_is_optimal() -> None:
     assert float(white.truncation_error()[r]) < 0.9 * float(
         (((w - plain.reconstruct(r).numpy()) @ x.T) ** 2).sum()
     )
+
+
+@pytest.mark.parametrize("shape", [(40, 32), (24, 32)])
+@pytest.mark.parametrize("cross", [None, "cross", "weighted_cross"])
+def test_loss_weighted_whiten_is_the_optimum_of_the_row_weighted_objective(
+    shape: tuple[int, int], cross: str | None
+) -> None:
+    """min over rank-r M of sum_t sum_i d_i ((W X_t - M X'_t)_i)^2: with C = X'^T X' = L L^T and the unconstrained
+    optimum M* = W X^T X' C^-1, the objective is const + ||D^1/2 (M* - M) L||_F^2, so Eckart-Young on D^1/2 M* L gives
+    M = D^-1/2 [D^1/2 M* L]_r L^-1 (X' = X: M* = W, SVD-LLM's whitening with row weights). Computed here with numpy's
+    SVD and compared; at full rank the fit reproduces M* (W itself without a cross term)."""
+    out_f, in_f = shape
+    w = make_weight(out_f, in_f, seed=31)
+    x = make_inputs(300, in_f, seed=32)
+    shifted = x if cross is None else x + 0.3 * make_inputs(300, in_f, seed=33)
+    d = np.exp(np.random.default_rng(34).uniform(-3.0, 3.0, out_f))
+    stats = LayerStats(torch.from_numpy(shifted.T @ shifted), torch.from_numpy(np.abs(shifted).sum(0)), 300)
+    if cross == "cross":
+        stats.cross = torch.from_numpy(x.T @ shifted)
+    elif cross == "weighted_cross":
+        stats.weighted_cross = torch.from_numpy(w @ x.T @ shifted)
+    dec = decompose(torch.from_numpy(w), "whiten", stats, row_weights=torch.from_numpy(d))
+    plain = decompose(torch.from_numpy(w), "whiten", stats)
+
+    gram = shifted.T @ shifted
+    best = w @ x.T @ shifted @ np.linalg.inv(gram)
+    chol = np.linalg.cholesky(gram)
+    u, sv, vt = np.linalg.svd(np.sqrt(d)[:, None] * best @ chol, full_matrices=False)
+
+    def weighted_error(m: np.ndarray) -> float:
+        return float((d[:, None] * (w @ x.T - m @ shifted.T) ** 2).sum())
+
+    for r in (1, 5, 12):
+        want = ((u[:, :r] * sv[:r]) @ vt[:r] @ np.linalg.inv(chol)) / np.sqrt(d)[:, None]
+        got = dec.reconstruct(r).numpy()
+        assert np.abs(got - want).max() <= 1e-8 * np.abs(want).max()
+        assert weighted_error(got) <= weighted_error(plain.reconstruct(r).numpy()) * (1 + 1e-12)
+    k = min(shape)
+    assert np.abs(dec.reconstruct(k).numpy() - best).max() <= 1e-8 * np.abs(best).max()
+
+
+def test_row_weights_are_for_whiten_only_and_need_one_per_row() -> None:
+    w = torch.from_numpy(make_weight(8, 6, seed=35))
+    stats = make_stats(make_inputs(40, 6, seed=36), 8, seed=37)
+    with pytest.raises(ValueError, match="whiten"):
+        decompose(w, "asvd", stats, row_weights=torch.ones(8))
+    with pytest.raises(ValueError, match="row_weights has shape"):
+        decompose(w, "whiten", stats, row_weights=torch.ones(6))
 
 
 def test_rank_deficient_gram_escalates_the_ridge() -> None:

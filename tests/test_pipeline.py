@@ -476,6 +476,33 @@ def test_damping_zero_is_plain_whitening_and_damping_moves_toward_svd(
     assert yaml.safe_load((tmp_path / "heavy" / "recipe.yaml").read_text())["damping"] == 100.0
 
 
+def test_loss_weighted_fit_measures_gradients_and_says_where_it_cannot_run(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """--loss-weighted needs the loss gradients: with uniform ranks it still runs the backward pass (else nothing
+    would weight the fit) and records itself; encoders have no loss and other methods no row weights, so both say
+    so in one warning line and fit without."""
+    out = tmp_path / "weighted"
+    res = run("factorize", models["llama"], "-o", out, "--policy", "uniform", "--self-mix", "0", "--loss-weighted",
+              "--samples", "8", "--seq-len", "64", "--grad-samples", "2", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    calibration = json.loads((out / "report.json").read_text())["calibration"]
+    assert calibration["loss_weighted"] is True and calibration["parts"]["text"]["grad_samples"] == 2
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["loss_weighted"] is True
+    for model, extra, said in (
+        ("bert", [], "has no language-model loss to weight the fit by"),
+        ("llama", ["--method", "asvd"], "--loss-weighted is for --method whiten"),
+    ):
+        res = run("factorize", models[model], "-o", tmp_path / model, "--policy", "uniform", "--loss-weighted",
+                  "--self-mix", "0", "--samples", "8", "--seq-len", "64", *extra)  # fmt: skip
+        assert res.exit_code == 0, res.output
+        assert [x for x in res.stderr.splitlines() if said in x] and "Traceback" not in res.output
+        assert (
+            json.loads((tmp_path / model / "report.json").read_text())["calibration"]["loss_weighted"]
+            is False
+        )
+
+
 def test_self_generated_calibration(models: dict[str, Path], tmp_path: Path) -> None:
     settings = build_settings(calibration="self", samples=8, seq_len=64, grad_samples=2, budget=0.6)
     a = factorize_model(models["llama"], tmp_path / "a", settings)
@@ -514,6 +541,9 @@ def test_self_mix_zero_is_exactly_the_text_calibration(models: dict[str, Path]) 
     for n in names:  # the block-by-block passes compute what the whole model computes
         torch.testing.assert_close(prepared.stats[n].gram.double(), expected[n].gram, rtol=1e-6, atol=1e-6)
         assert prepared.stats[n].out_grad_sq == pytest.approx(expected[n].out_grad_sq, rel=1e-5)
+        torch.testing.assert_close(
+            prepared.stats[n].out_grad_channels, expected[n].out_grad_channels, rtol=1e-5, atol=1e-12
+        )
     info = prepared.calibration_info
     assert "sampling" not in prepared.tick.laps
     assert info["parts"]["self"] is None and info["perplexity"] is None and info["self_mix"] == 0.0

@@ -288,17 +288,22 @@ def _layer_inputs(model: nn.Module, names: list[str], batches: torch.Tensor) -> 
     return {n: torch.cat(r) for n, r in rows.items()}
 
 
+@pytest.mark.parametrize("loss_weighted", [False, True])
 def test_every_layer_is_fitted_to_the_inputs_it_sees_in_the_compressed_model(
-    models: dict[str, Path], tmp_path: Path
+    models: dict[str, Path], tmp_path: Path, loss_weighted: bool
 ) -> None:
     """Error-aware within the block as across blocks: each factorized layer is the closed-form optimum of AA-SVD's
     anchored objective min ||W X - M X'||^2 + rho ||W - M||^2 at its rank, where X are its inputs in the dense model
     and X' its inputs in the compressed model itself: q/k/v see the compressed prefix, o_proj also the factorized
-    q/k/v, down_proj the factorized gate/up. X and X' are gathered from the two whole models by hooks."""
+    q/k/v, down_proj the factorized gate/up. X and X' are gathered from the two whole models by hooks. Loss-weighted,
+    both norms weight output row i by the mean squared loss gradient at it, which the whole dense model's autograd
+    measures here (collect_stats) where factorize ran a backward pass block by block."""
     from lowrank_compress.modules import LowRankLinear
 
     src = models["llama"]
-    settings = build_settings(budget=0.5, method="whiten", policy="uniform", **FAST)
+    settings = build_settings(
+        budget=0.5, method="whiten", policy="uniform", loss_weighted=loss_weighted, **FAST
+    )
     factorize_model(src, tmp_path / "out", settings)
     dense, tok, _ = load_model(src)
     compressed = load_model(tmp_path / "out")[0]
@@ -308,6 +313,10 @@ def test_every_layer_is_fitted_to_the_inputs_it_sees_in_the_compressed_model(
     )  # fmt: skip
     names = [t.name for t in find_targets(dense, [], [])]
     x, xs = _layer_inputs(dense, names, batches), _layer_inputs(compressed, names, batches)
+    rows = dict.fromkeys(names)
+    if loss_weighted:
+        grads = collect_stats(dense, batches, names, sensitivity=True, grad_samples=settings.grad_samples)
+        rows = {n: grads[n].out_grad_channels for n in names}
     fitted = 0
     for name in names:
         m = compressed.get_submodule(name)
@@ -316,7 +325,9 @@ def test_every_layer_is_fitted_to_the_inputs_it_sees_in_the_compressed_model(
         a, b = x[name], xs[name]
         stats = LayerStats(b.T @ b, b.abs().sum(0), a.shape[0], cross=a.T @ b)
         w = dense.get_submodule(name).weight.detach().double()
-        want = decompose(w, "whiten", stats, damping=settings.damping).reconstruct(m.rank)
+        want = decompose(w, "whiten", stats, damping=settings.damping, row_weights=rows[name]).reconstruct(
+            m.rank
+        )
         got = m.up.weight.detach().double() @ m.down.weight.detach().double()
         assert float((got - want).norm() / want.norm()) < 1e-3, name
         fitted += 1
