@@ -62,6 +62,7 @@ CONFIGS = {  # label -> settings beyond the defaults
     "refine 8": {"refine_steps": 8},
     "refine 16": {"refine_steps": 16},
     "loss-weighted": {"loss_weighted": True},  # output errors weighted by the loss gradient
+    "loss-weighted, self grads": {"loss_weighted": True, "grad_source": "self"},
     "damping 0.05": {"damping": 0.05},
     "damping 0.2": {"damping": 0.2},
     "chat": {"chat": True},  # self-generated conversations through the chat template, the text plain
