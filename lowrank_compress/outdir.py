@@ -69,7 +69,8 @@ def _cause(e: OSError) -> str:
 
 
 def write_marker(directory: Path, kind: str = "output") -> None:
-    """Mark `directory` as made by lowrank-compress (an output, a finetune checkpoint or a report folder)."""
+    """Mark `directory` as made by lowrank-compress (an output, a finetune checkpoint, a report folder or scratch
+    space)."""
     if kind not in (*KINDS, SCRATCH):
         raise ValueError(f"unknown directory kind {kind!r}")
     data = {"tool": "lowrank-compress", "kind": kind, "marker_version": 1}
@@ -319,6 +320,7 @@ def _left_by_killed_runs(folder: Path, pattern: re.Pattern[str]) -> list[tuple[r
 
 
 def _remove_reported(path: Path, pid: str, say: Warn) -> bool:
+    """Remove what a killed run left and say so (or why it could not be); True when removed."""
     try:
         _remove_tree(path)
     except OSError as e:
