@@ -286,7 +286,7 @@ def clean_stale(target: str | Path, warn: Warn | None = None) -> list[Path]:
     if not target.name:
         return []
     pattern = re.compile(rf"\.{re.escape(target.name)}\.(?P<what>tmp|old)-(?P<pid>\d+)-[0-9a-f]+")
-    stale = _left_by_killed_runs(target.parent, pattern)
+    stale = _left_by_killed_runs(target.parent, pattern, KINDS)
     stale.sort(key=lambda s: (s[0]["what"] != "old", -_mtime(s[1])))  # the newest previous output first
     done = []
     for m, p in stale:
@@ -305,8 +305,11 @@ def clean_stale(target: str | Path, warn: Warn | None = None) -> list[Path]:
     return done
 
 
-def _left_by_killed_runs(folder: Path, pattern: re.Pattern[str]) -> list[tuple[re.Match[str], Path]]:
-    """The marked directories in `folder` whose name matches `pattern` and whose process (group `pid`) is gone."""
+def _left_by_killed_runs(
+    folder: Path, pattern: re.Pattern[str], kinds: Sequence[str]
+) -> list[tuple[re.Match[str], Path]]:
+    """The directories in `folder` marked as one of `kinds` whose name matches `pattern` and whose process (group
+    `pid`) is gone."""
     try:
         entries = list(folder.iterdir())
     except OSError:
@@ -314,7 +317,7 @@ def _left_by_killed_runs(folder: Path, pattern: re.Pattern[str]) -> list[tuple[r
     found = []
     for p in entries:
         m = pattern.fullmatch(p.name)
-        if m and not p.is_symlink() and p.is_dir() and not _alive(int(m["pid"])) and marker_kind(p):
+        if m and not p.is_symlink() and p.is_dir() and not _alive(int(m["pid"])) and marker_kind(p) in kinds:
             found.append((m, p))
     return found
 
@@ -347,14 +350,18 @@ def clean_stale_scratch(warn: Warn | None = None) -> list[Path]:
     """Remove the scratch directories (this user's, marked) whose process is gone; returns those removed."""
     say = warn or _stderr_warn
     done = []
-    for m, p in _left_by_killed_runs(Path(tempfile.gettempdir()), _SCRATCH_NAME):
-        try:
-            mine = p.stat().st_uid == os.getuid() and marker_kind(p) == SCRATCH
-        except OSError:
-            continue
-        if mine and _remove_reported(p, m["pid"], say):
+    for m, p in _left_by_killed_runs(Path(tempfile.gettempdir()), _SCRATCH_NAME, (SCRATCH,)):
+        if _mine(p) and _remove_reported(p, m["pid"], say):
             done.append(p)
     return done
+
+
+def _mine(path: Path) -> bool:
+    """Owned by this user (another user's scratch is theirs to clean)."""
+    try:
+        return path.stat().st_uid == os.getuid()
+    except OSError:
+        return False
 
 
 def _mtime(p: Path) -> float:
