@@ -453,7 +453,8 @@ def test_a_factorize_killed_outright_leaves_its_stash_to_the_next_run(model: Pat
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        while not list(scratch.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
+        marked = lambda: [d for d in scratch.iterdir() if outdir.marker_kind(d) == outdir.SCRATCH]  # noqa: E731
+        while not marked() and proc.poll() is None and time.monotonic() < deadline:  # the stash, marked
             time.sleep(0.005)
         proc.kill()
         proc.wait(timeout=60)
