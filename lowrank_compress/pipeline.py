@@ -1,9 +1,9 @@
 """`factorize_model`: the whole factorize job, from a checkpoint to a written lowrank output, one block at a time.
 
 open the checkpoint (a skeleton on the meta device) -> pick targets -> calibration windows -> pass 1, block by
-block: statistics, spectra, then gradients backwards -> ranks for the whole model under the budget -> pass 2,
-block by block: factors fitted to the dense block's outputs from the compressed prefix's inputs, streamed into
-shards -> config, recipe.yaml, report.json, model card -> atomic rename.
+block: statistics, spectra, then gradients backwards (the gradients first where the spectra read them) -> ranks for
+the whole model under the budget -> pass 2, block by block: factors fitted to the dense block's outputs from the
+compressed prefix's inputs, streamed into shards -> config, recipe.yaml, report.json, model card -> atomic rename.
 """
 
 from __future__ import annotations
@@ -445,7 +445,8 @@ class Prepared:
 
     def _pass1(self, keep_stats: bool) -> None:
         """Block by block: each target's spectrum under the method (from the pooled input statistics), its stable
-        rank, and, through a block-wise backward pass, its sensitivity (and Fisher rows)."""
+        rank, and, through a block-wise backward pass, its sensitivity (and Fisher rows). The loss-weighted fit's
+        spectra read the gradients, so it measures them first, on a forward pass of the gradient windows alone."""
         from lowrank_compress.allocate import LayerCandidate
 
         spectra: dict[str, Any] = {}
@@ -453,13 +454,21 @@ class Prepared:
         grads: dict[str, Any] = {}
         self._gradients = grads
         if self.needs_data:
-            flow = _Flow(self)
+            measured = any(self.grad_rows.values())
+            first = measured and (self.settings.method == "fisher" or self.settings.loss_weighted)
+            if first:
+                windows = _Flow(self, gradient_windows=True)
+                self._forward(windows)
+                grads.update(self._gradient_pass(windows))
+                del windows
+            flow = _Flow(self, stash=measured and not first)
             self._forward(flow, spectra, stable, keep_stats)
             self._record_calibration(flow)
             self.tick("calibration")
-            if any(self.grad_rows.values()):
-                grads.update(self._backward(flow, spectra, stable, keep_stats))
-                self.tick("gradients")
+            if measured and not first:
+                grads.update(self._gradient_pass(flow))
+            for name, st in self.stats.items():  # keep_stats: the statistics with their gradients
+                st.fisher_rows, st.out_grad_sq, st.out_grad_channels = grads.get(name, (None, None, None))
         for i, names in self._blocks_with_targets():
             if all(n in spectra for n in names) or not self._reads_weights_in_pass1:
                 continue
@@ -471,11 +480,22 @@ class Prepared:
             LayerCandidate(
                 name=t.name, out_features=t.out_features, in_features=t.in_features,
                 decomposition=spectra.get(t.name), stable_rank=stable.get(t.name),
-                sensitivity=grads[t.name][1] if t.name in grads else None,
+                sensitivity=self._sensitivity(t.name),
             )
             for t in self.targets
         ]  # fmt: skip
         self.tick("spectra")
+
+    def _sensitivity(self, name: str) -> float | None:
+        """What the allocator multiplies a layer's truncation error by to read it as loss: the mean squared loss
+        gradient at its output; for loss-weighted spectra, already in units of the per-channel gradients scaled
+        to their largest (`factorize._whiten`), that largest one."""
+        if name not in self._gradients:
+            return None
+        _, mean_sq, channels = self._gradients[name]
+        if self.settings.loss_weighted and channels is not None and self.settings.method == "whiten":
+            return float(channels.max())
+        return mean_sq
 
     @property
     def _sums_dtype(self) -> torch.dtype:
@@ -526,7 +546,7 @@ class Prepared:
         """`consume`: the statistics are not read again (their Gram may become its Cholesky factor)."""
         from lowrank_compress.factorize import decompose
 
-        # the loss-weighted fit (pass 2; pass 1's spectra come before the gradients)
+        # the loss-weighted fit and spectra (pass 1 measures the gradients before the spectra then)
         rows = self._gradients.get(t.name, (None, None, None))[2] if self.settings.loss_weighted else None
         return decompose(
             t.weight(), self.settings.method, stats, damping=self.settings.damping, cholesky_cache=cache,
@@ -537,14 +557,18 @@ class Prepared:
         return {t.name: t.module for t in self.targets if self.streamed.block_of(t.name) == i}
 
     def _forward(
-        self, flow: _Flow, spectra: dict[str, Any], stable: dict[str, float], keep_stats: bool
-    ) -> None:
+        self, flow: _Flow, spectra: dict[str, Any] | None = None, stable: dict[str, float] | None = None,
+        keep_stats: bool = False,
+    ) -> None:  # fmt: skip
+        """The calibration windows through the dense blocks, stashing the gradient windows' inputs when the flow
+        does; with `spectra`, each block's pooled input statistics give its targets' spectra and stable ranks."""
         from lowrank_compress.calibration import BlockStatistics
 
         n = len(self.streamed.blocks)
         scales = self._part_scales()
+        label = "pass 1" if spectra is not None else "gradient windows"
         for i in range(n):
-            modules = self._block_targets(i)
+            modules = self._block_targets(i) if spectra is not None else {}
             with self.streamed.block(i) as block, PeakMemory(self.streamed.device) as peak:
                 sums = BlockStatistics(modules, self._sums_dtype)
                 for part in flow.ids:
@@ -556,29 +580,34 @@ class Prepared:
                             sums.add(seen, weight=scales[part])
                         del seen
                 if modules:
+                    assert spectra is not None and stable is not None
                     stats = sums.stats()
                     del sums
                     if keep_stats:
                         self.stats.update(stats)
-                    if self.settings.method != "fisher":
+                    if self.settings.method == "fisher":
+                        self._spectra(list(modules), spectra, stable, self._fisher_stats(modules))
+                    else:
                         self._spectra(list(modules), spectra, stable, stats, free=not keep_stats)
                     del stats
             self.block_peaks.append(peak.mb)
-            self.report(f"pass 1, block {i + 1}/{n} (peak {peak.mb:,.0f} MB)", i + 1, n)
+            self.report(f"{label}, block {i + 1}/{n} (peak {peak.mb:,.0f} MB)", i + 1, n)
 
-    def _backward(
-        self, flow: _Flow, spectra: dict[str, Any], stable: dict[str, float], keep_stats: bool
+    def _gradient_pass(
+        self, flow: _Flow
     ) -> dict[str, tuple[torch.Tensor | None, float | None, torch.Tensor | None]]:
-        """Loss gradients through the blocks in reverse, one block in memory, recomputing each block's forward
-        from its stored input (one window at a time, as `collect_stats` does): per target the mean squared
-        gradient of its output (sensitivity) and, for fisher, the squared weight gradient per output row."""
+        """Loss gradients of the flow's gradient windows (`_forward` has run them through every block) through the
+        blocks in reverse, one block in memory, recomputing each block's forward from its stashed input (one
+        window at a time, as `collect_stats` does): per target the mean squared gradient of its output (the
+        sensitivity), per output channel (the loss-weighted fit's row weights) and, for fisher, the squared
+        weight gradient per output row."""
         from lowrank_compress.calibration import blend_gradients
 
         fisher = self.settings.method == "fisher"
         streamed = self.streamed
         upstream = {part: [] for part in flow.ids}
         with streamed.outer(embeddings=False):
-            for part, rows in self.grad_rows.items():
+            for part, rows in flow.grad_rows.items():
                 for r in rows:
                     final = flow.row(part, r).to(streamed.device).requires_grad_(True)
                     with torch.enable_grad():
@@ -590,24 +619,18 @@ class Prepared:
             modules = self._block_targets(i)
             with streamed.block(i) as block:
                 parts = []
-                for part, rows in self.grad_rows.items():
+                for part, rows in flow.grad_rows.items():
                     if rows:
                         measured = self._block_gradients(
                             block, modules, flow, part, i, upstream[part], fisher
                         )
                         parts.append((measured, self.part_weights[part]))
                 for name in modules:
-                    fisher_rows, grad, channels = blend_gradients([(m[name], w) for m, w in parts])
-                    out[name] = (fisher_rows, grad, channels)
-                    if keep_stats and name in self.stats:
-                        st = self.stats[name]
-                        st.fisher_rows, st.out_grad_sq, st.out_grad_channels = fisher_rows, grad, channels
-                if fisher and modules:
-                    self._gradients.update(out)
-                    self._spectra(list(modules), spectra, stable, self._fisher_stats(modules))
-            for part in flow.ids:
+                    out[name] = blend_gradients([(m[name], w) for m, w in parts])
+            for part in flow.grad_rows:
                 flow.drop_stash(part, i)
             self.report(f"gradients, block {n - i}/{n}", n - i, n)
+        self.tick("gradients")
         return out
 
     def _block_gradients(
@@ -1044,17 +1067,22 @@ class _Flow:
     disk for the block-wise backward pass. With --offload they live on the CPU and visit the device per batch.
     """
 
-    def __init__(self, prepared: Prepared) -> None:
+    def __init__(self, prepared: Prepared, *, stash: bool = False, gradient_windows: bool = False) -> None:
+        """`stash`: the gradient windows' inputs of every block are kept for a backward pass; `gradient_windows`:
+        the flow holds those windows alone (and stashes them)."""
         streamed, settings = prepared.streamed, prepared.settings
         self.streamed = streamed
         self.store = torch.device("cpu") if settings.offload else streamed.device
+        chosen = {part: rows for part, rows in prepared.grad_rows.items() if rows}
         self.ids = prepared.calibration_batches
-        self.grad_rows = prepared.grad_rows
+        self.grad_rows = chosen if stash else {}
+        if gradient_windows:
+            self.ids = {part: self.ids[part][rows] for part, rows in chosen.items()}
+            self.grad_rows = {part: list(range(len(rows))) for part, rows in chosen.items()}
         with streamed.outer():
             self.ctx = {part: streamed.capture(rows, BATCH) for part, rows in self.ids.items()}
             self.grad_ctx = {
-                part: streamed.capture(rows[self.grad_rows[part]], 1) if self.grad_rows.get(part) else []
-                for part, rows in self.ids.items()
+                part: streamed.capture(self.ids[part][rows], 1) for part, rows in self.grad_rows.items()
             }
         self.hidden = {part: [c.hidden.to(self.store) for c in ctx] for part, ctx in self.ctx.items()}
         self.compressed = {part: list(h) for part, h in self.hidden.items()}
@@ -1062,7 +1090,7 @@ class _Flow:
         # the gradient windows' inputs of every block, spilled to disk so that memory does not grow with depth
         from lowrank_compress.outdir import scratch_dir
 
-        self._spill = scratch_dir("stash", prepared.warn)
+        self._spill = scratch_dir("stash", prepared.warn) if self.grad_rows else None
         self.shifted = False
 
     def run(self, block: nn.Module, part: str, b: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -1078,7 +1106,7 @@ class _Flow:
         """Keep block i's inputs of the gradient windows for the backward pass (on disk)."""
         from safetensors.torch import save_file
 
-        rows = self.grad_rows.get(part, [])
+        rows = self.grad_rows.get(part)
         if rows:
             tensors = {str(k): self.row(part, r).to("cpu").contiguous() for k, r in enumerate(rows)}
             save_file(tensors, self._stash_path(part, i))
@@ -1093,6 +1121,7 @@ class _Flow:
         Path(self._stash_path(part, i)).unlink(missing_ok=True)
 
     def _stash_path(self, part: str, i: int) -> str:
+        assert self._spill is not None
         return str(Path(self._spill.name) / f"{part}-{i}.safetensors")
 
     def advance(

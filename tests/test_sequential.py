@@ -334,6 +334,42 @@ def test_every_layer_is_fitted_to_the_inputs_it_sees_in_the_compressed_model(
     assert fitted == len(names)
 
 
+def test_loss_weighted_ranks_read_the_loss_estimate_of_each_truncation(models: dict[str, Path]) -> None:
+    """With --loss-weighted the allocator reads, for every layer and rank r, the diagonal K-FAC estimate of the
+    loss increase sum_i g_i^2 ||((W - W_r) X)_i||^2 (g_i^2 the mean squared loss gradient at output channel i; with
+    the damping loading rho I on X^T X): the tail sum_{k>r} s_k^2 of the singular values of D^1/2 W (X^T X +
+    rho I)^1/2, D = diag(g^2). Here numpy's eigenvalues of D^1/2 W (X^T X + rho I) W^T D^1/2, with X and g from the
+    whole dense model (collect_stats), must equal sensitivity x truncation error of pass 1's candidates up to one
+    constant (the pooled Gram's normalization) shared by all layers and ranks."""
+    from lowrank_compress.pipeline import Prepared
+
+    src = models["llama"]
+    settings = build_settings(budget=0.5, method="whiten", loss_weighted=True, **FAST)
+    prepared = Prepared.load(src, settings)
+    dense, tok, _ = load_model(src)
+    batches = make_batches(
+        tok, load_text("builtin", split="calibration"), samples=settings.samples, seq_len=settings.seq_len,
+        seed=settings.seed,
+    )  # fmt: skip
+    names = [c.name for c in prepared.candidates]
+    stats = collect_stats(dense, batches, names, sensitivity=True, grad_samples=settings.grad_samples)
+    ratios = []
+    for cand in prepared.candidates:
+        st = stats[cand.name]
+        gram = st.gram.double().numpy()
+        loaded = gram + settings.damping * np.diag(gram).mean() * np.eye(len(gram))
+        root = np.sqrt(st.out_grad_channels.double().numpy())[:, None]
+        w = root * dense.get_submodule(cand.name).weight.detach().double().numpy()
+        energy = np.sort(np.linalg.eigvalsh(w @ loaded @ w.T))[::-1].clip(min=0)
+        tails = np.cumsum(energy[::-1])[::-1][: min(w.shape)]
+        assert cand.decomposition is not None and cand.sensitivity is not None
+        got = cand.sensitivity * cand.decomposition.truncation_error().numpy()[: len(tails)]
+        kept = tails > 1e-4 * tails[0]  # the last tails are float32 round-off
+        ratios.append(got[kept] / tails[kept])
+    ratios_all = np.concatenate(ratios)
+    np.testing.assert_allclose(ratios_all, np.median(ratios_all), rtol=2e-3)
+
+
 def test_layers_reading_one_input_share_their_sums() -> None:
     """q/k/v (and gate/up) read the same tensor: one Gram and one cross term for the group, not one per layer."""
     from transformers import LlamaConfig, LlamaForCausalLM
