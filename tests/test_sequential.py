@@ -364,7 +364,8 @@ def test_loss_weighted_ranks_read_the_loss_estimate_of_each_truncation(models: d
         tails = np.cumsum(energy[::-1])[::-1][: min(w.shape)]
         assert cand.decomposition is not None and cand.sensitivity is not None
         got = cand.sensitivity * cand.decomposition.truncation_error().numpy()[: len(tails)]
-        kept = tails > 1e-3 * tails[0]  # the last tails are float32 round-off (the sums' order varies with threads)
+        # the last tails are float32 round-off (the sums' order varies with the thread count)
+        kept = tails > 1e-3 * tails[0]
         ratios.append(got[kept] / tails[kept])
     ratios_all = np.concatenate(ratios)
     np.testing.assert_allclose(ratios_all, np.median(ratios_all), rtol=1e-2)  # mean-gradient weights: 10% off
