@@ -445,8 +445,9 @@ class Prepared:
 
     def _pass1(self, keep_stats: bool) -> None:
         """Block by block: each target's spectrum under the method (from the pooled input statistics), its stable
-        rank, and, through a block-wise backward pass, its sensitivity (and Fisher rows). The loss-weighted fit's
-        spectra read the gradients, so it measures them first, on a forward pass of the gradient windows alone."""
+        rank, and, through a block-wise backward pass, its sensitivity (and Fisher rows). Where the spectra read the
+        gradients (the fisher method, the loss-weighted fit), the gradients come first, from a forward pass of the
+        gradient windows alone; else the statistics pass stashes those windows' inputs for the backward pass."""
         from lowrank_compress.allocate import LayerCandidate
 
         spectra: dict[str, Any] = {}
@@ -1059,7 +1060,8 @@ def _release_stats(stats: dict[str, Any], name: str, users: Counter, cache: dict
 
 
 class _Flow:
-    """The calibration windows' hidden states on their way through the blocks, per part ("text", "self").
+    """The calibration windows' hidden states on their way through the blocks, per part ("text", "self"), or the
+    gradient windows' alone (`gradient_windows`).
 
     `hidden` are the dense model's (the inputs of the block about to run); in pass 2 `compressed` are the
     compressed prefix's (the same tensors until a block is factorized: `shifted` says when they part) and
