@@ -63,6 +63,9 @@ CONFIGS = {  # label -> settings beyond the defaults
     "refine 16": {"refine_steps": 16},
     "loss-weighted": {"loss_weighted": True},  # output errors weighted by the loss gradient
     "loss-weighted, self grads": {"loss_weighted": True, "grad_source": "self"},
+    # gradients from the model's greedy answers to the built-in prompts, the loss on the answers alone
+    "answer grads": {"grad_source": "answers"},
+    "loss-weighted, answer grads": {"loss_weighted": True, "grad_source": "answers"},
     "damping 0.05": {"damping": 0.05},
     "damping 0.2": {"damping": 0.2},
     "chat": {"chat": True},  # self-generated conversations through the chat template, the text plain

@@ -188,14 +188,15 @@ def _sampling_config(
     tokenizer: Any, new: int, temperature: float, stops: list[int], full_length: bool = True
 ) -> Any:
     """Plain ancestral sampling of `new` tokens (no top-k / top-p truncation: the samples keep the model's full
-    distribution). `full_length`: the `stops` tokens are suppressed, so every row has all `new` tokens; else a row
-    ends at its first stop token (and is padded after it)."""
+    distribution); greedy decoding at temperature 0. `full_length`: the `stops` tokens are suppressed, so every row
+    has all `new` tokens; else a row ends at its first stop token (and is padded after it)."""
     from transformers import GenerationConfig
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    sampled = dict(temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {}
     return GenerationConfig(
-        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new,
+        **sampled, do_sample=temperature > 0, max_new_tokens=new,
         min_new_tokens=new if full_length else 0, pad_token_id=pad, eos_token_id=stops or None, use_cache=True,
     )  # fmt: skip
 
@@ -450,6 +451,44 @@ def sample_chat_exchanges(
     `sample_chat_batches`, whose one answer runs on past its end, the windows hold many answers as users see them,
     each opening and ending as it does in use. Every row is re-rendered through the chat template after each turn.
     All rows sample as one batch per round; seeded, and the global RNG is left untouched."""
+    rows, _ = _exchanges(
+        model, tokenizer, samples=samples, seq_len=seq_len, answer_tokens=answer_tokens, seed=seed,
+        temperature=temperature, device=device, progress=progress,
+    )  # fmt: skip
+    return rows
+
+
+ANSWER_TOKENS = 64
+"""The longest answer of the answer windows (`sample_chat_answers`); most of the built-in prompts' greedy answers
+end before it on SmolLM2-Instruct."""
+
+
+def sample_chat_answers(
+    model: nn.Module, tokenizer: Any, *, samples: int, seq_len: int, answer_tokens: int, seed: int = 0,
+    device: str = "cpu",
+) -> tuple[torch.LongTensor, torch.LongTensor]:  # fmt: skip
+    """The model's own answers, as a chat user gets them: `sample_chat_exchanges` decoded greedily, with labels for
+    a next-token loss on the answers alone (each assistant turn with its end of turn; the prompts, roles and system
+    text are -100, which the loss ignores). The loss gradients of these windows measure what the model's answers
+    depend on, not how well it predicts text."""
+    rows, spans = _exchanges(
+        model, tokenizer, samples=samples, seq_len=seq_len, answer_tokens=answer_tokens, seed=seed,
+        temperature=0.0, device=device, progress=None,
+    )  # fmt: skip
+    labels = torch.full_like(rows, -100)
+    for i, row_spans in enumerate(spans):
+        for start, end in row_spans:
+            labels[i, start:end] = rows[i, start:end]
+    return rows, labels
+
+
+def _exchanges(
+    model: nn.Module, tokenizer: Any, *, samples: int, seq_len: int, answer_tokens: int, seed: int,
+    temperature: float, device: str, progress: ProgressFn | None,
+) -> tuple[torch.LongTensor, list[list[tuple[int, int]]]]:  # fmt: skip
+    """`sample_chat_exchanges`'s rows, with each row's answer spans [start, end) in its tokens: from where the
+    rendering with the answer leaves the rendering that asked for it (the assistant's opening) to the end of the
+    template's tokens that close the turn, cut at `seq_len`."""
     if answer_tokens < 1:
         raise CalibrationError(f"--self-answer-tokens must be at least 1, got {answer_tokens}")
     prompts = chat_prompts()
@@ -458,6 +497,7 @@ def sample_chat_exchanges(
     stop_set = set(stops)
     conversations: list[list[dict[str, str]]] = [[] for _ in range(samples)]
     rendered: list[list[int]] = [[] for _ in range(samples)]
+    spans: list[list[tuple[int, int]]] = [[] for _ in range(samples)]
     asked = 0
     for turn in itertools.count(1):
         open_rows = [i for i in range(samples) if len(rendered[i]) < seq_len]
@@ -479,10 +519,16 @@ def sample_chat_exchanges(
             ends = [j for j, t in enumerate(answer) if t in stop_set]
             text = tokenizer.decode(answer[: ends[0] if ends else len(answer)], skip_special_tokens=True)
             conversations[i].append({"role": "assistant", "content": text})
-            rendered[i] = render_chat(tokenizer, conversations[i])
+            before, rendered[i] = rendered[i], render_chat(tokenizer, conversations[i])
+            spans[i].append((_common_prefix(before, rendered[i]), min(len(rendered[i]), seq_len)))
         if progress is not None:
             progress(samples - sum(len(r) < seq_len for r in rendered), samples)
-    return torch.tensor([r[:seq_len] for r in rendered], dtype=torch.long)
+    return torch.tensor([r[:seq_len] for r in rendered], dtype=torch.long), spans
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two renderings share."""
+    return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def calibration_warnings(

@@ -17,7 +17,7 @@ POLICIES: tuple[str, ...] = ("uniform", "energy", "stable-rank", "sensitivity")
 # the policies that read each layer's spectrum; the others need its shape (uniform) or stable rank only, so
 # factorize skips pass 1's decompositions for them
 SPECTRUM_POLICIES: tuple[str, ...] = ("energy", "sensitivity")
-GRAD_SOURCES: tuple[str, ...] = ("mix", "self")
+GRAD_SOURCES: tuple[str, ...] = ("mix", "self", "answers")
 SELF_STARTS: tuple[str, ...] = ("random", "prefix")
 
 # finetune

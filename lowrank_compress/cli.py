@@ -458,7 +458,9 @@ def settings_options(f: Any) -> Any:
                      help="Chat calibration: each sampled answer ends at its end of turn or after this many tokens, "
                           "and the window goes on with the next prompt and answer until full."),
         click.option("--grad-source", type=click.Choice(GRAD_SOURCES), default=_DEFAULTS.grad_source,
-                     show_default=True, help="Windows for loss gradients: the whole mix, or the self-generated ones."),
+                     show_default=True, help="Windows for loss gradients: the whole mix, the self-generated ones, or "
+                                            "(chat models) the model's greedy answers to the built-in prompts, "
+                                            "the loss on the answers alone."),
         click.option("--rank-multiple", type=int, default=_DEFAULTS.rank_multiple, show_default=True,
                      help="Round ranks to a multiple of this."),
         click.option("--error-aware/--no-error-aware", default=_DEFAULTS.error_aware, show_default=True,

@@ -217,6 +217,8 @@ class Prepared:
         self.calibration_batches: dict[str, torch.Tensor] = {}
         self.part_weights: dict[str, float] = {}
         self.grad_rows: dict[str, list[int]] = {}
+        # --grad-source answers: the gradient windows (token ids, loss labels), sampled besides the calibration
+        self.answer_windows: tuple[torch.Tensor, torch.Tensor] | None = None
         # pass 1's pooled statistics per layer, only with keep_stats (tests, small models)
         self.stats: dict[str, Any] = {}
         self.total_before = 0
@@ -384,13 +386,24 @@ class Prepared:
             batches["text"] = (make_chat_batches if self._chat_text else make_batches)(
                 self.tokenizer, text, samples=settings.samples, seq_len=settings.seq_len, seed=settings.seed
             )
-        if mix > 0.0:
-            batches["self"] = self._sample_self(chat, settings.seq_len if self_generated else None)
+        gradients = settings.method == "fisher" or settings.policy == "sensitivity" or settings.loss_weighted
+        answers = gradients and settings.grad_source == "answers"
+        if answers and not causal:
+            raise LowrankError(f"--grad-source answers: {type(streamed.model).__name__} cannot generate")
+        if answers and not chat:
+            self.warn(
+                "--grad-source answers needs a chat model (a tokenizer with a chat template, and not --no-chat); "
+                "the gradients come from the calibration windows"
+            )
+            answers = False
+        if mix > 0.0 or answers:
+            sampled = self._sample(chat, settings.seq_len if self_generated else None, mix > 0.0, answers)
+            batches.update({part: rows for part, rows in sampled.items() if part == "self"})
+            self.answer_windows = sampled.get("answers")
             self.tick("sampling")
         self.calibration_batches = batches
         self.part_weights = {part: (mix if part == "self" else 1.0 - mix) for part in batches}
-        gradients = settings.method == "fisher" or settings.policy == "sensitivity" or settings.loss_weighted
-        grad_n = min(settings.grad_samples, settings.samples) if gradients else 0
+        grad_n = min(settings.grad_samples, settings.samples) if gradients and not answers else 0
         for part, rows in batches.items():
             n = 0 if part == "text" and settings.grad_source == "self" and "self" in batches else grad_n
             self.grad_rows[part] = _spread(rows.shape[0], n) if n else []
@@ -403,35 +416,34 @@ class Prepared:
         for note in self._notes:
             self.warn(note)
 
-    def _sample_self(self, chat: bool, seq_len: int | None) -> torch.Tensor:
-        """The self-generated windows (`seq_len` tokens, or --self-seq-len), drawn from the whole model in memory
-        when it fits there with its sampling cache, else streamed block by block for every token (with a warning)."""
-        from lowrank_compress.calibration import sample_batches, sample_chat_batches, sample_chat_exchanges
-
+    def _sample(self, chat: bool, seq_len: int | None, self_part: bool, answers: bool) -> dict[str, Any]:
+        """What calibration samples from the model, in one load of it: the self-generated windows ("self": of
+        `seq_len` tokens, or --self-seq-len) and the answer windows for the gradients ("answers": token ids and
+        loss labels, `sample_chat_answers`). The model is held whole in memory when it fits there with its
+        sampling cache, else streamed block by block for every token (with a warning)."""
         settings, streamed = self.settings, self.streamed
         length = seq_len or settings.self_seq_len or settings.seq_len
-        dtype = streamed.resident_dtype(rows=settings.samples, tokens=length)
+        dtype = streamed.resident_dtype(
+            rows=settings.samples, tokens=max(length, settings.seq_len if answers else 0)
+        )
         resident = dtype is not None
         if resident and dtype != streamed.dtype:
             self.warn(
                 "the model and its sampling cache do not fit in memory at float32: sampling at "
                 f"{_dtype_name(dtype)}, the dtype its checkpoint stores"
             )
+        out: dict[str, Any] = {}
         with streamed.whole(resident=resident, dtype=dtype) as model, PeakMemory(settings.device) as peak:
-            sampling: dict[str, Any] = dict(
-                samples=settings.samples, seq_len=length, seed=settings.seed, temperature=settings.self_temperature,
-                device=settings.device, progress=lambda d, t: self.report("sampling calibration", d, t),
-            )  # fmt: skip
-            whole = {"batch_size": settings.samples}  # every window in one batch
-            if chat and settings.self_answer_tokens:  # one batch per turn already
-                rows = sample_chat_exchanges(
-                    model, self.tokenizer, answer_tokens=settings.self_answer_tokens, **sampling
-                )
-            elif chat:
-                rows = sample_chat_batches(model, self.tokenizer, **whole, **sampling)
-            else:
-                random_start = settings.self_start == "random"
-                rows = sample_batches(model, self.tokenizer, random_start=random_start, **whole, **sampling)
+            if self_part:
+                out["self"] = self._sample_self(model, chat, length)
+            if answers:
+                from lowrank_compress.calibration import ANSWER_TOKENS, sample_chat_answers
+
+                out["answers"] = sample_chat_answers(
+                    model, self.tokenizer, samples=min(settings.grad_samples, settings.samples),
+                    seq_len=settings.seq_len, answer_tokens=ANSWER_TOKENS, seed=settings.seed,
+                    device=settings.device,
+                )  # fmt: skip
         self._sampling = "streamed" if dtype is None else f"resident ({_dtype_name(dtype)})"
         self._sampling_peak_mb = round(peak.mb, 1)
         if not resident:
@@ -439,15 +451,35 @@ class Prepared:
                 "the model and its sampling cache do not fit in memory: sampling reads each block from the "
                 "checkpoint for every token (slow; --self-mix 0 skips the sampling)"
             )
-        return rows
+        return out
+
+    def _sample_self(self, model: nn.Module, chat: bool, length: int) -> torch.Tensor:
+        """The self-generated calibration windows: conversations for a chat model, else free text."""
+        from lowrank_compress.calibration import sample_batches, sample_chat_batches, sample_chat_exchanges
+
+        settings = self.settings
+        sampling: dict[str, Any] = dict(
+            samples=settings.samples, seq_len=length, seed=settings.seed, temperature=settings.self_temperature,
+            device=settings.device, progress=lambda d, t: self.report("sampling calibration", d, t),
+        )  # fmt: skip
+        whole = {"batch_size": settings.samples}  # every window in one batch
+        if chat and settings.self_answer_tokens:  # one batch per turn already
+            return sample_chat_exchanges(
+                model, self.tokenizer, answer_tokens=settings.self_answer_tokens, **sampling
+            )
+        if chat:
+            return sample_chat_batches(model, self.tokenizer, **whole, **sampling)
+        random_start = settings.self_start == "random"
+        return sample_batches(model, self.tokenizer, random_start=random_start, **whole, **sampling)
 
     # -- pass 1 --
 
     def _pass1(self, keep_stats: bool) -> None:
         """Block by block: each target's spectrum under the method (from the pooled input statistics), its stable
         rank, and, through a block-wise backward pass, its sensitivity (and Fisher rows). Where the spectra read the
-        gradients (the fisher method, the loss-weighted fit), the gradients come first, from a forward pass of the
-        gradient windows alone; else the statistics pass stashes those windows' inputs for the backward pass."""
+        gradients (the fisher method, the loss-weighted fit), or the gradient windows are not calibration windows (the
+        answer windows), the gradients come first, from a forward pass of the gradient windows alone; else the
+        statistics pass stashes those windows' inputs for the backward pass."""
         from lowrank_compress.allocate import LayerCandidate
 
         spectra: dict[str, Any] = {}
@@ -455,10 +487,14 @@ class Prepared:
         grads: dict[str, Any] = {}
         self._gradients = grads
         if self.needs_data:
-            measured = any(self.grad_rows.values())
-            first = measured and (self.settings.method == "fisher" or self.settings.loss_weighted)
+            measured = any(self.grad_rows.values()) or self.answer_windows is not None
+            first = measured and (
+                self.settings.method == "fisher"
+                or self.settings.loss_weighted
+                or self.answer_windows is not None
+            )
             if first:
-                windows = _Flow(self, gradient_windows=True)
+                windows = _Flow(self, windows=self._gradient_windows())
                 self._forward(windows)
                 grads.update(self._gradient_pass(windows))
                 del windows
@@ -486,6 +522,26 @@ class Prepared:
             for t in self.targets
         ]  # fmt: skip
         self.tick("spectra")
+
+    def _gradient_windows(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The windows the loss gradients come from, per part: (token ids, loss labels)."""
+        if self.answer_windows is not None:
+            return {"answers": self.answer_windows}
+        chosen = {part: self.calibration_batches[part][rows] for part, rows in self.grad_rows.items() if rows}
+        return {part: (ids, ids) for part, ids in chosen.items()}
+
+    def _grad_source(self) -> dict[str, Any] | None:
+        """report.json's record of the gradient windows' source: the setting, and the answer windows' size."""
+        if self.answer_windows is not None:
+            ids, labels = self.answer_windows
+            return {
+                "source": "answers",
+                "samples": ids.shape[0],
+                "answer_tokens": int((labels != -100).sum()),
+            }
+        if any(self.grad_rows.values()):
+            return {"source": self.settings.grad_source}
+        return None
 
     def _sensitivity(self, name: str) -> float | None:
         """What the allocator multiplies a layer's truncation error by to read it as loss: the mean squared loss
@@ -612,7 +668,7 @@ class Prepared:
                 for r in rows:
                     final = flow.row(part, r).to(streamed.device).requires_grad_(True)
                     with torch.enable_grad():
-                        loss = streamed.head_loss(final, flow.ids[part][r : r + 1])
+                        loss = streamed.head_loss(final, flow.labels[part][r : r + 1])
                         upstream[part].append(torch.autograd.grad(loss, final)[0].detach())
         n = len(streamed.blocks)
         out: dict[str, tuple[torch.Tensor | None, float | None, torch.Tensor | None]] = {}
@@ -625,7 +681,7 @@ class Prepared:
                         measured = self._block_gradients(
                             block, modules, flow, part, i, upstream[part], fisher
                         )
-                        parts.append((measured, self.part_weights[part]))
+                        parts.append((measured, self.part_weights.get(part, 1.0)))
                 for name in modules:
                     out[name] = blend_gradients([(m[name], w) for m, w in parts])
             for part in flow.grad_rows:
@@ -722,6 +778,8 @@ class Prepared:
             "text_sha256": sha.get("text", sha.get("self")),
             "seed": settings.seed,
             "grad_samples": sum(grads.values()),
+            # where the loss gradients came from (None: none measured); "answers": the model's greedy answers
+            "grad_source": self._grad_source(),
             "self_mix": self.part_weights.get("self", 0.0),
             "self_start": settings.self_start if "self" in batches and not self._chat else None,
             "self_temperature": settings.self_temperature if "self" in batches else None,
@@ -1061,7 +1119,7 @@ def _release_stats(stats: dict[str, Any], name: str, users: Counter, cache: dict
 
 class _Flow:
     """The calibration windows' hidden states on their way through the blocks, per part ("text", "self"), or the
-    gradient windows' alone (`gradient_windows`).
+    gradient windows' alone (`windows`: some of the calibration windows, or the answer windows).
 
     `hidden` are the dense model's (the inputs of the block about to run); in pass 2 `compressed` are the
     compressed prefix's (the same tensors until a block is factorized: `shifted` says when they part) and
@@ -1069,18 +1127,23 @@ class _Flow:
     disk for the block-wise backward pass. With --offload they live on the CPU and visit the device per batch.
     """
 
-    def __init__(self, prepared: Prepared, *, stash: bool = False, gradient_windows: bool = False) -> None:
-        """`stash`: the gradient windows' inputs of every block are kept for a backward pass; `gradient_windows`:
-        the flow holds those windows alone (and stashes them)."""
+    def __init__(
+        self, prepared: Prepared, *, stash: bool = False,
+        windows: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:  # fmt: skip
+        """`stash`: the gradient windows among the calibration windows keep their inputs of every block for a
+        backward pass; `windows`: the flow holds these gradient windows alone (token ids, loss labels) and stashes
+        them."""
         streamed, settings = prepared.streamed, prepared.settings
         self.streamed = streamed
         self.store = torch.device("cpu") if settings.offload else streamed.device
-        chosen = {part: rows for part, rows in prepared.grad_rows.items() if rows}
         self.ids = prepared.calibration_batches
-        self.grad_rows = chosen if stash else {}
-        if gradient_windows:
-            self.ids = {part: self.ids[part][rows] for part, rows in chosen.items()}
-            self.grad_rows = {part: list(range(len(rows))) for part, rows in chosen.items()}
+        self.labels = self.ids
+        self.grad_rows = {part: rows for part, rows in prepared.grad_rows.items() if rows} if stash else {}
+        if windows is not None:
+            self.ids = {part: ids for part, (ids, _) in windows.items()}
+            self.labels = {part: labels for part, (_, labels) in windows.items()}
+            self.grad_rows = {part: list(range(len(ids))) for part, ids in self.ids.items()}
         with streamed.outer():
             self.ctx = {part: streamed.capture(rows, BATCH) for part, rows in self.ids.items()}
             self.grad_ctx = {

@@ -85,7 +85,9 @@ class FactorizeSettings:
     # on with the next prompt and answer until it is full, so it holds several answers as users see them; None: one
     # answer runs on to fill the window
     self_answer_tokens: int | None = None
-    # where the loss gradients (sensitivity, fisher) come from: "mix" (both parts) or "self" (self-generated only)
+    # where the loss gradients (sensitivity, fisher, loss weights) come from: "mix" (both parts), "self"
+    # (self-generated only) or "answers" (chat models: grad_samples windows of the model's greedy answers to the
+    # built-in prompts, several exchanges each, the loss on the answers alone; sampled besides the calibration)
     grad_source: str = "mix"
     # fit each layer to the dense model's outputs while feeding it the compressed prefix's inputs (AA-SVD /
     # SVD-LLM V2 style, closed form); False: fit to the dense inputs alone (SVD-LLM)

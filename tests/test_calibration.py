@@ -801,6 +801,50 @@ def test_chat_exchanges_are_the_templates_own_multi_turn_conversations_cut_to_th
     assert all(sum(m["role"] == "user" for m in c) >= 2 for c in conversations)  # several exchanges a window
 
 
+def test_answer_windows_label_each_answer_with_its_closing_tokens_and_nothing_else() -> None:
+    """`sample_chat_answers`: greedy exchanges (a model that always says one token, so every answer is that token
+    `answer_tokens` times), and labels that are the token ids exactly on each assistant turn as the tokenizer's own
+    template renders it (from the end of the rendering that asks for the answer to the end of the one holding it)
+    and -100 (ignored by the loss) on everything else: prompts, roles, system text."""
+    from lowrank_compress.calibration import sample_chat_answers
+
+    tok = chat_tokenizer("literal")
+    says = tok("a", add_special_tokens=False)["input_ids"][0]
+    model = _always_says(tiny_llama(), says)
+    samples, seq_len = 2, 150
+    rows, labels = sample_chat_answers(model, tok, samples=samples, seq_len=seq_len, answer_tokens=3, seed=1)
+    prompts = shipped_chat_prompts()
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(1)).tolist()
+    answer = tok.decode([says] * 3, skip_special_tokens=True)
+    conversations: list[list[dict[str, str]]] = [[] for _ in range(samples)]
+    spans: list[list[tuple[int, int]]] = [[] for _ in range(samples)]
+    asked = 0
+    while any(len(template_ids(tok, c)) < seq_len for c in conversations if c) or not conversations[0]:
+        for c, row_spans in zip(conversations, spans, strict=True):
+            if c and len(template_ids(tok, c)) >= seq_len:
+                continue
+            c.append({"role": "user", "content": prompts[order[asked % len(prompts)]]})
+            asked += 1
+            asking = template_ids(tok, c, True)
+            if len(asking) < seq_len:
+                c.append({"role": "assistant", "content": answer})
+                full = template_ids(tok, c)
+                assert full[: len(asking)] == asking  # this template only grows, so the span is unambiguous
+                row_spans.append((len(asking), min(len(full), seq_len)))
+    expected = torch.full((samples, seq_len), -100)
+    for i, c in enumerate(conversations):
+        ids = template_ids(tok, c, c[-1]["role"] == "user")[:seq_len]
+        assert rows[i].tolist() == ids
+        for start, end in spans[i]:
+            expected[i, start:end] = torch.tensor(ids[start:end])
+    assert torch.equal(labels, expected)
+    assert all(len(row_spans) >= 2 for row_spans in spans)  # several answers a window
+    for i, row_spans in enumerate(spans):  # each labelled span is one answer and its turn's end
+        for start, end in row_spans[:-1]:
+            text = tok.decode(rows[i, start:end].tolist())
+            assert text.strip().startswith(answer) and text.endswith("</s>") and "user" not in text
+
+
 def test_chat_exchanges_cap_each_answer_are_seeded_and_leave_the_rng_and_mode_alone() -> None:
     from lowrank_compress.calibration import sample_chat_exchanges
 

@@ -668,6 +668,60 @@ def _chat_copy(src: Path, dest: Path) -> Path:
     return dest
 
 
+def test_answer_gradients_are_the_loss_on_the_models_answers_alone(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """--grad-source answers: each layer's sensitivity is the mean squared gradient at its output of the next-token
+    loss on the answer windows' labelled tokens alone (one loss per window, the mean over its answer tokens), as
+    plain autograd on the whole dense model computes it from the same windows; the text and self-generated windows
+    measure none. A model without a chat template says so in one warning and takes its gradients from the mix."""
+    from lowrank_compress.pipeline import Prepared, find_targets
+
+    src = _chat_copy(models["llama"], tmp_path / "chat")
+    settings = build_settings(
+        chat=True, self_mix=0.5, samples=4, seq_len=128, grad_samples=2, grad_source="answers"
+    )
+    prepared = Prepared.load(src, settings)
+    assert prepared.answer_windows is not None and not any(prepared.grad_rows.values())
+    ids, labels = prepared.answer_windows
+    assert ids.shape == (2, 128) and 0 < int((labels != -100).sum()) < ids.numel()
+    info = prepared.calibration_info["grad_source"]
+    assert info == {"source": "answers", "samples": 2, "answer_tokens": int((labels != -100).sum())}
+    model = load_model(src)[0]
+    names = [t.name for t in find_targets(model, [], [])]
+    sums = dict.fromkeys(names, 0.0)
+    positions = 0
+    grads: dict[str, torch.Tensor] = {}
+
+    def keep_grad(name: str):
+        def hook(_m: torch.nn.Module, _a: object, out: torch.Tensor) -> None:
+            out.register_hook(lambda g: grads.__setitem__(name, g))
+
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_hook(keep_grad(n)) for n in names]
+    for r in range(len(ids)):
+        logits = model(input_ids=ids[r : r + 1]).logits.float()
+        target = labels[r : r + 1, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits[0, :-1][target[0] != -100], target[0][target[0] != -100]
+        )
+        loss.backward()
+        for n in names:
+            sums[n] += float(grads[n].double().pow(2).sum())
+        positions += ids.shape[1]
+    for h in hooks:
+        h.remove()
+    width = {n: model.get_submodule(n).out_features for n in names}
+    got = {c.name: c.sensitivity for c in prepared.candidates}
+    for n in names:
+        np.testing.assert_allclose(got[n], sums[n] / positions / width[n], rtol=1e-4, err_msg=n)
+    notes: list[str] = []
+    plain = Prepared.load(models["llama"], dataclasses.replace(settings, chat=None), warn=notes.append)
+    assert plain.answer_windows is None and any(plain.grad_rows.values())
+    assert [n for n in notes if "--grad-source answers needs a chat model" in n]
+
+
 def test_chat_calibration_samples_conversations_and_wraps_the_text_only_when_asked(
     models: dict[str, Path], tmp_path: Path
 ) -> None:
