@@ -388,13 +388,12 @@ class Prepared:
             )
         gradients = settings.method == "fisher" or settings.policy == "sensitivity" or settings.loss_weighted
         answers = gradients and settings.grad_source == "answers"
-        if answers and not causal:
-            raise LowrankError(f"--grad-source answers: {type(streamed.model).__name__} cannot generate")
-        if answers and not chat:
+        if answers and not chat:  # (encoders measure no gradients: see _applicable)
             self.warn(
                 "--grad-source answers needs a chat model (a tokenizer with a chat template, and not --no-chat); "
-                "the gradients come from the calibration windows"
+                "the gradients come from the calibration windows (--grad-source mix)"
             )
+            self.settings = settings = dataclasses.replace(settings, grad_source="mix")
             answers = False
         if mix > 0.0 or answers:
             sampled = self._sample(chat, settings.seq_len if self_generated else None, mix > 0.0, answers)

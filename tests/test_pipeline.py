@@ -719,6 +719,7 @@ def test_answer_gradients_are_the_loss_on_the_models_answers_alone(
     notes: list[str] = []
     plain = Prepared.load(models["llama"], dataclasses.replace(settings, chat=None), warn=notes.append)
     assert plain.answer_windows is None and any(plain.grad_rows.values())
+    assert plain.settings.grad_source == "mix" and plain.calibration_info["grad_source"] == {"source": "mix"}
     assert [n for n in notes if "--grad-source answers needs a chat model" in n]
 
 
