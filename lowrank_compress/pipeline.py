@@ -397,7 +397,8 @@ class Prepared:
             answers = False
         if mix > 0.0 or answers:
             sampled = self._sample(chat, settings.seq_len if self_generated else None, mix > 0.0, answers)
-            batches.update({part: rows for part, rows in sampled.items() if part == "self"})
+            if "self" in sampled:
+                batches["self"] = sampled["self"]
             self.answer_windows = sampled.get("answers")
             self.tick("sampling")
         self.calibration_batches = batches
