@@ -423,9 +423,8 @@ class Prepared:
         sampling cache, else streamed block by block for every token (with a warning)."""
         settings, streamed = self.settings, self.streamed
         length = seq_len or settings.self_seq_len or settings.seq_len
-        dtype = streamed.resident_dtype(
-            rows=settings.samples, tokens=max(length, settings.seq_len if answers else 0)
-        )
+        tokens = max(length, settings.seq_len) if answers else length  # the answer windows are seq_len long
+        dtype = streamed.resident_dtype(rows=settings.samples, tokens=tokens)
         resident = dtype is not None
         if resident and dtype != streamed.dtype:
             self.warn(
@@ -487,11 +486,10 @@ class Prepared:
         grads: dict[str, Any] = {}
         self._gradients = grads
         if self.needs_data:
-            measured = any(self.grad_rows.values()) or self.answer_windows is not None
-            first = measured and (
-                self.settings.method == "fisher"
-                or self.settings.loss_weighted
-                or self.answer_windows is not None
+            answers = self.answer_windows is not None
+            measured = answers or any(self.grad_rows.values())
+            first = answers or (
+                measured and (self.settings.method == "fisher" or self.settings.loss_weighted)
             )
             if first:
                 windows = _Flow(self, windows=self._gradient_windows())
@@ -550,7 +548,7 @@ class Prepared:
         if name not in self._gradients:
             return None
         _, mean_sq, channels = self._gradients[name]
-        if self.settings.loss_weighted and channels is not None and self.settings.method == "whiten":
+        if self.settings.loss_weighted and channels is not None:  # (_applicable keeps it to whiten)
             return float(channels.max())
         return mean_sq
 

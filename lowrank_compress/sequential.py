@@ -239,21 +239,19 @@ class StreamedModel:
         return out[0] if isinstance(out, tuple) else out
 
     def head_loss(self, final: torch.Tensor, ids: torch.Tensor, *, per_row: bool = False) -> torch.Tensor:
-        """The language-model loss of the model whose last block output `final` (mean over the target tokens, those
-        of `ids` that are not -100; per row with `per_row`). The blocks are bypassed: block 0 returns `final`, the others pass it through."""
+        """The language-model loss of the model whose last block output `final`: the mean over the target tokens
+        (those of `ids` that are not -100, which cross_entropy ignores), per row with `per_row`. The blocks are
+        bypassed: block 0 returns `final`, the others pass it through."""
         with self._bypass(final), self.outer(embeddings=False):
             # the bypassed blocks ignore the embeddings: zeros stand in for them, the table stays unread
             embeds = torch.zeros(*ids.shape, final.shape[-1], dtype=final.dtype, device=self.device)
             out = self.model(inputs_embeds=embeds, **no_cache_kwargs(self.model))
         logits = out.logits.float()
         labels = ids[:, 1:].to(logits.device)
-        counted = (labels != -100).sum(dim=1).clamp_min(1)  # -100: not a target (cross_entropy ignores it)
-        losses = (
-            torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="none").sum(
-                dim=1
-            )
-            / counted
+        per_token = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), labels, reduction="none"
         )
+        losses = per_token.sum(dim=1) / (labels != -100).sum(dim=1).clamp_min(1)
         return losses if per_row else losses.mean()
 
     @contextlib.contextmanager
