@@ -15,6 +15,8 @@ is the kernel's (file pages the reader maps count too); `peak_rss_parts_mb` spli
 - text: the default on the built-in text alone (`--self-mix 0`): whitening, sensitivity ranks (block-wise
   backward pass), error-aware fit
 - default: everything default, self-generated samples included (the model samples them itself)
+- text, loss-weighted / default, loss-weighted: the same with `--loss-weighted` (the gradients measured first, on
+  their own forward pass, then weighting the fit and the ranks)
 
 `--samples N` (default 16) sets the calibration windows of 512 tokens for the data-aware configs.
 `--stop-after PHASE` stops each factorize when its phase line for PHASE appears (e.g. `--stop-after sampling`: what
@@ -48,6 +50,8 @@ CONFIGS = {
     "data-free": ["--method", "svd", "--policy", "uniform"],
     "text": ["--self-mix", "0"],
     "default": [],
+    "text, loss-weighted": ["--self-mix", "0", "--loss-weighted"],
+    "default, loss-weighted": ["--loss-weighted"],
 }
 SHAPE = {
     "hidden_size": 4096,
