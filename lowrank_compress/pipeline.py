@@ -488,9 +488,7 @@ class Prepared:
         if self.needs_data:
             answers = self.answer_windows is not None
             measured = answers or any(self.grad_rows.values())
-            first = answers or (
-                measured and (self.settings.method == "fisher" or self.settings.loss_weighted)
-            )
+            first = measured and (answers or self.settings.method == "fisher" or self.settings.loss_weighted)
             if first:
                 windows = _Flow(self, windows=self._gradient_windows())
                 self._forward(windows)
