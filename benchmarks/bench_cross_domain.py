@@ -61,10 +61,11 @@ CONFIGS = {  # label -> settings beyond the defaults
     "dense-input fit": {"error_aware": False},
     "refine 8": {"refine_steps": 8},
     "refine 16": {"refine_steps": 16},
-    "loss-weighted": {"loss_weighted": True},  # output errors weighted by the loss gradient
+    "loss-weighted": {"loss_weighted": True},  # output errors weighted by the loss gradient (now the default)
+    "no loss-weighted": {"loss_weighted": False},  # every output channel alike: the default before
     "loss-weighted, self grads": {"loss_weighted": True, "grad_source": "self"},
     # gradients from the model's greedy answers to the built-in prompts, the loss on the answers alone
-    "answer grads": {"grad_source": "answers"},
+    "answer grads": {"grad_source": "answers", "loss_weighted": False},
     "loss-weighted, answer grads": {"loss_weighted": True, "grad_source": "answers"},
     "damping 0.05": {"damping": 0.05},
     "damping 0.2": {"damping": 0.2},

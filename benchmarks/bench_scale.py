@@ -13,10 +13,12 @@ is the kernel's (file pages the reader maps count too); `peak_rss_parts_mb` spli
 
 - data-free: `--method svd --policy uniform` (no calibration at all)
 - text: the default on the built-in text alone (`--self-mix 0`): whitening, sensitivity ranks (block-wise
-  backward pass), error-aware fit
+  backward pass), the loss-weighted, error-aware fit
 - default: everything default, self-generated samples included (the model samples them itself)
-- text, loss-weighted / default, loss-weighted: the same with `--loss-weighted` (the gradients measured first, on
-  their own forward pass, then weighting the fit and the ranks)
+- text, loss-weighted / default, loss-weighted: the same with `--loss-weighted` given (the default now; these were
+  the configs that measured it before it was)
+- text, no loss-weighted / default, no loss-weighted: the same with `--no-loss-weighted` (every output channel
+  alike: the default before)
 
 `--samples N` (default 16) sets the calibration windows of 512 tokens for the data-aware configs.
 `--stop-after PHASE` stops each factorize when its phase line for PHASE appears (e.g. `--stop-after sampling`: what
@@ -52,6 +54,8 @@ CONFIGS = {
     "default": [],
     "text, loss-weighted": ["--self-mix", "0", "--loss-weighted"],
     "default, loss-weighted": ["--loss-weighted"],
+    "text, no loss-weighted": ["--self-mix", "0", "--no-loss-weighted"],
+    "default, no loss-weighted": ["--no-loss-weighted"],
 }
 SHAPE = {
     "hidden_size": 4096,

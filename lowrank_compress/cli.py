@@ -466,9 +466,10 @@ def settings_options(f: Any) -> Any:
         click.option("--error-aware/--no-error-aware", default=_DEFAULTS.error_aware, show_default=True,
                      help="whiten/asvd: fit each layer to the dense model's outputs from the inputs it sees behind "
                           "the already compressed blocks (off: fit to the dense inputs, as SVD-LLM)."),
-        click.option("--loss-weighted/--no-loss-weighted", default=_DEFAULTS.loss_weighted, show_default=True,
-                     help="whiten: weight each output channel's error by the loss's mean squared gradient there "
-                          "(off: every channel alike)."),
+        click.option("--loss-weighted/--no-loss-weighted", default=_DEFAULTS.loss_weighted,
+                     show_default="whiten on language models",
+                     help="whiten: weight each output channel's error, and the ranks, by the loss's mean squared "
+                          "gradient there (off: every channel alike, as SVD-LLM)."),
         click.option("--refine-steps", type=int, default=_DEFAULTS.refine_steps, show_default=True,
                      help="Adam steps per block refining its factors against the dense block's outputs."),
         click.option("--offload/--no-offload", default=_DEFAULTS.offload, show_default=True,

@@ -320,6 +320,8 @@ class Prepared:
         if settings.policy == "sensitivity" and not causal:
             settings = dataclasses.replace(settings, policy="uniform")
             self.warn(f"{name} has no language-model loss for the sensitivity policy; using --policy uniform")
+        if settings.loss_weighted is None:  # the default: wherever it can run
+            settings = dataclasses.replace(settings, loss_weighted=causal and settings.method == "whiten")
         if settings.loss_weighted and not causal:
             settings = dataclasses.replace(settings, loss_weighted=False)
             self.warn(

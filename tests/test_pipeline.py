@@ -123,9 +123,10 @@ def test_whiten_layer_is_the_optimal_truncation_on_the_calibration_inputs(
     from lowrank_compress.text import load_text
 
     src = models["gqa"]
-    settings = build_settings(
-        method="whiten", policy="uniform", budget=0.5, self_mix=0.0, error_aware=False, damping=0.0, **FAST
-    )
+    settings = build_settings(  # SVD-LLM's objective: every output channel alike
+        method="whiten", policy="uniform", budget=0.5, self_mix=0.0, error_aware=False, damping=0.0,
+        loss_weighted=False, **FAST,
+    )  # fmt: skip
     result = factorize_model(src, tmp_path / "out", settings)
     name = "model.layers.1.mlp.down_proj"
     # the layer's inputs on the same calibration windows, captured from the dense model by a plain hook
@@ -237,8 +238,9 @@ def test_cli_json_files_and_a_reproducible_recipe(models: dict[str, Path], tmp_p
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["summary"]["budget"] == 0.6 and data["settings"]["method"] == "whiten"
-    # each phase timed on its own: the sensitivity policy's backward pass apart from the statistics pass
-    phases = ["load", "sampling", "calibration", "gradients", "spectra", "allocate", "factors and write"]
+    # each phase timed on its own: the loss gradients (for the sensitivity policy and the loss-weighted fit, which
+    # reads them: measured first) apart from the statistics pass
+    phases = ["load", "sampling", "gradients", "calibration", "spectra", "allocate", "factors and write"]
     assert list(data["timings_s"]) == phases and all(v >= 0 for v in data["timings_s"].values())
     for name in (
         "config.json",
@@ -503,6 +505,40 @@ def test_loss_weighted_fit_measures_gradients_and_says_where_it_cannot_run(
         )
 
 
+def test_loss_weighted_is_the_default_where_it_can_run(models: dict[str, Path], tmp_path: Path) -> None:
+    """Unset (or null in a recipe), the loss-weighted fit runs for whiten on a language model and is off, without a
+    warning, where it cannot run (an encoder, another method); the recipe records what ran."""
+    from lowrank_compress.errors import LowrankError
+    from lowrank_compress.pipeline import Prepared
+
+    small = {**FAST, "self_mix": 0.0, "policy": "uniform"}
+    null = tmp_path / "null.yaml"
+    null.write_text("loss_weighted: null\n")
+    for model, extra, expected in (
+        ("llama", {}, True),
+        ("llama", {"recipe": null}, True),
+        ("llama", {"loss_weighted": False}, False),
+        ("llama", {"method": "asvd"}, False),
+        ("llama", {"method": "svd"}, False),
+        ("bert", {}, False),
+    ):
+        warnings: list[str] = []
+        prepared = Prepared.load(models[model], build_settings(**small, **extra), warn=warnings.append)
+        assert prepared.settings.loss_weighted is expected, (model, extra)
+        assert (
+            prepared.calibration_info.get("loss_weighted", False) is expected
+        )  # (data-free: no calibration)
+        assert not [w for w in warnings if "weight" in w], warnings
+    out = tmp_path / "out"
+    (tmp_path / "bad.yaml").write_text("loss_weighted: maybe\n")
+    line = _fails_cleanly(
+        run("factorize", models["llama"], "-o", out, "--recipe", tmp_path / "bad.yaml"), out
+    )
+    assert "loss_weighted must be true, false or null" in line, line
+    with pytest.raises(LowrankError, match=r"^loss-weighted must be true, false or null \(.*\), got 'yes'$"):
+        build_settings(loss_weighted="yes")
+
+
 def test_self_generated_calibration(models: dict[str, Path], tmp_path: Path) -> None:
     settings = build_settings(calibration="self", samples=8, seq_len=64, grad_samples=2, budget=0.6)
     a = factorize_model(models["llama"], tmp_path / "a", settings)
@@ -678,8 +714,14 @@ def test_answer_gradients_are_the_loss_on_the_models_answers_alone(
     from lowrank_compress.pipeline import Prepared, find_targets
 
     src = _chat_copy(models["llama"], tmp_path / "chat")
-    settings = build_settings(
-        chat=True, self_mix=0.5, samples=4, seq_len=128, grad_samples=2, grad_source="answers"
+    settings = build_settings(  # (the loss-weighted fit rescales the sensitivities: off, to read them plain)
+        chat=True,
+        self_mix=0.5,
+        samples=4,
+        seq_len=128,
+        grad_samples=2,
+        grad_source="answers",
+        loss_weighted=False,
     )
     prepared = Prepared.load(src, settings)
     assert prepared.answer_windows is not None and not any(prepared.grad_rows.values())

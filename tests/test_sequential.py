@@ -96,7 +96,8 @@ CASES = [
 def test_streaming_without_error_aware_fit_reproduces_the_whole_model_factorization(
     models: dict[str, Path], tmp_path: Path, kind: str, extra: dict
 ) -> None:
-    settings = build_settings(budget=0.6, error_aware=False, **FAST, **extra)
+    # today's in-memory factorization weighted no output channel: the loss-weighted fit off too
+    settings = build_settings(budget=0.6, error_aware=False, loss_weighted=False, **FAST, **extra)
     src = models[kind]
     result = factorize_model(src, tmp_path / "out", settings)
     expected = reference(src, settings)

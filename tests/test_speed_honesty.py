@@ -207,7 +207,8 @@ def test_factorize_and_analyze_print_one_line_per_phase_not_per_block(
     assert res.exit_code == 0, res.output
     lines = [x for x in res.stderr.splitlines() if x.startswith("factorize: ")]
     phases = [x.split(": ", 1)[1].rsplit(" (", 1)[0] for x in lines]
-    assert phases == ["pass 1", "gradients", "pass 2"], res.stderr
+    # (the loss-weighted fit: the gradient windows' forward pass and their backward pass first, then pass 1)
+    assert phases == ["gradient windows", "gradients", "pass 1", "pass 2"], res.stderr
     assert all(line.endswith(" s") and "(3/3)" in line for line in lines)
     res = CliRunner().invoke(cli, ["analyze", str(model), "--threads", "1"])
     layers = [x for x in res.stderr.splitlines() if x.startswith("analyze: ")]
