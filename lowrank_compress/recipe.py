@@ -132,15 +132,12 @@ class FactorizeSettings:
             raise LowrankError(
                 f"unknown self-start {self.self_start!r}; choose one of {', '.join(SELF_STARTS)}"
             )
-        if self.chat is not None and not isinstance(self.chat, bool):
-            raise LowrankError(
-                f"chat must be true, false or null (when the tokenizer has a chat template), got {self.chat!r}"
-            )
-        if self.loss_weighted is not None and not isinstance(self.loss_weighted, bool):
-            raise LowrankError(
-                "loss-weighted must be true, false or null (the whiten method on a language model), "
-                f"got {self.loss_weighted!r}"
-            )
+        for name, auto in _AUTO.items():
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise LowrankError(
+                    f"{name.replace('_', '-')} must be true, false or null ({auto}), got {value!r}"
+                )
         if self.self_answer_tokens is not None and self.self_answer_tokens < 1:
             raise LowrankError(f"self-answer-tokens must be at least 1, got {self.self_answer_tokens}")
         if self.self_seq_len is not None and self.self_seq_len < 2:
@@ -182,7 +179,11 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "refine_steps": (int,),
 }
 _BOOLS = ("error_aware", "loss_weighted", "offload", "chat", "chat_text")
-_AUTO = ("chat", "loss_weighted")  # booleans whose null means "decide from the model"
+# booleans whose null means "decide from the model", and what it decides by
+_AUTO = {
+    "chat": "when the tokenizer has a chat template",
+    "loss_weighted": "the whiten method on a language model",
+}
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
