@@ -507,7 +507,8 @@ def test_loss_weighted_fit_measures_gradients_and_says_where_it_cannot_run(
 
 def test_loss_weighted_is_the_default_where_it_can_run(models: dict[str, Path], tmp_path: Path) -> None:
     """Unset (or null in a recipe), the loss-weighted fit runs for whiten on a language model and is off, without a
-    warning, where it cannot run (an encoder, another method); the recipe records what ran."""
+    warning, where it cannot run (an encoder, another method); the resolved settings (what recipe.yaml writes) and
+    report.json's calibration record what ran."""
     from lowrank_compress.errors import LowrankError
     from lowrank_compress.pipeline import Prepared
 
@@ -525,9 +526,8 @@ def test_loss_weighted_is_the_default_where_it_can_run(models: dict[str, Path], 
         warnings: list[str] = []
         prepared = Prepared.load(models[model], build_settings(**small, **extra), warn=warnings.append)
         assert prepared.settings.loss_weighted is expected, (model, extra)
-        assert (
-            prepared.calibration_info.get("loss_weighted", False) is expected
-        )  # (data-free: no calibration)
+        calibration = prepared.calibration_info  # (data-free: nothing calibrated, nothing recorded)
+        assert calibration.get("loss_weighted", False) is expected
         assert not [w for w in warnings if "weight" in w], warnings
     out = tmp_path / "out"
     (tmp_path / "bad.yaml").write_text("loss_weighted: maybe\n")
@@ -714,15 +714,9 @@ def test_answer_gradients_are_the_loss_on_the_models_answers_alone(
     from lowrank_compress.pipeline import Prepared, find_targets
 
     src = _chat_copy(models["llama"], tmp_path / "chat")
-    settings = build_settings(  # (the loss-weighted fit rescales the sensitivities: off, to read them plain)
-        chat=True,
-        self_mix=0.5,
-        samples=4,
-        seq_len=128,
-        grad_samples=2,
-        grad_source="answers",
-        loss_weighted=False,
-    )
+    # (the loss-weighted fit rescales the sensitivities: off, to read them plain)
+    answers = {"grad_source": "answers", "loss_weighted": False}
+    settings = build_settings(chat=True, self_mix=0.5, samples=4, seq_len=128, grad_samples=2, **answers)
     prepared = Prepared.load(src, settings)
     assert prepared.answer_windows is not None and not any(prepared.grad_rows.values())
     ids, labels = prepared.answer_windows
