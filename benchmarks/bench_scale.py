@@ -20,6 +20,9 @@ is the kernel's (file pages the reader maps count too); `peak_rss_parts_mb` spli
 - text, no loss-weighted / default, no loss-weighted: the same with `--no-loss-weighted` (every output channel
   alike: the default before)
 
+`--threads N` (default: the machine's cores) is passed to every factorize, so the busy-machine check that lowers
+torch's threads for a command started beside other work cannot leave a run of hours on one thread; each row
+records it.
 `--samples N` (default 16) sets the calibration windows of 512 tokens for the data-aware configs.
 `--stop-after PHASE` stops each factorize when its phase line for PHASE appears (e.g. `--stop-after sampling`: what
 drawing the self-generated samples costs at this size, without the hours of passes after it); the row then has the
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -125,14 +129,20 @@ _TIME_WRAPPER = (
 
 
 def run(
-    model: Path, out: Path, flags: list[str], samples: str, device: str, stop_after: str | None = None
+    model: Path,
+    out: Path,
+    flags: list[str],
+    samples: str,
+    device: str,
+    threads: str,
+    stop_after: str | None = None,
 ) -> dict:
     data_flags = [] if flags[:2] == ["--method", "svd"] else ["--samples", samples]
     timer = (
         ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else [sys.executable, "-c", _TIME_WRAPPER]
     )
     cmd = [*timer, sys.executable, "-m", "lowrank_compress.cli", "factorize", str(model), "-o", str(out), "--json",
-           "--device", device, *flags, *data_flags]  # fmt: skip
+           "--device", device, "--threads", threads, *flags, *data_flags]  # fmt: skip
     if stop_after:
         return run_until(cmd, stop_after)
     gpu = GpuPeak() if device.startswith("cuda") else None
@@ -256,6 +266,7 @@ def main() -> None:
     labels = arg("--configs", ";".join(CONFIGS)).split(";")
     samples = arg("--samples", "16")
     device = arg("--device", "cpu")
+    threads = arg("--threads", str(os.cpu_count() or 1))
     shape = TINY if "--tiny" in sys.argv else SHAPE
     rows = []
     with tempfile.TemporaryDirectory(dir=arg("--tmp", None)) as tmp:
@@ -270,9 +281,11 @@ def main() -> None:
             for label in labels:
                 out = Path(tmp) / f"out-{label}"
                 row = {"layers": layers, "config": label, "checkpoint_bytes": size, "samples": samples,
-                       "device": device}  # fmt: skip
+                       "device": device, "threads": int(threads)}  # fmt: skip
                 try:
-                    row.update(run(model, out, CONFIGS[label], samples, device, arg("--stop-after", None)))
+                    row.update(
+                        run(model, out, CONFIGS[label], samples, device, threads, arg("--stop-after", None))
+                    )
                 except RuntimeError as e:  # the other configs still run; the failure is in the results
                     row["error"] = str(e)[-2000:]
                 rows.append(row)
