@@ -267,6 +267,8 @@ def main() -> None:
     samples = arg("--samples", "16")
     device = arg("--device", "cpu")
     threads = arg("--threads", str(os.cpu_count() or 1))
+    if not threads.isdigit() or int(threads) < 1:
+        sys.exit(f"--threads must be a whole number of at least 1, got {threads!r}")
     shape = TINY if "--tiny" in sys.argv else SHAPE
     rows = []
     with tempfile.TemporaryDirectory(dir=arg("--tmp", None)) as tmp:
