@@ -44,6 +44,7 @@ ADAPTER_INFO: dict[str, tuple[str, str, str, str]] = {
 ADAPTERS: tuple[str, ...] = tuple(ADAPTER_INFO)
 MERGE_RANKS: tuple[str, ...] = ("grow", "keep", "break-even")
 QUANTIZE: tuple[str, ...] = ("none", "nf4")
+CHAT_DATA = "chat"  # finetune --data chat: conversations sampled from the --teacher, not a text
 TRAIN: tuple[str, ...] = ("adapters", "factors")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "lora-pro")  # lora-pro: LoRA-Pro's gradients, then AdamW

@@ -819,11 +819,26 @@ def _adapter_epilog() -> str:
     "--data",
     default=_FT.data,
     show_default=True,
-    metavar="FILE|builtin",
-    help="Training text (.txt, .jsonl). Without --eval-data: trained on its first half, scored on the second.",
+    metavar="FILE|builtin|chat",
+    help="Training text (.txt, .jsonl). Without --eval-data: trained on its first half, scored on the second. chat: "
+    "conversations sampled from --teacher through the chat template (scored on --eval-data or the built-in text).",
 )
 @click.option(
     "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output directory."
+)
+@click.option(
+    "--teacher",
+    default=None,
+    metavar="MODEL",
+    help="Distill: the loss is the KL divergence to this model's next-token distribution (the dense model MODEL "
+    "was compressed from), not the text's next token.",
+)
+@click.option(
+    "--chat-samples",
+    type=int,
+    default=_FT.chat_samples,
+    show_default=True,
+    help="--data chat: conversations sampled (one --seq-len row each).",
 )
 @click.option(
     "--adapter",
@@ -1033,9 +1048,10 @@ def finetune(model: str, output: Path, checkpoint_dir: Path | None, resume: Path
             table.add_row(key, f"{p[key]:.3f}")
     out.out.print(table)
     first, last = result.losses[0], result.losses[-1]
+    loss = "KL to the teacher" if result.settings.teacher else "loss"
     out.out.print(
         f"{result.steps} steps ({result.settings.train}, {result.precision}) on {result.data['tokens']:,} tokens; "
-        f"loss {first:.3f} -> {last:.3f}; {result.step_seconds:.2f} s/step, {result.tokens_per_s:,.0f} tok/s; "
+        f"{loss} {first:.3f} -> {last:.3f}; {result.step_seconds:.2f} s/step, {result.tokens_per_s:,.0f} tok/s; "
         f"{result.trainable_params:,} trainable params"
     )
     if result.answers:

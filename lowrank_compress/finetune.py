@@ -136,7 +136,7 @@ def finetune(
     out = Path(out)
     report = progress or (lambda phase, done, total, label: None)
     say = warn or (lambda message: None)
-    ckpt_dir = _check_dirs(model_path, out, checkpoint_dir, resume, overwrite, warn)
+    ckpt_dir = _check_dirs(model_path, settings.teacher, out, checkpoint_dir, resume, overwrite, warn)
     saved = checkpoints.read(Path(resume), settings, model_path) if resume else None
     answer_set = optional_answer_set(settings.answers)  # a bad file fails before any model is read
     answer_set = answer_set if settings.eval_tokens else None  # --eval-tokens 0: no evaluation at all
@@ -149,7 +149,8 @@ def finetune(
     set_seed(settings.seed)
     report("loading", 0, 1, "")
     loaded, settings = _load(model_path, settings, allow_pickle, say)
-    rows, eval_text, data_info = _data(loaded.tokenizer, settings, saved, resume)
+    teacher = _load_teacher(settings, loaded.model, allow_pickle, accelerator.device, precision)
+    rows, eval_text, data_info = _data(loaded.tokenizer, settings, saved, resume, teacher, report)
     timings["load"] = time.perf_counter() - clock
 
     params_before = _count(loaded.model)
@@ -160,7 +161,7 @@ def finetune(
 
     run = Run(settings=settings, accelerator=accelerator, model=loaded.model, rows=rows,
               total=_total_steps(settings, rows, accelerator.num_processes), precision=precision,
-              methods=build_methods(settings), out=str(out))  # fmt: skip
+              methods=build_methods(settings), out=str(out), teacher=teacher)  # fmt: skip
     qreport, warnings = _trainable(run, loaded, saved)
     for w in warnings:
         say(w)
@@ -246,13 +247,15 @@ def _train(run: Run, ckpt_dir: Path, model_path: str | Path, data: dict[str, Any
     return memory
 
 
-def _check_dirs(model_path: str | Path, out: Path, checkpoint_dir: str | Path | None, resume: str | Path | None,
-                overwrite: bool, warn: Callable[[str], None] | None) -> Path:  # fmt: skip
-    """OUT may be written, and the checkpoint directory is apart from OUT and MODEL and a checkpoint of ours (or
-    empty): the finished run deletes it. An earlier run's checkpoint is not thrown away without --overwrite."""
-    check_output_dir(out, overwrite, inputs=[Path(model_path)], warn=warn)
+def _check_dirs(model_path: str | Path, teacher: str | None, out: Path, checkpoint_dir: str | Path | None,
+                resume: str | Path | None, overwrite: bool, warn: Callable[[str], None] | None) -> Path:  # fmt: skip
+    """OUT may be written (apart from MODEL and the teacher), and the checkpoint directory is apart from OUT, MODEL
+    and the teacher and a checkpoint of ours (or empty): the finished run deletes it. An earlier run's checkpoint
+    is not thrown away without --overwrite."""
+    inputs = {"MODEL": Path(model_path), **({"--teacher": Path(teacher)} if teacher else {})}
+    check_output_dir(out, overwrite, inputs=list(inputs.values()), warn=warn)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
-    check_checkpoint_dir(ckpt_dir, {"the output": out, "MODEL": Path(model_path)}, warn=warn)
+    check_checkpoint_dir(ckpt_dir, {"the output": out, **inputs}, warn=warn)
     resuming_here = resume is not None and Path(resume).resolve() == ckpt_dir.resolve()
     if ours(ckpt_dir) == "checkpoint" and not resuming_here and not overwrite:
         raise LowrankError(
@@ -305,11 +308,39 @@ def _check_model(settings: FinetuneSettings, factorized: bool) -> None:
         raise LowrankError("--train factors needs a factorized MODEL (a `lowrank-compress factorize` output)")
 
 
-def _data(tokenizer: Any, settings: FinetuneSettings, saved: dict[str, Any] | None,
-          resume: str | Path | None) -> tuple[torch.Tensor, str | None, dict[str, Any]]:  # fmt: skip
-    """The packed training rows, the evaluation text, and what finetune.json says of the data."""
+def _load_teacher(settings: FinetuneSettings, model: nn.Module, allow_pickle: bool, device: torch.device,
+                  precision: str) -> nn.Module | None:  # fmt: skip
+    """--teacher, frozen, on the training device (in bf16 when training is). The KL compares the two models'
+    distributions token by token, so its vocabulary must be MODEL's: the model MODEL was compressed from."""
+    if settings.teacher is None:
+        return None
+    from lowrank_compress.loading import load_model
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    teacher, _, _ = load_model(settings.teacher, device=str(device), dtype=dtype, allow_pickle=allow_pickle,
+                               need_tokenizer=False)  # fmt: skip
+    if not hasattr(teacher, "get_output_embeddings") or teacher.get_output_embeddings() is None:
+        raise LowrankError(f"--teacher {settings.teacher}: not a causal language model (it has no LM head)")
+    one = torch.zeros(1, 1, dtype=torch.long)
+    with torch.no_grad():
+        widths = [m(input_ids=one.to(next(m.parameters()).device)).logits.shape[-1] for m in (model, teacher)]
+    if widths[0] != widths[1]:
+        raise LowrankError(
+            f"--teacher {settings.teacher}: its vocabulary ({widths[1]} tokens) is not MODEL's ({widths[0]}); "
+            "distill from the model MODEL was compressed from"
+        )
+    return teacher.requires_grad_(False)
+
+
+def _data(tokenizer: Any, settings: FinetuneSettings, saved: dict[str, Any] | None, resume: str | Path | None,
+          teacher: nn.Module | None, report: ProgressFn) -> tuple[torch.Tensor, str | None, dict[str, Any]]:  # fmt: skip
+    """The training rows (packed text, or --data chat's conversations), the evaluation text, and what
+    finetune.json says of the data."""
     train_text, eval_text, names = texts(settings)
-    rows = pack(tokenizer, train_text, settings.seq_len)
+    if train_text is None:
+        rows = _conversations(tokenizer, settings, teacher, report)
+    else:
+        rows = pack(tokenizer, train_text, settings.seq_len)
     info = {**names, "sequences": int(rows.shape[0]), "tokens": int(rows.numel()),
             "sha256": hashlib.sha256(rows.numpy().tobytes()).hexdigest()}  # fmt: skip
     if saved and saved["data"]["sha256"] != info["sha256"]:
@@ -317,6 +348,26 @@ def _data(tokenizer: Any, settings: FinetuneSettings, saved: dict[str, Any] | No
             f"{resume}: the checkpoint was trained on other data (token hash differs); use the same --data"
         )
     return rows, eval_text, info
+
+
+CHAT_ANSWER_TOKENS = 128
+"""--data chat: the longest answer of each turn (the conversations of the distillation measured in the benchmarks)."""
+
+
+def _conversations(tokenizer: Any, settings: FinetuneSettings, teacher: nn.Module | None,
+                   report: ProgressFn) -> torch.Tensor:  # fmt: skip
+    """--data chat: multi-turn conversations the teacher holds with the built-in chat prompts through MODEL's chat
+    template (`sample_chat_exchanges`, calibration's sampler), one --seq-len row each, seeded by --seed."""
+    from lowrank_compress.calibration import has_chat_template, sample_chat_exchanges
+
+    assert teacher is not None  # FinetuneSettings.validate
+    if not has_chat_template(tokenizer):
+        raise LowrankError("--data chat needs a chat model: MODEL's tokenizer has no chat template")
+    return sample_chat_exchanges(
+        teacher, tokenizer, samples=settings.chat_samples, seq_len=settings.seq_len,
+        answer_tokens=CHAT_ANSWER_TOKENS, seed=settings.seed, device=str(next(teacher.parameters()).device),
+        progress=lambda done, total: report("sampling conversations", done, total, ""),
+    )  # fmt: skip
 
 
 def _trainable(run: Run, loaded: _Loaded, saved: dict[str, Any] | None) -> tuple[Any, list[str]]:

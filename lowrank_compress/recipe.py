@@ -14,6 +14,7 @@ import yaml
 
 from lowrank_compress.choices import (
     ADAPTERS,
+    CHAT_DATA,
     GRAD_SOURCES,
     INITS,
     MERGE_RANKS,
@@ -254,8 +255,10 @@ def build_settings(recipe: str | Path | None = None, **overrides: Any) -> Factor
 class FinetuneSettings:
     """Exactly what a finetune run does; recorded in finetune.json and in each checkpoint (a resume must match)."""
 
-    data: str = "builtin"
+    data: str = "builtin"  # a text file, builtin, or chat: conversations sampled from the teacher
     eval_data: str | None = None
+    teacher: str | None = None  # distillation: the loss is KL(teacher || model) at every position
+    chat_samples: int = 32  # --data chat: conversations sampled
     adapter: str = "lora"
     rank: int = 16
     alpha: float | None = None  # None: 2 x rank (LoRA scaling 2)
@@ -302,7 +305,9 @@ class FinetuneSettings:
                 raise LowrankError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
         if self.block_size is not None and self.block_size < 1:
             raise LowrankError(f"--block-size must be at least 1, got {self.block_size}")
-        for name in ("rank", "blocks", "batch_size", "grad_accum", "save_every"):
+        if self.data == CHAT_DATA and self.teacher is None:
+            raise LowrankError("--data chat samples conversations from the --teacher model; pass --teacher")
+        for name in ("rank", "blocks", "batch_size", "grad_accum", "save_every", "chat_samples"):
             if getattr(self, name) < 1:
                 raise LowrankError(
                     f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"

@@ -384,3 +384,110 @@ def test_a_bad_answer_set_fails_before_training(factorized: Path, data: Path, tm
     bad.write_text('{"prompt": "no answers here"}\n')
     res = run("finetune", factorized, "--data", data, "--steps", "1", "--answers", bad, "-o", out)
     assert "bad.jsonl" in _fails_cleanly(res, out)
+
+
+def test_distillation_loss_is_the_kl_divergence_of_the_next_token_distributions() -> None:
+    """KD (Hinton et al.): KL(p_t || p) = sum_v p_t(v) (log p_t(v) - log p(v)) per position, here averaged over the
+    positions; computed in float64 numpy from the softmaxes as the reference. Zero when the two models agree."""
+    import numpy as np
+
+    from lowrank_compress.training.loop import distillation_loss
+
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11, generator=gen), 3 * torch.randn(2, 5, 11, generator=gen)
+
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    p_t, p_s = softmax(teacher.double().numpy()), softmax(student.double().numpy())
+    expected = (p_t * (np.log(p_t) - np.log(p_s))).sum(-1).mean()
+    assert float(distillation_loss(student, teacher)) == pytest.approx(expected, rel=1e-5)
+    assert float(distillation_loss(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
+
+
+def _kl_to(teacher_path: Path, model: torch.nn.Module, data: Path) -> float:
+    """Mean KL(teacher || model) over four rows of the text's held-out half (the training rows are the first)."""
+    from lowrank_compress.loading import load_model
+    from lowrank_compress.text import load_text
+    from lowrank_compress.training.loop import distillation_loss
+
+    teacher, tok, _ = load_model(teacher_path)
+    held = pack(tok, load_text(str(data), split="heldout"), 64)[:4]
+    with torch.no_grad():
+        return float(distillation_loss(model(input_ids=held).logits, teacher(input_ids=held).logits))
+
+
+def test_a_teacher_makes_the_loss_the_kl_to_it_and_training_lowers_it(
+    factorized: Path, dense: Path, data: Path, tmp_path: Path
+) -> None:
+    """--teacher: a model distilled from itself starts at a loss of 0 (the KL, not the text's next-token loss);
+    the factorized model trained on its factors against the dense model it came from ends closer to it on text
+    it never saw, and finetune.json records the teacher."""
+    itself = finetune(dense, tmp_path / "self", settings(data, teacher=str(dense), steps=1))
+    assert itself.losses[0] == pytest.approx(0.0, abs=1e-5)
+    kd = settings(data, teacher=str(dense), train="factors", lr=3e-3, steps=8)
+    result = finetune(factorized, tmp_path / "kd", kd)
+    before = _kl_to(dense, lowrank_compress.load(factorized), data)
+    after = _kl_to(dense, lowrank_compress.load(tmp_path / "kd"), data)
+    assert after < 0.8 * before, (before, after)
+    assert result.losses[0] > 0
+    assert json.loads((tmp_path / "kd" / "finetune.json").read_text())["settings"]["teacher"] == str(dense)
+
+
+def test_chat_data_is_the_teachers_conversations_through_the_chat_template(
+    factorized: Path, dense: Path, tmp_path: Path
+) -> None:
+    """--data chat: the rows are the conversations `sample_chat_exchanges` draws from the teacher with the same
+    seed (the token hash in finetune.json matches an independent draw); held-out text is the built-in half."""
+    import hashlib
+
+    from lowrank_compress.calibration import sample_chat_exchanges
+    from tests.test_pipeline import _chat_copy
+
+    model = _chat_copy(factorized, tmp_path / "chat-model")
+    s = FinetuneSettings(
+        data="chat", teacher=str(dense), chat_samples=3, **{**FAST, "steps": 2, "eval_tokens": 0}
+    )
+    result = finetune(model, tmp_path / "o", s)
+    from transformers import AutoTokenizer
+
+    from lowrank_compress.loading import load_model
+
+    teacher, tok = load_model(dense)[0], AutoTokenizer.from_pretrained(model)
+    rows = sample_chat_exchanges(teacher, tok, samples=3, seq_len=64, answer_tokens=128, seed=0)
+    assert result.data["sequences"] == 3 and result.data["train"].startswith("3 conversations sampled from")
+    assert result.data["sha256"] == hashlib.sha256(rows.numpy().tobytes()).hexdigest()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    assert tok.decode(rows[0]).startswith(prompt[: prompt.index("x")])  # the template's opening
+
+
+def test_bad_distillation_inputs_fail_cleanly(factorized: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    base = ["--steps", "1", "--seq-len", "64", "-o", out]
+    assert "pass --teacher" in _fails_cleanly(run("finetune", factorized, "--data", "chat", *base), out)
+    other = tiny_llama(tmp_path, vocab_size=300, name="other-vocab")
+    assert "vocabulary" in _fails_cleanly(
+        run("finetune", factorized, "--data", data, "--teacher", other, *base), out
+    )
+    assert (
+        "no such"
+        in _fails_cleanly(
+            run("finetune", factorized, "--data", data, "--teacher", tmp_path / "nope", *base), out
+        ).lower()
+    )
+    assert "chat template" in _fails_cleanly(
+        run("finetune", factorized, "--data", "chat", "--teacher", factorized, *base), out
+    )
+    assert "--chat-samples" in _fails_cleanly(
+        run("finetune", factorized, "--data", data, "--chat-samples", "0", *base), out
+    )
+
+
+def test_the_teacher_is_never_the_output(factorized: Path, data: Path, tmp_path: Path) -> None:
+    """-o TEACHER --overwrite is refused before any work, and the teacher's files are untouched."""
+    teacher = tiny_llama(tmp_path, name="teacher")
+    files = {p.name: p.read_bytes() for p in teacher.iterdir()}
+    res = run("finetune", factorized, "--data", data, "--teacher", teacher, "-o", teacher, "--overwrite")
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert {p.name: p.read_bytes() for p in teacher.iterdir()} == files

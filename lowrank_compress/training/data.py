@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from lowrank_compress.choices import CHAT_DATA
 from lowrank_compress.errors import CalibrationError
 from lowrank_compress.recipe import FinetuneSettings
 
@@ -47,10 +48,17 @@ def batch_rows(n_rows: int, seed: int, position: int, count: int) -> list[int]:
     return out
 
 
-def texts(settings: FinetuneSettings) -> tuple[str, str | None, dict[str, Any]]:
-    """Training and evaluation text. Without --eval-data: train on the first half of --data, score the second."""
-    from lowrank_compress.text import load_text
+def texts(settings: FinetuneSettings) -> tuple[str | None, str | None, dict[str, Any]]:
+    """Training and evaluation text. Without --eval-data: train on the first half of --data, score the second.
+    --data chat trains on sampled conversations (no training text here), scored on --eval-data or the built-in
+    text's held-out half."""
+    from lowrank_compress.text import BUILTIN, load_text
 
+    if settings.data == CHAT_DATA:
+        held = load_text(settings.eval_data or BUILTIN, split="all" if settings.eval_data else "heldout")
+        names = {"train": f"{settings.chat_samples} conversations sampled from {settings.teacher}",
+                 "eval": settings.eval_data or f"{BUILTIN} (second half)"}  # fmt: skip
+        return None, held if settings.eval_tokens else None, names
     if settings.eval_data is None:
         train = load_text(settings.data, split="calibration")
         held = load_text(settings.data, split="heldout") if settings.eval_tokens else None

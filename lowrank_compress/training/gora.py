@@ -125,9 +125,12 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 
 def accumulate_gradients(run: Run, names: list[str], batches: int) -> dict[str, torch.Tensor]:
-    """The mean over `batches` training batches of dL/dW for each named layer, W (out x in) its whole weight:
-    sum over tokens of (dL/dy) x^T, caught by hooks on each layer's input and output, so a factorized layer's
-    gradient is its full weight's without forming W as a parameter (the model's parameters stay frozen)."""
+    """The mean over `batches` training batches of dL/dW (L the training loss: the distillation loss with a
+    teacher) for each named layer, W (out x in) its whole weight: sum over tokens of (dL/dy) x^T, caught by hooks on
+    each layer's input and output, so a factorized layer's gradient is its full weight's without forming W as a
+    parameter (the model's parameters stay frozen)."""
+    from lowrank_compress.training.loop import batch_loss
+
     grads: dict[str, torch.Tensor] = {}
     handles = [_hook(run.model.get_submodule(n), n, grads) for n in names]
     run.model.enable_input_require_grads()  # frozen parameters: the graph starts at the embeddings' output
@@ -135,7 +138,7 @@ def accumulate_gradients(run: Run, names: list[str], batches: int) -> dict[str, 
         for i in range(batches):
             batch = run.batch(i, 0)
             with run.autocast():
-                loss = run.model(input_ids=batch, labels=batch).loss
+                loss = batch_loss(run, batch)
             loss.backward()
     finally:
         for h in handles:

@@ -40,6 +40,7 @@ class Run:
     trainable: int = 0  # parameters that train at the start (truncation may lower it later)
     adapter_options: dict[str, Any] = field(default_factory=dict)  # what setup() adds to the adapters' config
     out: str = ""  # named in errors: nothing was written there
+    teacher: nn.Module | None = None  # --teacher: frozen, the loss is the KL to its next-token distribution
 
     @property
     def device(self) -> torch.device:
@@ -70,6 +71,24 @@ class Run:
             getattr(method, hook)(self, *args)
 
 
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || model) of the next-token distributions, summed over the vocabulary and averaged over the
+    positions: sum_v p_t(v) (log p_t(v) - log p(v)). Its gradient pulls the model's whole distribution towards the
+    teacher's at every position, where the language-model loss sees one token of it."""
+    target = torch.log_softmax(teacher_logits.float(), dim=-1)
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    return torch.nn.functional.kl_div(log_p, target, log_target=True, reduction="none").sum(-1).mean()
+
+
+def batch_loss(run: Run, batch: torch.Tensor) -> torch.Tensor:
+    """The language-model loss on the batch, or with a teacher the distillation loss against it."""
+    if run.teacher is None:
+        return run.model(input_ids=batch, labels=batch).loss
+    with torch.no_grad():
+        teacher_logits = run.teacher(input_ids=batch).logits
+    return distillation_loss(run.model(input_ids=batch).logits, teacher_logits)
+
+
 def step_loss(run: Run, step: int) -> float:
     """One optimizer step: the micro-batches' losses plus the methods' regularizers, backward (gradients synced
     on the last micro-batch only), the methods' gradient hooks, clipping, the optimizer and the schedule."""
@@ -79,7 +98,7 @@ def step_loss(run: Run, step: int) -> float:
         batch = run.batch(step, micro)
         sync = micro == s.grad_accum - 1
         with nullcontext() if sync else acc.no_sync(run.model), run.autocast():
-            loss = run.model(input_ids=batch, labels=batch).loss
+            loss = batch_loss(run, batch)
             total = loss
             for method in run.methods:
                 extra = method.regularizer(run)
