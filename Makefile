@@ -30,14 +30,16 @@ lint: setup
 	$(VENV)/bin/ruff format --check lowrank_compress tests benchmarks
 
 # The whole story on the built-in SmolLM2: which layers compress, the default factorization to 80% evaluated against
-# the dense model, the rendered report, and a short LoRA finetune merged back into the factors.
+# the dense model, the rendered report, and the factors distilled from the dense model on its own conversations.
 demo: setup
 	$(VENV)/bin/lowrank-compress analyze --top 10
 	$(VENV)/bin/lowrank-compress factorize -o demo-out/smollm2-0.8 --overwrite --evaluate
 	$(VENV)/bin/lowrank-compress report demo-out/smollm2-0.8
-	$(VENV)/bin/lowrank-compress finetune demo-out/smollm2-0.8 -o demo-out/smollm2-0.8-lora --steps 30 --merge --overwrite
+	$(VENV)/bin/lowrank-compress finetune demo-out/smollm2-0.8 -o demo-out/smollm2-0.8-kd --overwrite \
+		--teacher "$$($(PY) -c 'from lowrank_compress.demo import default_model_path; print(default_model_path())')" \
+		--data chat --chat-samples 16 --seq-len 512 --batch-size 1 --train factors --lr 5e-5 --steps 64 --warmup 0
 	@echo "model: demo-out/smollm2-0.8/ (load it after import lowrank_compress); report: demo-out/smollm2-0.8/report.html"
-	@echo "finetuned (LoRA r=16, merged exactly): demo-out/smollm2-0.8-lora/"
+	@echo "distilled from the dense model (the factors trained, same size): demo-out/smollm2-0.8-kd/"
 
 bench: setup
 	$(PY) benchmarks/bench_analyze.py
