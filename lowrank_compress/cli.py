@@ -1039,6 +1039,8 @@ def finetune(model: str, output: Path, checkpoint_dir: Path | None, resume: Path
         return
     from rich.table import Table
 
+    from lowrank_compress.report_finetune import loss_label
+
     p = result.perplexity
     table = Table(title=f"{model} -> {output} ({result.kind})", title_justify="left")
     for col in ("", "perplexity"):
@@ -1048,7 +1050,7 @@ def finetune(model: str, output: Path, checkpoint_dir: Path | None, resume: Path
             table.add_row(key, f"{p[key]:.3f}")
     out.out.print(table)
     first, last = result.losses[0], result.losses[-1]
-    loss = "KL to the teacher" if result.settings.teacher else "loss"
+    loss = loss_label(result.settings.teacher)
     out.out.print(
         f"{result.steps} steps ({result.settings.train}, {result.precision}) on {result.data['tokens']:,} tokens; "
         f"{loss} {first:.3f} -> {last:.3f}; {result.step_seconds:.2f} s/step, {result.tokens_per_s:,.0f} tok/s; "

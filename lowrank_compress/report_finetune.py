@@ -29,6 +29,11 @@ def read_finetune_report(output: Path) -> dict[str, Any] | None:
     return data
 
 
+def loss_label(teacher: str | None) -> str:
+    """What the training loss is: the KL to the teacher when distilling (finetune --teacher), else the text's."""
+    return "KL to the teacher" if teacher else "loss"
+
+
 def finetune_plots(data: dict[str, Any]) -> dict[str, bytes]:
     """loss.png: the training loss per step, with a running mean when there are enough steps to smooth."""
     from lowrank_compress.report import legend_beside, png_bytes, pyplot
@@ -39,7 +44,8 @@ def finetune_plots(data: dict[str, Any]) -> dict[str, bytes]:
     start = data.get("resumed_from_step", 0)
     steps = list(range(start + 1, start + len(losses) + 1))
     fig, ax = pyplot().subplots(figsize=(7.5, 4))
-    ax.plot(steps, losses, lw=0.8, alpha=0.6, label="loss")
+    label = loss_label(data["settings"].get("teacher"))
+    ax.plot(steps, losses, lw=0.8, alpha=0.6, label=label)
     k = max(1, len(losses) // 20)
     if k > 1:
         mean = [
@@ -48,7 +54,7 @@ def finetune_plots(data: dict[str, Any]) -> dict[str, bytes]:
         ]
         ax.plot(steps, mean, lw=1.5, label=f"running mean of {k}")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel(f"training {label}" if label == "loss" else label)
     ax.set_title("Training loss")
     legend_beside(ax)
     return {"loss.png": png_bytes(fig)}
@@ -74,7 +80,7 @@ def finetune_verdict(data: dict[str, Any]) -> list[str]:
         said.append(f"answers right {right['baseline']} -> {right['model']} of {answers['items']}")
     losses = data["losses"]
     if losses:
-        said.append(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        said.append(f"{loss_label(data['settings'].get('teacher'))} {losses[0]:.3f} -> {losses[-1]:.3f}")
     said.append(f"{data['params_after']:,} parameters ({data['kind']})")
     return ["## Verdict", "", "; ".join(said) + ".", "", *rows, ""]
 

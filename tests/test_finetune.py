@@ -432,7 +432,11 @@ def test_a_teacher_makes_the_loss_the_kl_to_it_and_training_lowers_it(
     after = _kl_to(dense, lowrank_compress.load(tmp_path / "kd"), data)
     assert after < 0.8 * before, (before, after)
     assert result.losses[0] > 0
-    assert json.loads((tmp_path / "kd" / "finetune.json").read_text())["settings"]["teacher"] == str(dense)
+    saved = json.loads((tmp_path / "kd" / "finetune.json").read_text())
+    assert saved["settings"]["teacher"] == str(dense)
+    from lowrank_compress.report_finetune import finetune_verdict
+
+    assert "; KL to the teacher " in " ".join(finetune_verdict(saved))  # the report names the loss
 
 
 def test_chat_data_is_the_teachers_conversations_through_the_chat_template(
