@@ -446,7 +446,10 @@ def test_chat_data_is_the_teachers_conversations_through_the_chat_template(
     seed (the token hash in finetune.json matches an independent draw); held-out text is the built-in half."""
     import hashlib
 
+    from transformers import AutoTokenizer
+
     from lowrank_compress.calibration import sample_chat_exchanges
+    from lowrank_compress.loading import load_model
     from tests.test_pipeline import _chat_copy
 
     model = _chat_copy(factorized, tmp_path / "chat-model")
@@ -454,10 +457,7 @@ def test_chat_data_is_the_teachers_conversations_through_the_chat_template(
         data="chat", teacher=str(dense), chat_samples=3, **{**FAST, "steps": 2, "eval_tokens": 0}
     )
     result = finetune(model, tmp_path / "o", s)
-    from transformers import AutoTokenizer
-
-    from lowrank_compress.loading import load_model
-
+    assert result.data["eval"] == "builtin (second half)"
     teacher, tok = load_model(dense)[0], AutoTokenizer.from_pretrained(model)
     rows = sample_chat_exchanges(teacher, tok, samples=3, seq_len=64, answer_tokens=128, seed=0)
     assert result.data["sequences"] == 3 and result.data["train"].startswith("3 conversations sampled from")
