@@ -275,8 +275,7 @@ def _load(model_path: str | Path, settings: FinetuneSettings, allow_pickle: bool
 
     model, tokenizer, source = load_model(model_path, allow_pickle=allow_pickle)
     factorized = source.is_compressed
-    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
-        raise LowrankError(f"{model_path}: finetune needs a causal language model (a model with an LM head)")
+    _lm_head(model, f"{model_path}: finetune needs a causal language model (a model with an LM head)")
     _check_model(settings, factorized)
     if settings.quantize == "nf4":
         from lowrank_compress.quantize import require_bitsandbytes
@@ -319,17 +318,23 @@ def _load_teacher(settings: FinetuneSettings, model: nn.Module, allow_pickle: bo
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     teacher, _, _ = load_model(settings.teacher, device=str(device), dtype=dtype, allow_pickle=allow_pickle,
                                need_tokenizer=False)  # fmt: skip
-    if not hasattr(teacher, "get_output_embeddings") or teacher.get_output_embeddings() is None:
-        raise LowrankError(f"--teacher {settings.teacher}: not a causal language model (it has no LM head)")
-    one = torch.zeros(1, 1, dtype=torch.long)
-    with torch.no_grad():
-        widths = [m(input_ids=one.to(next(m.parameters()).device)).logits.shape[-1] for m in (model, teacher)]
+    head = _lm_head(teacher, f"--teacher {settings.teacher}: not a causal language model (it has no LM head)")
+    widths = [_lm_head(model, "").out_features, head.out_features]  # MODEL's head was checked when it loaded
     if widths[0] != widths[1]:
         raise LowrankError(
             f"--teacher {settings.teacher}: its vocabulary ({widths[1]} tokens) is not MODEL's ({widths[0]}); "
             "distill from the model MODEL was compressed from"
         )
     return teacher.requires_grad_(False)
+
+
+def _lm_head(model: nn.Module, missing: str) -> nn.Module:
+    """The model's output head (its out_features are the vocabulary the logits span); `missing` is the error without
+    one."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise LowrankError(missing)
+    return head
 
 
 def _data(tokenizer: Any, settings: FinetuneSettings, saved: dict[str, Any] | None, resume: str | Path | None,
