@@ -35,6 +35,7 @@ from lowrank_compress.outdir import (
     atomic_output_dir,
     check_checkpoint_dir,
     check_output_dir,
+    data_files,
     ours,
     remove_ours,
 )
@@ -136,7 +137,7 @@ def finetune(
     out = Path(out)
     report = progress or (lambda phase, done, total, label: None)
     say = warn or (lambda message: None)
-    ckpt_dir = _check_dirs(model_path, settings.teacher, out, checkpoint_dir, resume, overwrite, warn)
+    ckpt_dir = _check_dirs(model_path, settings, out, checkpoint_dir, resume, overwrite, warn)
     saved = checkpoints.read(Path(resume), settings, model_path) if resume else None
     answer_set = optional_answer_set(settings.answers)  # a bad file fails before any model is read
     answer_set = answer_set if settings.eval_tokens else None  # --eval-tokens 0: no evaluation at all
@@ -247,12 +248,23 @@ def _train(run: Run, ckpt_dir: Path, model_path: str | Path, data: dict[str, Any
     return memory
 
 
-def _check_dirs(model_path: str | Path, teacher: str | None, out: Path, checkpoint_dir: str | Path | None,
+def _inputs(model_path: str | Path, settings: FinetuneSettings) -> dict[str, Path]:
+    """What OUT and the checkpoint directory may neither be, sit inside, nor contain: MODEL, the teacher, and the
+    files of --data, --eval-data and --answers."""
+    named = {"MODEL": model_path, "--teacher": settings.teacher}
+    files = {"--data": settings.data, "--eval-data": settings.eval_data, "--answers": settings.answers}
+    return {
+        **{what: Path(value) for what, value in named.items() if value},
+        **{what: found[0] for what, value in files.items() if (found := data_files(value))},
+    }
+
+
+def _check_dirs(model_path: str | Path, settings: FinetuneSettings, out: Path, checkpoint_dir: str | Path | None,
                 resume: str | Path | None, overwrite: bool, warn: Callable[[str], None] | None) -> Path:  # fmt: skip
-    """OUT may be written (apart from MODEL and the teacher), and the checkpoint directory is apart from OUT, MODEL
-    and the teacher and a checkpoint of ours (or empty): the finished run deletes it. An earlier run's checkpoint
+    """OUT may be written (apart from the inputs, `_inputs`), and the checkpoint directory is apart from OUT and the
+    inputs and a checkpoint of ours (or empty): the finished run deletes it. An earlier run's checkpoint
     is not thrown away without --overwrite."""
-    inputs = {"MODEL": Path(model_path), **({"--teacher": Path(teacher)} if teacher else {})}
+    inputs = _inputs(model_path, settings)
     check_output_dir(out, overwrite, inputs=list(inputs.values()), warn=warn)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
     check_checkpoint_dir(ckpt_dir, {"the output": out, **inputs}, warn=warn)
@@ -470,7 +482,9 @@ def _write(result: FinetuneResult, trainer: nn.Module, run: Run, loaded: _Loaded
     from lowrank_compress.training import outputs
 
     s, device, clock = run.settings, run.device, time.perf_counter()
-    with atomic_output_dir(Path(result.out), overwrite, inputs=[Path(model_path)], warn=warn) as tmp:
+    with atomic_output_dir(
+        Path(result.out), overwrite, inputs=list(_inputs(model_path, s).values()), warn=warn
+    ) as tmp:
         final = None
         if s.train == "factors":
             final = trainer.float()

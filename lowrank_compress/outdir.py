@@ -178,6 +178,20 @@ def _check_creatable(path: Path) -> None:
         raise LowrankError(f"cannot create {_shown(path)}: {parent} is not writable ({cause})")
 
 
+_KEYWORDS = {"builtin", "chat", "none"}  # values of --data / --calibration / --answers that name no file
+
+
+def data_files(*values: str | Path | None) -> list[Path]:
+    """Of options' values, those naming an existing file (a calibration text, an answer set): user data that an
+    output must not contain, for --overwrite would delete it with the old output. Keywords (builtin, chat, none)
+    and unset options name no file."""
+    return [
+        Path(v)
+        for v in values
+        if v is not None and str(v).strip().lower() not in _KEYWORDS and Path(v).is_file()
+    ]
+
+
 def check_output_dir(
     out: str | Path,
     overwrite: bool,

@@ -181,11 +181,18 @@ def factorize_model(
     from lowrank_compress.loading import resolve
 
     source = resolve(model_path)
-    check_output_dir(Path(out), overwrite, inputs=[source.path, source.directory])
+    check_output_dir(Path(out), overwrite, inputs=protected_inputs(source, settings))
     prepared = Prepared.load(model_path, settings, allow_pickle=allow_pickle, progress=progress, warn=warn)
     return prepared.write(
         out, settings.budget, overwrite=overwrite, max_shard_size=max_shard_size, evaluate=evaluate
     )
+
+
+def protected_inputs(source: Any, settings: FactorizeSettings) -> list[Path]:
+    """What a factorize output may neither be, sit inside, nor contain: the model and the calibration text."""
+    from lowrank_compress.outdir import data_files
+
+    return [Path(source.path), Path(source.directory), *data_files(settings.calibration)]
 
 
 BATCH = 4
@@ -838,7 +845,7 @@ class Prepared:
         self._report_spectra = {
             c.name: c.decomposition.s for c in self.candidates if c.decomposition is not None
         }
-        with atomic_output_dir(out, overwrite) as tmp:
+        with atomic_output_dir(out, overwrite, protected_inputs(self.source, settings)) as tmp:
             writer = ShardWriter(tmp, max_shard_size)
             result.layers, dtype = self._stream_factors(ranks, writer)
             result.spectra = _extreme_spectra(result.layers, self._report_spectra)

@@ -113,15 +113,17 @@ def sweep(
     a budget is judged by the answers it keeps, not only by its perplexity."""
     from lowrank_compress.answers import AnswerSet, load_answer_set
     from lowrank_compress.loading import resolve
-    from lowrank_compress.outdir import atomic_output_dir, check_output_dir, scratch_dir
-    from lowrank_compress.pipeline import Prepared
+    from lowrank_compress.outdir import atomic_output_dir, check_output_dir, data_files, scratch_dir
+    from lowrank_compress.pipeline import Prepared, protected_inputs
     from lowrank_compress.text import load_text
 
     report = progress or (lambda *a: None)
     answer_set = answers if isinstance(answers, AnswerSet) or answers is None else load_answer_set(answers)
     out_dir = Path(out_dir)
     source = resolve(model_path)
-    check_output_dir(out_dir, overwrite, inputs=[source.path, source.directory], warn=warn)
+    answer_file = answer_set.source if answer_set is not None else None
+    inputs = [*protected_inputs(source, settings), *data_files(data, answer_file)]
+    check_output_dir(out_dir, overwrite, inputs=inputs, warn=warn)
     text = load_text(data, split="heldout" if data == "builtin" else "all")
     _require_language_model(source, model_path, allow_pickle)
     prepared = Prepared.load(model_path, settings, allow_pickle=allow_pickle, progress=report, warn=warn)
@@ -131,7 +133,10 @@ def sweep(
     )
     dense_speed = None
     points: list[SweepPoint] = []
-    with atomic_output_dir(out_dir, overwrite, warn=warn) as tmp, scratch_dir("sweep", warn) as scratch:
+    with (
+        atomic_output_dir(out_dir, overwrite, inputs, warn=warn) as tmp,
+        scratch_dir("sweep", warn) as scratch,
+    ):
         for i, budget in enumerate(budgets):
             where = (tmp / "models" if keep_models else Path(scratch)) / f"budget-{budget:g}"
             output = str(out_dir / "models" / where.name) if keep_models else None

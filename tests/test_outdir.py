@@ -200,6 +200,31 @@ def test_overwrite_refuses_a_foreign_directory(model: Path, tmp_path: Path, no_w
     assert tree(out) == before and temporaries(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [("factorize", "--calibration"), ("sweep", "--data"), ("sweep", "--answers"), ("finetune", "--data"),
+     ("finetune", "--eval-data"), ("finetune", "--answers")],
+)  # fmt: skip
+def test_overwrite_never_deletes_a_data_file_inside_the_old_output(
+    command: str, option: str, model: Path, factorized: Path, data: Path, tmp_path: Path, no_work: None
+) -> None:
+    """A text or answer set the user keeps inside an earlier output and passes to the run would be deleted with
+    that output by --overwrite (after the run had read it): refused before any work, everything left as it was."""
+    out = tmp_path / "out"
+    our_output(out)
+    mine = out / ("mine.jsonl" if option == "--answers" else "mine.txt")
+    mine.write_text(LINE if option == "--answers" else data.read_text())
+    before = tree(out)
+    source = factorized if command == "finetune" else model
+    extra = {"sweep": ["--budgets", "0.5"], "finetune": ["--data", data]}.get(command, [])
+    line = one_error_line(run(command, source, "-o", out, "--overwrite", *extra, option, mine))
+    assert "contains the input" in line and str(mine) in line, line
+    assert tree(out) == before and temporaries(tmp_path) == []
+
+
+LINE = '{"prompt": "What is 2 + 2?", "answers": ["4"]}\n'
+
+
 def test_overwrite_replaces_a_previous_output(model: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     model_before = tree(model)
