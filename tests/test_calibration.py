@@ -634,6 +634,30 @@ def test_the_built_in_chat_prompts_are_varied_package_data() -> None:
     assert all(10 < len(p) < 120 for p in prompts)
 
 
+def test_no_built_in_chat_prompt_asks_what_the_answer_check_asks() -> None:
+    """The answer check measures what compression kept, so neither calibration (the self-generated conversations)
+    nor `finetune --data chat` may train on its items: no chat prompt names a subject of an answer item (a
+    capitalized word after its first) or one of its answers. Allowed: Python (the code items' language), French
+    and Spanish (translation targets), and words too common to be a subject (the, that, three, world)."""
+    import re
+
+    from lowrank_compress.answers import load_answer_set
+
+    allowed = {"python", "french", "spanish", "the", "that", "three", "world"}
+    subjects: set[str] = set()
+    for item in load_answer_set("builtin").items:
+        words = re.findall(r"[A-Za-z][A-Za-z0-9]*", item.prompt)
+        subjects |= {w.lower() for w in words[1:] if w[0].isupper()}
+        subjects |= {a.lower() for a in item.answers if len(a) >= 4 and a.replace(" ", "").isalpha()}
+    clashes = [
+        (subject, prompt)
+        for prompt in shipped_chat_prompts()
+        for subject in sorted(subjects - allowed)
+        if re.search(rf"\b{re.escape(subject)}\b", prompt.lower())
+    ]
+    assert clashes == []
+
+
 @pytest.mark.parametrize("style", sorted(CHAT_TEMPLATES))
 def test_chat_text_windows_equal_the_tokenizers_own_chat_template_token_for_token(style: str) -> None:
     """Each text window is the conversation [user: "Continue this text:\\n\\n" + its first quarter, assistant: the
