@@ -26,7 +26,8 @@ from lowrank_compress.demo import default_model_path
 from lowrank_compress.pipeline import factorize_model
 from lowrank_compress.recipe import build_settings
 r = factorize_model(default_model_path(), {out!r}, build_settings(calibration="builtin", budget={budget}, **{extra!r}))
-RESULT = {{"timings": r.timings, "kept": r.kept_fraction_targets}}
+import torch
+RESULT = {{"timings": r.timings, "kept": r.kept_fraction_targets, "threads": torch.get_num_threads()}}
 """
 
 

@@ -46,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from _common import arg, main_or_help, save
@@ -147,10 +147,14 @@ def run(
         return run_until(cmd, stop_after)
     gpu = GpuPeak() if device.startswith("cuda") else None
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    watch = RssParts(proc.pid)
-    with stopped_on_exit(proc):
-        stdout, stderr = proc.communicate()
+    with tempfile.TemporaryFile("w+") as out_file:  # a file, not a pipe: the JSON comes while stderr is read
+        proc = subprocess.Popen(cmd, stdout=out_file, stderr=subprocess.PIPE, text=True)
+        watch = RssParts(proc.pid)
+        with stopped_on_exit(proc):
+            stderr = "\n".join(passed_on(proc))
+            proc.wait()
+        out_file.seek(0)
+        stdout = out_file.read()
     wall = time.perf_counter() - start
     parts = watch.stop()
     gpu_mb = gpu.stop() if gpu else None
@@ -175,16 +179,18 @@ def run_until(cmd: list[str], phase: str) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     watch = RssParts(proc.pid)
-    assert proc.stderr is not None
-    lines, stopped = [], False
+    stopped = False
+
+    def stop_at_phase(line: str) -> None:
+        nonlocal stopped
+        if not stopped and line.startswith(f"factorize: {phase}"):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                if "lowrank_compress.cli" in " ".join(child.cmdline()):
+                    child.terminate()
+            stopped = True
+
     with stopped_on_exit(proc):
-        for line in proc.stderr:
-            lines.append(line.rstrip())
-            if not stopped and line.startswith(f"factorize: {phase}"):
-                for child in psutil.Process(proc.pid).children(recursive=True):
-                    if "lowrank_compress.cli" in " ".join(child.cmdline()):
-                        child.terminate()
-                stopped = True
+        lines = passed_on(proc, stop_at_phase)
         proc.wait()
     parts = watch.stop()
     if not stopped:
@@ -193,6 +199,20 @@ def run_until(cmd: list[str], phase: str) -> dict:
     return {"wall_s": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak_kb / 1024),
             "peak_rss_parts_mb": parts, "stopped_after": phase, "phase_lines": [x for x in lines if x.startswith("factorize:")],
             "warnings": [x for x in lines if x.startswith("warning:")]}  # fmt: skip
+
+
+def passed_on(proc: subprocess.Popen, each: Callable[[str], None] | None = None) -> list[str]:
+    """The timed factorize's stderr lines, kept for the figures, its phase lines, warnings and errors passed on to
+    ours as they come (a run of hours shows where it is)."""
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line.rstrip())
+        if line.startswith(("factorize:", "warning:", "error:")):
+            print(line, end="", file=sys.stderr, flush=True)
+        if each is not None:
+            each(line)
+    return lines
 
 
 @contextlib.contextmanager
