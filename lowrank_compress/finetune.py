@@ -350,7 +350,8 @@ def _lm_head(model: nn.Module, missing: str) -> nn.Module:
 
 
 def _data(tokenizer: Any, settings: FinetuneSettings, saved: dict[str, Any] | None, resume: str | Path | None,
-          teacher: nn.Module | None, report: ProgressFn) -> tuple[torch.Tensor, str | None, dict[str, Any]]:  # fmt: skip
+          teacher: nn.Module | None,
+          report: ProgressFn) -> tuple[torch.Tensor, str | None, dict[str, Any]]:  # fmt: skip
     """The training rows (packed text, or --data chat's conversations), the evaluation text, and what
     finetune.json says of the data."""
     train_text, eval_text, names = texts(settings)

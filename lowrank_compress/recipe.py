@@ -76,8 +76,8 @@ class FactorizeSettings:
     self_temperature: float = 1.0
     # chat models (the tokenizer has a chat template): the self-generated share is conversations, the model's answers
     # to built-in user prompts through the template. None (the default): on when the tokenizer has a chat template
-    # (on SmolLM2-Instruct it kept more answers at every seed, see the README); True without a template: ignored, with a note;
-    # False: plain calibration for every model
+    # (on SmolLM2-Instruct it kept more answers at every seed, see the README); True without a template: ignored,
+    # with a note; False: plain calibration for every model
     chat: bool | None = None
     # chat calibration: the text windows too are wrapped as turns (a user opening, the rest as the answer); False
     # (the default) keeps them plain text, which held out better on SmolLM2-Instruct (see the README)
