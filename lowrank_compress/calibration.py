@@ -612,7 +612,8 @@ def blend_stats(parts: Sequence[tuple[dict[str, LayerStats], float]]) -> dict[st
         key = tuple(id(st.gram) for st, _ in layer)
         if key not in shared:
             gram = sum(st.gram * (w * n_total / st.n_tokens) for st, w in layer)
-            abs_sum = sum(st.abs_sum * (w * n_total / st.n_tokens) for st, w in layer)
+            summed = [st.abs_sum * (w * n_total / st.n_tokens) for st, w in layer if st.abs_sum is not None]
+            abs_sum = sum(summed) if len(summed) == len(layer) else None
             crosses = [st.cross * (w * n_total / st.n_tokens) for st, w in layer if st.cross is not None]
             if crosses and len(crosses) != len(layer):
                 raise CalibrationError("internal: only some calibration parts have error-aware statistics")
@@ -655,7 +656,9 @@ class LayerStats:
     # (in x in) float64 (float32 where the fit runs in float32, `factorize.fit_dtype`): sum over calibration tokens
     # of x x^T, x = the layer's input
     gram: torch.Tensor
-    abs_sum: torch.Tensor  # (in,) float64: sum of |x| per input channel (ASVD's activation magnitude)
+    # (in,) float64: sum of |x| per input channel (ASVD's activation magnitude); None where it was not summed (the
+    # block-sequential pipeline sums it for the asvd method alone)
+    abs_sum: torch.Tensor | None
     n_tokens: int
     # (out,) float64: sum over batches of the squared weight gradient, summed per output row (FWSVD)
     fisher_rows: torch.Tensor | None = None
@@ -699,11 +702,13 @@ def _has_lm_head(model: nn.Module) -> bool:
 class _InputSums:
     """Running input sums, shared by the layers that read the same tensor (q/k/v, gate/up): one Gram, not three."""
 
-    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float64, abs_sums: bool = True) -> None:
+        """`abs_sums`: also sum |x| (only the asvd method reads it; it costs a third of a Gram's time)."""
         self.gram: torch.Tensor | None = None
         self.abs_sum: torch.Tensor | None = None
         self.n_tokens = 0
         self.dtype = dtype
+        self.abs_sums = abs_sums
 
     def add(self, x: torch.Tensor, weight: float = 1.0) -> None:
         """Add a batch's sums, multiplied by `weight` (a calibration part's share, see `BlockStatistics.add`).
@@ -713,8 +718,9 @@ class _InputSums:
         float32 where the fit that reads them runs in float32 anyway (`factorize.fit_dtype`)."""
         flat = x.detach().reshape(-1, x.shape[-1]).float()
         self.gram = add_product(self.gram, flat, flat, weight, self.dtype)
-        abs_sum = flat.abs().sum(0, dtype=torch.float64).mul_(weight)
-        self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum.add_(abs_sum)
+        if self.abs_sums:
+            abs_sum = flat.abs().sum(0, dtype=torch.float64).mul_(weight)
+            self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum.add_(abs_sum)
         self.n_tokens += flat.shape[0]
 
 
@@ -1003,9 +1009,13 @@ class BlockStatistics:
     The square sums are kept in `dtype` (see `_InputSums.add`).
     """
 
-    def __init__(self, modules: dict[str, nn.Module], dtype: torch.dtype = torch.float64) -> None:
+    def __init__(
+        self, modules: dict[str, nn.Module], dtype: torch.dtype = torch.float64, abs_sums: bool = True
+    ) -> None:
+        """`dtype`, `abs_sums`: see `_InputSums`."""
         self.modules = modules
         self.dtype = dtype
+        self.abs_sums = abs_sums
         self.sums: dict[str, _InputSums] = {}
         self.cross: dict[int, torch.Tensor] = {}  # id(sums) -> running cross term
         self.weighted: dict[str, torch.Tensor] = {}  # name -> running W X^T X', where that is the smaller one
@@ -1046,7 +1056,7 @@ class BlockStatistics:
                 )
             groups.setdefault(id(dense[name]), []).append(name)
         for names in groups.values():
-            sums = self.sums.get(names[0]) or _InputSums(self.dtype)
+            sums = self.sums.get(names[0]) or _InputSums(self.dtype, self.abs_sums)
             self.sums.update(dict.fromkeys(names, sums))
             x = dense[names[0]]
             if shifted is None:
@@ -1068,7 +1078,7 @@ class BlockStatistics:
     def stats(self) -> dict[str, LayerStats]:
         out = {}
         for name, sums in self.sums.items():
-            assert sums.gram is not None and sums.abs_sum is not None
+            assert sums.gram is not None
             cross = self.cross.get(id(sums))
             out[name] = LayerStats(
                 sums.gram, sums.abs_sum, sums.n_tokens, cross=cross, weighted_cross=self.weighted.get(name)

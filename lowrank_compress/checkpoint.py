@@ -28,12 +28,14 @@ name are targets, all taken as (out x in), and a head stored identical to an emb
 from __future__ import annotations
 
 import abc
+import contextlib
 import difflib
 import fnmatch
 import json
 import math
 import re
-from collections.abc import Collection, Iterable, Sequence
+import weakref
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -397,8 +399,6 @@ class _GGUFBackend(_Backend):
     """A memory-mapped GGUF file; tensors renamed to Hugging Face names and dequantized on read."""
 
     def __init__(self, path: Path) -> None:
-        import gguf
-
         self.path = path
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -407,7 +407,7 @@ class _GGUFBackend(_Backend):
                 f"{path} is not a GGUF file (it does not start with b'GGUF'); pass a valid .gguf file"
             )
         try:
-            self.reader = gguf.GGUFReader(str(path))
+            self.reader = gguf_reader(path)
         except Exception as e:
             raise CheckpointError(
                 f"{path} is a corrupt or truncated GGUF file (the reader failed: {_short(e)}); re-download or re-convert it"
@@ -447,7 +447,6 @@ class _GGUFBackend(_Backend):
 
     def _map_names(self) -> None:
         """Config and the GGUF -> HF name map from transformers; tensors keep GGUF names when that fails."""
-        import gguf
         from transformers.modeling_gguf_pytorch_utils import (
             TENSOR_PROCESSORS,
             TensorProcessor,
@@ -455,16 +454,11 @@ class _GGUFBackend(_Backend):
             load_gguf_checkpoint,
         )
 
-        # load_gguf_checkpoint builds its own GGUFReader by name; hand it ours, parsed once already. Parsing the
-        # metadata (tens of thousands of tokenizer strings) is most of the time it takes to open a GGUF file.
-        original_reader = gguf.GGUFReader
-        gguf.GGUFReader = lambda *_a, **_k: self.reader  # type: ignore[assignment]
         try:
-            parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)
+            with shared_gguf_readers():  # load_gguf_checkpoint's reader is ours, parsed once already
+                parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)
         except Exception:  # unsupported architecture: tensors stay readable under their GGUF names
             return
-        finally:
-            gguf.GGUFReader = original_reader
         config = dict(parsed.get("config") or {})
         built = _build_meta_model(config, prefer_causal_lm=True)
         if built is None:
@@ -531,6 +525,45 @@ class _GGUFBackend(_Backend):
     def close(self) -> None:
         self._by_gguf_name = {}
         self.reader = None  # drops the memory map
+
+
+_GGUF_READERS: weakref.WeakValueDictionary[tuple[str, int, int], Any] = weakref.WeakValueDictionary()
+_HELD_READERS: list[list[Any]] = []  # one list per open `shared_gguf_readers`
+
+
+def gguf_reader(path: str | Path) -> Any:
+    """The file's parsed `gguf.GGUFReader`, one per file while anything holds it. Parsing the metadata (tens of
+    thousands of tokenizer strings) is most of the time it takes to open a GGUF file, and transformers parses it
+    anew for the config, the weights and the tokenizer. Keyed by path, size and mtime: a rewritten file is parsed
+    again. Imports the class itself, not `gguf.GGUFReader`, which `shared_gguf_readers` replaces."""
+    from gguf.gguf_reader import GGUFReader
+
+    resolved = Path(path).resolve()
+    st = resolved.stat()
+    key = (str(resolved), st.st_size, st.st_mtime_ns)
+    reader = _GGUF_READERS.get(key)
+    if reader is None:
+        reader = GGUFReader(str(resolved))
+        _GGUF_READERS[key] = reader
+    if _HELD_READERS:
+        _HELD_READERS[-1].append(reader)
+    return reader
+
+
+@contextlib.contextmanager
+def shared_gguf_readers() -> Iterator[None]:
+    """While inside, `gguf.GGUFReader(path)` (as transformers' GGUF loader calls it) is `gguf_reader(path)`, and
+    every reader it hands out is held to the end: a file's config, weights and tokenizer share one parse."""
+    import gguf
+
+    original = gguf.GGUFReader
+    gguf.GGUFReader = lambda path, mode="r": gguf_reader(path) if mode == "r" else original(path, mode)
+    _HELD_READERS.append([])
+    try:
+        yield
+    finally:
+        _HELD_READERS.pop()
+        gguf.GGUFReader = original
 
 
 class _ShallowModel:

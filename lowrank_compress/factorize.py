@@ -186,6 +186,8 @@ def decompose(
     assert stats is not None
     n_tokens = max(int(stats.n_tokens), 1)
     if method == "asvd":
+        if stats.abs_sum is None:
+            raise ValueError("the asvd method needs the statistics' abs_sum (summed with abs_sums=True)")
         mean_abs = _checked(stats.abs_sum, (in_f,), "abs_sum", w) / n_tokens
         scale = _floored(mean_abs) ** asvd_alpha
         u, s, vh = _svd(w * scale, spectrum_only)

@@ -152,28 +152,18 @@ def load_tokenizer(source: ModelSource, required: bool = True) -> Any:
 
 @contextmanager
 def _gguf_loading() -> Iterator[None]:
-    """transformers builds a new GGUFReader for the config, the weights and the tokenizer; parsing the metadata
-    (tens of thousands of tokenizer strings) takes seconds each time. Memoize readers by path while loading, and
-    silence the loader's own tqdm bar, which ignores transformers' progress-bar switch."""
-    import gguf
+    """One parse of a GGUF file for the config, the weights and the tokenizer (`shared_gguf_readers`), and the
+    loader's own tqdm bar silenced (it ignores transformers' progress-bar switch)."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    original = gguf.GGUFReader
+    from lowrank_compress.checkpoint import shared_gguf_readers
+
     original_tqdm = gguf_utils.tqdm
-    cache: dict[tuple[str, str], Any] = {}
-
-    def reader(path: Any, mode: str = "r") -> Any:
-        key = (str(Path(path).resolve()), mode)
-        if key not in cache:
-            cache[key] = original(path, mode)
-        return cache[key]
-
-    gguf.GGUFReader = reader  # type: ignore[assignment]
     gguf_utils.tqdm = lambda iterable, **_kw: iterable
     try:
-        yield
+        with shared_gguf_readers():
+            yield
     finally:
-        gguf.GGUFReader = original
         gguf_utils.tqdm = original_tqdm
 
 

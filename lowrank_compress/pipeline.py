@@ -559,12 +559,14 @@ class Prepared:
             return float(channels.max())
         return mean_sq
 
-    @property
-    def _sums_dtype(self) -> torch.dtype:
-        """The input statistics are summed in the precision the fit reads them in (`factorize.fit_dtype`)."""
+    def _block_sums(self, modules: dict[str, nn.Module]) -> Any:
+        """Input statistics of these targets, summed in the precision the fit reads them in (`factorize.fit_dtype`),
+        with the sums of |x| where the method reads them (asvd)."""
+        from lowrank_compress.calibration import BlockStatistics
         from lowrank_compress.factorize import fit_dtype
 
-        return fit_dtype(self.settings.method, self.settings.damping)
+        dtype = fit_dtype(self.settings.method, self.settings.damping)
+        return BlockStatistics(modules, dtype, abs_sums=self.settings.method == "asvd")
 
     @property
     def _reads_weights_in_pass1(self) -> bool:
@@ -624,7 +626,6 @@ class Prepared:
     ) -> None:  # fmt: skip
         """The calibration windows through the dense blocks, stashing the gradient windows' inputs when the flow
         does; with `spectra`, each block's pooled input statistics give its targets' spectra and stable ranks."""
-        from lowrank_compress.calibration import BlockStatistics
 
         n = len(self.streamed.blocks)
         scales = self._part_scales()
@@ -632,7 +633,7 @@ class Prepared:
         for i in range(n):
             modules = self._block_targets(i) if spectra is not None else {}
             with self.streamed.block(i) as block, PeakMemory(self.streamed.device) as peak:
-                sums = BlockStatistics(modules, self._sums_dtype)
+                sums = self._block_sums(modules)
                 for part in flow.ids:
                     flow.stash_inputs(part, i)
                     for b in range(len(flow.hidden[part])):
@@ -1013,9 +1014,8 @@ class Prepared:
         """One group's error-aware sums: its kept dense inputs (taken out of `dense_inputs`) paired, batch by batch,
         with the inputs X' it saw in the compressed pass (`moved`, by part and batch; the same as the dense ones
         while nothing before the group differs, then only X^T X is summed)."""
-        from lowrank_compress.calibration import BlockStatistics
 
-        sums = BlockStatistics(group, self._sums_dtype)
+        sums = self._block_sums(group)
         device = self.streamed.device
         for (part, b), x_moved in moved.items():
             if not scales[part]:
@@ -1030,10 +1030,9 @@ class Prepared:
     def _pass2_stats(self, block: nn.Module, modules: dict[str, nn.Module], flow: _Flow) -> dict[str, Any]:
         """The block's pooled statistics of its dense inputs X for the fit (the fit to the dense model's inputs,
         `--no-error-aware`). Also computes the dense block's outputs."""
-        from lowrank_compress.calibration import BlockStatistics
 
         scales = self._part_scales()
-        sums = BlockStatistics(modules, self._sums_dtype)
+        sums = self._block_sums(modules)
         for part in flow.ids:
             for b in range(len(flow.hidden[part])):
                 with sums.record() as dense:

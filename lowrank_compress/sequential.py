@@ -174,14 +174,16 @@ class StreamedModel:
             setattr(parent, leaf, self.model.get_parameter(source))
 
     def _release(self, names: Sequence[str]) -> None:
-        """Parameters back to the meta device, and the freed pages back to the system."""
+        """Parameters back to the meta device, and, where memory must stay one block deep (the tensors are not
+        cached), the freed pages back to the system (20 ms a call: 3 s of a small model's factorize)."""
         from accelerate.utils import set_module_tensor_to_device
 
         from lowrank_compress.memory import return_free_memory
 
         for n in names:  # a placeholder read at another dtype gets its own back
             set_module_tensor_to_device(self.model, n, "meta", dtype=self._skeleton_dtype.pop(n, None))
-        return_free_memory()
+        if self._cache is None:
+            return_free_memory()
 
     def load_block(self, i: int, dtype: torch.dtype | None = None) -> nn.Module:
         block = self.blocks[i]
@@ -248,9 +250,11 @@ class StreamedModel:
             out = self.model(inputs_embeds=embeds, **no_cache_kwargs(self.model))
         logits = out.logits.float()
         labels = ids[:, 1:].to(logits.device)
+        # rows of contiguous logits: 3-4x faster on CPU than cross_entropy over the (batch, vocab, seq) view
+        vocab = logits.shape[-1]
         per_token = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), labels, reduction="none"
-        )
+            logits[:, :-1].reshape(-1, vocab), labels.reshape(-1), reduction="none"
+        ).view(labels.shape)
         losses = per_token.sum(dim=1) / (labels != -100).sum(dim=1).clamp_min(1)
         return losses if per_row else losses.mean()
 

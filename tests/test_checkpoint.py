@@ -352,6 +352,47 @@ def test_gguf_roundtrip(tmp_path: Path) -> None:
             torch.testing.assert_close(ckpt.read(name), loaded[name], rtol=0, atol=0)
 
 
+def test_a_gguf_file_is_parsed_once_per_load_and_anew_once_rewritten(tmp_path: Path, monkeypatch) -> None:
+    """Parsing a GGUF file's metadata takes seconds on a real model: opening the checkpoint and loading the model
+    (config, weights, tokenizer) parse it once. A file replaced while a reader of the old one is alive is read
+    anew, not served from the old parse."""
+    import os
+
+    import gguf.gguf_reader
+
+    from lowrank_compress.checkpoint import gguf_reader
+    from lowrank_compress.loading import load_model
+
+    path = tiny_gguf(
+        tmp_path, source=tiny_llama(tmp_path, seed=0, name="a"), qtypes={"ffn_down": "F32"}, name="ga"
+    )
+    other = tiny_gguf(
+        tmp_path, source=tiny_llama(tmp_path, seed=1, name="b"), qtypes={"ffn_down": "F32"}, name="gb"
+    )
+    parsed = []
+    original = gguf.gguf_reader.GGUFReader.__init__
+
+    def counting(self, path, *args, **kwargs):
+        parsed.append(Path(path).name)
+        original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.gguf_reader.GGUFReader, "__init__", counting)
+    name = "model.layers.0.mlp.down_proj.weight"
+    with Checkpoint.open(path) as ckpt:
+        model, tokenizer, _ = load_model(path)
+        before = ckpt.read(name)
+    assert len(parsed) == 1 and tokenizer is not None
+    torch.testing.assert_close(model.state_dict()[name], before, rtol=0, atol=0)
+
+    held = gguf_reader(path)  # a reader of the old file stays alive
+    os.replace(other, path)
+    os.utime(path, ns=(held_ns := path.stat().st_mtime_ns + 10**9, held_ns))
+    with Checkpoint.open(path) as ckpt:
+        after = ckpt.read(name)
+    torch.testing.assert_close(after, load_state_dict(tmp_path / "b")[name], rtol=0, atol=0)
+    assert not torch.equal(after, before) and held is not None
+
+
 def test_gguf_tied_head(tmp_path: Path) -> None:
     src = tiny_llama(tmp_path, tied=True)
     path = tiny_gguf(tmp_path, source=src)
