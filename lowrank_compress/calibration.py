@@ -241,6 +241,8 @@ def _generate_seeded(
 ) -> list[torch.Tensor]:
     """`model.generate` on each (input ids, attention mask) batch in turn, on the CPU afterwards. Seeded once before
     the first batch; the global RNG and the model's train/eval mode are left as they were."""
+    from lowrank_compress.kv_cache import preallocated_cache
+
     outs = []
     training = model.training
     model.eval()
@@ -248,10 +250,11 @@ def _generate_seeded(
         with torch.random.fork_rng(devices=[]), torch.inference_mode(), contiguous_head_input(model):
             torch.manual_seed(seed)
             for done, (ids, mask) in enumerate(batches, start=1):
+                cache = preallocated_cache(model, ids.shape[1] + config.max_new_tokens)  # same tokens, faster
                 with quiet_transformers():
                     out = model.generate(
-                        input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
-                    )
+                        input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, **cache
+                    )  # fmt: skip
                 outs.append(out.cpu())
                 if progress is not None:
                     progress(done, len(batches))
