@@ -626,7 +626,6 @@ class Prepared:
     ) -> None:  # fmt: skip
         """The calibration windows through the dense blocks, stashing the gradient windows' inputs when the flow
         does; with `spectra`, each block's pooled input statistics give its targets' spectra and stable ranks."""
-
         n = len(self.streamed.blocks)
         scales = self._part_scales()
         label = "pass 1" if spectra is not None else "gradient windows"
@@ -1014,7 +1013,6 @@ class Prepared:
         """One group's error-aware sums: its kept dense inputs (taken out of `dense_inputs`) paired, batch by batch,
         with the inputs X' it saw in the compressed pass (`moved`, by part and batch; the same as the dense ones
         while nothing before the group differs, then only X^T X is summed)."""
-
         sums = self._block_sums(group)
         device = self.streamed.device
         for (part, b), x_moved in moved.items():
@@ -1030,7 +1028,6 @@ class Prepared:
     def _pass2_stats(self, block: nn.Module, modules: dict[str, nn.Module], flow: _Flow) -> dict[str, Any]:
         """The block's pooled statistics of its dense inputs X for the fit (the fit to the dense model's inputs,
         `--no-error-aware`). Also computes the dense block's outputs."""
-
         scales = self._part_scales()
         sums = self._block_sums(modules)
         for part in flow.ids:
