@@ -169,7 +169,6 @@ def decompose(
         raise LowrankError(
             "the weight has non-finite values (NaN or Inf); fix the checkpoint or keep this layer dense"
         )
-    out_f, in_f = w.shape
     if method != "svd" and stats is None:
         raise ValueError(f"method {method!r} needs calibration statistics (stats=None given)")
 
@@ -184,24 +183,31 @@ def decompose(
         return Decomposition(u, s, v, method)
 
     assert stats is not None
-    n_tokens = max(int(stats.n_tokens), 1)
     if method == "asvd":
-        if stats.abs_sum is None:
-            raise ValueError("the asvd method needs the statistics' abs_sum (summed with abs_sums=True)")
-        mean_abs = _checked(stats.abs_sum, (in_f,), "abs_sum", w) / n_tokens
-        scale = _floored(mean_abs) ** asvd_alpha
-        u, s, vh = _svd(w * scale, spectrum_only)
-        return Decomposition(u, s, vh / scale, method)
+        return _asvd(w, stats, asvd_alpha, spectrum_only)
+    return _fisher(w, stats, spectrum_only)
 
-    # fisher
+
+def _asvd(w: torch.Tensor, stats: LayerStats, alpha: float, spectrum_only: bool) -> Decomposition:
+    """ASVD: the SVD of W scaled per input channel by the mean absolute activation to the power alpha."""
+    if stats.abs_sum is None:
+        raise ValueError("the asvd method needs the statistics' abs_sum (summed with abs_sums=True)")
+    mean_abs = _checked(stats.abs_sum, (w.shape[1],), "abs_sum", w) / max(int(stats.n_tokens), 1)
+    scale = _floored(mean_abs) ** alpha
+    u, s, vh = _svd(w * scale, spectrum_only)
+    return Decomposition(u, s, vh / scale, "asvd")
+
+
+def _fisher(w: torch.Tensor, stats: LayerStats, spectrum_only: bool) -> Decomposition:
+    """FWSVD: the SVD of W scaled per output row by the root of its summed squared weight gradients."""
     if stats.fisher_rows is None:
         raise ValueError(
             "method 'fisher' needs stats.fisher_rows (collect calibration statistics with fisher=True)"
         )
-    fisher = _checked(stats.fisher_rows, (out_f,), "fisher_rows", w) / n_tokens
+    fisher = _checked(stats.fisher_rows, (w.shape[0],), "fisher_rows", w) / max(int(stats.n_tokens), 1)
     d = torch.sqrt(_floored(fisher))
     u, s, v = _svd(d[:, None] * w, spectrum_only)
-    return Decomposition(u / d[:, None], s, v, method)
+    return Decomposition(u / d[:, None], s, v, "fisher")
 
 
 def _whiten(
