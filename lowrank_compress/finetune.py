@@ -88,15 +88,16 @@ class FinetuneResult:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """bf16 where the device computes it natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else fp32."""
+    """bf16 where the device multiplies it faster than fp32 (CUDA with bf16, a CPU with AMX tiles), else fp32.
+    AVX512-BF16 alone is not enough: on such a CPU a bf16 matmul took 1.8x an fp32 one and a distillation step
+    1.9x (7.98 s against 4.19 s)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
         amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        return "bf16" if (probe and probe()) or (amx and amx()) else "fp32"
+        return "bf16" if amx is not None and amx() else "fp32"
     return "fp32"
 
 

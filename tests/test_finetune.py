@@ -495,3 +495,21 @@ def test_the_teacher_is_never_the_output(factorized: Path, data: Path, tmp_path:
     res = run("finetune", factorized, "--data", data, "--teacher", teacher, "-o", teacher, "--overwrite")
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     assert {p.name: p.read_bytes() for p in teacher.iterdir()} == files
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"),
+    [(True, False, "fp32"), (False, False, "fp32"), (True, True, "bf16"), (False, True, "bf16")],
+)
+def test_auto_precision_on_cpu_is_bf16_only_with_amx(
+    monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool, expected: str
+) -> None:
+    """AVX512-BF16 without AMX multiplies bf16 slower than fp32 (a distillation step 1.9x), so auto keeps fp32
+    there; an explicit precision is never overridden."""
+    from lowrank_compress.finetune import resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
