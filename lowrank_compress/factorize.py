@@ -192,7 +192,7 @@ def _asvd(w: torch.Tensor, stats: LayerStats, alpha: float, spectrum_only: bool)
     """ASVD: the SVD of W scaled per input channel by the mean absolute activation to the power alpha."""
     if stats.abs_sum is None:
         raise ValueError("the asvd method needs the statistics' abs_sum (summed with abs_sums=True)")
-    mean_abs = _checked(stats.abs_sum, (w.shape[1],), "abs_sum", w) / max(int(stats.n_tokens), 1)
+    mean_abs = _per_token(stats, stats.abs_sum, (w.shape[1],), "abs_sum", w)
     scale = _floored(mean_abs) ** alpha
     u, s, vh = _svd(w * scale, spectrum_only)
     return Decomposition(u, s, vh / scale, "asvd")
@@ -204,10 +204,17 @@ def _fisher(w: torch.Tensor, stats: LayerStats, spectrum_only: bool) -> Decompos
         raise ValueError(
             "method 'fisher' needs stats.fisher_rows (collect calibration statistics with fisher=True)"
         )
-    fisher = _checked(stats.fisher_rows, (w.shape[0],), "fisher_rows", w) / max(int(stats.n_tokens), 1)
+    fisher = _per_token(stats, stats.fisher_rows, (w.shape[0],), "fisher_rows", w)
     d = torch.sqrt(_floored(fisher))
     u, s, v = _svd(d[:, None] * w, spectrum_only)
     return Decomposition(u / d[:, None], s, v, "fisher")
+
+
+def _per_token(
+    stats: LayerStats, total: torch.Tensor, shape: tuple[int, ...], name: str, w: torch.Tensor
+) -> torch.Tensor:
+    """A summed statistic (checked against the weight's shape) as its mean over the calibration tokens."""
+    return _checked(total, shape, name, w) / max(int(stats.n_tokens), 1)
 
 
 def _whiten(
