@@ -623,6 +623,7 @@ def factorize_cases() -> list[Case]:
             broken(pickled_code),
         ),
         Case("factorize/encoder-fisher", using(FZ.replace("{model}", "{bert}"), "--method fisher")),
+        *checkpoint_cases("factorize", calibrating, "model"),
         *recipe_cases("factorize", FZ.replace(" --budget 0.6", "")),
         *model_path_cases("factorize", LIGHT["factorize"]),
         *out_cases("factorize", f"factorize {{w}}/m {SVD} --budget 0.6"),
@@ -716,6 +717,51 @@ def evaluate_cases() -> list[Case]:
     ]
 
 
+def checkpoint_cases(command: str, line: str, source: str) -> list[Case]:
+    """Where --resume and --checkpoint-dir must not point, for a command run as `line` on MODEL `{source}`."""
+    resume = {
+        "resume-missing": "--resume {w}/nope",
+        "resume-garbage": "--resume {w}/ckpt",
+        "resume-user-dir": "--resume {w}/mine",
+        "resume-other-commands": "--resume {w}/other",
+    }
+    other = "factorize" if command == "finetune" else "finetune"
+    setup = chain(
+        file("ckpt/state.json", "{ nope"),
+        file("ckpt/trained.safetensors", garbage()),
+        file("other/state.json", json.dumps({"command": other, "version": 1, "settings": {}})),
+        user_files("mine"),
+    )
+    return [
+        *(Case(f"{command}/{k}", using(line, v), setup, protect=("mine",)) for k, v in resume.items()),
+        Case(f"{command}/ckpt-dir-is-out", f"{line} --checkpoint-dir {{w}}/out"),
+        Case(
+            f"{command}/ckpt-dir-parent-of-out",
+            using(line, "-o {w}/work/out --checkpoint-dir {w}/work"),
+            user_files("work/notes"),
+            protect=("work",),
+        ),
+        Case(
+            f"{command}/ckpt-dir-user-dir",
+            f"{line} --checkpoint-dir {{w}}/mine",
+            user_files("mine"),
+            protect=("mine",),
+        ),  # fmt: skip
+        Case(
+            f"{command}/ckpt-dir-user-dir-overwrite",
+            f"{line} --checkpoint-dir {{w}}/mine --overwrite",
+            user_files("mine"),
+            protect=("mine",),
+        ),
+        Case(
+            f"{command}/ckpt-dir-is-model",
+            line.replace(f"{{{source}}}", "{w}/m") + " --checkpoint-dir {w}/m",
+            broken(source=source),
+            protect=("m",),
+        ),
+    ]
+
+
 def finetune_cases() -> list[Case]:
     values = {
         "rank-zero": "--rank 0",
@@ -741,50 +787,20 @@ def finetune_cases() -> list[Case]:
         "data-short": "--data {w}/short.txt",
         "data-folder": "--data {w}/texts",
         "eval-data-missing": "--eval-data {w}/none.txt",
-        "resume-missing": "--resume {w}/nope",
-        "resume-garbage": "--resume {w}/ckpt",
-        "resume-user-dir": "--resume {w}/mine",
     }
     setup = chain(
         file("empty.txt", " \n"),
         file("bin.txt", garbage(8192)),
         file("short.txt", "A few words only."),
         folder("texts"),
-        file("ckpt/state.json", "{ nope"),
-        file("ckpt/trained.safetensors", garbage()),
-        user_files("mine"),
     )
     dense = "finetune {model} --data {text} -o {w}/out " + FT_RUN
     return [
-        *(Case(f"finetune/{k}", using(FT, v), setup, protect=("mine",)) for k, v in values.items()),
+        *(Case(f"finetune/{k}", using(FT, v), setup) for k, v in values.items()),
         Case("finetune/merge-keep-on-dense", f"{dense} --merge --merge-rank keep"),
         Case("finetune/train-factors-on-dense", f"{dense} --train factors"),
         Case("finetune/encoder", "finetune {bert} --data {text} -o {w}/out " + FT_RUN),
-        Case("finetune/ckpt-dir-is-out", f"{FT} --checkpoint-dir {{w}}/out"),
-        Case(
-            "finetune/ckpt-dir-parent-of-out",
-            using(FT, "-o {w}/work/out --checkpoint-dir {w}/work"),
-            user_files("work/notes"),
-            protect=("work",),
-        ),
-        Case(
-            "finetune/ckpt-dir-user-dir",
-            f"{FT} --checkpoint-dir {{w}}/mine",
-            user_files("mine"),
-            protect=("mine",),
-        ),
-        Case(
-            "finetune/ckpt-dir-user-dir-overwrite",
-            f"{FT} --checkpoint-dir {{w}}/mine --overwrite",
-            user_files("mine"),
-            protect=("mine",),
-        ),
-        Case(
-            "finetune/ckpt-dir-is-model",
-            FT.replace("{fz}", "{w}/m") + " --checkpoint-dir {w}/m",
-            broken(source="fz"),
-            protect=("m",),
-        ),
+        *checkpoint_cases("finetune", FT, "fz"),
         *model_path_cases("finetune", LIGHT["finetune"]),
         *out_cases("finetune", f"finetune {{w}}/m --data {{text}} {FT_RUN}"),
     ]

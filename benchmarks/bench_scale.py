@@ -27,6 +27,9 @@ records it.
 `--stop-after PHASE` stops each factorize when its phase line for PHASE appears (e.g. `--stop-after sampling`: what
 drawing the self-generated samples costs at this size, without the hours of passes after it); the row then has the
 phase lines and the peak RSS so far instead of an output.
+`--resume-after PHASE` stops each factorize the same way, then runs it again with `--resume` on the checkpoint pass 1
+left (`--resume-after "pass 1"`: what resuming at pass 2 costs); the row is the resumed run's, with the stopped run's
+figures under `interrupted` and the checkpoint's size.
 `--device cuda` runs each factorize with `--device cuda` (the weights are drawn on the GPU, faster) and adds the
 GPU's peak memory as nvidia-smi reports it (sampled every 200 ms: the allocator's cache and the CUDA context count)
 beside the allocator's per-block peak. `--tokenizer DIR` takes the tokenizer from a directory instead of the
@@ -171,6 +174,18 @@ def run(
             "warnings": report["calibration"].get("warnings")}  # fmt: skip
 
 
+def interrupted_then_resumed(model: Path, out: Path, flags: list[str], samples: str, device: str, threads: str,
+                             phase: str) -> dict:  # fmt: skip
+    """factorize stopped at `phase` (after pass 1, whose results it saved), then resumed from that checkpoint."""
+    stopped = run(model, out, flags, samples, device, threads, stop_after=phase)
+    ckpt = out.parent / f"{out.name}.checkpoint"
+    if not (ckpt / "state.json").is_file():
+        raise RuntimeError(f"factorize stopped at {phase} left no checkpoint in {ckpt}")
+    size = sum(p.stat().st_size for p in ckpt.iterdir())
+    resumed = run(model, out, [*flags, "--resume", str(ckpt)], samples, device, threads)
+    return {**resumed, "interrupted": stopped, "checkpoint_bytes_pass1": size}
+
+
 def run_until(cmd: list[str], phase: str) -> dict:
     """Run `cmd` (factorize under the timer) until its phase line for `phase` appears, then stop factorize (the
     timer still reports the peak RSS so far)."""
@@ -304,10 +319,12 @@ def main() -> None:
                 out = Path(tmp) / f"out-{label}"
                 row = {"layers": layers, "config": label, "checkpoint_bytes": size, "samples": samples,
                        "device": device, "threads": int(threads)}  # fmt: skip
+                how = (model, out, CONFIGS[label], samples, device, threads)
                 try:
-                    row.update(
-                        run(model, out, CONFIGS[label], samples, device, threads, arg("--stop-after", None))
-                    )
+                    if arg("--resume-after", None):
+                        row.update(interrupted_then_resumed(*how, arg("--resume-after", None)))
+                    else:
+                        row.update(run(*how, arg("--stop-after", None)))
                 except RuntimeError as e:  # the other configs still run; the failure is in the results
                     row["error"] = str(e)[-2000:]
                 rows.append(row)

@@ -122,13 +122,7 @@ def allocate(
     tolerance: how far from the budget the kept fraction may land (absolute).
     """
     _check_arguments(layers, policy, energy, multiple, min_rank, min_fraction)
-    floor_fraction = min_fraction if policy == "sensitivity" else 0.0
-    specs = [
-        _Layer(x, multiple, max(min_rank, floor_fraction * break_even_rank(x.out_features, x.in_features)))
-        for x in layers
-    ]
-    total = sum(s.dense for s in specs)
-    min_kept = sum(int(s.costs[0]) for s in specs) / total
+    specs, total, min_kept, where = _floors(layers, policy, multiple, min_rank, min_fraction)
     solve = _solver(specs, policy, energy)
 
     if policy == "energy" and energy is not None:
@@ -136,14 +130,40 @@ def allocate(
 
     if budget is None:
         raise ValueError(f"policy {policy!r} needs a budget")
+    if _only_floor_fits(budget, min_kept, tolerance, where):
+        return _ranks(specs, [0] * len(specs))
+    return _ranks(specs, _fit_budget(specs, solve, total, budget, tolerance, multiple))
+
+
+def check_reachable(
+    layers: Sequence[LayerCandidate], budget: float, policy: str, *, multiple: int = 1, min_rank: int = 1,
+    min_fraction: float = DEFAULT_MIN_FRACTION, tolerance: float = TOLERANCE,
+) -> None:  # fmt: skip
+    """Refuse a budget `allocate` could never meet, from the layers' shapes alone: before the calibration, which
+    takes hours on a large model, rather than after it."""
+    _check_arguments(layers, policy, None, multiple, min_rank, min_fraction)
+    _, _, min_kept, where = _floors(layers, policy, multiple, min_rank, min_fraction)
+    _only_floor_fits(budget, min_kept, tolerance, where)
+
+
+def _floors(
+    layers: Sequence[LayerCandidate], policy: str, multiple: int, min_rank: int, min_fraction: float
+) -> tuple[list[_Layer], int, float, str]:
+    """Each layer's rank grid above its floor, the dense total, the smallest reachable kept fraction, and the
+    sentence that says it."""
+    floor_fraction = min_fraction if policy == "sensitivity" else 0.0
+    specs = [
+        _Layer(x, multiple, max(min_rank, floor_fraction * break_even_rank(x.out_features, x.in_features)))
+        for x in layers
+    ]
+    total = sum(s.dense for s in specs)
+    min_kept = sum(int(s.costs[0]) for s in specs) / total
     where = (
         f"reachable kept fractions for these {len(specs)} layers (min_rank={min_rank}, multiple={multiple}"
         + (f", min_fraction={min_fraction:g}" if policy == "sensitivity" else "")
         + f") are {min_kept:.4f} to 1"
     )
-    if _only_floor_fits(budget, min_kept, tolerance, where):
-        return _ranks(specs, [0] * len(specs))
-    return _ranks(specs, _fit_budget(specs, solve, total, budget, tolerance, multiple))
+    return specs, total, min_kept, where
 
 
 def _check_arguments(

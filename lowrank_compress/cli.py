@@ -42,7 +42,7 @@ from lowrank_compress.choices import (
 )
 from lowrank_compress.console import command_running, interrupt_code, interrupt_message, signal_received
 from lowrank_compress.console import main as main  # the console script of earlier installs names cli:main
-from lowrank_compress.errors import LowrankError, TrainingInterrupted
+from lowrank_compress.errors import InterruptedWithCheckpoint, LowrankError
 from lowrank_compress.recipe import FactorizeSettings, FinetuneSettings
 
 _DEFAULTS = FactorizeSettings()
@@ -156,7 +156,7 @@ class Group(click.Group):
                 return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except TrainingInterrupted as e:
+        except InterruptedWithCheckpoint as e:
             _exit_interrupted(str(e))
         except KeyboardInterrupt:
             _exit_interrupted(interrupt_message())
@@ -554,16 +554,30 @@ _PHASES = {
     "--evaluate", "run_evaluate", is_flag=True,
     help="Also measure perplexity and speed against MODEL (as `evaluate OUT --baseline MODEL`) into the report.",
 )  # fmt: skip
+@click.option(
+    "--checkpoint-dir", type=click.Path(path_type=Path), default=None,
+    help="Where pass 1's results are saved when it ends.  [default: OUTPUT.checkpoint]",
+)  # fmt: skip
+@click.option(
+    "--resume", type=click.Path(path_type=Path), default=None, metavar="DIR",
+    help="Take pass 1's results from a checkpoint (the same command with --resume added; the budget may differ).",
+)  # fmt: skip
+@click.option(
+    "--keep-checkpoint",
+    is_flag=True,
+    help="Keep pass 1's checkpoint when done, to factorize at other budgets.",
+)
 @threads_option
 @pickle_option
 @json_option
 @click.pass_context
 def factorize(ctx: click.Context, model: str | None, output: Path, overwrite: bool, max_shard_size: str,
-              run_evaluate: bool, threads: int | None, allow_pickle: bool, json_mode: bool,
-              **flags: Any) -> None:  # fmt: skip
+              run_evaluate: bool, checkpoint_dir: Path | None, resume: Path | None, keep_checkpoint: bool,
+              threads: int | None, allow_pickle: bool, json_mode: bool, **flags: Any) -> None:  # fmt: skip
     """SVD-factorize Linear layers to keep a fraction of their parameters; write a loadable lowrank model.
 
-    MODEL is a model directory or a .gguf file (default: the built-in SmolLM2-135M-Instruct).
+    MODEL is a model directory or a .gguf file (default: the built-in SmolLM2-135M-Instruct). Pass 1's results are
+    saved when it ends (OUTPUT.checkpoint): an interrupted run resumes from there with --resume.
     """
     out = Output(json_mode)
     settings = _settings(ctx, flags)
@@ -585,6 +599,9 @@ def factorize(ctx: click.Context, model: str | None, output: Path, overwrite: bo
             warn=out.warn,
             max_shard_size=shard_size,
             evaluate=run_evaluate,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            keep_checkpoint=keep_checkpoint,
         )
     settings = result.settings
     data = result.to_dict()

@@ -26,5 +26,6 @@ class FormatError(LowrankError):
     """A compressed output that is malformed (missing or misshapen factor tensors, bad config)."""
 
 
-class TrainingInterrupted(LowrankError):
-    """Ctrl-C during finetune: a resumable checkpoint was written and nothing was written to the output (exit 130)."""
+class InterruptedWithCheckpoint(LowrankError):
+    """Ctrl-C (or SIGTERM) during finetune, or during factorize's pass 2: nothing was written to the output, and the
+    message names the checkpoint to resume from (exit 130, 143 after SIGTERM)."""

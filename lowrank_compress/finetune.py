@@ -29,17 +29,16 @@ import torch
 from torch import nn
 
 from lowrank_compress.answers import optional_answer_set
-from lowrank_compress.errors import LowrankError, TrainingInterrupted
+from lowrank_compress.errors import InterruptedWithCheckpoint, LowrankError
 from lowrank_compress.memory import PeakMemory
 from lowrank_compress.outdir import (
     atomic_output_dir,
-    check_checkpoint_dir,
     check_output_dir,
     data_files,
-    ours,
     remove_ours,
 )
 from lowrank_compress.recipe import FinetuneSettings
+from lowrank_compress.resume import checkpoint_dir_for, default_checkpoint_dir
 from lowrank_compress.training import state as checkpoints
 from lowrank_compress.training.data import batch_rows, pack, texts
 from lowrank_compress.training.loop import Run, train
@@ -101,10 +100,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
-def default_checkpoint_dir(out: Path) -> Path:
-    return Path(out).parent / f"{Path(out).name}.checkpoint"
-
-
 @dataclass
 class _Loaded:
     """MODEL as loaded, with what finetune learned about it."""
@@ -130,7 +125,7 @@ def finetune(
     stop_after: int | None = None,
 ) -> FinetuneResult:
     """Train, evaluate and write OUT (see the module docstring). `stop_after` simulates Ctrl-C after that many
-    optimizer steps (for tests): a checkpoint is written and `TrainingInterrupted` raised."""
+    optimizer steps (for tests): a checkpoint is written and `InterruptedWithCheckpoint` raised."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -241,7 +236,7 @@ def _train(run: Run, ckpt_dir: Path, model_path: str | Path, data: dict[str, Any
         try:
             train(run, report, lambda step: _save(run, ckpt_dir, step, model_path, data), stop_after)
         except KeyboardInterrupt:
-            raise TrainingInterrupted(
+            raise InterruptedWithCheckpoint(
                 f"interrupted at step {len(run.losses)} of {run.total}; nothing was written to {run.out}; a "
                 f"checkpoint is in {ckpt_dir}: run the same command with --resume {ckpt_dir}"
             ) from None
@@ -267,15 +262,7 @@ def _check_dirs(model_path: str | Path, settings: FinetuneSettings, out: Path, c
     is not thrown away without --overwrite."""
     inputs = _inputs(model_path, settings)
     check_output_dir(out, overwrite, inputs=list(inputs.values()), warn=warn)
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
-    check_checkpoint_dir(ckpt_dir, {"the output": out, **inputs}, warn=warn)
-    resuming_here = resume is not None and Path(resume).resolve() == ckpt_dir.resolve()
-    if ours(ckpt_dir) == "checkpoint" and not resuming_here and not overwrite:
-        raise LowrankError(
-            f"{ckpt_dir}: a checkpoint of an earlier run is there; continue it with --resume {ckpt_dir}, "
-            "or pass --overwrite to start afresh"
-        )
-    return ckpt_dir
+    return checkpoint_dir_for(out, checkpoint_dir, inputs, resume, overwrite, warn)
 
 
 def _load(model_path: str | Path, settings: FinetuneSettings, allow_pickle: bool,

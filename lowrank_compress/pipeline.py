@@ -15,7 +15,7 @@ import hashlib
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from lowrank_compress import __version__
-from lowrank_compress.errors import LowrankError
+from lowrank_compress.console import interrupt_message
+from lowrank_compress.errors import InterruptedWithCheckpoint, LowrankError
 from lowrank_compress.memory import PeakMemory
 from lowrank_compress.modules import is_conv1d
 from lowrank_compress.recipe import FactorizeSettings
@@ -112,6 +113,8 @@ class FactorizeResult:
     spectra: dict[str, list[float]] = field(default_factory=dict)
     # the largest memory held while one block was processed (process RSS on CPU, allocator peak on CUDA)
     peak_block_mb: float = 0.0
+    # the checkpoint whose pass 1 this run resumed from (its timings are that run's), or None
+    resumed_from: str | None = None
 
     @property
     def kept_fraction_targets(self) -> float:
@@ -140,6 +143,7 @@ class FactorizeResult:
             "calibration": self.calibration,
             "timings_s": self.timings,
             "peak_block_mb": self.peak_block_mb,
+            "resumed_from": self.resumed_from,
             "layers": [
                 {
                     "module": x.name,
@@ -169,6 +173,9 @@ def factorize_model(
     warn: Callable[[str], None] | None = None,
     max_shard_size: str | int = "2GB",
     evaluate: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    keep_checkpoint: bool = False,
 ) -> FactorizeResult:
     """Factorize the model at `model_path` to `settings.budget` and write it to `out` atomically.
 
@@ -176,16 +183,44 @@ def factorize_model(
     evaluate: also measure the written model against the source (`evaluate_models` defaults: held-out perplexity of the
     built-in text, prefill and decode speed) before the output is moved into place; the figures go into report.json
     and the model card.
+    Pass 1's results are saved in `checkpoint_dir` (default OUT.checkpoint) when it ends, and removed with the
+    checkpoint resumed from once OUT is in place (unless `keep_checkpoint`); `resume`: a checkpoint to take pass 1's
+    results from instead of measuring them (pass1_checkpoint.py).
     """
     from lowrank_compress.format import check_output_dir
     from lowrank_compress.loading import resolve
+    from lowrank_compress.outdir import remove_ours
+    from lowrank_compress.resume import checkpoint_dir_for
 
     source = resolve(model_path)
-    check_output_dir(Path(out), overwrite, inputs=protected_inputs(source, settings))
-    prepared = Prepared.load(model_path, settings, allow_pickle=allow_pickle, progress=progress, warn=warn)
-    return prepared.write(
-        out, settings.budget, overwrite=overwrite, max_shard_size=max_shard_size, evaluate=evaluate
-    )
+    inputs = protected_inputs(source, settings)
+    check_output_dir(Path(out), overwrite, inputs=inputs)
+    apart = {"MODEL": source.path, "the model's directory": source.directory}
+    apart.update({f"the calibration text {p}": p for p in inputs[2:]})
+    ckpt_dir = checkpoint_dir_for(out, checkpoint_dir, apart, resume, overwrite, warn)
+    prepared = Prepared.load(
+        model_path, settings, allow_pickle=allow_pickle, progress=progress, warn=warn, resume=resume,
+        budgets=[settings.budget],
+    )  # fmt: skip
+    kept = Path(resume) if resume is not None else ckpt_dir if prepared.save_pass1(ckpt_dir) else None
+    try:
+        result = prepared.write(
+            out, settings.budget, overwrite=overwrite, max_shard_size=max_shard_size, evaluate=evaluate
+        )
+    except KeyboardInterrupt:
+        if kept is None:
+            raise
+        raise InterruptedWithCheckpoint(
+            f"{interrupt_message()} to {out}; pass 1's results are in {kept}: run the same command with "
+            f"--resume {kept}"
+        ) from None
+    except LowrankError as e:
+        if kept is not None:
+            e.args = (f"{e}; pass 1's results are kept in {kept}: run the command again with --resume {kept}",)
+        raise
+    if kept is not None and not keep_checkpoint:
+        remove_ours(kept, kinds=("checkpoint",), warn=warn)
+    return result
 
 
 def protected_inputs(source: Any, settings: FactorizeSettings) -> list[Path]:
@@ -247,6 +282,9 @@ class Prepared:
         self._gradients: dict[str, tuple[Any, float | None, Any]] = {}
         # the report's spectra: layer -> singular values, from pass 1, or from pass 2 where pass 1 measured none
         self._report_spectra: dict[str, torch.Tensor] = {}
+        # the settings as applied to the model before the calibration is drawn: what a resumed run must repeat
+        self._requested = FactorizeSettings()
+        self.resumed_from: Path | None = None  # the checkpoint pass 1's results came from
 
     @property
     def needs_data(self) -> bool:
@@ -267,9 +305,12 @@ class Prepared:
         progress: ProgressFn | None = None,
         warn: Callable[[str], None] | None = None,
         keep_stats: bool = False,
+        resume: str | Path | None = None,
+        budgets: Sequence[float] = (),
     ) -> Prepared:
         """Open the checkpoint, pick targets, draw the calibration windows and run pass 1 (statistics, spectra,
-        sensitivities, block by block)."""
+        sensitivities, block by block), or take pass 1's results from the checkpoint `resume`. `budgets`: those
+        the run will write, refused before any work when no allocation can meet them."""
         from lowrank_compress.checkpoint import Checkpoint
         from lowrank_compress.loading import is_causal_lm, load_tokenizer, resolve
         from lowrank_compress.sequential import StreamedModel
@@ -304,15 +345,30 @@ class Prepared:
                 f"{outside[0]} is outside the repeated blocks; factorize compresses the Linear layers inside the "
                 "blocks, one block at a time; drop it from --target"
             )
+        self._check_budgets(budgets)
         tied = self.streamed.tied
         self.total_before = sum(
             p.numel() for n, p in model.named_parameters(remove_duplicate=False) if n not in tied
         )
         self.tick("load")
+        self._requested = settings
+        if resume is not None:
+            self._resume(Path(resume))
+            return self
         if self.needs_data:
             self._draw_calibration(causal)
         self._pass1(keep_stats)
         return self
+
+    def _check_budgets(self, budgets: Sequence[float]) -> None:
+        from lowrank_compress.allocate import LayerCandidate, check_reachable
+
+        settings = self.settings
+        if settings.policy == "energy" and settings.energy is not None:  # the energy sets the ranks
+            return
+        shapes = [LayerCandidate(t.name, t.out_features, t.in_features, None) for t in self.targets]
+        for budget in budgets:
+            check_reachable(shapes, budget, settings.policy, multiple=settings.rank_multiple)
 
     def _applicable(self, settings: FactorizeSettings, causal: bool) -> FactorizeSettings:
         """The settings this model can run: encoders get the next best policy and no self-generated samples,
@@ -488,8 +544,6 @@ class Prepared:
         gradients (the fisher method, the loss-weighted fit), or the gradient windows are not calibration windows (the
         answer windows), the gradients come first, from a forward pass of the gradient windows alone; else the
         statistics pass stashes those windows' inputs for the backward pass."""
-        from lowrank_compress.allocate import LayerCandidate
-
         spectra: dict[str, Any] = {}
         stable: dict[str, float] = {}
         grads: dict[str, Any] = {}
@@ -517,6 +571,13 @@ class Prepared:
             with self.streamed.block(i):
                 self._spectra(names, spectra, stable, stats={})
             self.report("pass 1: spectra, block", i + 1, len(self.streamed.blocks))
+        self._set_candidates(spectra, stable)
+        self.tick("spectra")
+
+    def _set_candidates(self, spectra: dict[str, Any], stable: dict[str, float]) -> None:
+        """What the allocator reads of each target: its spectrum, stable rank and sensitivity."""
+        from lowrank_compress.allocate import LayerCandidate
+
         self._stable_ranks = stable
         self.candidates = [
             LayerCandidate(
@@ -526,7 +587,108 @@ class Prepared:
             )
             for t in self.targets
         ]  # fmt: skip
-        self.tick("spectra")
+
+    # -- pass 1's checkpoint (pass1_checkpoint.py) --
+
+    def save_pass1(self, directory: Path) -> bool:
+        """What pass 2 and the report read of pass 1, saved so that a run can resume at pass 2; False (nothing
+        saved) when pass 1 measured nothing (data-free uniform ranks)."""
+        from lowrank_compress import pass1_checkpoint
+
+        if not self._reads_weights_in_pass1:
+            return False
+        tensors = {f"calibration.{part}": ids for part, ids in self.calibration_batches.items()}
+        spectra = {}
+        for c in self.candidates:
+            if c.decomposition is not None:
+                tensors[f"s.{c.name}"] = c.decomposition.s
+                spectra[c.name] = {"method": c.decomposition.method, "ridge": c.decomposition.ridge,
+                                   "dtype": _dtype_name(c.decomposition.u.dtype)}  # fmt: skip
+        for name, (rows, _, channels) in self._gradients.items():
+            for key, t in (("fisher_rows", rows), ("channels", channels)):
+                if t is not None:
+                    tensors[f"{key}.{name}"] = t
+        state = {
+            "model": str(Path(self.model_path).resolve()),
+            "files": pass1_checkpoint.fingerprint(self._model_files()),
+            "requested": dataclasses.asdict(self._requested),
+            "settings": dataclasses.asdict(self.settings),
+            "spectra": spectra,
+            "mean_grad_sq": {name: g[1] for name, g in self._gradients.items()},
+            "stable_ranks": self._stable_ranks,
+            "part_weights": self.part_weights,
+            "grad_rows": self.grad_rows,
+            "chat": [self._chat, self._chat_text],
+            "calibration": self.calibration_info,
+            "timings": dict(self.tick.laps),
+            "block_peaks": self.block_peaks,
+        }
+        pass1_checkpoint.save(directory, state, tensors)
+        self.tick("checkpoint")
+        return True
+
+    def _resume(self, directory: Path) -> None:
+        """Pass 1's results from the checkpoint in `directory` instead of measuring them; its timings and block
+        peaks become this run's, with the time to load the model and read them as "resume"."""
+        from lowrank_compress import pass1_checkpoint
+
+        state, tensors = pass1_checkpoint.read(directory, self.model_path, self.settings, self._model_files())
+        self.settings = settings = pass1_checkpoint.applied(state, self.settings)
+        # in pass 1's order (the statistics are summed part by part: another order rounds differently)
+        self.calibration_batches = {part: tensors[f"calibration.{part}"] for part in state["part_weights"]}
+        self.part_weights, self.grad_rows = state["part_weights"], state["grad_rows"]
+        self._chat, self._chat_text = state["chat"]
+        self.calibration_info = {**state["calibration"], **{
+            k: getattr(settings, k) for k in ("error_aware", "loss_weighted", "refine_steps")
+        }}  # fmt: skip
+        self._check_same_text(directory)
+        self._gradients = {
+            name: (tensors.get(f"fisher_rows.{name}"), sq, tensors.get(f"channels.{name}"))
+            for name, sq in state["mean_grad_sq"].items()
+        }
+        spectra = {
+            name: self._spectrum(name, tensors[f"s.{name}"], **how) for name, how in state["spectra"].items()
+        }
+        self._set_candidates(spectra, state["stable_ranks"])
+        self.block_peaks = list(state["block_peaks"])
+        self.tick("resume")
+        self.tick.laps = {
+            **state["timings"],
+            "resume": self.tick.laps.get("load", 0.0) + self.tick.laps["resume"],
+        }
+        self.resumed_from = directory
+
+    def _model_files(self) -> list[Path]:
+        """The files a checkpoint's fingerprint covers: the weights, and config.json where there is one."""
+        config = Path(self.source.directory) / "config.json"
+        return [
+            *self.streamed.ckpt.files,
+            *([config] if config.is_file() and not self.source.gguf_file else []),
+        ]
+
+    def _check_same_text(self, directory: Path) -> None:
+        """A resumed run's calibration text must read as it did (pass 2 reads the saved token ids)."""
+        from lowrank_compress.text import load_text, text_fingerprint
+
+        if "text" not in self.calibration_batches:
+            return
+        saved = self.calibration_info["parts"]["text"]["sha256"]
+        if text_fingerprint(load_text(self.settings.calibration, split="calibration")) != saved:
+            raise LowrankError(
+                f"{directory}: the calibration text {self.settings.calibration} changed since the checkpoint was "
+                "made; start afresh with --overwrite"
+            )
+
+    def _spectrum(self, name: str, s: torch.Tensor, method: str, ridge: float, dtype: str) -> Decomposition:
+        """A saved spectrum as the spectrum-only decomposition pass 1 made (no factors)."""
+        from lowrank_compress.factorize import Decomposition
+
+        t, kind = self._target(name), getattr(torch, dtype)
+        empty_u, empty_v = (
+            torch.empty(t.out_features, 0, dtype=kind),
+            torch.empty(0, t.in_features, dtype=kind),
+        )
+        return Decomposition(empty_u, s, empty_v, method, ridge)
 
     def _gradient_windows(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The windows the loss gradients come from, per part: (token ids, loss labels)."""
@@ -868,6 +1030,7 @@ class Prepared:
                 tick("evaluate")
             result.timings = dict(tick.laps)
             result.peak_block_mb = max(self.block_peaks, default=0.0)
+            result.resumed_from = str(self.resumed_from) if self.resumed_from else None
             result.files = sorted({p.name for p in written} | {"recipe.yaml", "report.json", "README.md"})
             _write_sidecars(tmp, result, self.model_path)
         return result

@@ -126,7 +126,9 @@ def sweep(
     check_output_dir(out_dir, overwrite, inputs=inputs, warn=warn)
     text = load_text(data, split="heldout" if data == "builtin" else "all")
     _require_language_model(source, model_path, allow_pickle)
-    prepared = Prepared.load(model_path, settings, allow_pickle=allow_pickle, progress=report, warn=warn)
+    prepared = Prepared.load(
+        model_path, settings, allow_pickle=allow_pickle, progress=report, warn=warn, budgets=budgets
+    )
     # the dense model, whole, for its perplexity and speed (factorize itself streams it block by block)
     dense = _dense_reference(
         model_path, allow_pickle, text, window, stride, max_tokens, answer_set, speed, settings.device, report

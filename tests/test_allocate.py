@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank_compress.allocate import POLICIES, LayerCandidate, allocate, break_even_rank, kept_fraction
+from lowrank_compress.allocate import (
+    POLICIES,
+    LayerCandidate,
+    allocate,
+    break_even_rank,
+    check_reachable,
+    kept_fraction,
+)
 from lowrank_compress.errors import BudgetError
 from lowrank_compress.factorize import Decomposition, decompose
 
@@ -327,6 +334,32 @@ def test_dense_only_layers_and_budget_errors() -> None:
         ranks = allocate(small, 0.5, policy, min_rank=2)
         assert ranks["tiny"] is None
         check_basic(small, ranks)
+
+
+def test_an_unreachable_budget_is_refused_from_shapes_alone() -> None:
+    """check_reachable needs no spectrum: it refuses exactly the budgets allocate refuses as unreachable, with the
+    floor computed here as every layer at rank 1: sum r (m + n) / sum m n."""
+    rng = np.random.default_rng(0)
+    sizes = [(16, 16), (16, 32), (48, 32)]
+    layers = [
+        LayerCandidate(f"l{i}", m, n, spectrum_only(m, n, decaying(min(m, n), 0.5, rng)), 4.0, 1.0)
+        for i, (m, n) in enumerate(sizes)
+    ]
+    shapes = [LayerCandidate(x.name, x.out_features, x.in_features, None) for x in layers]
+    min_kept = sum(m + n for m, n in sizes) / sum(m * n for m, n in sizes)
+    with pytest.raises(BudgetError, match=f"budget 0.01 is unreachable.*{min_kept:.4f} to 1"):
+        check_reachable(shapes, 0.01, "uniform")
+    check_reachable(shapes, min_kept - 0.003, "uniform")  # within tolerance: the floor allocation
+    for policy in POLICIES:
+        for budget in (0.01, 0.06, 0.1, 0.3):
+            try:
+                allocate(layers, budget, policy)
+            except BudgetError as e:
+                if "unreachable" in str(e):
+                    with pytest.raises(BudgetError, match="unreachable"):
+                        check_reachable(shapes, budget, policy)
+                    continue
+            check_reachable(shapes, budget, policy)
 
 
 def test_coarse_multiple_is_refused_or_met() -> None:

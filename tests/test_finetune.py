@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import lowrank_compress
 from lowrank_compress.cli import cli
-from lowrank_compress.errors import TrainingInterrupted
+from lowrank_compress.errors import InterruptedWithCheckpoint
 from lowrank_compress.finetune import FinetuneSettings, batch_rows, finetune, pack
 from lowrank_compress.format import LOAD_GUARD, LOAD_GUARD_KEY
 from lowrank_compress.modules import LowRankLinear
@@ -106,7 +106,7 @@ def test_keep_merge_writes_the_original_ranks(factorized: Path, data: Path, tmp_
 def test_resume_continues_the_same_loss_curve(factorized: Path, data: Path, tmp_path: Path) -> None:
     straight = finetune(factorized, tmp_path / "straight", settings(data, steps=6, save_every=2))
     out, ckpt = tmp_path / "resumed", tmp_path / "ckpt"
-    with pytest.raises(TrainingInterrupted, match="--resume"):
+    with pytest.raises(InterruptedWithCheckpoint, match="--resume"):
         finetune(factorized, out, settings(data, steps=6, save_every=2), checkpoint_dir=ckpt, stop_after=3)
     assert not out.exists()  # no partial output
     state = json.loads((ckpt / "state.json").read_text())
@@ -128,7 +128,7 @@ def test_resume_continues_the_same_loss_curve(factorized: Path, data: Path, tmp_
 
 def test_resume_refuses_other_settings(factorized: Path, data: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
-    with pytest.raises(TrainingInterrupted):
+    with pytest.raises(InterruptedWithCheckpoint):
         finetune(factorized, tmp_path / "o", settings(data), checkpoint_dir=ckpt, stop_after=1)
     with pytest.raises(lowrank_compress.LowrankError, match="other settings.*lr"):
         finetune(factorized, tmp_path / "o", settings(data, lr=1e-2), checkpoint_dir=ckpt, resume=ckpt)

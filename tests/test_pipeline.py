@@ -240,7 +240,16 @@ def test_cli_json_files_and_a_reproducible_recipe(models: dict[str, Path], tmp_p
     assert data["summary"]["budget"] == 0.6 and data["settings"]["method"] == "whiten"
     # each phase timed on its own: the loss gradients (for the sensitivity policy and the loss-weighted fit, which
     # reads them: measured first) apart from the statistics pass
-    phases = ["load", "sampling", "gradients", "calibration", "spectra", "allocate", "factors and write"]
+    phases = [
+        "load",
+        "sampling",
+        "gradients",
+        "calibration",
+        "spectra",
+        "checkpoint",
+        "allocate",
+        "factors and write",
+    ]
     assert list(data["timings_s"]) == phases and all(v >= 0 for v in data["timings_s"].values())
     for name in (
         "config.json",

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lowrank_compress
-from lowrank_compress.errors import LowrankError, TrainingInterrupted
+from lowrank_compress.errors import InterruptedWithCheckpoint, LowrankError
 from lowrank_compress.finetune import FinetuneSettings, finetune
 from lowrank_compress.modules import LowRankLinear
 from lowrank_compress.training import gora, lora_pro, lorae, rank_schedule, trp
@@ -284,7 +284,7 @@ def test_gora_run_resumes_with_its_ranks_and_ends_where_the_uninterrupted_run_do
     kw = {"init": "gora", "init_batches": 2, "steps": 5, "save_every": 2, "lr": 5e-3}
     straight = finetune(factorized, tmp_path / "s", settings(data, **kw))
     ckpt = tmp_path / "ckpt"
-    with pytest.raises(TrainingInterrupted):
+    with pytest.raises(InterruptedWithCheckpoint):
         finetune(factorized, tmp_path / "r", settings(data, **kw), checkpoint_dir=ckpt, stop_after=3)
     state = json.loads((ckpt / "state.json").read_text())
     assert state["methods"]["gora"]["ranks"] == straight.methods["gora"]["ranks"]
@@ -343,7 +343,7 @@ def test_rank_schedules_resume_with_their_allocator_state(
     kw = {"rank_schedule": schedule, "steps": 8, "save_every": 2, "lr": 5e-3}
     straight = finetune(factorized, tmp_path / "s", settings(data, **kw))
     ckpt = tmp_path / "ckpt"
-    with pytest.raises(TrainingInterrupted):
+    with pytest.raises(InterruptedWithCheckpoint):
         finetune(factorized, tmp_path / "r", settings(data, **kw), checkpoint_dir=ckpt, stop_after=5)
     resumed = finetune(factorized, tmp_path / "r", settings(data, **kw), checkpoint_dir=ckpt, resume=ckpt)
     assert resumed.losses == pytest.approx(straight.losses, rel=1e-5, abs=1e-6)
@@ -559,7 +559,7 @@ def test_resumed_factor_training_with_truncation_ends_where_the_uninterrupted_ru
     }
     finetune(factorized, tmp_path / "straight", settings(data, **kw))
     ckpt = tmp_path / "ckpt"
-    with pytest.raises(TrainingInterrupted):
+    with pytest.raises(InterruptedWithCheckpoint):
         finetune(factorized, tmp_path / "r", settings(data, **kw), checkpoint_dir=ckpt, stop_after=3)
     assert (ckpt / "optimizer.bin").is_file() and (
         ckpt / "trained.safetensors"
@@ -671,7 +671,7 @@ def test_a_checkpoint_written_before_an_option_existed_resumes_with_its_default(
     kw = {"steps": 4, "save_every": 2, "lr": 5e-3}
     straight = finetune(factorized, tmp_path / "s", settings(data, **kw))
     ckpt = tmp_path / "ckpt"
-    with pytest.raises(TrainingInterrupted):
+    with pytest.raises(InterruptedWithCheckpoint):
         finetune(factorized, tmp_path / "r", settings(data, **kw), checkpoint_dir=ckpt, stop_after=2)
     state = json.loads((ckpt / "state.json").read_text())
     del state["settings"]["low_rank_reg"]

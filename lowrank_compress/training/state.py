@@ -10,7 +10,6 @@ checkpoint or the previous one, never a half-written one.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torch import nn
 from lowrank_compress.errors import LowrankError
 from lowrank_compress.outdir import discard, new_temp_dir, replace_dir, replaceable
 from lowrank_compress.recipe import FinetuneSettings
+from lowrank_compress.resume import STATE, check_same_model, check_same_settings, read_state
 
 VERSION = 2  # 1: the hand-written format before the loop used accelerate's save_state (not readable any more)
 TRAINED = "trained.safetensors"
@@ -77,7 +77,7 @@ def write(directory: Path, accelerator: Any, state: dict[str, Any]) -> None:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (tmp / "state.json").write_text(json.dumps({"version": VERSION, **state}, indent=1) + "\n",
+            (tmp / STATE).write_text(json.dumps({"command": "finetune", "version": VERSION, **state}, indent=1) + "\n",
                                             encoding="utf-8")  # fmt: skip
             if not replaceable(directory, ("checkpoint",)):  # something else appeared there meanwhile
                 raise LowrankError(
@@ -95,7 +95,7 @@ def write(directory: Path, accelerator: Any, state: dict[str, Any]) -> None:
 
 def read(directory: Path, settings: FinetuneSettings, model_path: str | Path) -> dict[str, Any]:
     """The checkpoint's state.json, after checking it was made by the same command on the same model."""
-    state = _state_json(directory)
+    state = read_state(directory, "finetune")
     if state.get("version") == 1:
         raise LowrankError(
             f"{directory}: a checkpoint of an older lowrank-compress (format 1), which this version cannot resume; "
@@ -105,26 +105,7 @@ def read(directory: Path, settings: FinetuneSettings, model_path: str | Path) ->
         raise LowrankError(f"{directory}: checkpoint version {state.get('version')} is not {VERSION}")
     if not (directory / TRAINED).is_file():
         raise LowrankError(f"{directory}: the checkpoint has no {TRAINED}; it is incomplete, start afresh")
-    if state["model"] != str(Path(model_path).resolve()):
-        raise LowrankError(f"{directory}: the checkpoint was made from {state['model']}, not {model_path}")
-    saved, mine = state["settings"], dataclasses.asdict(settings)
-    # an option added since the checkpoint was written counts as its default there
-    default = dataclasses.asdict(FinetuneSettings())
-    differ = sorted(k for k in mine if saved.get(k, default[k]) != mine[k])
-    if differ:
-        raise LowrankError(
-            f"{directory}: the checkpoint was made with other settings ({', '.join(differ)}); "
-            "resume with the same command"
-        )
+    check_same_model(directory, state, model_path)
+    check_same_settings(directory, state["settings"], settings)
     state["dir"] = directory
     return state
-
-
-def _state_json(directory: Path) -> dict[str, Any]:
-    state_file = directory / "state.json"
-    if not state_file.is_file():
-        raise LowrankError(f"{directory}: not a finetune checkpoint (no state.json)")
-    try:
-        return json.loads(state_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise LowrankError(f"{directory}: the checkpoint's state.json is damaged ({e})") from None

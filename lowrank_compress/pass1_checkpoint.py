@@ -1,0 +1,98 @@
+"""factorize's checkpoint: what pass 1 measured, saved when pass 1 ends (in OUT.checkpoint, or --checkpoint-dir),
+removed once the output is in place.
+
+At the 7B shape on a CPU the sampling and pass 1 take most of a run (benchmarks/README.md), and pass 2 takes an hour
+more: an interrupted pass 2 (Ctrl-C, SIGTERM, a full disk) resumes here with `--resume DIR` instead of starting over,
+and one pass 1 can be factorized at other budgets. What is saved is what pass 2 reads of pass 1, small whatever the
+model: the calibration token ids, each target's singular values and loss-gradient statistics, and what the report
+says about them; pass 2 recomputes the hidden states from the token ids.
+
+A checkpoint is refused unless the model's files are the ones it was made from (names, sizes, modification times),
+the calibration text reads the same, and every setting pass 1 reads is the same; the settings only pass 2 reads
+(`PASS2_ONLY`) may differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowrank_compress.errors import LowrankError
+from lowrank_compress.outdir import discard, new_temp_dir, replace_dir, replaceable
+from lowrank_compress.recipe import FactorizeSettings
+from lowrank_compress.resume import STATE, check_same_model, check_same_settings, read_state
+
+VERSION = 1
+TENSORS = "pass1.safetensors"
+# what allocation and pass 2 read alone: a resumed run may change them
+PASS2_ONLY = ("budget", "energy", "rank_multiple", "error_aware", "refine_steps", "device", "offload")
+
+
+def fingerprint(files: Sequence[Path]) -> dict[str, list[int]]:
+    """Each model file's size and modification time: a checkpoint of other weights is refused."""
+    out = {}
+    for f in files:
+        st = os.stat(f)
+        out[str(Path(f).resolve())] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def save(directory: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """state.json and the tensors into a marked temporary directory, then swapped into place."""
+    from safetensors.torch import save_file
+
+    tmp = None
+    try:
+        tmp = new_temp_dir(directory, "checkpoint")
+        save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp / TENSORS))
+        record = {"command": "factorize", "version": VERSION, **state}
+        (tmp / STATE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        if not replaceable(directory, ("checkpoint",)):  # something else appeared there meanwhile
+            raise LowrankError(f"{directory}: not a lowrank-compress checkpoint any more; not replacing it")
+        replace_dir(tmp, directory)
+    except OSError as e:
+        discard(tmp)
+        raise LowrankError(f"cannot write the checkpoint {directory}: {e.strerror or e}") from e
+    except BaseException:
+        discard(tmp)
+        raise
+
+
+def read(
+    directory: Path, model_path: str | Path, settings: FactorizeSettings, files: Sequence[Path]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """state.json and the tensors, after checking the checkpoint was made from these files with the same pass-1
+    settings (`settings` as applied to the model, before the calibration is drawn)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    state = read_state(directory, "factorize")
+    if state.get("version") != VERSION:
+        raise LowrankError(f"{directory}: checkpoint version {state.get('version')} is not {VERSION}")
+    check_same_model(directory, state, model_path)
+    if state.get("files") != fingerprint(files):
+        raise LowrankError(
+            f"{directory}: the model's files changed since the checkpoint was made (size or modification time); "
+            "start afresh with --overwrite"
+        )
+    check_same_settings(directory, state.get("requested", {}), settings, free=PASS2_ONLY)
+    try:
+        tensors = load_file(str(directory / TENSORS))
+    except (OSError, SafetensorError) as e:
+        raise LowrankError(f"{directory}: the checkpoint's {TENSORS} is missing or damaged ({e})") from None
+    return state, tensors
+
+
+def applied(state: dict[str, Any], settings: FactorizeSettings) -> FactorizeSettings:
+    """The settings pass 1 ran with (as it changed them: e.g. --grad-source answers without a chat template), with
+    this run's pass-2 settings."""
+    fields = {f.name for f in dataclasses.fields(FactorizeSettings)}
+    ran = FactorizeSettings(**{k: v for k, v in state["settings"].items() if k in fields})
+    return dataclasses.replace(ran, **{k: getattr(settings, k) for k in PASS2_ONLY})

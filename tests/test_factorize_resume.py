@@ -1,0 +1,175 @@
+"""factorize's pass-1 checkpoint: an interrupted pass 2 resumes to the output an uninterrupted run writes, without
+measuring pass 1 again; a checkpoint is taken only by the run it belongs to (same files, text and pass-1 settings)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lowrank_compress.cli import cli
+from lowrank_compress.errors import BudgetError, InterruptedWithCheckpoint, LowrankError
+from lowrank_compress.pipeline import Prepared, factorize_model
+from lowrank_compress.recipe import build_settings
+from tests.fixtures import load_state_dict, tiny_llama, training_text
+
+# the default method and policy (whiten, sensitivity, loss-weighted, self-generated share), small
+SMALL = {"samples": 8, "seq_len": 64, "grad_samples": 2, "budget": 0.6}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("model"))
+
+
+def interrupt_pass_2(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """Raise `error` while pass 2 writes its second block."""
+    write_block = Prepared._write_block
+
+    def failing(self: Prepared, i: int, *args: object) -> object:
+        if i == 1:
+            raise error
+        return write_block(self, i, *args)
+
+    monkeypatch.setattr(Prepared, "_write_block", failing)
+
+
+def forbid_pass_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a resumed run measured pass 1 again")
+
+    monkeypatch.setattr(Prepared, "_draw_calibration", fail)
+    monkeypatch.setattr(Prepared, "_pass1", fail)
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    sa, sb = load_state_dict(a), load_state_dict(b)
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_an_interrupted_pass_2_resumes_to_the_uninterrupted_output(model: Path, tmp_path: Path) -> None:
+    settings = build_settings(**SMALL)
+    reference = factorize_model(model, tmp_path / "reference", settings)
+    assert not (tmp_path / "reference.checkpoint").exists()  # removed once the output is in place
+    out, ckpt = tmp_path / "out", tmp_path / "out.checkpoint"
+
+    with pytest.MonkeyPatch.context() as mp:
+        interrupt_pass_2(mp, KeyboardInterrupt())
+        with pytest.raises(
+            InterruptedWithCheckpoint, match=rf"nothing was written to {out}.*--resume {ckpt}$"
+        ):
+            factorize_model(model, out, settings)
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+    assert json.loads((ckpt / "state.json").read_text())["command"] == "factorize"
+
+    with pytest.MonkeyPatch.context() as mp:
+        forbid_pass_1(mp)
+        resumed = factorize_model(model, out, settings, resume=ckpt)
+    assert same_tensors(out, tmp_path / "reference")
+    assert [x.rank for x in resumed.layers] == [x.rank for x in reference.layers]
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed_from"] == str(ckpt) and "resume" in report["timings_s"]
+    calibration = json.loads((tmp_path / "reference" / "report.json").read_text())["calibration"]
+    measured = ("self_sampling_peak_mb",)  # memory, which differs from run to run
+    assert {k: v for k, v in report["calibration"].items() if k not in measured} == {
+        k: v for k, v in calibration.items() if k not in measured
+    }
+    assert not ckpt.exists()
+
+
+def test_a_kept_checkpoint_takes_another_budget_but_not_other_pass_1_settings(
+    model: Path, tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "pass1"
+    factorize_model(
+        model, tmp_path / "at-0.6", build_settings(**SMALL), checkpoint_dir=ckpt, keep_checkpoint=True
+    )
+    assert (ckpt / "state.json").is_file()
+    other_budget = build_settings(**{**SMALL, "budget": 0.8})
+    factorize_model(model, tmp_path / "fresh-0.8", other_budget, checkpoint_dir=tmp_path / "c2")
+    with pytest.MonkeyPatch.context() as mp:
+        forbid_pass_1(mp)
+        result = factorize_model(
+            model, tmp_path / "resumed-0.8", other_budget, resume=ckpt, keep_checkpoint=True
+        )
+    assert result.settings.budget == 0.8 and same_tensors(tmp_path / "resumed-0.8", tmp_path / "fresh-0.8")
+
+    for changed, named in (
+        ({"seed": 1}, "seed"),
+        ({"method": "asvd"}, "loss_weighted, method"),  # asvd fits without loss weights
+        ({"samples": 4}, "samples"),
+    ):
+        with pytest.raises(LowrankError, match=rf"other settings \({named}\)"):
+            factorize_model(model, tmp_path / "no", build_settings(**{**SMALL, **changed}), resume=ckpt)
+        assert not (tmp_path / "no").exists()
+    assert (ckpt / "state.json").is_file()  # a refused resume leaves the checkpoint as it was
+
+
+def test_a_checkpoint_of_other_weights_or_text_or_command_is_refused(tmp_path: Path) -> None:
+    source = tiny_llama(tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text(training_text(20_000), encoding="utf-8")
+    settings = build_settings(**SMALL, calibration=str(text))
+    ckpt = tmp_path / "pass1"
+    factorize_model(source, tmp_path / "a", settings, checkpoint_dir=ckpt, keep_checkpoint=True)
+
+    text.write_text(training_text(20_000).replace("the", "a"), encoding="utf-8")
+    with pytest.raises(LowrankError, match="calibration text .* changed"):
+        factorize_model(source, tmp_path / "b", settings, resume=ckpt)
+    weights = source / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(LowrankError, match="model's files changed"):
+        factorize_model(source, tmp_path / "b", settings, resume=ckpt)
+    with pytest.raises(LowrankError, match="was made from"):
+        factorize_model(tiny_llama(tmp_path, name="other"), tmp_path / "b", settings, resume=ckpt)
+
+    (ckpt / "state.json").write_text(json.dumps({"command": "finetune"}))
+    res = CliRunner().invoke(
+        cli, ["factorize", str(source), "-o", str(tmp_path / "b"), "--resume", str(ckpt)]
+    )
+    assert res.exit_code == 1 and res.stderr.strip().endswith(
+        "a finetune checkpoint; factorize cannot resume it"
+    )
+    res = CliRunner().invoke(
+        cli, ["factorize", str(source), "-o", str(tmp_path / "b"), "--resume", str(tmp_path)]
+    )
+    assert res.exit_code == 1 and "not a factorize checkpoint (no state.json)" in res.stderr
+    assert "Traceback" not in res.output and not (tmp_path / "b").exists()
+
+
+def test_an_earlier_checkpoint_is_kept_until_resumed_or_overwritten(model: Path, tmp_path: Path) -> None:
+    out, ckpt = tmp_path / "out", tmp_path / "out.checkpoint"
+    settings = build_settings(**SMALL)
+    with pytest.MonkeyPatch.context() as mp:
+        interrupt_pass_2(mp, LowrankError("No space left on device"))
+        with pytest.raises(LowrankError, match=rf"^No space left on device; .* --resume {ckpt}$"):
+            factorize_model(model, out, settings)
+    with pytest.raises(
+        LowrankError, match=f"a checkpoint of an earlier run is there; continue it with --resume {ckpt}"
+    ):
+        factorize_model(model, out, settings)
+    factorize_model(model, out, settings, overwrite=True)
+    assert (out / "config.json").is_file() and not ckpt.exists()
+
+
+def test_what_cannot_be_resumed_is_not_saved_and_an_unreachable_budget_stops_first(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Data-free uniform ranks measure nothing in pass 1: no checkpoint, and Ctrl-C is the plain interrupt. A budget
+    no allocation meets is refused before the calibration (it was refused after it, hours into a large model)."""
+    out = tmp_path / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        interrupt_pass_2(mp, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            factorize_model(model, out, build_settings(method="svd", policy="uniform"))
+    assert not out.exists() and not (tmp_path / "out.checkpoint").exists()
+
+    forbid_pass_1(monkeypatch)
+    with pytest.raises(BudgetError, match="budget 0.01 is unreachable"):
+        factorize_model(model, out, build_settings(**{**SMALL, "budget": 0.01}))
+    assert not out.exists() and not (tmp_path / "out.checkpoint").exists()
