@@ -1,9 +1,9 @@
 """factorize's checkpoint: what pass 1 measured, saved when pass 1 ends (in OUT.checkpoint, or --checkpoint-dir),
 removed once the output is in place.
 
-At the 7B shape on a CPU the sampling and pass 1 take most of a run (benchmarks/README.md), and pass 2 takes an hour
-more: an interrupted pass 2 (Ctrl-C, SIGTERM, a full disk) resumes here with `--resume DIR` instead of starting over,
-and one pass 1 can be factorized at other budgets. What is saved is what pass 2 reads of pass 1, small whatever the
+At the 7B shape on a CPU the sampling and pass 1 take most of a run (3,866 s of 6,729 in one measured in
+benchmarks/README.md): an interrupted pass 2 (Ctrl-C, SIGTERM, a full disk) resumes here with `--resume DIR` instead
+of starting over, and one pass 1 can be factorized at other budgets. What is saved is what pass 2 reads of pass 1, small whatever the
 model: the calibration token ids, each target's singular values and loss-gradient statistics, and what the report
 says about them; pass 2 recomputes the hidden states from the token ids.
 

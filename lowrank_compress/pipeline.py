@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lowrank_compress import __version__
-from lowrank_compress.console import interrupt_message
+from lowrank_compress.console import interrupt_message, signal_received
 from lowrank_compress.errors import InterruptedWithCheckpoint, LowrankError
 from lowrank_compress.memory import PeakMemory
 from lowrank_compress.modules import is_conv1d
@@ -189,14 +189,14 @@ def factorize_model(
     """
     from lowrank_compress.format import check_output_dir
     from lowrank_compress.loading import resolve
-    from lowrank_compress.outdir import remove_ours
+    from lowrank_compress.outdir import data_files, remove_ours
     from lowrank_compress.resume import checkpoint_dir_for
 
     source = resolve(model_path)
     inputs = protected_inputs(source, settings)
     check_output_dir(Path(out), overwrite, inputs=inputs)
     apart = {"MODEL": source.path, "the model's directory": source.directory}
-    apart.update({f"the calibration text {p}": p for p in inputs[2:]})
+    apart.update({f"the calibration text {p}": p for p in data_files(settings.calibration)})
     ckpt_dir = checkpoint_dir_for(out, checkpoint_dir, apart, resume, overwrite, warn)
     prepared = Prepared.load(
         model_path, settings, allow_pickle=allow_pickle, progress=progress, warn=warn, resume=resume,
@@ -207,16 +207,20 @@ def factorize_model(
         result = prepared.write(
             out, settings.budget, overwrite=overwrite, max_shard_size=max_shard_size, evaluate=evaluate
         )
-    except KeyboardInterrupt:
+    except BaseException as e:
         if kept is None:
             raise
-        raise InterruptedWithCheckpoint(
-            f"{interrupt_message()} to {out}; pass 1's results are in {kept}: run the same command with "
-            f"--resume {kept}"
-        ) from None
-    except LowrankError as e:
-        if kept is not None:
-            e.args = (f"{e}; pass 1's results are kept in {kept}: run the command again with --resume {kept}",)
+        if (
+            isinstance(e, KeyboardInterrupt) or signal_received()
+        ):  # (a signal's interrupt may surface as another error)
+            raise InterruptedWithCheckpoint(
+                f"{interrupt_message()} to {out}; pass 1's results are in {kept}: run the same command with "
+                f"--resume {kept}"
+            ) from None
+        if isinstance(e, LowrankError):
+            e.args = (
+                f"{e}; pass 1's results are kept in {kept}: run the command again with --resume {kept}",
+            )
         raise
     if kept is not None and not keep_checkpoint:
         remove_ours(kept, kinds=("checkpoint",), warn=warn)
