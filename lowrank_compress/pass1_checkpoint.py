@@ -32,6 +32,9 @@ VERSION = 1
 TENSORS = "pass1.safetensors"
 # what allocation and pass 2 read alone: a resumed run may change them
 PASS2_ONLY = ("budget", "energy", "rank_multiple", "error_aware", "refine_steps", "device", "offload")
+# state.json's objects (beside the command, version, model and chat flags)
+SECTIONS = ("files", "requested", "settings", "spectra", "mean_grad_sq", "stable_ranks", "part_weights", "grad_rows",
+            "calibration", "timings")  # fmt: skip
 
 
 def fingerprint(files: Sequence[Path]) -> dict[str, list[int]]:
@@ -76,11 +79,14 @@ def read(
     state = read_state(directory, "factorize")
     if state.get("version") != VERSION:
         raise LowrankError(f"{directory}: checkpoint version {state.get('version')} is not {VERSION}")
+    missing = [k for k in SECTIONS if not isinstance(state.get(k), dict)]
+    if missing:
+        raise LowrankError(f"{directory}: the checkpoint's {STATE} is damaged (no {missing[0]})")
     check_same_model(directory, state, model_path)
     if state.get("files") != fingerprint(files):
         raise LowrankError(
             f"{directory}: the model's files changed since the checkpoint was made (size or modification time); "
-            "start afresh with --overwrite"
+            "start afresh (without --resume, with --overwrite)"
         )
     check_same_settings(directory, state.get("requested", {}), settings, free=PASS2_ONLY)
     try:

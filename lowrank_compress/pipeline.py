@@ -210,9 +210,8 @@ def factorize_model(
     except BaseException as e:
         if kept is None:
             raise
-        if (
-            isinstance(e, KeyboardInterrupt) or signal_received()
-        ):  # (a signal's interrupt may surface as another error)
+        # a signal's KeyboardInterrupt may surface as another error
+        if isinstance(e, KeyboardInterrupt) or signal_received():
             raise InterruptedWithCheckpoint(
                 f"{interrupt_message()} to {out}; pass 1's results are in {kept}: run the same command with "
                 f"--resume {kept}"
@@ -637,6 +636,21 @@ class Prepared:
         from lowrank_compress import pass1_checkpoint
 
         state, tensors = pass1_checkpoint.read(directory, self.model_path, self.settings, self._model_files())
+        try:
+            self._restore(state, tensors)
+        except (KeyError, TypeError, ValueError) as e:  # (what the checks before could not see)
+            raise LowrankError(f"{directory}: the checkpoint is damaged ({type(e).__name__}: {e})") from None
+        self._check_same_text(directory)
+        self.tick("resume")
+        self.tick.laps = {
+            **state.get("timings", {}),
+            "resume": self.tick.laps.get("load", 0.0) + self.tick.laps["resume"],
+        }
+        self.resumed_from = directory
+
+    def _restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        from lowrank_compress import pass1_checkpoint
+
         self.settings = settings = pass1_checkpoint.applied(state, self.settings)
         # in pass 1's order (the statistics are summed part by part: another order rounds differently)
         self.calibration_batches = {part: tensors[f"calibration.{part}"] for part in state["part_weights"]}
@@ -645,7 +659,6 @@ class Prepared:
         self.calibration_info = {**state["calibration"], **{
             k: getattr(settings, k) for k in ("error_aware", "loss_weighted", "refine_steps")
         }}  # fmt: skip
-        self._check_same_text(directory)
         self._gradients = {
             name: (tensors.get(f"fisher_rows.{name}"), sq, tensors.get(f"channels.{name}"))
             for name, sq in state["mean_grad_sq"].items()
@@ -655,12 +668,6 @@ class Prepared:
         }
         self._set_candidates(spectra, state["stable_ranks"])
         self.block_peaks = list(state["block_peaks"])
-        self.tick("resume")
-        self.tick.laps = {
-            **state["timings"],
-            "resume": self.tick.laps.get("load", 0.0) + self.tick.laps["resume"],
-        }
-        self.resumed_from = directory
 
     def _model_files(self) -> list[Path]:
         """The files a checkpoint's fingerprint covers: the weights, and config.json where there is one."""
@@ -680,7 +687,7 @@ class Prepared:
         if text_fingerprint(load_text(self.settings.calibration, split="calibration")) != saved:
             raise LowrankError(
                 f"{directory}: the calibration text {self.settings.calibration} changed since the checkpoint was "
-                "made; start afresh with --overwrite"
+                "made; start afresh (without --resume, with --overwrite)"
             )
 
     def _spectrum(self, name: str, s: torch.Tensor, method: str, ridge: float, dtype: str) -> Decomposition:

@@ -117,6 +117,19 @@ def test_a_checkpoint_of_other_weights_or_text_or_command_is_refused(tmp_path: P
     ckpt = tmp_path / "pass1"
     factorize_model(source, tmp_path / "a", settings, checkpoint_dir=ckpt, keep_checkpoint=True)
 
+    saved = (ckpt / "state.json").read_text()
+    state = json.loads(saved)
+    del state["spectra"]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    with pytest.raises(LowrankError, match=r"state.json is damaged \(no spectra\)"):
+        factorize_model(source, tmp_path / "b", settings, resume=ckpt)
+    state = json.loads(saved)
+    state["part_weights"] = {"nope": 1.0}  # no such calibration part in the tensors
+    (ckpt / "state.json").write_text(json.dumps(state))
+    with pytest.raises(LowrankError, match=r"the checkpoint is damaged \(KeyError: 'calibration.nope'\)"):
+        factorize_model(source, tmp_path / "b", settings, resume=ckpt)
+    (ckpt / "state.json").write_text(saved)
+
     text.write_text(training_text(20_000).replace("the", "a"), encoding="utf-8")
     with pytest.raises(LowrankError, match="calibration text .* changed"):
         factorize_model(source, tmp_path / "b", settings, resume=ckpt)
