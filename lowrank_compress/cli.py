@@ -748,6 +748,10 @@ def _render_answers(out: Output, answers: dict[str, Any]) -> None:
 )  # fmt: skip
 @click.option("--keep-models", is_flag=True, help="Keep each factorized model under OUTPUT/models/.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option(
+    "--resume", type=click.Path(path_type=Path), default=None, metavar="DIR",
+    help="Take pass 1's results from a factorize checkpoint (factorize --keep-checkpoint) with the same settings.",
+)  # fmt: skip
 @settings_options
 @eval_options
 @threads_option
@@ -755,8 +759,8 @@ def _render_answers(out: Output, answers: dict[str, Any]) -> None:
 @json_option
 @click.pass_context
 def sweep(ctx: click.Context, model: str | None, budgets: str, output: Path, keep_models: bool, overwrite: bool,
-          data: str, max_tokens: int, window: int, stride: int, speed: bool, answers: str, threads: int | None,
-          allow_pickle: bool, json_mode: bool, **flags: Any) -> None:  # fmt: skip
+          resume: Path | None, data: str, max_tokens: int, window: int, stride: int, speed: bool, answers: str,
+          threads: int | None, allow_pickle: bool, json_mode: bool, **flags: Any) -> None:  # fmt: skip
     """Factorize MODEL at several budgets and evaluate each against the dense model: choose a budget.
 
     Calibration runs once; each budget is then allocated, written, scored and timed (interleaved with the dense
@@ -780,6 +784,7 @@ def sweep(ctx: click.Context, model: str | None, budgets: str, output: Path, kee
             output,
             keep_models=keep_models,
             overwrite=overwrite,
+            resume=resume,
             data=data,
             window=window,
             stride=stride,

@@ -49,6 +49,7 @@ class SweepResult:
     dense: dict[str, Any]
     points: list[SweepPoint]
     files: list[str] = field(default_factory=list)
+    resumed_from: str | None = None  # the factorize checkpoint pass 1's results came from
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +58,7 @@ class SweepResult:
             "dense": self.dense,
             "points": [dataclasses.asdict(p) for p in self.points],
             "files": self.files,
+            "resumed_from": self.resumed_from,
         }
 
 
@@ -97,6 +99,7 @@ def sweep(
     *,
     keep_models: bool = False,
     overwrite: bool = False,
+    resume: str | Path | None = None,
     data: str = "builtin",
     window: int | None = None,
     stride: int = 256,
@@ -110,7 +113,8 @@ def sweep(
     """Factorize and evaluate at each budget; write sweep.json, sweep.md and sweep.png (and the models, with
     `keep_models`, under models/) into `out_dir`, atomically. window: default 512, or the model's context when
     shorter. answers: the answer set asked of the dense model once and of each budget's model (None: skipped), so
-    a budget is judged by the answers it keeps, not only by its perplexity."""
+    a budget is judged by the answers it keeps, not only by its perplexity. resume: a factorize checkpoint to take
+    pass 1's results from (kept: it is factorize's)."""
     from lowrank_compress.answers import AnswerSet, load_answer_set
     from lowrank_compress.loading import resolve
     from lowrank_compress.outdir import atomic_output_dir, check_output_dir, data_files, scratch_dir
@@ -122,12 +126,22 @@ def sweep(
     out_dir = Path(out_dir)
     source = resolve(model_path)
     answer_file = answer_set.source if answer_set is not None else None
-    inputs = [*protected_inputs(source, settings), *data_files(data, answer_file)]
+    inputs = [
+        *protected_inputs(source, settings),
+        *data_files(data, answer_file),
+        *([Path(resume)] if resume else []),
+    ]
     check_output_dir(out_dir, overwrite, inputs=inputs, warn=warn)
     text = load_text(data, split="heldout" if data == "builtin" else "all")
     _require_language_model(source, model_path, allow_pickle)
     prepared = Prepared.load(
-        model_path, settings, allow_pickle=allow_pickle, progress=report, warn=warn, budgets=budgets
+        model_path,
+        settings,
+        allow_pickle=allow_pickle,
+        progress=report,
+        warn=warn,
+        budgets=budgets,
+        resume=resume,
     )
     # the dense model, whole, for its perplexity and speed (factorize itself streams it block by block)
     dense = _dense_reference(
@@ -151,6 +165,7 @@ def sweep(
             settings=dataclasses.asdict(prepared.settings),
             dense=_dense_summary(prepared.total_before, dense.quality, dense_speed, dense.answers),
             points=points,
+            resumed_from=str(resume) if resume else None,
         )
         _write_sweep_files(result, tmp, out_dir)
     return result

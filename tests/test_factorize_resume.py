@@ -108,6 +108,17 @@ def test_a_kept_checkpoint_takes_another_budget_but_not_other_pass_1_settings(
         assert not (tmp_path / "no").exists()
     assert (ckpt / "state.json").is_file()  # a refused resume leaves the checkpoint as it was
 
+    from lowrank_compress.sweep import sweep
+
+    with (
+        pytest.MonkeyPatch.context() as mp
+    ):  # a sweep takes the same pass 1, and leaves factorize's checkpoint
+        forbid_pass_1(mp)
+        swept = sweep(model, [0.8], build_settings(**SMALL), tmp_path / "sweep", keep_models=True, resume=ckpt,
+                      max_tokens=256, window=64, stride=64, speed=False, answers=None)  # fmt: skip
+    assert swept.resumed_from == str(ckpt) and (ckpt / "state.json").is_file()
+    assert same_tensors(tmp_path / "sweep" / "models" / "budget-0.8", tmp_path / "fresh-0.8")
+
 
 def test_a_checkpoint_of_other_weights_or_text_or_command_is_refused(tmp_path: Path) -> None:
     source = tiny_llama(tmp_path)
