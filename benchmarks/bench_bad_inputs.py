@@ -717,8 +717,9 @@ def evaluate_cases() -> list[Case]:
     ]
 
 
-def checkpoint_cases(command: str, line: str, source: str) -> list[Case]:
-    """Where --resume and --checkpoint-dir must not point, for a command run as `line` on MODEL `{source}`."""
+def checkpoint_cases(command: str, line: str, source: str, dirs: bool = True) -> list[Case]:
+    """Where --resume and (with `dirs`) --checkpoint-dir must not point, for a command run as `line` on MODEL
+    `{source}`."""
     resume = {
         "resume-missing": "--resume {w}/nope",
         "resume-garbage": "--resume {w}/ckpt",
@@ -732,8 +733,11 @@ def checkpoint_cases(command: str, line: str, source: str) -> list[Case]:
         file("other/state.json", json.dumps({"command": other, "version": 1, "settings": {}})),
         user_files("mine"),
     )
+    resuming = [Case(f"{command}/{k}", using(line, v), setup, protect=("mine",)) for k, v in resume.items()]
+    if not dirs:
+        return resuming
     return [
-        *(Case(f"{command}/{k}", using(line, v), setup, protect=("mine",)) for k, v in resume.items()),
+        *resuming,
         Case(f"{command}/ckpt-dir-is-out", f"{line} --checkpoint-dir {{w}}/out"),
         Case(
             f"{command}/ckpt-dir-parent-of-out",
@@ -824,6 +828,7 @@ def sweep_cases() -> list[Case]:
         Case("sweep/device-meta", f"{SW} --device meta"),
         Case("sweep/window-100000", using(SW, "--window 100000")),
         Case("sweep/recipe-garbage-yaml", f"{SW} --recipe {{w}}/r.yaml", file("r.yaml", EVIL_YAML)),
+        *checkpoint_cases("sweep", SW, "model", dirs=False),
         *model_path_cases("sweep", LIGHT["sweep"]),
         Case(
             "sweep/out-is-model",
