@@ -15,7 +15,6 @@ the calibration text reads the same, and every setting pass 1 reads is the same;
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,9 +23,16 @@ from typing import Any
 import torch
 
 from lowrank_compress.errors import LowrankError
-from lowrank_compress.outdir import discard, new_temp_dir, replace_dir, replaceable
+from lowrank_compress.outdir import new_temp_dir
 from lowrank_compress.recipe import FactorizeSettings
-from lowrank_compress.resume import STATE, check_same_model, check_same_settings, read_state
+from lowrank_compress.resume import (
+    STATE,
+    check_same_model,
+    check_same_settings,
+    finish_checkpoint,
+    read_state,
+    writing_checkpoint,
+)
 
 VERSION = 1
 TENSORS = "pass1.safetensors"
@@ -51,20 +57,10 @@ def save(directory: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor
     from safetensors.torch import save_file
 
     tmp = None
-    try:
+    with writing_checkpoint(directory, lambda: tmp):
         tmp = new_temp_dir(directory, "checkpoint")
         save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp / TENSORS))
-        record = {"command": "factorize", "version": VERSION, **state}
-        (tmp / STATE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        if not replaceable(directory, ("checkpoint",)):  # something else appeared there meanwhile
-            raise LowrankError(f"{directory}: not a lowrank-compress checkpoint any more; not replacing it")
-        replace_dir(tmp, directory)
-    except OSError as e:
-        discard(tmp)
-        raise LowrankError(f"cannot write the checkpoint {directory}: {e.strerror or e}") from e
-    except BaseException:
-        discard(tmp)
-        raise
+        finish_checkpoint(tmp, directory, {"command": "factorize", "version": VERSION, **state})
 
 
 def read(

@@ -5,14 +5,15 @@ place (outdir.py), so a crash leaves a whole checkpoint or none."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from lowrank_compress.errors import LowrankError
-from lowrank_compress.outdir import check_checkpoint_dir, ours
+from lowrank_compress.outdir import check_checkpoint_dir, discard, ours, replace_dir, replaceable
 
 STATE = "state.json"
 
@@ -37,6 +38,29 @@ def checkpoint_dir_for(
             "or pass --overwrite to start afresh"
         )
     return directory
+
+
+@contextlib.contextmanager
+def writing_checkpoint(directory: Path, temporary: Callable[[], Path | None]) -> Iterator[None]:
+    """Around a checkpoint's writing: any failure removes this run's temporary directory (`temporary()`, None
+    where another process owns it), and an OSError becomes one line."""
+    try:
+        yield
+    except OSError as e:
+        discard(temporary())
+        raise LowrankError(f"cannot write the checkpoint {directory}: {e.strerror or e}") from e
+    except BaseException:
+        discard(temporary())
+        raise
+
+
+def finish_checkpoint(tmp: Path, directory: Path, state: dict[str, Any]) -> None:
+    """state.json into the checkpoint built in `tmp`, then the swap into place, unless something other than a
+    checkpoint took the place meanwhile."""
+    (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+    if not replaceable(directory, ("checkpoint",)):
+        raise LowrankError(f"{directory}: not a lowrank-compress checkpoint any more; not replacing it")
+    replace_dir(tmp, directory)
 
 
 def read_state(directory: Path, command: str) -> dict[str, Any]:

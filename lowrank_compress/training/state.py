@@ -10,7 +10,6 @@ checkpoint or the previous one, never a half-written one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,15 @@ import torch
 from torch import nn
 
 from lowrank_compress.errors import LowrankError
-from lowrank_compress.outdir import discard, new_temp_dir, replace_dir, replaceable
+from lowrank_compress.outdir import new_temp_dir
 from lowrank_compress.recipe import FinetuneSettings
-from lowrank_compress.resume import STATE, check_same_model, check_same_settings, read_state
+from lowrank_compress.resume import (
+    check_same_model,
+    check_same_settings,
+    finish_checkpoint,
+    read_state,
+    writing_checkpoint,
+)
 
 VERSION = 2  # 1: the hand-written format before the loop used accelerate's save_state (not readable any more)
 TRAINED = "trained.safetensors"
@@ -71,26 +76,14 @@ def write(directory: Path, accelerator: Any, state: dict[str, Any]) -> None:
     from accelerate.utils import broadcast_object_list
 
     tmp = None
-    try:
+    with writing_checkpoint(directory, lambda: tmp if accelerator.is_main_process else None):
         names = [str(new_temp_dir(directory, "checkpoint")) if accelerator.is_main_process else None]
         tmp = Path(broadcast_object_list(names)[0])
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (tmp / STATE).write_text(json.dumps({"command": "finetune", "version": VERSION, **state}, indent=1) + "\n",
-                                            encoding="utf-8")  # fmt: skip
-            if not replaceable(directory, ("checkpoint",)):  # something else appeared there meanwhile
-                raise LowrankError(
-                    f"{directory}: not a lowrank-compress checkpoint any more; not replacing it"
-                )
-            replace_dir(tmp, directory)
+            finish_checkpoint(tmp, directory, {"command": "finetune", "version": VERSION, **state})
         accelerator.wait_for_everyone()
-    except OSError as e:
-        discard(tmp if accelerator.is_main_process else None)
-        raise LowrankError(f"cannot write the checkpoint {directory}: {e.strerror or e}") from e
-    except BaseException:
-        discard(tmp if accelerator.is_main_process else None)
-        raise
 
 
 def read(directory: Path, settings: FinetuneSettings, model_path: str | Path) -> dict[str, Any]:
