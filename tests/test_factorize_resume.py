@@ -15,7 +15,7 @@ from lowrank_compress.cli import cli
 from lowrank_compress.errors import BudgetError, InterruptedWithCheckpoint, LowrankError
 from lowrank_compress.pipeline import Prepared, factorize_model
 from lowrank_compress.recipe import build_settings
-from tests.fixtures import load_state_dict, tiny_llama, training_text
+from tests.fixtures import load_state_dict, tiny_bert, tiny_gguf, tiny_gpt2, tiny_llama, training_text
 
 # the default method and policy (whiten, sensitivity, loss-weighted, self-generated share), small
 SMALL = {"samples": 8, "seq_len": 64, "grad_samples": 2, "budget": 0.6}
@@ -79,6 +79,28 @@ def test_an_interrupted_pass_2_resumes_to_the_uninterrupted_output(model: Path, 
         k: v for k, v in calibration.items() if k not in measured
     }
     assert not ckpt.exists()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama-sharded-tied", "gguf"])
+def test_every_kind_of_checkpoint_resumes_to_the_same_output(kind: str, tmp_path: Path) -> None:
+    """GPT-2's Conv1D blocks, an encoder (no loss: uniform ranks, the text alone, no gradients), shards with a tied
+    head, and a GGUF file: the resumed output equals the uninterrupted one."""
+    source = {
+        "gpt2": lambda: tiny_gpt2(tmp_path),
+        "bert": lambda: tiny_bert(tmp_path),
+        "llama-sharded-tied": lambda: tiny_llama(tmp_path, sharded=True, tied=True),
+        "gguf": lambda: tiny_gguf(tmp_path),
+    }[kind]()
+    settings = build_settings(**SMALL)
+    factorize_model(source, tmp_path / "reference", settings)
+    with pytest.MonkeyPatch.context() as mp:
+        interrupt_pass_2(mp, KeyboardInterrupt())
+        with pytest.raises(InterruptedWithCheckpoint):
+            factorize_model(source, tmp_path / "out", settings)
+    with pytest.MonkeyPatch.context() as mp:
+        forbid_pass_1(mp)
+        factorize_model(source, tmp_path / "out", settings, resume=tmp_path / "out.checkpoint")
+    assert same_tensors(tmp_path / "out", tmp_path / "reference")
 
 
 def test_a_kept_checkpoint_takes_another_budget_but_not_other_pass_1_settings(
