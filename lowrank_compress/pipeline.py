@@ -203,6 +203,10 @@ def factorize_model(
         budgets=[settings.budget],
     )  # fmt: skip
     kept = Path(resume) if resume is not None else ckpt_dir if prepared.save_pass1(ckpt_dir) else None
+    if kept is None and keep_checkpoint and warn is not None:
+        warn(
+            "--keep-checkpoint: data-free uniform ranks measure nothing in pass 1, so no checkpoint is saved"
+        )
     try:
         result = prepared.write(
             out, settings.budget, overwrite=overwrite, max_shard_size=max_shard_size, evaluate=evaluate

@@ -214,8 +214,17 @@ def test_what_cannot_be_resumed_is_not_saved_and_an_unreachable_budget_stops_fir
         with pytest.raises(KeyboardInterrupt):
             factorize_model(model, out, build_settings(method="svd", policy="uniform"))
     assert not out.exists() and not (tmp_path / "out.checkpoint").exists()
+    said: list[str] = []
+    factorize_model(
+        model, out, build_settings(method="svd", policy="uniform"), keep_checkpoint=True, warn=said.append
+    )
+    assert said == [
+        "--keep-checkpoint: data-free uniform ranks measure nothing in pass 1, so no checkpoint is saved"
+    ]
+    assert not (tmp_path / "out.checkpoint").exists()
 
     forbid_pass_1(monkeypatch)
+    refused = tmp_path / "refused"
     with pytest.raises(BudgetError, match="budget 0.01 is unreachable"):
-        factorize_model(model, out, build_settings(**{**SMALL, "budget": 0.01}))
-    assert not out.exists() and not (tmp_path / "out.checkpoint").exists()
+        factorize_model(model, refused, build_settings(**{**SMALL, "budget": 0.01}))
+    assert not refused.exists() and not (tmp_path / "refused.checkpoint").exists()
