@@ -189,15 +189,13 @@ def factorize_model(
     """
     from lowrank_compress.format import check_output_dir
     from lowrank_compress.loading import resolve
-    from lowrank_compress.outdir import data_files, remove_ours
+    from lowrank_compress.outdir import remove_ours
     from lowrank_compress.resume import checkpoint_dir_for
 
     source = resolve(model_path)
-    inputs = protected_inputs(source, settings)
-    check_output_dir(Path(out), overwrite, inputs=inputs)
-    apart = {"MODEL": source.path, "the model's directory": source.directory}
-    apart.update({f"the calibration text {p}": p for p in data_files(settings.calibration)})
-    ckpt_dir = checkpoint_dir_for(out, checkpoint_dir, apart, resume, overwrite, warn)
+    inputs = named_inputs(source, settings)
+    check_output_dir(Path(out), overwrite, inputs=list(inputs.values()))
+    ckpt_dir = checkpoint_dir_for(out, checkpoint_dir, inputs, resume, overwrite, warn)
     prepared = Prepared.load(
         model_path, settings, allow_pickle=allow_pickle, progress=progress, warn=warn, resume=resume,
         budgets=[settings.budget],
@@ -207,15 +205,26 @@ def factorize_model(
         warn(
             "--keep-checkpoint: data-free uniform ranks measure nothing in pass 1, so no checkpoint is saved"
         )
-    try:
+    with _naming_checkpoint(kept, out):
         result = prepared.write(
             out, settings.budget, overwrite=overwrite, max_shard_size=max_shard_size, evaluate=evaluate
         )
+    if kept is not None and not keep_checkpoint:
+        remove_ours(kept, kinds=("checkpoint",), warn=warn)
+    return result
+
+
+@contextlib.contextmanager
+def _naming_checkpoint(kept: Path | None, out: str | Path) -> Iterator[None]:
+    """A stop or an error in pass 2 says where pass 1's results are kept (when they are) and how to go on."""
+    try:
+        yield
     except BaseException as e:
         if kept is None:
             raise
-        # a signal's KeyboardInterrupt may surface as another error
-        if isinstance(e, KeyboardInterrupt) or signal_received():
+        if (
+            isinstance(e, KeyboardInterrupt) or signal_received()
+        ):  # a signal's interrupt may surface as another error
             raise InterruptedWithCheckpoint(
                 f"{interrupt_message()} to {out}; pass 1's results are in {kept}: run the same command with "
                 f"--resume {kept}"
@@ -225,16 +234,19 @@ def factorize_model(
                 f"{e}; pass 1's results are kept in {kept}: run the command again with --resume {kept}",
             )
         raise
-    if kept is not None and not keep_checkpoint:
-        remove_ours(kept, kinds=("checkpoint",), warn=warn)
-    return result
+
+
+def named_inputs(source: Any, settings: FactorizeSettings) -> dict[str, Path]:
+    """What a factorize output or checkpoint may neither be, sit inside, nor contain, by name: the model (and its
+    directory) and the calibration text."""
+    from lowrank_compress.outdir import data_files
+
+    files = {f"the calibration text {p}": p for p in data_files(settings.calibration)}
+    return {"MODEL": Path(source.path), "the model's directory": Path(source.directory), **files}
 
 
 def protected_inputs(source: Any, settings: FactorizeSettings) -> list[Path]:
-    """What a factorize output may neither be, sit inside, nor contain: the model and the calibration text."""
-    from lowrank_compress.outdir import data_files
-
-    return [Path(source.path), Path(source.directory), *data_files(settings.calibration)]
+    return list(named_inputs(source, settings).values())
 
 
 BATCH = 4
