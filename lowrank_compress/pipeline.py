@@ -115,6 +115,8 @@ class FactorizeResult:
     peak_block_mb: float = 0.0
     # the checkpoint whose pass 1 this run resumed from (its timings are that run's), or None
     resumed_from: str | None = None
+    # the block (from 1) a resumed pass 2 went on at, the blocks before it written by the stopped run; or None
+    pass2_resumed_at: int | None = None
 
     @property
     def kept_fraction_targets(self) -> float:
@@ -144,6 +146,7 @@ class FactorizeResult:
             "timings_s": self.timings,
             "peak_block_mb": self.peak_block_mb,
             "resumed_from": self.resumed_from,
+            "pass2_resumed_at": self.pass2_resumed_at,
             "layers": [
                 {
                     "module": x.name,
@@ -207,8 +210,9 @@ def factorize_model(
         )
     with _naming_checkpoint(kept, out):
         result = prepared.write(
-            out, settings.budget, overwrite=overwrite, max_shard_size=max_shard_size, evaluate=evaluate
-        )
+            out, settings.budget, overwrite=overwrite, max_shard_size=max_shard_size, evaluate=evaluate,
+            checkpoint=kept,
+        )  # fmt: skip
     if kept is not None and not keep_checkpoint:
         remove_ours(kept, kinds=("checkpoint",), warn=warn)
     return result
@@ -226,12 +230,13 @@ def _naming_checkpoint(kept: Path | None, out: str | Path) -> Iterator[None]:
             isinstance(e, KeyboardInterrupt) or signal_received()
         ):  # a signal's interrupt may surface as another error
             raise InterruptedWithCheckpoint(
-                f"{interrupt_message()} to {out}; pass 1's results are in {kept}: run the same command with "
-                f"--resume {kept}"
+                f"{interrupt_message()} to {out}; pass 1's results and pass 2's finished blocks are in {kept}: "
+                f"run the same command with --resume {kept}"
             ) from None
         if isinstance(e, LowrankError):
             e.args = (
-                f"{e}; pass 1's results are kept in {kept}: run the command again with --resume {kept}",
+                f"{e}; pass 1's results and pass 2's finished blocks are kept in {kept}: run the command again "
+                f"with --resume {kept}",
             )
         raise
 
@@ -1015,8 +1020,11 @@ class Prepared:
         overwrite: bool = False,
         max_shard_size: str | int = "2GB",
         evaluate: bool = False,
+        checkpoint: Path | None = None,
     ) -> FactorizeResult:
-        """Allocate ranks for `budget`, then stream the output block by block (pass 2), atomically."""
+        """Allocate ranks for `budget`, then stream the output block by block (pass 2), atomically. `checkpoint`:
+        pass 1's checkpoint, where pass 2 records its progress block by block and takes up a progress recorded
+        there at the same budget and settings (pass2_progress.py)."""
         from lowrank_compress.allocate import allocate
         from lowrank_compress.format import atomic_output_dir, quantization_config, write_model_files
         from lowrank_compress.writer import ShardWriter
@@ -1034,11 +1042,18 @@ class Prepared:
         self._report_spectra = {
             c.name: c.decomposition.s for c in self.candidates if c.decomposition is not None
         }
+        progress = self._pass2_progress(checkpoint, settings, ranks, max_shard_size)
         with atomic_output_dir(out, overwrite, protected_inputs(self.source, settings)) as tmp:
-            writer = ShardWriter(tmp, max_shard_size)
-            result.layers, dtype = self._stream_factors(ranks, writer)
+            resumed = progress.load(self.warn) if progress is not None else None
+            shards = progress.shards if progress is not None else tmp
+            writer = (
+                ShardWriter.resume(shards, resumed[0]["writer"], max_shard_size)
+                if resumed is not None
+                else ShardWriter(shards, max_shard_size)
+            )
+            result.layers, dtype = self._stream_factors(ranks, writer, progress, resumed)
             result.spectra = _extreme_spectra(result.layers, self._report_spectra)
-            written = writer.finalize()
+            written = writer.finalize(into=tmp)
             kept = {x.name: x.rank for x in result.layers if x.rank is not None}
             quant = {"method": settings.method, "policy": settings.policy, "budget": budget}
             if self.needs_data:
@@ -1058,9 +1073,29 @@ class Prepared:
             result.timings = dict(tick.laps)
             result.peak_block_mb = max(self.block_peaks, default=0.0)
             result.resumed_from = str(self.resumed_from) if self.resumed_from else None
+            result.pass2_resumed_at = resumed[0]["blocks_done"] + 1 if resumed is not None else None
             result.files = sorted({p.name for p in written} | {"recipe.yaml", "report.json", "README.md"})
             _write_sidecars(tmp, result, self.model_path)
+        if progress is not None:
+            progress.remove()
         return result
+
+    def _pass2_progress(
+        self, checkpoint: Path | None, settings: FactorizeSettings, ranks: dict[str, int | None],
+        max_shard_size: str | int,
+    ) -> Any:  # fmt: skip
+        """Where pass 2 records its progress (None without a checkpoint), keyed by what its output depends on."""
+        from lowrank_compress.pass2_progress import Pass2Progress
+        from lowrank_compress.writer import parse_size
+
+        if checkpoint is None:
+            return None
+        key = {
+            "settings": dataclasses.asdict(settings),
+            "ranks": ranks,
+            "shard_size": parse_size(max_shard_size),
+        }
+        return Pass2Progress(checkpoint, key)
 
     def _evaluate(self, written: Path, out: Path) -> dict[str, Any]:
         """`factorize --evaluate`: the written model against the source, as `evaluate` reports it (under OUT's name,
@@ -1078,20 +1113,27 @@ class Prepared:
         return evaluation
 
     def _stream_factors(
-        self, ranks: dict[str, int | None], writer: Any
-    ) -> tuple[list[LayerResult], torch.dtype]:
+        self, ranks: dict[str, int | None], writer: Any, progress: Any = None,
+        resumed: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
+    ) -> tuple[list[LayerResult], torch.dtype]:  # fmt: skip
         """Pass 2: the outer tensors copied as stored; then per block, its targets factorized at their ranks (fitted
         to the dense block's inputs, or error-aware to the compressed prefix's), refined if asked, and written with
-        the block's other tensors as stored. Returns each target's result and the factors' dtype."""
+        the block's other tensors as stored; each block recorded in `progress` when given, and pass 2 taken up after
+        the blocks `resumed` records. Returns each target's result and the factors' dtype."""
         streamed, ckpt = self.streamed, self.streamed.ckpt
-        for name in streamed.outer_tensors():
-            writer.add(name, ckpt.read_stored(name))
         fit_needs_data = self.settings.method in ("whiten", "asvd") or self.settings.refine_steps > 0
         flow = _Flow(self) if fit_needs_data else None
         layers: dict[str, LayerResult] = {}
         dtype = torch.float32
+        measured = set(self._report_spectra)  # pass 1's; pass 2 adds the others
+        start = 0
+        if resumed is not None:
+            start, dtype = self._take_up_pass2(resumed, flow, layers)
+        else:
+            for name in streamed.outer_tensors():
+                writer.add(name, ckpt.read_stored(name))
         n = len(streamed.blocks)
-        for i in range(n):
+        for i in range(start, n):
             modules = self._block_targets(i)
             with streamed.block(i) as block, PeakMemory(streamed.device) as peak:
                 outputs = None  # the compressed block's outputs, where the fit already ran it
@@ -1115,8 +1157,51 @@ class Prepared:
                 for name in swapped:
                     streamed.set_block_module(name, modules[name])
             self.block_peaks.append(peak.mb)
+            if progress is not None:
+                self._record_pass2(progress, i + 1, writer, flow, layers, dtype, measured)
             self.report(f"pass 2, block {i + 1}/{n} (peak {peak.mb:,.0f} MB)", i + 1, n)
         return [layers[t.name] for t in self.targets], dtype
+
+    def _record_pass2(
+        self, progress: Any, done: int, writer: Any, flow: _Flow | None, layers: dict[str, LayerResult],
+        dtype: torch.dtype, measured: set[str],
+    ) -> None:  # fmt: skip
+        """What the block after the first `done` starts from (see pass2_progress.py)."""
+        tensors = {f"spectrum.{n}": s for n, s in self._report_spectra.items() if n not in measured}
+        if flow is not None:
+            kinds = {"hidden": flow.hidden, **({"compressed": flow.compressed} if flow.shifted else {})}
+            for kind, parts in kinds.items():
+                tensors.update(
+                    {f"{kind}.{part}.{b}": h for part, hs in parts.items() for b, h in enumerate(hs)}
+                )
+        state = {
+            "writer": writer.state(), "layers": [dataclasses.asdict(x) for x in layers.values()],
+            "dtype": _dtype_name(dtype), "shifted": flow is not None and flow.shifted, "block_peaks": self.block_peaks,
+        }  # fmt: skip
+        progress.record(done, state, tensors)
+
+    def _take_up_pass2(
+        self, resumed: tuple[dict[str, Any], dict[str, torch.Tensor]], flow: _Flow | None,
+        layers: dict[str, LayerResult],
+    ) -> tuple[int, torch.dtype]:  # fmt: skip
+        """Restore a recorded pass 2 (the flow's hidden states, the layers done, the spectra pass 2 measured, the
+        block peaks); returns the first block to run and the factors' dtype so far."""
+        state, tensors = resumed
+        for x in state["layers"]:
+            layers[x["name"]] = LayerResult(**{**x, "shape": tuple(x["shape"])})
+        for key, t in tensors.items():
+            kind, _, rest = key.partition(".")
+            if kind == "spectrum":
+                self._report_spectra[rest] = t
+            elif flow is not None:
+                part, _, b = rest.rpartition(".")
+                getattr(flow, kind)[part][int(b)] = t.to(flow.store)
+        if flow is not None:
+            flow.shifted = bool(state["shifted"])
+            if not flow.shifted:
+                flow.compressed = {part: list(h) for part, h in flow.hidden.items()}
+        self.block_peaks = list(state["block_peaks"])
+        return int(state["blocks_done"]), getattr(torch, state["dtype"])
 
     def _fit_group(
         self,

@@ -6,10 +6,14 @@ write the index that transformers reads), with one difference: a tensor's bytes 
 shard's data file at once, and the safetensors header (which must come first, and lists every tensor) is put in
 front when the shard is closed. So memory never holds a shard (2 GB by default): the full state dict, or a
 checkpoint's mapped pages behind the tensors, never pile up.
+
+A writer's `state()` after some tensors lets a later process go on from there (`ShardWriter.resume`): factorize
+records it after each block of pass 2, so that a stopped run resumes at the block it stopped in.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -106,26 +110,86 @@ class ShardWriter:
     def _path(self, suffix: str) -> Path:
         return self.directory / f".shard-{len(self._shards):05d}{suffix}"
 
-    def finalize(self) -> list[Path]:
-        """Flush, rename the shards to their final names and write the index when sharded; returns the files."""
+    def finalize(self, into: Path | None = None) -> list[Path]:
+        """Flush, move the shards to their final names (in `into`, default the writer's directory) and write the
+        index when sharded; returns the files."""
         self.flush()
         if not self._shards:
             raise LowrankError("internal: no tensors were written")
+        into = Path(into) if into is not None else self.directory
         n = len(self._shards)
         if n == 1:
-            final = self.directory / WEIGHTS_NAME
-            os.replace(self._shards[0][0], final)
+            final = into / WEIGHTS_NAME
+            _move(self._shards[0][0], final)
             return [final]
         files, weight_map = [], {}
         for i, (path, names) in enumerate(self._shards, start=1):
-            final = self.directory / f"model-{i:05d}-of-{n:05d}.safetensors"
-            os.replace(path, final)
+            final = into / f"model-{i:05d}-of-{n:05d}.safetensors"
+            _move(path, final)
             files.append(final)
             weight_map.update(dict.fromkeys(names, final.name))
         index = {
             "metadata": {"total_size": self.total_bytes, "total_parameters": self.total_params},
             "weight_map": dict(sorted(weight_map.items())),
         }
-        path = self.directory / WEIGHTS_INDEX_NAME
+        path = into / WEIGHTS_INDEX_NAME
         path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return [*files, path]
+
+    def state(self) -> dict[str, Any]:
+        """What `resume` needs to go on after the tensors added so far (JSON-able); the open shard's data is
+        flushed to disk first, so the state never names bytes a killed process had not written."""
+        if self._data is not None:
+            self._data.flush()
+            os.fsync(self._data.fileno())
+        return {
+            "shards": [[path.name, names] for path, names in self._shards], "entries": self._entries,
+            "offset": self._offset, "total_bytes": self.total_bytes, "total_params": self.total_params,
+        }  # fmt: skip
+
+    @classmethod
+    def resume(cls, directory: Path, state: dict[str, Any], max_shard_size: str | int = "2GB") -> ShardWriter:
+        """A writer over `directory` that goes on from `state` (a `state()` of an earlier writer there): what that
+        writer wrote after the state was taken is cut off, in the open shard's data file or in a shard it closed
+        since. Raises LowrankError when a file the state names is missing or short."""
+        self = cls(directory, max_shard_size)
+        self._shards = [(self.directory / name, list(names)) for name, names in state["shards"]]
+        for path, _ in self._shards:
+            if not path.is_file():
+                raise LowrankError(f"{directory}: the shard {path.name} written before the stop is missing")
+        self._entries, self._offset = dict(state["entries"]), int(state["offset"])
+        self.total_bytes, self.total_params = int(state["total_bytes"]), int(state["total_params"])
+        self._names = {n for _, names in self._shards for n in names} | set(self._entries)
+        data, closed = self._path(".data"), self._path(".safetensors")
+        if self._entries and not (data.is_file() and data.stat().st_size >= self._offset):
+            if not closed.is_file():
+                raise LowrankError(f"{directory}: the open shard's data written before the stop is missing")
+            _data_of_shard(closed, data)  # the shard was closed after the state was taken
+        for stray in list(self.directory.glob(".shard-*")):  # shards begun after the state was taken
+            if stray != data and stray not in {p for p, _ in self._shards}:
+                stray.unlink()
+        if self._entries:
+            with open(data, "r+b") as f:
+                f.truncate(self._offset)
+            self._data = open(data, "ab")  # noqa: SIM115 - closed by flush
+        else:
+            data.unlink(missing_ok=True)
+        return self
+
+
+def _data_of_shard(shard: Path, data: Path) -> None:
+    """A closed shard's data (what follows its header) back into a data file."""
+    with open(shard, "rb") as src, open(data, "wb") as out:
+        (header_len,) = struct.unpack("<Q", src.read(8))
+        src.seek(8 + header_len)
+        shutil.copyfileobj(src, out, 16 * 2**20)
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Rename, or copy and remove where `dst` is on another file system."""
+    try:
+        os.replace(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        shutil.move(str(src), str(dst))

@@ -228,3 +228,115 @@ def test_what_cannot_be_resumed_is_not_saved_and_an_unreachable_budget_stops_fir
     with pytest.raises(BudgetError, match="budget 0.01 is unreachable"):
         factorize_model(model, refused, build_settings(**{**SMALL, "budget": 0.01}))
     assert not refused.exists() and not (tmp_path / "refused.checkpoint").exists()
+
+
+# ------------------------------------------------------------------------------------------- pass 2's progress
+
+
+def blocks_run(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The blocks pass 2 writes, in order (appended as each is written)."""
+    seen: list[int] = []
+    write_block = Prepared._write_block
+
+    def counting(self: Prepared, i: int, *args: object) -> object:
+        seen.append(i)
+        return write_block(self, i, *args)
+
+    monkeypatch.setattr(Prepared, "_write_block", counting)
+    return seen
+
+
+def stop_after_writes(monkeypatch: pytest.MonkeyPatch, block: int, writes: int) -> None:
+    """Stop (KeyboardInterrupt) pass 2 in block `block` after it has written `writes` of its tensors: what it wrote
+    of the block is in the shards, not in the recorded state."""
+    from lowrank_compress.writer import ShardWriter
+
+    write_block, add = Prepared._write_block, ShardWriter.add
+    current = {"block": -1, "added": 0}
+
+    def tracking(self: Prepared, i: int, *args: object) -> object:
+        current.update(block=i, added=0)
+        return write_block(self, i, *args)
+
+    def adding(self: ShardWriter, name: str, tensor: torch.Tensor) -> None:
+        if current["block"] == block and current["added"] == writes:
+            raise KeyboardInterrupt
+        current["added"] += 1
+        add(self, name, tensor)
+
+    monkeypatch.setattr(Prepared, "_write_block", tracking)
+    monkeypatch.setattr(ShardWriter, "add", adding)
+
+
+@pytest.mark.parametrize(("shard_size", "policy"), [(2**30, "sensitivity"), (40_000, "uniform")])
+def test_a_stopped_pass_2_goes_on_at_the_block_it_stopped_in(
+    tmp_path: Path, shard_size: int, policy: str
+) -> None:
+    """Four blocks, stopped inside the third after six of its tensors were written (at 40 kB a shard, shards were
+    closed before and after the recorded state): the resumed run writes blocks 3 and 4 only, and its output equals
+    the uninterrupted run's, file for file. Uniform ranks measure no spectrum in pass 1: the report's come from
+    pass 2, those of the blocks before the stop from the recorded progress."""
+    source = tiny_llama(tmp_path, num_layers=4)
+    settings = build_settings(**SMALL, policy=policy)
+    factorize_model(source, tmp_path / "reference", settings, max_shard_size=shard_size)
+    out, ckpt = tmp_path / "out", tmp_path / "out.checkpoint"
+    with pytest.MonkeyPatch.context() as mp:
+        stop_after_writes(mp, block=2, writes=6)
+        with pytest.raises(InterruptedWithCheckpoint, match="pass 2's finished blocks are in"):
+            factorize_model(source, out, settings, max_shard_size=shard_size)
+    state = json.loads((ckpt / "pass2" / "state.json").read_text())
+    assert state["blocks_done"] == 2
+    closed = len(list((ckpt / "pass2" / "shards").glob("*.safetensors")))
+    assert closed > len(state["writer"]["shards"]) if shard_size < 2**30 else closed == 0
+    with pytest.MonkeyPatch.context() as mp:
+        forbid_pass_1(mp)
+        written = blocks_run(mp)
+        result = factorize_model(source, out, settings, resume=ckpt, max_shard_size=shard_size)
+    assert written == [2, 3] and result.pass2_resumed_at == 3
+    assert sorted(p.name for p in out.glob("model*")) == sorted(
+        p.name for p in (tmp_path / "reference").glob("model*")
+    )
+    for f in (tmp_path / "reference").glob("model*"):
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    report, reference = (json.loads((d / "report.json").read_text()) for d in (out, tmp_path / "reference"))
+    for key in ("layers", "summary", "spectra"):
+        assert report[key] == reference[key], key
+    assert report["pass2_resumed_at"] == 3 and reference["pass2_resumed_at"] is None
+    assert not ckpt.exists()
+
+
+def test_pass_2_progress_at_another_budget_is_discarded_and_a_finished_one_removed(
+    model: Path, tmp_path: Path
+) -> None:
+    settings = build_settings(**SMALL)
+    out, ckpt = tmp_path / "out", tmp_path / "out.checkpoint"
+    with pytest.MonkeyPatch.context() as mp:
+        interrupt_pass_2(mp, KeyboardInterrupt())
+        with pytest.raises(InterruptedWithCheckpoint):
+            factorize_model(model, out, settings)
+    assert (ckpt / "pass2" / "state.json").is_file()
+    other = build_settings(**{**SMALL, "budget": 0.8})
+    factorize_model(model, tmp_path / "fresh", other)
+    warnings: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        forbid_pass_1(mp)
+        written = blocks_run(mp)
+        result = factorize_model(model, out, other, resume=ckpt, keep_checkpoint=True, warn=warnings.append)
+    assert written == [0, 1] and result.pass2_resumed_at is None
+    assert any("pass 2's progress at other settings" in w for w in warnings)
+    assert same_tensors(out, tmp_path / "fresh")
+    assert (ckpt / "state.json").is_file() and not (ckpt / "pass2").exists()  # pass 1 kept, pass 2 done
+
+
+def test_damaged_pass_2_progress_is_one_line(model: Path, tmp_path: Path) -> None:
+    settings = build_settings(**SMALL)
+    out, ckpt = tmp_path / "out", tmp_path / "out.checkpoint"
+    with pytest.MonkeyPatch.context() as mp:
+        interrupt_pass_2(mp, KeyboardInterrupt())
+        with pytest.raises(InterruptedWithCheckpoint):
+            factorize_model(model, out, settings)
+    for flow in (ckpt / "pass2").glob("flow-*.safetensors"):
+        flow.write_bytes(b"not safetensors")
+    with pytest.raises(LowrankError, match=r"pass 2's progress is damaged .*remove .*pass2 to start pass 2"):
+        factorize_model(model, out, settings, resume=ckpt)
+    assert not out.exists()

@@ -18,6 +18,7 @@ from torch import nn
 
 from lowrank_compress.allocate import LayerCandidate, allocate
 from lowrank_compress.calibration import BlockStatistics, LayerStats, collect_stats, make_batches
+from lowrank_compress.errors import LowrankError
 from lowrank_compress.factorize import decompose
 from lowrank_compress.loading import load_model
 from lowrank_compress.pipeline import factorize_model, find_targets
@@ -420,6 +421,49 @@ def test_writer_holds_no_tensor_and_finalizes_names_and_index(tmp_path: Path) ->
     for name, t in tensors.items():
         assert torch.equal(load_file(str(tmp_path / index["weight_map"][name]))[name], t)
     assert not list(tmp_path.glob(".shard-*"))
+
+
+@pytest.mark.parametrize("stop_after", [3, 4, 5, 9])
+def test_a_writer_resumed_from_its_state_writes_what_one_writer_would(
+    tmp_path: Path, stop_after: int
+) -> None:
+    """A state taken after 3 tensors, then more written (into the open shard, into shards closed since: 1000-byte
+    tensors, 2500-byte shards), then a new writer resumed from the state: the shards equal one writer's, byte for
+    byte, whatever was written after the state."""
+    tensors = {f"t{i}": torch.full((250,), float(i)) for i in range(10)}
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    one = ShardWriter(whole, max_shard_size=2500)
+    for name, t in tensors.items():
+        one.add(name, t)
+    one.finalize()
+    parts, out = tmp_path / "parts", tmp_path / "out"
+    parts.mkdir(), out.mkdir()
+    first = ShardWriter(parts, max_shard_size=2500)
+    for name in list(tensors)[:3]:
+        first.add(name, tensors[name])
+    state = json.loads(json.dumps(first.state()))
+    for name in list(tensors)[3:stop_after]:  # written after the state, then lost in a stop
+        first.add(name, tensors[name])
+    first._data.flush()
+    resumed = ShardWriter.resume(parts, state, max_shard_size=2500)
+    for name in list(tensors)[3:]:
+        resumed.add(name, tensors[name])
+    resumed.finalize(into=out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in whole.iterdir())
+    for f in whole.iterdir():
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    assert not list(parts.iterdir())
+
+
+def test_a_writer_state_naming_a_missing_shard_is_refused(tmp_path: Path) -> None:
+    writer = ShardWriter(tmp_path, max_shard_size=1500)
+    for i in range(3):
+        writer.add(f"t{i}", torch.zeros(250))
+    state = writer.state()
+    next(tmp_path.glob(".shard-00000.safetensors")).unlink()
+    with pytest.raises(LowrankError, match="missing"):
+        ShardWriter.resume(tmp_path, state, max_shard_size=1500)
 
 
 def test_an_interrupted_run_leaves_no_output(models: dict[str, Path], tmp_path: Path, monkeypatch) -> None:

@@ -1,0 +1,90 @@
+"""Pass 2's progress in factorize's checkpoint, so that a stopped run resumes at the block it stopped in.
+
+Pass 2 at the 7B shape on a CPU takes about an hour (more than 80 s a block), at 70B many: a stop near its end
+used to throw all of it away. Where factorize keeps a checkpoint (pass 1's results, pass1_checkpoint.py), pass 2
+writes the output's shards into CHECKPOINT/pass2/shards/ (moved into the output once it is complete) and, after each
+block, records there what the next block starts from: the writer's state (which tensors are in which shard), the
+hidden states that enter the next block (the dense model's and the compressed prefix's), each finished layer's result
+and the block peaks. `--resume CHECKPOINT` at the same budget and pass-2 settings goes on at the next block; at
+others, the progress is discarded (said) and pass 2 starts from its first block.
+
+What a block adds on disk is its share of the output plus the hidden states (about 0.5 GB at the 7B shape with the
+default 32 windows, rewritten each block), against one block's work of a minute or more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowrank_compress.errors import LowrankError
+
+DIR = "pass2"
+SHARDS = "shards"
+STATE = "state.json"
+VERSION = 1
+
+
+class Pass2Progress:
+    """One output's pass 2 in the checkpoint `checkpoint`: `key` (the budget, the applied settings, the ranks, the
+    shard size) must match for a recorded progress to be taken up."""
+
+    def __init__(self, checkpoint: Path, key: dict[str, Any]) -> None:
+        self.directory = Path(checkpoint) / DIR
+        self.shards = self.directory / SHARDS
+        self.key = json.loads(json.dumps(key))  # as it reads back
+
+    def load(self, warn: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """The recorded state and tensors when they are of this pass 2; else None, after clearing the way for a
+        fresh one (a progress of other settings is discarded, said)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        state_file = self.directory / STATE
+        if not state_file.is_file():
+            self._start_afresh()
+            return None
+        try:
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+            tensors = load_file(str(self.directory / state["flow"]))
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+            raise LowrankError(
+                f"{self.directory}: pass 2's progress is damaged ({e}); remove {self.directory} to start pass 2 "
+                "from its first block"
+            ) from None
+        if not isinstance(state, dict) or state.get("version") != VERSION or state.get("key") != self.key:
+            warn(
+                f"{self.directory} holds pass 2's progress at other settings (budget, pass-2 options or shard "
+                "size); pass 2 starts from its first block"
+            )
+            self._start_afresh()
+            return None
+        return state, tensors
+
+    def record(self, block: int, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """After `block` blocks: the tensors in a file of their own, then the state naming it swapped into place,
+        then the earlier tensors removed; a stop at any point leaves a state and the tensors it names."""
+        from safetensors.torch import save_file
+
+        flow = f"flow-{block:05d}.safetensors"
+        save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(self.directory / flow))
+        tmp = self.directory / f".{STATE}.tmp"
+        state = {"version": VERSION, "key": self.key, "flow": flow, "blocks_done": block, **state}
+        tmp.write_text(json.dumps(state) + "\n", encoding="utf-8")
+        os.replace(tmp, self.directory / STATE)
+        for old in self.directory.glob("flow-*.safetensors"):
+            if old.name != flow:
+                old.unlink()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _start_afresh(self) -> None:
+        self.remove()
+        self.shards.mkdir(parents=True)
