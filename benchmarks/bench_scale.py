@@ -28,8 +28,9 @@ records it.
 drawing the self-generated samples costs at this size, without the hours of passes after it); the row then has the
 phase lines and the peak RSS so far instead of an output.
 `--resume-after PHASE` stops each factorize the same way, then runs it again with `--resume` on the checkpoint pass 1
-left (`--resume-after "pass 1"`: what resuming at pass 2 costs); the row is the resumed run's, with the stopped run's
-figures under `interrupted` and the checkpoint's size.
+left (`--resume-after "pass 1"`: what resuming at pass 2 costs; `--resume-after "pass 2 block 2"` stops once pass 2
+has recorded two blocks done, and the resumed run goes on at the third); the row is the resumed run's, with the
+stopped run's figures under `interrupted` and the checkpoint's size.
 `--device cuda` runs each factorize with `--device cuda` (the weights are drawn on the GPU, faster) and adds the
 GPU's peak memory as nvidia-smi reports it (sampled every 200 ms: the allocator's cache and the CUDA context count)
 beside the allocator's per-block peak. `--tokenizer DIR` takes the tokenizer from a directory instead of the
@@ -147,7 +148,7 @@ def run(
     cmd = [*timer, sys.executable, "-m", "lowrank_compress.cli", "factorize", str(model), "-o", str(out), "--json",
            "--device", device, "--threads", threads, *flags, *data_flags]  # fmt: skip
     if stop_after:
-        return run_until(cmd, stop_after)
+        return run_until(cmd, stop_after, out)
     gpu = GpuPeak() if device.startswith("cuda") else None
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out_file:  # a file, not a pipe: the JSON comes while stderr is read
@@ -171,6 +172,7 @@ def run(
             "kept_fraction_targets": report["summary"]["kept_fraction_targets"],
             "self_sampling": report["calibration"].get("self_sampling"),
             "self_sampling_peak_mb": report["calibration"].get("self_sampling_peak_mb"),
+            "pass2_resumed_at": report.get("pass2_resumed_at"),
             "warnings": report["calibration"].get("warnings")}  # fmt: skip
 
 
@@ -181,14 +183,21 @@ def interrupted_then_resumed(model: Path, out: Path, flags: list[str], samples: 
     ckpt = out.parent / f"{out.name}.checkpoint"
     if not (ckpt / "state.json").is_file():
         raise RuntimeError(f"factorize stopped at {phase} left no checkpoint in {ckpt}")
-    size = sum(p.stat().st_size for p in ckpt.iterdir())
+    size = sum(p.stat().st_size for p in ckpt.iterdir() if p.is_file())
+    pass2 = sum(p.stat().st_size for p in (ckpt / "pass2").rglob("*") if p.is_file())
     resumed = run(model, out, [*flags, "--resume", str(ckpt)], samples, device, threads)
-    return {**resumed, "interrupted": stopped, "checkpoint_bytes_pass1": size}
+    return {
+        **resumed,
+        "interrupted": stopped,
+        "checkpoint_bytes_pass1": size,
+        "checkpoint_bytes_pass2": pass2,
+    }
 
 
-def run_until(cmd: list[str], phase: str) -> dict:
-    """Run `cmd` (factorize under the timer) until its phase line for `phase` appears, then stop factorize (the
-    timer still reports the peak RSS so far)."""
+def run_until(cmd: list[str], phase: str, out: Path) -> dict:
+    """Run `cmd` (factorize under the timer) until its phase line for `phase` appears, or for "pass 2 block K"
+    until the checkpoint records K blocks of pass 2 done, then stop factorize (SIGTERM; the timer still reports the
+    peak RSS so far)."""
     import psutil
 
     start = time.perf_counter()
@@ -196,16 +205,22 @@ def run_until(cmd: list[str], phase: str) -> dict:
     watch = RssParts(proc.pid)
     stopped = False
 
-    def stop_at_phase(line: str) -> None:
+    def stop() -> None:
         nonlocal stopped
-        if not stopped and line.startswith(f"factorize: {phase}"):
+        if not stopped:
             for child in psutil.Process(proc.pid).children(recursive=True):
                 if "lowrank_compress.cli" in " ".join(child.cmdline()):
                     child.terminate()
             stopped = True
 
+    blocks = re.fullmatch(r"pass 2 block (\d+)", phase)
+    if blocks:
+        progress = out.parent / f"{out.name}.checkpoint" / "pass2" / "state.json"
+        threading.Thread(
+            target=_stop_at_block, args=(proc, progress, int(blocks.group(1)), stop), daemon=True
+        ).start()
     with stopped_on_exit(proc):
-        lines = passed_on(proc, stop_at_phase)
+        lines = passed_on(proc, lambda line: line.startswith(f"factorize: {phase}") and stop())
         proc.wait()
     parts = watch.stop()
     if not stopped:
@@ -214,6 +229,19 @@ def run_until(cmd: list[str], phase: str) -> dict:
     return {"wall_s": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak_kb / 1024),
             "peak_rss_parts_mb": parts, "stopped_after": phase, "phase_lines": [x for x in lines if x.startswith("factorize:")],
             "warnings": [x for x in lines if x.startswith("warning:")]}  # fmt: skip
+
+
+def _stop_at_block(proc: subprocess.Popen, progress: Path, blocks: int, stop: Callable[[], None]) -> None:
+    """Poll pass 2's recorded progress; `stop` once `blocks` blocks are done."""
+    while proc.poll() is None:
+        try:
+            done = json.loads(progress.read_text())["blocks_done"]
+        except (OSError, ValueError, KeyError):
+            done = 0
+        if done >= blocks:
+            stop()
+            return
+        time.sleep(1)
 
 
 def passed_on(proc: subprocess.Popen, each: Callable[[str], None] | None = None) -> list[str]:

@@ -556,11 +556,13 @@ _PHASES = {
 )  # fmt: skip
 @click.option(
     "--checkpoint-dir", type=click.Path(path_type=Path), default=None,
-    help="Where pass 1's results are saved when it ends.  [default: OUTPUT.checkpoint]",
+    help="Where pass 1's results are saved when it ends, and pass 2's blocks as they are done.  "
+    "[default: OUTPUT.checkpoint]",
 )  # fmt: skip
 @click.option(
     "--resume", type=click.Path(path_type=Path), default=None, metavar="DIR",
-    help="Take pass 1's results from a checkpoint (the same command with --resume added; the budget may differ).",
+    help="Go on from a checkpoint: pass 1's results, and pass 2 from the block it stopped in (the same command with "
+    "--resume added; the budget may differ, then pass 2 starts over).",
 )  # fmt: skip
 @click.option(
     "--keep-checkpoint",
@@ -577,7 +579,8 @@ def factorize(ctx: click.Context, model: str | None, output: Path, overwrite: bo
     """SVD-factorize Linear layers to keep a fraction of their parameters; write a loadable lowrank model.
 
     MODEL is a model directory or a .gguf file (default: the built-in SmolLM2-135M-Instruct). Pass 1's results are
-    saved when it ends (OUTPUT.checkpoint): an interrupted run resumes from there with --resume.
+    saved when it ends, and pass 2's blocks as they are done (OUTPUT.checkpoint): an interrupted run resumes from
+    there with --resume.
     """
     out = Output(json_mode)
     settings = _settings(ctx, flags)

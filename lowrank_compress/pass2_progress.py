@@ -6,7 +6,8 @@ writes the output's shards into CHECKPOINT/pass2/shards/ (moved into the output 
 block, records there what the next block starts from: the writer's state (which tensors are in which shard), the
 hidden states that enter the next block (the dense model's and the compressed prefix's), each finished layer's result
 and the block peaks. `--resume CHECKPOINT` at the same budget and pass-2 settings goes on at the next block; at
-others, the progress is discarded (said) and pass 2 starts from its first block.
+others, or where the progress is damaged, it is discarded (said) and pass 2 starts from its first block: the output
+is the same either way.
 
 What a block adds on disk is its share of the output plus the hidden states (about 0.5 GB at the 7B shape with the
 default 32 windows, rewritten each block), against one block's work of a minute or more.
@@ -14,16 +15,18 @@ default 32 windows, rewritten each block), against one block's work of a minute 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lowrank_compress.errors import LowrankError
+from lowrank_compress.writer import ShardWriter
 
 DIR = "pass2"
 SHARDS = "shards"
@@ -40,32 +43,41 @@ class Pass2Progress:
         self.shards = self.directory / SHARDS
         self.key = json.loads(json.dumps(key))  # as it reads back
 
-    def load(self, warn: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-        """The recorded state and tensors when they are of this pass 2; else None, after clearing the way for a
-        fresh one (a progress of other settings is discarded, said)."""
+    def writer(
+        self, max_shard_size: str | int, warn: Callable[[str], None]
+    ) -> tuple[ShardWriter, tuple[dict[str, Any], dict[str, torch.Tensor]] | None]:
+        """A shard writer in the progress's shards, with the recorded state and tensors when they are this pass
+        2's (the writer then goes on after the recorded blocks); else a fresh one, the earlier progress discarded:
+        one of other settings, or a damaged one, is said."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         state_file = self.directory / STATE
-        if not state_file.is_file():
-            self._start_afresh()
-            return None
-        try:
-            state = json.loads(state_file.read_text(encoding="utf-8"))
-            tensors = load_file(str(self.directory / state["flow"]))
-        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-            raise LowrankError(
-                f"{self.directory}: pass 2's progress is damaged ({e}); remove {self.directory} to start pass 2 "
-                "from its first block"
-            ) from None
-        if not isinstance(state, dict) or state.get("version") != VERSION or state.get("key") != self.key:
-            warn(
-                f"{self.directory} holds pass 2's progress at other settings (budget, pass-2 options or shard "
-                "size); pass 2 starts from its first block"
-            )
-            self._start_afresh()
-            return None
-        return state, tensors
+        if state_file.is_file():
+            try:
+                state = json.loads(state_file.read_text(encoding="utf-8"))
+                if state.get("version") == VERSION and state.get("key") == self.key:
+                    tensors = load_file(str(self.directory / state["flow"]))
+                    return ShardWriter.resume(self.shards, state["writer"], max_shard_size), (state, tensors)
+                warn(
+                    f"{self.directory} holds pass 2's progress at other settings (budget, pass-2 options or shard "
+                    "size); pass 2 starts from its first block"
+                )
+            except (
+                OSError,
+                ValueError,
+                KeyError,
+                TypeError,
+                AttributeError,
+                SafetensorError,
+                LowrankError,
+            ) as e:
+                warn(
+                    f"{self.directory}: pass 2's progress is damaged ({e}); pass 2 starts from its first block"
+                )
+        self.remove()
+        self.shards.mkdir(parents=True)
+        return ShardWriter(self.shards, max_shard_size), None
 
     def record(self, block: int, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """After `block` blocks: the tensors in a file of their own, then the state naming it swapped into place,
@@ -85,6 +97,34 @@ class Pass2Progress:
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
 
-    def _start_afresh(self) -> None:
-        self.remove()
-        self.shards.mkdir(parents=True)
+
+LOCK = f"{DIR}.lock"
+
+
+@contextlib.contextmanager
+def claimed(progress: Pass2Progress | None, warn: Callable[[str], None]) -> Iterator[Pass2Progress | None]:
+    """`progress` while this run holds the checkpoint's pass-2 lock (an exclusive flock beside it); None when there is
+    none, or another run resuming the same checkpoint holds it (said: this run then records nothing)."""
+    import fcntl
+
+    if progress is None:
+        yield None
+        return
+    where = progress.directory.parent
+    try:
+        lock = open(where / LOCK, "a")  # noqa: SIM115 - closed below
+    except OSError as e:  # a read-only checkpoint still gives pass 1's results
+        warn(f"cannot record pass 2's progress in {where} ({e.strerror or e}); this run records none")
+        yield None
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            warn(f"another run records pass 2 in {where}; this one records no progress")
+            yield None
+            return
+        try:
+            yield progress
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -1024,17 +1024,39 @@ class Prepared:
     ) -> FactorizeResult:
         """Allocate ranks for `budget`, then stream the output block by block (pass 2), atomically. `checkpoint`:
         pass 1's checkpoint, where pass 2 records its progress block by block and takes up a progress recorded
-        there at the same budget and settings (pass2_progress.py)."""
-        from lowrank_compress.allocate import allocate
-        from lowrank_compress.format import atomic_output_dir, quantization_config, write_model_files
+        there at the same budget and settings (pass2_progress.py; one run at a time records there)."""
+        from lowrank_compress.format import atomic_output_dir
+        from lowrank_compress.pass2_progress import claimed
         from lowrank_compress.writer import ShardWriter
 
+        result, ranks = self._allocated(Path(out), budget)
+        settings = result.settings
+        progress = self._pass2_progress(checkpoint, settings, ranks, max_shard_size)
+        with (
+            claimed(progress, self.warn) as progress,
+            atomic_output_dir(out, overwrite, protected_inputs(self.source, settings)) as tmp,
+        ):
+            writer, resumed = (
+                progress.writer(max_shard_size, self.warn)
+                if progress is not None
+                else (ShardWriter(tmp, max_shard_size), None)
+            )
+            result.layers, dtype = self._stream_factors(ranks, writer, progress, resumed)
+            result.pass2_resumed_at = resumed[0]["blocks_done"] + 1 if resumed is not None else None
+            self._complete(tmp, writer.finalize(into=tmp), result, dtype, evaluate)
+        if progress is not None:
+            progress.remove()
+        return result
+
+    def _allocated(self, out: Path, budget: float) -> tuple[FactorizeResult, dict[str, int | None]]:
+        """The ranks for `budget`, and the result they start (its settings at that budget)."""
+        from lowrank_compress.allocate import allocate
+
         settings = dataclasses.replace(self.settings, budget=budget).validate()
-        out, tick = Path(out), self.tick
         ranks = allocate(
             self.candidates, budget, settings.policy, energy=settings.energy, multiple=settings.rank_multiple
         )
-        tick("allocate")
+        self.tick("allocate")
         result = FactorizeResult(
             output=out, settings=settings, layers=[], total_params_before=self.total_before, total_params_after=0,
             target_params_before=0, target_params_after=0, calibration=self.calibration_info, timings={},
@@ -1042,43 +1064,38 @@ class Prepared:
         self._report_spectra = {
             c.name: c.decomposition.s for c in self.candidates if c.decomposition is not None
         }
-        progress = self._pass2_progress(checkpoint, settings, ranks, max_shard_size)
-        with atomic_output_dir(out, overwrite, protected_inputs(self.source, settings)) as tmp:
-            resumed = progress.load(self.warn) if progress is not None else None
-            shards = progress.shards if progress is not None else tmp
-            writer = (
-                ShardWriter.resume(shards, resumed[0]["writer"], max_shard_size)
-                if resumed is not None
-                else ShardWriter(shards, max_shard_size)
-            )
-            result.layers, dtype = self._stream_factors(ranks, writer, progress, resumed)
-            result.spectra = _extreme_spectra(result.layers, self._report_spectra)
-            written = writer.finalize(into=tmp)
-            kept = {x.name: x.rank for x in result.layers if x.rank is not None}
-            quant = {"method": settings.method, "policy": settings.policy, "budget": budget}
-            if self.needs_data:
-                quant["error_aware"] = settings.error_aware
-            written += write_model_files(
-                tmp, self.streamed.model, quantization_config(kept, quant), dtype=dtype, tokenizer=self.tokenizer,
-                source_dir=self.source.directory,
-            )  # fmt: skip
-            shapes = written_shapes(tmp)
-            result.total_params_after = sum(math.prod(s) for s in shapes.values())
-            result.target_params_before = sum(x.params_before for x in result.layers)
-            result.target_params_after = sum(_written_target_params(shapes, x) for x in result.layers)
-            tick("factors and write")
-            if evaluate:
-                result.evaluation = self._evaluate(tmp, out)
-                tick("evaluate")
-            result.timings = dict(tick.laps)
-            result.peak_block_mb = max(self.block_peaks, default=0.0)
-            result.resumed_from = str(self.resumed_from) if self.resumed_from else None
-            result.pass2_resumed_at = resumed[0]["blocks_done"] + 1 if resumed is not None else None
-            result.files = sorted({p.name for p in written} | {"recipe.yaml", "report.json", "README.md"})
-            _write_sidecars(tmp, result, self.model_path)
-        if progress is not None:
-            progress.remove()
-        return result
+        return result, ranks
+
+    def _complete(
+        self, tmp: Path, written: list[Path], result: FactorizeResult, dtype: torch.dtype, evaluate: bool
+    ) -> None:
+        """After pass 2's shards (`written`): the model's other files, the counts from what was written, the
+        evaluation if asked, and the report and recipe, all into `tmp`."""
+        from lowrank_compress.format import quantization_config, write_model_files
+
+        settings, tick = result.settings, self.tick
+        result.spectra = _extreme_spectra(result.layers, self._report_spectra)
+        kept = {x.name: x.rank for x in result.layers if x.rank is not None}
+        quant = {"method": settings.method, "policy": settings.policy, "budget": settings.budget}
+        if self.needs_data:
+            quant["error_aware"] = settings.error_aware
+        written += write_model_files(
+            tmp, self.streamed.model, quantization_config(kept, quant), dtype=dtype, tokenizer=self.tokenizer,
+            source_dir=self.source.directory,
+        )  # fmt: skip
+        shapes = written_shapes(tmp)
+        result.total_params_after = sum(math.prod(s) for s in shapes.values())
+        result.target_params_before = sum(x.params_before for x in result.layers)
+        result.target_params_after = sum(_written_target_params(shapes, x) for x in result.layers)
+        tick("factors and write")
+        if evaluate:
+            result.evaluation = self._evaluate(tmp, result.output)
+            tick("evaluate")
+        result.timings = dict(tick.laps)
+        result.peak_block_mb = max(self.block_peaks, default=0.0)
+        result.resumed_from = str(self.resumed_from) if self.resumed_from else None
+        result.files = sorted({p.name for p in written} | {"recipe.yaml", "report.json", "README.md"})
+        _write_sidecars(tmp, result, self.model_path)
 
     def _pass2_progress(
         self, checkpoint: Path | None, settings: FactorizeSettings, ranks: dict[str, int | None],

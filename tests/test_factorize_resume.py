@@ -328,15 +328,55 @@ def test_pass_2_progress_at_another_budget_is_discarded_and_a_finished_one_remov
     assert (ckpt / "state.json").is_file() and not (ckpt / "pass2").exists()  # pass 1 kept, pass 2 done
 
 
-def test_damaged_pass_2_progress_is_one_line(model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["flow", "state", "shards"])
+def test_damaged_pass_2_progress_is_said_and_pass_2_starts_over(
+    model: Path, tmp_path: Path, damage: str
+) -> None:
     settings = build_settings(**SMALL)
+    factorize_model(model, tmp_path / "reference", settings)
     out, ckpt = tmp_path / "out", tmp_path / "out.checkpoint"
     with pytest.MonkeyPatch.context() as mp:
         interrupt_pass_2(mp, KeyboardInterrupt())
         with pytest.raises(InterruptedWithCheckpoint):
             factorize_model(model, out, settings)
-    for flow in (ckpt / "pass2").glob("flow-*.safetensors"):
-        flow.write_bytes(b"not safetensors")
-    with pytest.raises(LowrankError, match=r"pass 2's progress is damaged .*remove .*pass2 to start pass 2"):
-        factorize_model(model, out, settings, resume=ckpt)
-    assert not out.exists()
+    progress = ckpt / "pass2"
+    if damage == "flow":
+        next(progress.glob("flow-*.safetensors")).write_bytes(b"not safetensors")
+    elif damage == "state":
+        (progress / "state.json").write_text('{"version": 1, "key": ')
+    else:
+        for f in (progress / "shards").iterdir():
+            f.unlink()
+    warnings: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        forbid_pass_1(mp)
+        written = blocks_run(mp)
+        result = factorize_model(model, out, settings, resume=ckpt, warn=warnings.append)
+    assert written == [0, 1] and result.pass2_resumed_at is None
+    assert [w for w in warnings if "pass 2's progress is damaged" in w and "starts from its first block" in w]
+    assert same_tensors(out, tmp_path / "reference")
+
+
+def test_a_run_beside_another_on_the_same_checkpoint_records_nothing(model: Path, tmp_path: Path) -> None:
+    """Two budgets from one kept checkpoint at once: the run that does not hold the lock writes its output
+    without recording, and leaves the other's progress alone."""
+    import fcntl
+
+    ckpt = tmp_path / "pass1"
+    factorize_model(
+        model, tmp_path / "first", build_settings(**SMALL), checkpoint_dir=ckpt, keep_checkpoint=True
+    )
+    other = build_settings(**{**SMALL, "budget": 0.8})
+    factorize_model(model, tmp_path / "fresh", other)
+    (ckpt / "pass2").mkdir()
+    (ckpt / "pass2" / "state.json").write_text("{}")  # the other run's
+    warnings: list[str] = []
+    with open(ckpt / "pass2.lock", "a") as lock:
+        fcntl.flock(
+            lock, fcntl.LOCK_EX
+        )  # (flock locks belong to the open file, so this holds against our run)
+        result = factorize_model(model, tmp_path / "second", other, resume=ckpt, keep_checkpoint=True,
+                                 warn=warnings.append)  # fmt: skip
+    assert any("another run records pass 2" in w for w in warnings) and result.pass2_resumed_at is None
+    assert same_tensors(tmp_path / "second", tmp_path / "fresh")
+    assert (ckpt / "pass2" / "state.json").read_text() == "{}"
