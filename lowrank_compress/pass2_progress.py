@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from lowrank_compress.errors import LowrankError
+from lowrank_compress.outdir import current_umask
 from lowrank_compress.writer import ShardWriter
 
 DIR = "pass2"
@@ -86,6 +87,7 @@ class Pass2Progress:
 
         flow = f"flow-{block:05d}.safetensors"
         save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(self.directory / flow))
+        os.chmod(self.directory / flow, 0o666 & ~current_umask())  # (safetensors writes 0600)
         tmp = self.directory / f".{STATE}.tmp"
         state = {"version": VERSION, "key": self.key, "flow": flow, "blocks_done": block, **state}
         tmp.write_text(json.dumps(state) + "\n", encoding="utf-8")

@@ -1151,33 +1151,40 @@ class Prepared:
                 writer.add(name, ckpt.read_stored(name))
         n = len(streamed.blocks)
         for i in range(start, n):
-            modules = self._block_targets(i)
             with streamed.block(i) as block, PeakMemory(streamed.device) as peak:
-                outputs = None  # the compressed block's outputs, where the fit already ran it
-                if flow is not None and self.settings.error_aware:
-                    swapped, outputs = self._fit_in_order(block, modules, ranks, flow, layers)
-                else:
-                    stats = (
-                        self._pass2_stats(block, modules, flow)
-                        if flow is not None
-                        else self._fisher_stats(modules)
-                    )
-                    swapped = self._fit_group(list(modules), ranks, stats, layers)
-                if flow is not None:
-                    if swapped and self.settings.refine_steps:
-                        _refine(streamed, block, swapped, flow, self.settings.refine_steps)
-                        outputs = None
-                    # the compressed prefix's hidden states are needed by the error-aware fit and the refinement
-                    track = self.settings.error_aware or self.settings.refine_steps > 0
-                    flow.advance(block, compressed=track and (bool(swapped) or flow.shifted), outputs=outputs)
-                dtype = self._write_block(i, swapped, writer) or dtype
-                for name in swapped:
-                    streamed.set_block_module(name, modules[name])
+                dtype = self._pass2_block(i, block, ranks, flow, layers, writer) or dtype
             self.block_peaks.append(peak.mb)
             if progress is not None:
                 self._record_pass2(progress, i + 1, writer, flow, layers, dtype, measured)
             self.report(f"pass 2, block {i + 1}/{n} (peak {peak.mb:,.0f} MB)", i + 1, n)
         return [layers[t.name] for t in self.targets], dtype
+
+    def _pass2_block(
+        self, i: int, block: nn.Module, ranks: dict[str, int | None], flow: _Flow | None,
+        layers: dict[str, LayerResult], writer: Any,
+    ) -> torch.dtype | None:  # fmt: skip
+        """Block i (loaded): its targets factorized and written with its other tensors, the flow advanced past
+        it; returns the factors' dtype (None where it has none)."""
+        streamed, modules = self.streamed, self._block_targets(i)
+        outputs = None  # the compressed block's outputs, where the fit already ran it
+        if flow is not None and self.settings.error_aware:
+            swapped, outputs = self._fit_in_order(block, modules, ranks, flow, layers)
+        else:
+            stats = (
+                self._pass2_stats(block, modules, flow) if flow is not None else self._fisher_stats(modules)
+            )
+            swapped = self._fit_group(list(modules), ranks, stats, layers)
+        if flow is not None:
+            if swapped and self.settings.refine_steps:
+                _refine(streamed, block, swapped, flow, self.settings.refine_steps)
+                outputs = None
+            # the compressed prefix's hidden states are needed by the error-aware fit and the refinement
+            track = self.settings.error_aware or self.settings.refine_steps > 0
+            flow.advance(block, compressed=track and (bool(swapped) or flow.shifted), outputs=outputs)
+        dtype = self._write_block(i, swapped, writer)
+        for name in swapped:
+            streamed.set_block_module(name, modules[name])
+        return dtype
 
     def _record_pass2(
         self, progress: Any, done: int, writer: Any, flow: _Flow | None, layers: dict[str, LayerResult],
