@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from lowrank_compress.errors import LowrankError
 from lowrank_compress.outdir import current_umask
@@ -33,6 +34,10 @@ DIR = "pass2"
 SHARDS = "shards"
 STATE = "state.json"
 VERSION = 1
+# what reading a damaged progress raises
+_DAMAGED: tuple[type[BaseException], ...] = (
+    OSError, ValueError, KeyError, TypeError, AttributeError, LowrankError, SafetensorError,
+)  # fmt: skip
 
 
 class Pass2Progress:
@@ -50,7 +55,6 @@ class Pass2Progress:
         """A shard writer in the progress's shards, with the recorded state and tensors when they are this pass
         2's (the writer then goes on after the recorded blocks); else a fresh one, the earlier progress discarded:
         one of other settings, or a damaged one, is said."""
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         state_file = self.directory / STATE
@@ -64,15 +68,7 @@ class Pass2Progress:
                     f"{self.directory} holds pass 2's progress at other settings (budget, pass-2 options or shard "
                     "size); pass 2 starts from its first block"
                 )
-            except (
-                OSError,
-                ValueError,
-                KeyError,
-                TypeError,
-                AttributeError,
-                SafetensorError,
-                LowrankError,
-            ) as e:
+            except _DAMAGED as e:
                 warn(
                     f"{self.directory}: pass 2's progress is damaged ({e}); pass 2 starts from its first block"
                 )
