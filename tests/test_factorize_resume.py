@@ -1,5 +1,6 @@
-"""factorize's pass-1 checkpoint: an interrupted pass 2 resumes to the output an uninterrupted run writes, without
-measuring pass 1 again; a checkpoint is taken only by the run it belongs to (same files, text and pass-1 settings)."""
+"""factorize's checkpoint: an interrupted pass 2 resumes to the output an uninterrupted run writes, without
+measuring pass 1 again, and at the block it stopped in (pass 2's progress); a checkpoint is taken only by the run it
+belongs to (same files, text and pass-1 settings), a pass-2 progress only at the same budget and pass-2 settings."""
 
 from __future__ import annotations
 
