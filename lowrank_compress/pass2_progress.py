@@ -1,13 +1,13 @@
 """Pass 2's progress in factorize's checkpoint, so that a stopped run resumes at the block it stopped in.
 
-Pass 2 at the 7B shape on a CPU takes about an hour (more than 80 s a block), at 70B many: a stop near its end
-used to throw all of it away. Where factorize keeps a checkpoint (pass 1's results, pass1_checkpoint.py), pass 2
-writes the output's shards into CHECKPOINT/pass2/shards/ (moved into the output once it is complete) and, after each
-block, records there what the next block starts from: the writer's state (which tensors are in which shard), the
-hidden states that enter the next block (the dense model's and the compressed prefix's), each finished layer's result
-and the block peaks. `--resume CHECKPOINT` at the same budget and pass-2 settings goes on at the next block; at
-others, or where the progress is damaged, it is discarded (said) and pass 2 starts from its first block: the output
-is the same either way.
+Pass 2 at the 7B shape on a CPU takes about an hour (more than 80 s a block), at 70B many: a stop near its end used to
+throw all of it away. Where factorize keeps a checkpoint (pass 1's results, pass1_checkpoint.py), pass 2 writes the
+output's shards into CHECKPOINT/pass2/shards/ (hard-linked into the output once it is complete, kept until the output
+is in place) and, after each block, records there what the next block starts from: the writer's state (which tensors
+are in which shard), the hidden states that enter the next block (the dense model's and the compressed prefix's), each
+finished layer's result and the block peaks. `--resume CHECKPOINT` at the same budget and pass-2 settings goes on at
+the next block; at others, or where the progress is damaged, it is discarded (said) and pass 2 starts from its first
+block: the output is the same either way.
 
 What a block adds on disk is its share of the output plus the hidden states (about 0.5 GB at the 7B shape with the
 default 32 windows, rewritten each block), against one block's work of a minute or more.

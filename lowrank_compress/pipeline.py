@@ -1043,7 +1043,8 @@ class Prepared:
             )
             result.layers, dtype = self._stream_factors(ranks, writer, progress, resumed)
             result.pass2_resumed_at = resumed[0]["blocks_done"] + 1 if resumed is not None else None
-            self._complete(tmp, writer.finalize(into=tmp), result, dtype, evaluate)
+            # the recorded shards stay until OUT is in place: a stop while it is completed loses no block
+            self._complete(tmp, writer.finalize(into=tmp, keep=progress is not None), result, dtype, evaluate)
         if progress is not None:
             progress.remove()
         return result

@@ -110,22 +110,24 @@ class ShardWriter:
     def _path(self, suffix: str) -> Path:
         return self.directory / f".shard-{len(self._shards):05d}{suffix}"
 
-    def finalize(self, into: Path | None = None) -> list[Path]:
+    def finalize(self, into: Path | None = None, keep: bool = False) -> list[Path]:
         """Flush, move the shards to their final names (in `into`, default the writer's directory) and write the
-        index when sharded; returns the files."""
+        index when sharded; returns the files. `keep`: the shards stay where they are as well (hard-linked, or
+        copied across file systems), so that a stop before `into` is complete loses none of them."""
         self.flush()
         if not self._shards:
             raise LowrankError("internal: no tensors were written")
         into = Path(into) if into is not None else self.directory
+        place = _link if keep else _move
         n = len(self._shards)
         if n == 1:
             final = into / WEIGHTS_NAME
-            _move(self._shards[0][0], final)
+            place(self._shards[0][0], final)
             return [final]
         files, weight_map = [], {}
         for i, (path, names) in enumerate(self._shards, start=1):
             final = into / f"model-{i:05d}-of-{n:05d}.safetensors"
-            _move(path, final)
+            place(path, final)
             files.append(final)
             weight_map.update(dict.fromkeys(names, final.name))
         index = {
@@ -183,6 +185,14 @@ def _data_of_shard(shard: Path, data: Path) -> None:
         (header_len,) = struct.unpack("<Q", src.read(8))
         src.seek(8 + header_len)
         shutil.copyfileobj(src, out, 16 * 2**20)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """A second name for `src`, or a copy where the file system has no hard links or `dst` is on another."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _move(src: Path, dst: Path) -> None:

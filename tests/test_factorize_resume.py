@@ -381,3 +381,28 @@ def test_a_run_beside_another_on_the_same_checkpoint_records_nothing(model: Path
     assert any("another run records pass 2" in w for w in warnings) and result.pass2_resumed_at is None
     assert same_tensors(tmp_path / "second", tmp_path / "fresh")
     assert (ckpt / "pass2" / "state.json").read_text() == "{}"
+
+
+def test_a_stop_while_the_output_is_completed_loses_no_block(model: Path, tmp_path: Path) -> None:
+    """Stopped after pass 2's last block, while the model's other files are written (or --evaluate runs): the
+    resumed run factorizes no block again."""
+    from lowrank_compress import format as fmt
+
+    settings = build_settings(**SMALL)
+    factorize_model(model, tmp_path / "reference", settings)
+    out, ckpt = tmp_path / "out", tmp_path / "out.checkpoint"
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fmt, "write_model_files", stopped)
+        with pytest.raises(InterruptedWithCheckpoint):
+            factorize_model(model, out, settings)
+    assert not out.exists()
+    with pytest.MonkeyPatch.context() as mp:
+        forbid_pass_1(mp)
+        written = blocks_run(mp)
+        result = factorize_model(model, out, settings, resume=ckpt)
+    assert written == [] and result.pass2_resumed_at == 3
+    assert same_tensors(out, tmp_path / "reference")
