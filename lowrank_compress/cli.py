@@ -556,13 +556,14 @@ _PHASES = {
 )  # fmt: skip
 @click.option(
     "--checkpoint-dir", type=click.Path(path_type=Path), default=None,
-    help="Where pass 1's results are saved when it ends, and pass 2's blocks as they are done.  "
+    help="Where pass 1's progress and results are saved as it goes, and pass 2's blocks as they are done.  "
     "[default: OUTPUT.checkpoint]",
 )  # fmt: skip
 @click.option(
     "--resume", type=click.Path(path_type=Path), default=None, metavar="DIR",
-    help="Go on from a checkpoint: pass 1's results, and pass 2 from the block it stopped in (the same command with "
-    "--resume added; the budget may differ, then pass 2 starts over).",
+    help="Go on from a checkpoint: pass 1 where it stopped (after the sampling, the gradients or a block) or its "
+    "results, and pass 2 from the block it stopped in (the same command with --resume added; the budget may differ, "
+    "then pass 2 starts over).",
 )  # fmt: skip
 @click.option(
     "--keep-checkpoint",
@@ -753,7 +754,8 @@ def _render_answers(out: Output, answers: dict[str, Any]) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @click.option(
     "--resume", type=click.Path(path_type=Path), default=None, metavar="DIR",
-    help="Take pass 1's results from a factorize checkpoint (factorize --keep-checkpoint) with the same settings.",
+    help="Take pass 1's results from a factorize checkpoint (factorize --keep-checkpoint) with the same settings "
+    "(an unfinished pass 1 there goes on, recording nothing).",
 )  # fmt: skip
 @settings_options
 @eval_options

@@ -1,5 +1,5 @@
 """factorize's checkpoint: what pass 1 measured, saved when pass 1 ends (in OUT.checkpoint, or --checkpoint-dir),
-removed once the output is in place.
+removed once the output is in place; and pass 1's progress, recorded while it runs.
 
 At the 7B shape on a CPU the sampling and pass 1 take most of a run (3,866 s of 6,729 in one measured in
 benchmarks/README.md): an interrupted pass 2 (Ctrl-C, SIGTERM, a full disk) resumes here with `--resume DIR` instead
@@ -7,6 +7,11 @@ of starting over, and one pass 1 can be factorized at other budgets. What is sav
 small whatever the model (2.4 MB at the 4-layer 7B shape): the calibration token ids, each target's singular values
 and loss-gradient statistics, and what the report says about them; pass 2 recomputes the hidden states from the
 token ids.
+
+Pass 1 itself is hours at that shape (days at 70B on a CPU), so the same checkpoint is also written while it runs,
+marked unfinished (`progress`): after the sampling, after the gradients, and after each block of the statistics
+pass, with the hidden states that enter the next block. `--resume DIR` then goes on from there. Each record is a
+whole checkpoint swapped into place, so a stop at any moment leaves the last one.
 
 A checkpoint is refused unless the model's files are the ones it was made from (names, sizes, modification times),
 the calibration text reads the same, and every setting pass 1 reads is the same; the settings only pass 2 reads
@@ -51,6 +56,35 @@ def fingerprint(files: Sequence[Path]) -> dict[str, list[int]]:
         st = os.stat(f)
         out[str(Path(f).resolve())] = [st.st_size, st.st_mtime_ns]
     return out
+
+
+def describe(progress: dict[str, Any]) -> str:
+    """An unfinished pass 1's progress in words: "the sampling", "the gradients", "3 blocks"."""
+    if progress["phase"] == "blocks":
+        n = progress["blocks_done"]
+        return f"{n} block{'s' if n != 1 else ''}"
+    return f"the {progress['phase']}"
+
+
+class Recorder:
+    """Where a run records pass 1's progress (its checkpoint directory), and what it last recorded there: a run
+    stopped in pass 1 names it; one whose pass 1 fails on its input removes what it recorded (`owned`: the run
+    made this checkpoint, rather than resuming it)."""
+
+    def __init__(self, directory: Path, owned: bool = True) -> None:
+        self.directory = Path(directory)
+        self.owned = owned
+        self.recorded: str | None = None  # `describe` of the last record, None before the first
+
+    def record(
+        self, state: dict[str, Any], tensors: dict[str, torch.Tensor], progress: dict[str, Any]
+    ) -> None:
+        save(self.directory, {**state, "progress": progress}, tensors)
+        self.recorded = describe(progress)
+
+    def kept(self) -> str | None:
+        """What the checkpoint holds of this pass 1, in words, for the message of a stop."""
+        return self.recorded and f"pass 1's progress ({self.recorded}) is"
 
 
 def save(directory: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

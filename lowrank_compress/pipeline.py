@@ -115,6 +115,8 @@ class FactorizeResult:
     peak_block_mb: float = 0.0
     # the checkpoint whose pass 1 this run resumed from (its timings are that run's), or None
     resumed_from: str | None = None
+    # where the unfinished pass 1 this run went on with had stopped ("the sampling", "3 blocks"), or None
+    pass1_resumed_after: str | None = None
     # the block (from 1) a resumed pass 2 went on at, the blocks before it written by the stopped run; or None
     pass2_resumed_at: int | None = None
 
@@ -146,6 +148,7 @@ class FactorizeResult:
             "timings_s": self.timings,
             "peak_block_mb": self.peak_block_mb,
             "resumed_from": self.resumed_from,
+            "pass1_resumed_after": self.pass1_resumed_after,
             "pass2_resumed_at": self.pass2_resumed_at,
             "layers": [
                 {
@@ -186,29 +189,34 @@ def factorize_model(
     evaluate: also measure the written model against the source (`evaluate_models` defaults: held-out perplexity of the
     built-in text, prefill and decode speed) before the output is moved into place; the figures go into report.json
     and the model card.
-    Pass 1's results are saved in `checkpoint_dir` (default OUT.checkpoint) when it ends, and removed with the
-    checkpoint resumed from once OUT is in place (unless `keep_checkpoint`); `resume`: a checkpoint to take pass 1's
-    results from instead of measuring them (pass1_checkpoint.py).
+    Pass 1's progress and then its results are saved in `checkpoint_dir` (default OUT.checkpoint), or in the
+    checkpoint resumed from, and removed once OUT is in place (unless `keep_checkpoint`); `resume`: a checkpoint to
+    take pass 1's results from, or to go on with its unfinished pass 1 (pass1_checkpoint.py).
     """
     from lowrank_compress.format import check_output_dir
     from lowrank_compress.loading import resolve
     from lowrank_compress.outdir import remove_ours
+    from lowrank_compress.pass1_checkpoint import Recorder
     from lowrank_compress.resume import checkpoint_dir_for
 
     source = resolve(model_path)
     inputs = named_inputs(source, settings)
     check_output_dir(Path(out), overwrite, inputs=list(inputs.values()))
     ckpt_dir = checkpoint_dir_for(out, checkpoint_dir, inputs, resume, overwrite, warn)
-    prepared = Prepared.load(
-        model_path, settings, allow_pickle=allow_pickle, progress=progress, warn=warn, resume=resume,
-        budgets=[settings.budget],
-    )  # fmt: skip
-    kept = Path(resume) if resume is not None else ckpt_dir if prepared.save_pass1(ckpt_dir) else None
+    recorder = Recorder(Path(resume) if resume is not None else ckpt_dir, owned=resume is None)
+    with _naming_checkpoint(recorder.kept, recorder, out, pass1=True):
+        prepared = Prepared.load(
+            model_path, settings, allow_pickle=allow_pickle, progress=progress, warn=warn, resume=resume,
+            budgets=[settings.budget], recorder=recorder,
+        )  # fmt: skip
+    finished = prepared.pass1_finished_in_checkpoint or prepared.save_pass1(recorder.directory)
+    kept = recorder.directory if finished else None
     if kept is None and keep_checkpoint and warn is not None:
         warn(
             "--keep-checkpoint: data-free uniform ranks measure nothing in pass 1, so no checkpoint is saved"
         )
-    with _naming_checkpoint(kept, out):
+    what = "pass 1's results and pass 2's finished blocks are"
+    with _naming_checkpoint(lambda: kept and what, recorder, out):
         result = prepared.write(
             out, settings.budget, overwrite=overwrite, max_shard_size=max_shard_size, evaluate=evaluate,
             checkpoint=kept,
@@ -219,25 +227,32 @@ def factorize_model(
 
 
 @contextlib.contextmanager
-def _naming_checkpoint(kept: Path | None, out: str | Path) -> Iterator[None]:
-    """A stop or an error in pass 2 says where pass 1's results are kept (when they are) and how to go on."""
+def _naming_checkpoint(
+    kept: Callable[[], str | None], recorder: Any, out: str | Path, pass1: bool = False
+) -> Iterator[None]:
+    """A stop or an error says what is kept in the checkpoint (`kept()`: in words, with its verb; None while
+    nothing is) and how to go on; an error in `pass1` on the input itself (not the disk) removes the progress this
+    run recorded, which would meet it again."""
     try:
         yield
     except BaseException as e:
-        if kept is None:
+        what, where = kept(), recorder.directory
+        if not what:
             raise
         if (
             isinstance(e, KeyboardInterrupt) or signal_received()
         ):  # a signal's interrupt may surface as another error
             raise InterruptedWithCheckpoint(
-                f"{interrupt_message()} to {out}; pass 1's results and pass 2's finished blocks are in {kept}: "
-                f"run the same command with --resume {kept}"
+                f"{interrupt_message()} to {out}; {what} in {where}: run the same command with --resume {where}"
             ) from None
-        if isinstance(e, LowrankError):
-            e.args = (
-                f"{e}; pass 1's results and pass 2's finished blocks are kept in {kept}: run the command again "
-                f"with --resume {kept}",
-            )
+        if not isinstance(e, LowrankError):
+            raise
+        if pass1 and recorder.owned and not isinstance(e.__cause__, OSError):
+            from lowrank_compress.outdir import remove_ours
+
+            remove_ours(where, kinds=("checkpoint",))
+            raise
+        e.args = (f"{e}; {what} kept in {where}: run the command again with --resume {where}",)
         raise
 
 
@@ -276,7 +291,6 @@ class Prepared:
         self.source: Any = None
         self.targets: list[Target] = []
         self._targets_by_name: dict[str, Target] = {}
-        self._stable_ranks: dict[str, float] = {}  # per target, from pass 1
         self.candidates: list[Any] = []
         self.calibration_info: dict[str, Any] = {"source": None}
         # the calibration windows by part ("text", "self"), kept so a caller can see exactly what was measured
@@ -309,6 +323,13 @@ class Prepared:
         # the settings as applied to the model before the calibration is drawn: what a resumed run must repeat
         self._requested = FactorizeSettings()
         self.resumed_from: Path | None = None  # the checkpoint pass 1's results came from
+        # where pass 1 records its progress (a pass1_checkpoint.Recorder), None: nowhere
+        self._recorder: Any = None
+        # what pass 1 has measured so far, per target: spectrum (None where the policy reads none), stable rank
+        self._measured_spectra: dict[str, Any] = {}
+        self._measured_stable: dict[str, float] = {}
+        # an unfinished pass 1 this run went on with: after what ("the gradients", "3 blocks"); None: none
+        self.pass1_resumed_after: str | None = None
 
     @property
     def needs_data(self) -> bool:
@@ -331,16 +352,19 @@ class Prepared:
         keep_stats: bool = False,
         resume: str | Path | None = None,
         budgets: Sequence[float] = (),
+        recorder: Any = None,
     ) -> Prepared:
         """Open the checkpoint, pick targets, draw the calibration windows and run pass 1 (statistics, spectra,
-        sensitivities, block by block), or take pass 1's results from the checkpoint `resume`. `budgets`: those
-        the run will write, refused before any work when no allocation can meet them."""
+        sensitivities, block by block), or take pass 1's results from the checkpoint `resume` (or go on with the
+        unfinished pass 1 there). `budgets`: those the run will write, refused before any work when no allocation
+        can meet them. `recorder` (a `pass1_checkpoint.Recorder`): where pass 1 records its progress as it goes."""
         from lowrank_compress.checkpoint import Checkpoint
         from lowrank_compress.loading import is_causal_lm, load_tokenizer, resolve
         from lowrank_compress.sequential import StreamedModel
 
         self = cls()
         self.model_path, self.allow_pickle = model_path, allow_pickle
+        self._recorder = recorder
         self.report = progress or (lambda *a: None)
         self.warn = warn or (lambda m: None)
         settings.validate()
@@ -377,10 +401,12 @@ class Prepared:
         self.tick("load")
         self._requested = settings
         if resume is not None:
-            self._resume(Path(resume))
+            self._resume(Path(resume), keep_stats)
             return self
         if self.needs_data:
             self._draw_calibration(causal)
+            if self._sampling is not None:  # (drawing from a text alone takes seconds: nothing to keep)
+                self._record_pass1({"phase": "sampling"})
         self._pass1(keep_stats)
         return self
 
@@ -562,27 +588,34 @@ class Prepared:
 
     # -- pass 1 --
 
-    def _pass1(self, keep_stats: bool) -> None:
+    def _pass1(
+        self, keep_stats: bool, progress: dict[str, Any] | None = None,
+        hidden: dict[str, list[torch.Tensor]] | None = None,
+    ) -> None:  # fmt: skip
         """Block by block: each target's spectrum under the method (from the pooled input statistics), its stable
         rank, and, through a block-wise backward pass, its sensitivity (and Fisher rows). Where the spectra read the
         gradients (the fisher method, the loss-weighted fit), or the gradient windows are not calibration windows (the
         answer windows), the gradients come first, from a forward pass of the gradient windows alone; else the
-        statistics pass stashes those windows' inputs for the backward pass."""
-        spectra: dict[str, Any] = {}
-        stable: dict[str, float] = {}
-        grads: dict[str, Any] = {}
-        self._gradients = grads
+        statistics pass stashes those windows' inputs for the backward pass. `progress` and `hidden`: where an
+        unfinished pass 1 stopped (`_resume`), and the hidden states entering its next block."""
+        spectra, stable, grads = self._measured_spectra, self._measured_stable, self._gradients
         if self.needs_data:
             answers = self.answer_windows is not None
             measured = answers or any(self.grad_rows.values())
             first = measured and (answers or self.settings.method == "fisher" or self.settings.loss_weighted)
-            if first:
+            if first and (progress is None or progress["phase"] == "sampling"):
                 windows = _Flow(self, windows=self._gradient_windows())
                 self._forward(windows)
                 grads.update(self._gradient_pass(windows))
                 del windows
+                self._record_pass1({"phase": "gradients"})
             flow = _Flow(self, stash=measured and not first)
-            self._forward(flow, spectra, stable, keep_stats)
+            start = progress["blocks_done"] if progress and progress["phase"] == "blocks" else 0
+            if hidden is not None:
+                flow.hidden = {part: [h.to(flow.store) for h in hs] for part, hs in hidden.items()}
+            # (the stashed inputs of the gradient windows are not kept: such a pass is recorded up to its start)
+            record = not keep_stats and not (measured and not first)
+            self._forward(flow, spectra, stable, keep_stats, start=start, record=record)
             self._record_calibration(flow)
             self.tick("calibration")
             if measured and not first:
@@ -594,15 +627,35 @@ class Prepared:
                 continue
             with self.streamed.block(i):
                 self._spectra(names, spectra, stable, stats={})
+            self._record_pass1({"phase": "blocks", "blocks_done": i + 1}, running="spectra")
             self.report("pass 1: spectra, block", i + 1, len(self.streamed.blocks))
         self._set_candidates(spectra, stable)
         self.tick("spectra")
+
+    def _record_pass1(
+        self, progress: dict[str, Any], hidden: dict[str, list[torch.Tensor]] | None = None,
+        running: str | None = None,
+    ) -> None:  # fmt: skip
+        """Record the unfinished pass 1 in the checkpoint (where this run records one): what it has measured, and
+        `hidden`, the hidden states entering the next block; `running`: the phase under way, whose time so far is
+        kept for the report."""
+        if self._recorder is None:
+            return
+        state, tensors = self._pass1_state()
+        for part, batches in (hidden or {}).items():
+            tensors.update({f"hidden.{part}.{b}": h for b, h in enumerate(batches)})
+        if self.answer_windows is not None:
+            tensors["answers.ids"], tensors["answers.labels"] = self.answer_windows
+        state.update(notes=self._notes, sampling=[self._sampling, self._sampling_peak_mb], running=running and [
+            running, self.tick.running(running)
+        ])  # fmt: skip
+        self._recorder.record(state, tensors, progress)
 
     def _set_candidates(self, spectra: dict[str, Any], stable: dict[str, float]) -> None:
         """What the allocator reads of each target: its spectrum, stable rank and sensitivity."""
         from lowrank_compress.allocate import LayerCandidate
 
-        self._stable_ranks = stable
+        self._measured_spectra, self._measured_stable = spectra, stable
         self.candidates = [
             LayerCandidate(
                 name=t.name, out_features=t.out_features, in_features=t.in_features,
@@ -614,6 +667,11 @@ class Prepared:
 
     # -- pass 1's checkpoint (pass1_checkpoint.py) --
 
+    @property
+    def pass1_finished_in_checkpoint(self) -> bool:
+        """Pass 1's results came whole from the checkpoint resumed (nothing of pass 1 ran here)."""
+        return self.resumed_from is not None and self.pass1_resumed_after is None
+
     def save_pass1(self, directory: Path) -> bool:
         """What pass 2 and the report read of pass 1, saved so that a run can resume at pass 2; False (nothing
         saved) when pass 1 measured nothing (data-free uniform ranks)."""
@@ -621,13 +679,22 @@ class Prepared:
 
         if not self._reads_weights_in_pass1:
             return False
+        state, tensors = self._pass1_state()
+        pass1_checkpoint.save(directory, {**state, "progress": None}, tensors)
+        self.tick("checkpoint")
+        return True
+
+    def _pass1_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """pass1_checkpoint's state and tensors: what pass 1 has measured so far (all of it once it ends)."""
+        from lowrank_compress import pass1_checkpoint
+        from lowrank_compress.text import text_fingerprint
+
         tensors = {f"calibration.{part}": ids for part, ids in self.calibration_batches.items()}
         spectra = {}
-        for c in self.candidates:
-            if c.decomposition is not None:
-                tensors[f"s.{c.name}"] = c.decomposition.s
-                spectra[c.name] = {"method": c.decomposition.method, "ridge": c.decomposition.ridge,
-                                   "dtype": _dtype_name(c.decomposition.u.dtype)}  # fmt: skip
+        for name, dec in self._measured_spectra.items():
+            if dec is not None:
+                tensors[f"s.{name}"] = dec.s
+                spectra[name] = {"method": dec.method, "ridge": dec.ridge, "dtype": _dtype_name(dec.u.dtype)}
         for name, (rows, _, channels) in self._gradients.items():
             for key, t in (("fisher_rows", rows), ("channels", channels)):
                 if t is not None:
@@ -639,37 +706,48 @@ class Prepared:
             "settings": dataclasses.asdict(self.settings),
             "spectra": spectra,
             "mean_grad_sq": {name: g[1] for name, g in self._gradients.items()},
-            "stable_ranks": self._stable_ranks,
+            "stable_ranks": dict(self._measured_stable),
             "part_weights": self.part_weights,
             "grad_rows": self.grad_rows,
             "chat": [self._chat, self._chat_text],
             "calibration": self.calibration_info,
+            "text_sha256": text_fingerprint(self._text) if self._text is not None else None,
             "timings": dict(self.tick.laps),
             "block_peaks": self.block_peaks,
         }
-        pass1_checkpoint.save(directory, state, tensors)
-        self.tick("checkpoint")
-        return True
+        return state, tensors
 
-    def _resume(self, directory: Path) -> None:
-        """Pass 1's results from the checkpoint in `directory` instead of measuring them; its timings and block
-        peaks become this run's, with the time to load the model and read them as "resume"."""
+    def _resume(self, directory: Path, keep_stats: bool) -> None:
+        """Pass 1's results from the checkpoint in `directory` instead of measuring them (its timings and block
+        peaks become this run's, with the time to load the model and read them as "resume"); an unfinished pass 1
+        there goes on where it stopped."""
         from lowrank_compress import pass1_checkpoint
 
         state, tensors = pass1_checkpoint.read(directory, self.model_path, self.settings, self._model_files())
+        progress = state.get("progress")
         try:
-            self._restore(state, tensors)
+            hidden = self._restore(state, tensors)
         except (KeyError, TypeError, ValueError) as e:  # (what the checks before could not see)
             raise LowrankError(f"{directory}: the checkpoint is damaged ({type(e).__name__}: {e})") from None
-        self._check_same_text(directory)
+        self._check_same_text(directory, state)
         self.tick("resume")
         self.tick.laps = {
             **state.get("timings", {}),
             "resume": self.tick.laps.get("load", 0.0) + self.tick.laps["resume"],
         }
         self.resumed_from = directory
+        if progress:
+            self.tick.carried = dict([state["running"]]) if state.get("running") else {}
+            self.pass1_resumed_after = pass1_checkpoint.describe(progress)
+            if self._recorder is not None:
+                self._recorder.recorded = self.pass1_resumed_after
+            self._pass1(keep_stats, progress, hidden)
 
-    def _restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    def _restore(
+        self, state: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, list[torch.Tensor]] | None:
+        """Pass 1's results, or an unfinished pass 1's progress, from a checkpoint's state and tensors; the hidden
+        states entering the next block where the progress has them."""
         from lowrank_compress import pass1_checkpoint
 
         self.settings = settings = pass1_checkpoint.applied(state, self.settings)
@@ -677,9 +755,6 @@ class Prepared:
         self.calibration_batches = {part: tensors[f"calibration.{part}"] for part in state["part_weights"]}
         self.part_weights, self.grad_rows = state["part_weights"], state["grad_rows"]
         self._chat, self._chat_text = state["chat"]
-        self.calibration_info = {**state["calibration"], **{
-            k: getattr(settings, k) for k in ("error_aware", "loss_weighted", "refine_steps")
-        }}  # fmt: skip
         self._gradients = {
             name: (tensors.get(f"fisher_rows.{name}"), sq, tensors.get(f"channels.{name}"))
             for name, sq in state["mean_grad_sq"].items()
@@ -687,8 +762,27 @@ class Prepared:
         spectra = {
             name: self._spectrum(name, tensors[f"s.{name}"], **how) for name, how in state["spectra"].items()
         }
-        self._set_candidates(spectra, state["stable_ranks"])
         self.block_peaks = list(state["block_peaks"])
+        if not state.get("progress"):
+            self.calibration_info = {**state["calibration"], **{
+                k: getattr(settings, k) for k in ("error_aware", "loss_weighted", "refine_steps")
+            }}  # fmt: skip
+            self._set_candidates(spectra, state["stable_ranks"])
+            return None
+        self._notes, (self._sampling, self._sampling_peak_mb) = list(state["notes"]), state["sampling"]
+        if "answers.ids" in tensors:
+            self.answer_windows = (tensors["answers.ids"], tensors["answers.labels"])
+        self._measured_stable = dict(state["stable_ranks"])
+        self._measured_spectra = {name: spectra.get(name) for name in self._measured_stable}
+        parts = {
+            part: sorted(k for k in tensors if k.startswith(f"hidden.{part}."))
+            for part in state["part_weights"]
+        }
+        if not any(parts.values()):
+            return None
+        return {
+            part: [tensors[f"hidden.{part}.{b}"] for b in range(len(keys))] for part, keys in parts.items()
+        }
 
     def _model_files(self) -> list[Path]:
         """The files a checkpoint's fingerprint covers: the weights, and config.json where there is one."""
@@ -698,14 +792,15 @@ class Prepared:
             *([config] if config.is_file() and not self.source.gguf_file else []),
         ]
 
-    def _check_same_text(self, directory: Path) -> None:
+    def _check_same_text(self, directory: Path, state: dict[str, Any]) -> None:
         """A resumed run's calibration text must read as it did (pass 2 reads the saved token ids)."""
         from lowrank_compress.text import load_text, text_fingerprint
 
         if "text" not in self.calibration_batches:
             return
-        saved = self.calibration_info["parts"]["text"]["sha256"]
-        if text_fingerprint(load_text(self.settings.calibration, split="calibration")) != saved:
+        saved = state.get("text_sha256") or state["calibration"]["parts"]["text"]["sha256"]
+        self._text = load_text(self.settings.calibration, split="calibration")
+        if text_fingerprint(self._text) != saved:
             raise LowrankError(
                 f"{directory}: the calibration text {self.settings.calibration} changed since the checkpoint was "
                 "made; start afresh (without --resume, with --overwrite)"
@@ -816,14 +911,15 @@ class Prepared:
 
     def _forward(
         self, flow: _Flow, spectra: dict[str, Any] | None = None, stable: dict[str, float] | None = None,
-        keep_stats: bool = False,
+        keep_stats: bool = False, start: int = 0, record: bool = False,
     ) -> None:  # fmt: skip
-        """The calibration windows through the dense blocks, stashing the gradient windows' inputs when the flow
-        does; with `spectra`, each block's pooled input statistics give its targets' spectra and stable ranks."""
+        """The calibration windows through the dense blocks from block `start` on (the flow holds its inputs),
+        stashing the gradient windows' inputs when the flow does; with `spectra`, each block's pooled input
+        statistics give its targets' spectra and stable ranks. `record`: pass 1's progress after each block."""
         n = len(self.streamed.blocks)
         scales = self._part_scales()
         label = "pass 1" if spectra is not None else "gradient windows"
-        for i in range(n):
+        for i in range(start, n):
             modules = self._block_targets(i) if spectra is not None else {}
             with self.streamed.block(i) as block, PeakMemory(self.streamed.device) as peak:
                 sums = self._block_sums(modules)
@@ -847,6 +943,10 @@ class Prepared:
                         self._spectra(list(modules), spectra, stable, stats, free=not keep_stats)
                     del stats
             self.block_peaks.append(peak.mb)
+            if record:
+                self._record_pass1(
+                    {"phase": "blocks", "blocks_done": i + 1}, flow.hidden, running="calibration"
+                )
             self.report(f"{label}, block {i + 1}/{n} (peak {peak.mb:,.0f} MB)", i + 1, n)
 
     def _gradient_pass(
@@ -1095,6 +1195,7 @@ class Prepared:
         result.timings = dict(tick.laps)
         result.peak_block_mb = max(self.block_peaks, default=0.0)
         result.resumed_from = str(self.resumed_from) if self.resumed_from else None
+        result.pass1_resumed_after = self.pass1_resumed_after
         result.files = sorted({p.name for p in written} | {"recipe.yaml", "report.json", "README.md"})
         _write_sidecars(tmp, result, self.model_path)
 
@@ -1382,8 +1483,8 @@ class Prepared:
         """Pass 1's estimate; else exact from pass 2's spectrum of W (method svd); else measured now."""
         from lowrank_compress.spectrum import stable_rank
 
-        if t.name in self._stable_ranks:
-            return self._stable_ranks[t.name]
+        if t.name in self._measured_stable:
+            return self._measured_stable[t.name]
         if dec is not None and dec.method == "svd":
             return stable_rank(dec.s)
         return _estimated_stable_rank(t.weight())
@@ -1663,8 +1764,14 @@ class _Stopwatch:
     def __init__(self) -> None:
         self.t = time.perf_counter()
         self.laps: dict[str, float] = {}
+        # the time a stopped run spent on the phase it stopped in: added to that phase's lap here
+        self.carried: dict[str, float] = {}
 
     def __call__(self, phase: str) -> None:
         now = time.perf_counter()
-        self.laps[phase] = round(now - self.t, 3)
+        self.laps[phase] = round(now - self.t + self.carried.pop(phase, 0.0), 3)
         self.t = now
+
+    def running(self, phase: str) -> float:
+        """The time spent so far on `phase`, under way (not yet lapped)."""
+        return round(time.perf_counter() - self.t + self.carried.get(phase, 0.0), 3)
