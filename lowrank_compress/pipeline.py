@@ -32,6 +32,8 @@ from lowrank_compress.recipe import FactorizeSettings
 
 if TYPE_CHECKING:
     from lowrank_compress.factorize import Decomposition
+    from lowrank_compress.pass1_checkpoint import Recorder
+    from lowrank_compress.pass2_progress import Pass2Progress
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -228,7 +230,7 @@ def factorize_model(
 
 @contextlib.contextmanager
 def _naming_checkpoint(
-    kept: Callable[[], str | None], recorder: Any, out: str | Path, pass1: bool = False
+    kept: Callable[[], str | None], recorder: Recorder, out: str | Path, pass1: bool = False
 ) -> Iterator[None]:
     """A stop or an error says what is kept in the checkpoint (`kept()`: in words, with its verb; None while
     nothing is) and how to go on; an error in `pass1` on the input itself (not the disk) removes the progress this
@@ -323,8 +325,7 @@ class Prepared:
         # the settings as applied to the model before the calibration is drawn: what a resumed run must repeat
         self._requested = FactorizeSettings()
         self.resumed_from: Path | None = None  # the checkpoint pass 1's results came from
-        # where pass 1 records its progress (a pass1_checkpoint.Recorder), None: nowhere
-        self._recorder: Any = None
+        self._recorder: Recorder | None = None  # where pass 1 records its progress; None: nowhere
         # what pass 1 has measured so far, per target: spectrum (None where the policy reads none), stable rank
         self._measured_spectra: dict[str, Any] = {}
         self._measured_stable: dict[str, float] = {}
@@ -352,12 +353,12 @@ class Prepared:
         keep_stats: bool = False,
         resume: str | Path | None = None,
         budgets: Sequence[float] = (),
-        recorder: Any = None,
+        recorder: Recorder | None = None,
     ) -> Prepared:
         """Open the checkpoint, pick targets, draw the calibration windows and run pass 1 (statistics, spectra,
         sensitivities, block by block), or take pass 1's results from the checkpoint `resume` (or go on with the
         unfinished pass 1 there). `budgets`: those the run will write, refused before any work when no allocation
-        can meet them. `recorder` (a `pass1_checkpoint.Recorder`): where pass 1 records its progress as it goes."""
+        can meet them. `recorder`: where pass 1 records its progress as it goes."""
         from lowrank_compress.checkpoint import Checkpoint
         from lowrank_compress.loading import is_causal_lm, load_tokenizer, resolve
         from lowrank_compress.sequential import StreamedModel
@@ -1202,7 +1203,7 @@ class Prepared:
     def _pass2_progress(
         self, checkpoint: Path | None, settings: FactorizeSettings, ranks: dict[str, int | None],
         max_shard_size: str | int,
-    ) -> Any:  # fmt: skip
+    ) -> Pass2Progress | None:  # fmt: skip
         """Where pass 2 records its progress (None without a checkpoint), keyed by what its output depends on."""
         from lowrank_compress.pass2_progress import Pass2Progress
         from lowrank_compress.writer import parse_size
