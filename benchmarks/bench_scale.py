@@ -27,9 +27,9 @@ records it.
 `--stop-after PHASE` stops each factorize when its phase line for PHASE appears (e.g. `--stop-after sampling`: what
 drawing the self-generated samples costs at this size, without the hours of passes after it); the row then has the
 phase lines and the peak RSS so far instead of an output.
-`--resume-after PHASE` stops each factorize the same way, then runs it again with `--resume` on the checkpoint pass 1
-left (`--resume-after "pass 1"`: what resuming at pass 2 costs; `--resume-after "pass 2 block 2"` stops once pass 2
-has recorded two blocks done, and the resumed run goes on at the third); the row is the resumed run's, with the
+`--resume-after PHASE` stops each factorize the same way, then runs it again with `--resume` on the checkpoint it
+left (`--resume-after "pass 1"`: what resuming at pass 2 costs; `--resume-after "pass 1 block 2"` / `"pass 2 block
+2"` stops once that pass has recorded two blocks done, and the resumed run goes on at the third); the row is the resumed run's, with the
 stopped run's figures under `interrupted` and the checkpoint's size.
 `--device cuda` runs each factorize with `--device cuda` (the weights are drawn on the GPU, faster) and adds the
 GPU's peak memory as nvidia-smi reports it (sampled every 200 ms: the allocator's cache and the CUDA context count)
@@ -178,7 +178,7 @@ def run(
 
 def interrupted_then_resumed(model: Path, out: Path, flags: list[str], samples: str, device: str, threads: str,
                              phase: str) -> dict:  # fmt: skip
-    """factorize stopped at `phase` (after pass 1, whose results it saved), then resumed from that checkpoint."""
+    """factorize stopped at `phase` (once its checkpoint holds something), then resumed from that checkpoint."""
     stopped = run(model, out, flags, samples, device, threads, stop_after=phase)
     ckpt = out.parent / f"{out.name}.checkpoint"
     if not (ckpt / "state.json").is_file():
@@ -195,8 +195,8 @@ def interrupted_then_resumed(model: Path, out: Path, flags: list[str], samples: 
 
 
 def run_until(cmd: list[str], phase: str, out: Path) -> dict:
-    """Run `cmd` (factorize under the timer) until its phase line for `phase` appears, or for "pass 2 block K"
-    until the checkpoint records K blocks of pass 2 done, then stop factorize (SIGTERM; the timer still reports the
+    """Run `cmd` (factorize under the timer) until its phase line for `phase` appears, or for "pass 1 block K" /
+    "pass 2 block K" until the checkpoint records K blocks of that pass done, then stop factorize (SIGTERM; the timer still reports the
     peak RSS so far)."""
     import psutil
 
@@ -213,11 +213,14 @@ def run_until(cmd: list[str], phase: str, out: Path) -> dict:
                     child.terminate()
             stopped = True
 
-    blocks = re.fullmatch(r"pass 2 block (\d+)", phase)
+    blocks = re.fullmatch(r"pass ([12]) block (\d+)", phase)
     if blocks:
-        progress = out.parent / f"{out.name}.checkpoint" / "pass2" / "state.json"
+        checkpoint = out.parent / f"{out.name}.checkpoint"
+        progress = (
+            checkpoint / "pass2" / "state.json" if blocks.group(1) == "2" else checkpoint / "state.json"
+        )
         threading.Thread(
-            target=_stop_at_block, args=(proc, progress, int(blocks.group(1)), stop), daemon=True
+            target=_stop_at_block, args=(proc, progress, int(blocks.group(2)), stop), daemon=True
         ).start()
     with stopped_on_exit(proc):
         lines = passed_on(proc, lambda line: line.startswith(f"factorize: {phase}") and stop())
@@ -232,11 +235,13 @@ def run_until(cmd: list[str], phase: str, out: Path) -> dict:
 
 
 def _stop_at_block(proc: subprocess.Popen, progress: Path, blocks: int, stop: Callable[[], None]) -> None:
-    """Poll pass 2's recorded progress; `stop` once `blocks` blocks are done."""
+    """Poll a pass's recorded progress (pass 2's state, or pass 1's unfinished checkpoint); `stop` once `blocks`
+    blocks are done."""
     while proc.poll() is None:
         try:
-            done = json.loads(progress.read_text())["blocks_done"]
-        except (OSError, ValueError, KeyError):
+            state = json.loads(progress.read_text())
+            done = state.get("blocks_done") or (state.get("progress") or {}).get("blocks_done", 0)
+        except (OSError, ValueError, AttributeError):
             done = 0
         if done >= blocks:
             stop()
