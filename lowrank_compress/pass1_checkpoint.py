@@ -68,18 +68,25 @@ def describe(progress: dict[str, Any]) -> str:
 
 class Recorder:
     """Where a run records pass 1's progress (its checkpoint directory), and what it last recorded there: a run
-    stopped in pass 1 names it; one whose pass 1 fails on its input removes what it recorded (`owned`: the run
-    made this checkpoint, rather than resuming it)."""
+    stopped in pass 1 names it; one whose pass 1 fails on its input (not on writing a record) removes what it
+    recorded (`owned`: the run made this checkpoint, rather than resuming it)."""
 
     def __init__(self, directory: Path, owned: bool = True) -> None:
         self.directory = Path(directory)
         self.owned = owned
         self.recorded: str | None = None  # `describe` of the last record, None before the first
+        self.write_failed = (
+            False  # a record could not be written (a full disk): the last one is worth keeping
+        )
 
     def record(
         self, state: dict[str, Any], tensors: dict[str, torch.Tensor], progress: dict[str, Any]
     ) -> None:
-        save(self.directory, {**state, "progress": progress}, tensors)
+        try:
+            save(self.directory, {**state, "progress": progress}, tensors)
+        except LowrankError:
+            self.write_failed = True
+            raise
         self.recorded = describe(progress)
 
     def kept(self) -> str | None:

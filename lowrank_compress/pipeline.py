@@ -233,8 +233,8 @@ def _naming_checkpoint(
     kept: Callable[[], str | None], recorder: Recorder, out: str | Path, pass1: bool = False
 ) -> Iterator[None]:
     """A stop or an error says what is kept in the checkpoint (`kept()`: in words, with its verb; None while
-    nothing is) and how to go on; an error in `pass1` on the input itself (not the disk) removes the progress this
-    run recorded, which would meet it again."""
+    nothing is) and how to go on; an error in `pass1` on the input (not on writing the checkpoint) removes the
+    progress this run recorded: a resumed run would meet it again."""
     try:
         yield
     except BaseException as e:
@@ -249,7 +249,7 @@ def _naming_checkpoint(
             ) from None
         if not isinstance(e, LowrankError):
             raise
-        if pass1 and recorder.owned and not isinstance(e.__cause__, OSError):
+        if pass1 and recorder.owned and not recorder.write_failed:
             from lowrank_compress.outdir import remove_ours
 
             remove_ours(where, kinds=("checkpoint",))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from lowrank_compress import pass1_checkpoint
 from lowrank_compress.cli import cli
 from lowrank_compress.errors import InterruptedWithCheckpoint, LowrankError
 from lowrank_compress.pass1_checkpoint import Recorder, describe
@@ -212,9 +213,8 @@ def test_a_statistics_pass_that_stashes_goes_on_after_the_sampling(source: Path,
 def test_an_error_in_pass_1_on_the_input_removes_the_progress_a_disk_error_keeps_it(
     source: Path, tmp_path: Path
 ) -> None:
-    """Resuming would meet an error on the input again: the progress this run recorded goes. A checkpoint it
-    could not write (an OSError underneath) keeps the last record, named; so does a resumed run (what it
-    recorded too)."""
+    """Resuming would meet an error on the input again: the progress this run recorded goes. A record it could
+    not write (a full disk) keeps the last one, named; so does a resumed run (with what it recorded)."""
     settings = build_settings(**SMALL)
     spectra = Prepared._spectra
 
@@ -230,17 +230,15 @@ def test_an_error_in_pass_1_on_the_input_removes_the_progress_a_disk_error_keeps
             factorize_model(source, out, settings)
     assert not out.exists() and not ckpt.exists()
 
-    record = Recorder.record
+    save = pass1_checkpoint.save
 
-    def disk_full(self: Recorder, state: dict, tensors: dict, progress: dict) -> None:
-        if describe(progress) == "2 blocks":
-            raise LowrankError(
-                f"cannot write the checkpoint {self.directory}: No space left on device"
-            ) from (OSError(28, "No space left on device"))
-        record(self, state, tensors, progress)
+    def disk_full(directory: Path, state: dict, tensors: dict) -> None:
+        if describe(state["progress"]) == "2 blocks":
+            raise LowrankError(f"cannot write the checkpoint {directory}: No space left on device")
+        save(directory, state, tensors)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Recorder, "record", disk_full)
+        mp.setattr(pass1_checkpoint, "save", disk_full)
         with pytest.raises(
             LowrankError,
             match=rf"pass 1's progress \(1 block\) is kept in {ckpt}: run the command again with",
