@@ -33,6 +33,7 @@ from lowrank_compress.outdir import new_temp_dir
 from lowrank_compress.recipe import FactorizeSettings
 from lowrank_compress.resume import (
     STATE,
+    RecordClock,
     check_same_model,
     check_same_settings,
     finish_checkpoint,
@@ -75,9 +76,9 @@ class Recorder:
         self.directory = Path(directory)
         self.owned = owned
         self.recorded: str | None = None  # `describe` of the last record, None before the first
-        self.write_failed = (
-            False  # a record could not be written (a full disk): the last one is worth keeping
-        )
+        # a record could not be written (a full disk): the last one is worth keeping
+        self.write_failed = False
+        self.clock = RecordClock()  # when a block's record is due
 
     def record(
         self, state: dict[str, Any], tensors: dict[str, torch.Tensor], progress: dict[str, Any]
@@ -88,6 +89,12 @@ class Recorder:
             self.write_failed = True
             raise
         self.recorded = describe(progress)
+        self.clock.reset()
+
+    def due(self) -> bool:
+        """A block's record is due: at most one a minute (resume.RECORD_INTERVAL_S; a phase's end is always
+        recorded)."""
+        return self.clock.due()
 
     def kept(self) -> str | None:
         """What the checkpoint holds of this pass 1, in words, for the message of a stop."""

@@ -3,14 +3,15 @@
 Pass 2 at the 7B shape on a CPU takes about an hour (more than 80 s a block), at 70B many: a stop near its end used to
 throw all of it away. Where factorize keeps a checkpoint (pass 1's results, pass1_checkpoint.py), pass 2 writes the
 output's shards into CHECKPOINT/pass2/shards/ (hard-linked into the output once it is complete, kept until the output
-is in place) and, after each block, records there what the next block starts from: the writer's state (which tensors
+is in place) and, after a block (at most one record a minute: resume.RECORD_INTERVAL_S), records there what the
+next block starts from: the writer's state (which tensors
 are in which shard), the hidden states that enter the next block (the dense model's and the compressed prefix's), each
 finished layer's result and the block peaks. `--resume CHECKPOINT` at the same budget and pass-2 settings goes on at
 the next block; at others, or where the progress is damaged, it is discarded (said) and pass 2 starts from its first
 block: the output is the same either way.
 
 What a block adds on disk is its share of the output plus the hidden states (about 0.5 GB at the 7B shape with the
-default 32 windows, rewritten each block), against one block's work of a minute or more.
+default 32 windows, rewritten with each record), against one block's work of a minute or more on a CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from safetensors import SafetensorError
 
 from lowrank_compress.errors import LowrankError
 from lowrank_compress.outdir import current_umask
+from lowrank_compress.resume import RecordClock
 from lowrank_compress.writer import ShardWriter
 
 DIR = "pass2"
@@ -48,6 +50,11 @@ class Pass2Progress:
         self.directory = Path(checkpoint) / DIR
         self.shards = self.directory / SHARDS
         self.key = json.loads(json.dumps(key))  # as it reads back
+        self.clock = RecordClock()
+
+    def due(self) -> bool:
+        """A block's record is due: at most one a minute (resume.RECORD_INTERVAL_S)."""
+        return self.clock.due()
 
     def writer(
         self, max_shard_size: str | int, warn: Callable[[str], None]
@@ -91,6 +98,7 @@ class Pass2Progress:
         for old in self.directory.glob("flow-*.safetensors"):
             if old.name != flow:
                 old.unlink()
+        self.clock.reset()
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -628,7 +628,8 @@ class Prepared:
                 continue
             with self.streamed.block(i):
                 self._spectra(names, spectra, stable, stats={})
-            self._record_pass1({"phase": "blocks", "blocks_done": i + 1}, running="spectra")
+            if self._recorder is not None and self._recorder.due():
+                self._record_pass1({"phase": "blocks", "blocks_done": i + 1}, running="spectra")
             self.report("pass 1: spectra, block", i + 1, len(self.streamed.blocks))
         self._set_candidates(spectra, stable)
         self.tick("spectra")
@@ -944,7 +945,7 @@ class Prepared:
                         self._spectra(list(modules), spectra, stable, stats, free=not keep_stats)
                     del stats
             self.block_peaks.append(peak.mb)
-            if record:
+            if record and self._recorder is not None and self._recorder.due():
                 self._record_pass1(
                     {"phase": "blocks", "blocks_done": i + 1}, flow.hidden, running="calibration"
                 )
@@ -1238,8 +1239,8 @@ class Prepared:
     ) -> tuple[list[LayerResult], torch.dtype]:  # fmt: skip
         """Pass 2: the outer tensors copied as stored; then per block, its targets factorized at their ranks (fitted
         to the dense block's inputs, or error-aware to the compressed prefix's), refined if asked, and written with
-        the block's other tensors as stored; each block recorded in `progress` when given, and pass 2 taken up after
-        the blocks `resumed` records. Returns each target's result and the factors' dtype."""
+        the block's other tensors as stored; recorded in `progress` when given (after the last block, and after others
+        at most once a minute), and pass 2 taken up after the blocks `resumed` records. Returns each target's result and the factors' dtype."""
         streamed, ckpt = self.streamed, self.streamed.ckpt
         fit_needs_data = self.settings.method in ("whiten", "asvd") or self.settings.refine_steps > 0
         flow = _Flow(self) if fit_needs_data else None
@@ -1257,7 +1258,7 @@ class Prepared:
             with streamed.block(i) as block, PeakMemory(streamed.device) as peak:
                 dtype = self._pass2_block(i, block, ranks, flow, layers, writer) or dtype
             self.block_peaks.append(peak.mb)
-            if progress is not None:
+            if progress is not None and (progress.due() or i + 1 == n):  # (the last: a stop after loses none)
                 self._record_pass2(progress, i + 1, writer, flow, layers, dtype, measured)
             self.report(f"pass 2, block {i + 1}/{n} (peak {peak.mb:,.0f} MB)", i + 1, n)
         return [layers[t.name] for t in self.targets], dtype

@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from lowrank_compress import resume
 from lowrank_compress.cli import cli
 from lowrank_compress.errors import BudgetError, InterruptedWithCheckpoint, LowrankError
 from lowrank_compress.pipeline import Prepared, factorize_model
@@ -25,6 +26,12 @@ SMALL = {"samples": 8, "seq_len": 64, "grad_samples": 2, "budget": 0.6}
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_llama(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(autouse=True)
+def record_every_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny model's blocks take milliseconds: without this, pass 2 would record only its last one."""
+    monkeypatch.setattr(resume, "RECORD_INTERVAL_S", 0.0)
 
 
 def interrupt_pass_2(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
@@ -383,11 +390,14 @@ def test_a_run_beside_another_on_the_same_checkpoint_records_nothing(model: Path
     assert (ckpt / "pass2" / "state.json").read_text() == "{}"
 
 
-def test_a_stop_while_the_output_is_completed_loses_no_block(model: Path, tmp_path: Path) -> None:
+def test_a_stop_while_the_output_is_completed_loses_no_block(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Stopped after pass 2's last block, while the model's other files are written (or --evaluate runs): the
-    resumed run factorizes no block again."""
+    resumed run factorizes no block again. The last block is recorded whatever the time since the last record."""
     from lowrank_compress import format as fmt
 
+    monkeypatch.setattr(resume, "RECORD_INTERVAL_S", 3600.0)
     settings = build_settings(**SMALL)
     factorize_model(model, tmp_path / "reference", settings)
     out, ckpt = tmp_path / "out", tmp_path / "out.checkpoint"

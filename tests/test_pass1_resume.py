@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lowrank_compress import pass1_checkpoint
+from lowrank_compress import pass1_checkpoint, resume
 from lowrank_compress.cli import cli
 from lowrank_compress.errors import InterruptedWithCheckpoint, LowrankError
 from lowrank_compress.pass1_checkpoint import Recorder, describe
@@ -26,6 +26,12 @@ SMALL = {"samples": 8, "seq_len": 64, "grad_samples": 2, "budget": 0.6}
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_llama(tmp_path_factory.mktemp("model"), num_layers=4)
+
+
+@pytest.fixture(autouse=True)
+def record_every_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny model's blocks take milliseconds: without this, pass 1 would record no block."""
+    monkeypatch.setattr(resume, "RECORD_INTERVAL_S", 0.0)
 
 
 def stop_after_record(mp: pytest.MonkeyPatch, when: str) -> None:
@@ -129,13 +135,13 @@ def test_a_resumed_pass_1_stopped_again_resumes_again_and_then_in_pass_2(
     output; the continued run records into the checkpoint it resumed."""
     out, ckpt = tmp_path / "out", tmp_path / "out.checkpoint"
     settings = build_settings(**SMALL)
-    for when, resume in (("1 block", None), ("3 blocks", ckpt)):
+    for when, resume_from in (("1 block", None), ("3 blocks", ckpt)):
         with pytest.MonkeyPatch.context() as mp:
             stop_after_record(mp, when)
             with pytest.raises(
                 InterruptedWithCheckpoint, match=rf"pass 1's progress \({when}\) is in {ckpt}"
             ):
-                factorize_model(source, out, settings, resume=resume)
+                factorize_model(source, out, settings, resume=resume_from)
     write_block = Prepared._write_block
 
     def failing(self: Prepared, i: int, *args: object) -> object:
@@ -289,3 +295,43 @@ def test_going_on_without_a_recorder_records_nothing(source: Path, tmp_path: Pat
         assert a.name == b.name and a.sensitivity == b.sensitivity and a.stable_rank == b.stable_rank
         assert torch.equal(a.decomposition.s, b.decomposition.s), a.name
     assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before
+
+
+def test_block_records_come_at_most_once_a_minute(
+    source: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record writes the hidden states; blocks that take seconds (a small model, a GPU) are recorded at most once
+    a minute (resume.RECORD_INTERVAL_S), the ends of the sampling and of the gradients always: here a stop in the
+    statistics pass goes on after the gradients, one in pass 2 from its first block, to the same output."""
+    monkeypatch.setattr(resume, "RECORD_INTERVAL_S", 3600.0)
+    out, ckpt = tmp_path / "out", tmp_path / "out.checkpoint"
+    settings = build_settings(**SMALL)
+    block_sums, statistics = Prepared._block_sums, []
+
+    def stop_in_block_3(self: Prepared, modules: dict) -> object:
+        statistics.extend([1] if modules else [])  # (the gradient windows' pass sums nothing)
+        if len(statistics) == 3:
+            raise KeyboardInterrupt
+        return block_sums(self, modules)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Prepared, "_block_sums", stop_in_block_3)
+        with pytest.raises(InterruptedWithCheckpoint, match=r"pass 1's progress \(the gradients\)"):
+            factorize_model(source, out, settings)
+    write_block = Prepared._write_block
+
+    def stop_in_pass_2(self: Prepared, i: int, *args: object) -> object:
+        if i == 2:
+            raise KeyboardInterrupt
+        return write_block(self, i, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        seen = spy(mp)
+        mp.setattr(Prepared, "_write_block", stop_in_pass_2)
+        with pytest.raises(InterruptedWithCheckpoint, match="pass 2's finished blocks are in"):
+            factorize_model(source, out, settings, resume=ckpt)
+    assert seen == {"drawn": [], "gradients": [], "statistics_from": [0]}
+    assert not (ckpt / "pass2" / "state.json").exists()
+    result = factorize_model(source, out, settings, resume=ckpt)
+    assert result.pass2_resumed_at is None
+    assert same_tensors(out, reference)
