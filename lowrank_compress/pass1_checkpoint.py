@@ -9,8 +9,8 @@ and loss-gradient statistics, and what the report says about them; pass 2 recomp
 token ids.
 
 Pass 1 itself is hours at that shape (days at 70B on a CPU), so the same checkpoint is also written while it runs,
-marked unfinished (`progress`): after the sampling, after the gradients, and after each block of the statistics
-pass, with the hidden states that enter the next block. `--resume DIR` then goes on from there. Each record is a
+marked unfinished (`progress`): after the sampling, after the gradients, and after a block of the statistics pass
+(at most once a minute), with the hidden states that enter the next block. `--resume DIR` then goes on from there. Each record is a
 whole checkpoint swapped into place, so a stop at any moment leaves the last one.
 
 A checkpoint is refused unless the model's files are the ones it was made from (names, sizes, modification times),

@@ -917,7 +917,7 @@ class Prepared:
     ) -> None:  # fmt: skip
         """The calibration windows through the dense blocks from block `start` on (the flow holds its inputs),
         stashing the gradient windows' inputs when the flow does; with `spectra`, each block's pooled input
-        statistics give its targets' spectra and stable ranks. `record`: pass 1's progress after each block."""
+        statistics give its targets' spectra and stable ranks. `record`: pass 1's progress after a block, when due."""
         n = len(self.streamed.blocks)
         scales = self._part_scales()
         label = "pass 1" if spectra is not None else "gradient windows"
