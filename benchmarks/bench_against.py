@@ -1,24 +1,30 @@
-"""factorize's wall time in this checkout against another revision of the project, same settings, back to back.
+"""factorize in this checkout against another revision, back to back: wall time, and quality with --evaluate.
 
     python benchmarks/bench_against.py                          # against the last in-memory factorize (06b9777^)
-    python benchmarks/bench_against.py --ref v0.1.0 --rounds 2 --budget 0.6 --out against-v010
+    python benchmarks/bench_against.py --ref v0.1.0 --rounds 2 --budgets 0.6 --out against-v010
     python benchmarks/bench_against.py --new '{"loss_weighted": true}' --out against-loss-weighted
+    python benchmarks/bench_against.py --budgets 0.8,0.6 --evaluate --out against-quality   # and their quality
 
 The other revision is checked out with `git worktree add` into a temporary folder (removed afterwards) and imported
 from there through PYTHONPATH, so both run in this venv with the same torch, on the built-in SmolLM2 with the default
 settings of their own time (built-in calibration text); `--new JSON` adds settings (recipe keys) to this checkout's
 runs only, to time an option against the old default. Runs alternate (old, new, old, new, ...) so that a slow
-patch of the machine hits both; the ratio is new / old per round. Run it alone on the machine.
+patch of the machine hits both; the ratio is new / old per round, at each of `--budgets`. `--evaluate` scores
+every output with this checkout's evaluator, as bench_cross_domain does: held-out perplexity on the built-in text and
+the Devil's Dictionary (ratios to the dense model's) and the built-in answers kept. Run it alone on the machine.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 from _common import arg, main_or_help, run_child, save
+from bench_cross_domain import DENSE, DOMAINS, PPL, kept_answers
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = """
@@ -29,12 +35,24 @@ r = factorize_model(default_model_path(), {out!r}, build_settings(calibration="b
 import torch
 RESULT = {{"timings": r.timings, "kept": r.kept_fraction_targets, "threads": torch.get_num_threads()}}
 """
+SCORE = PPL + "\nRESULT = ppl({out!r})\n"
 
 
 def timed(tree: Path, out: Path, budget: float, extra: dict) -> dict:
     """One factorize in a fresh interpreter importing the project from `tree`, with `extra` settings."""
     result = run_child(CHILD.format(out=str(out), budget=budget, extra=extra), tree=tree)
     return {"wall_s": result.pop("process_wall_s"), **result}
+
+
+def scored(out: Path, dense: dict) -> dict:
+    """An output's held-out perplexity ratios and answers kept, by this checkout's evaluator whichever side wrote it."""
+    r = run_child(SCORE.format(domains=DOMAINS, answers="builtin", out=str(out)))
+    ratios = {f"{d}_ratio": r[d] / dense[d] for d in DOMAINS}
+    return {
+        "ppl": {d: r[d] for d in DOMAINS},
+        **ratios,
+        **kept_answers(dense["answers_right"], r["answers_right"]),
+    }
 
 
 def new_settings(text: str) -> dict:
@@ -56,29 +74,53 @@ def new_settings(text: str) -> dict:
 
 
 def main() -> None:
-    ref, budget, rounds = arg("--ref", "06b9777^"), float(arg("--budget", "0.8")), int(arg("--rounds", "1"))
+    ref, rounds = arg("--ref", "06b9777^"), int(arg("--rounds", "1"))
+    budgets = [float(x) for x in arg("--budgets", "0.8").split(",")]
     new = new_settings(arg("--new", "{}"))
+    dense = run_child(DENSE.format(domains=DOMAINS, answers="builtin")) if "--evaluate" in sys.argv else None
+    if dense is not None:
+        print(
+            f"dense: {json.dumps({d: dense[d] for d in DOMAINS})}, answers right {sum(dense['answers_right'])}"
+        )
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         old_tree = Path(tmp) / "old"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old_tree), ref], check=True,
                        capture_output=True)  # fmt: skip
         try:
-            for r in range(rounds):
+            for budget, r in ((b, r) for b in budgets for r in range(rounds)):
                 for label, tree, extra in (("old", old_tree, {}), ("new", ROOT, new)):
-                    timing = timed(tree, Path(tmp) / f"{label}-{r}", budget, extra)
-                    run = {"round": r, "which": label, **timing}
+                    out = Path(tmp) / f"{label}-{budget}-{r}"
+                    run = {"budget": budget, "round": r, "which": label, **timed(tree, out, budget, extra)}
+                    if dense is not None:
+                        run.update(scored(out, dense))
+                    shutil.rmtree(out)
                     runs.append(run)
                     print(json.dumps(run), flush=True)
         finally:
             subprocess.run(
                 ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_tree)], check=False
             )
-    ratios = [b["wall_s"] / a["wall_s"] for a, b in zip(runs[::2], runs[1::2], strict=True)]
+    pairs = list(zip(runs[::2], runs[1::2], strict=True))
+    ratios = [b["wall_s"] / a["wall_s"] for a, b in pairs]
     print(f"new / old wall time per round: {', '.join(f'{x:.2f}' for x in ratios)}")
+    if dense is not None:
+        for a, b in pairs:
+            excess = {d: (b[f"{d}_ratio"] - 1) / (a[f"{d}_ratio"] - 1) for d in DOMAINS}
+            print(f"budget {a['budget']}: new / old excess perplexity (ratio - 1) "
+                  + ", ".join(f"{d} {x:.2f}" for d, x in excess.items())
+                  + f"; answers kept {a['answers_kept']} old, {b['answers_kept']} new")  # fmt: skip
+    dense_figures = dense and {**{d: dense[d] for d in DOMAINS}, "answers_right": sum(dense["answers_right"])}
     path = save(
         arg("--out", "against"),
-        {"ref": ref, "budget": budget, "new_settings": new, "runs": runs, "ratios": ratios},
+        {
+            "ref": ref,
+            "budgets": budgets,
+            "new_settings": new,
+            "dense": dense_figures,
+            "runs": runs,
+            "ratios": ratios,
+        },
     )
     print(f"wrote {path}")
 

@@ -130,7 +130,7 @@ RESULT = {{"ppl": ppl({out!r}), "kept": r.kept_fraction_targets, "seconds": sum(
 )
 
 
-def _kept(dense: list[bool] | None, model: list[bool] | None) -> dict:
+def kept_answers(dense: list[bool] | None, model: list[bool] | None) -> dict:
     """Answers right in the dense model and still right in the factorized one (empty without an answer set)."""
     if dense is None or model is None:
         return {}
@@ -195,7 +195,7 @@ def _row(
             "settings": settings, "ppl": r["ppl"], "in_domain_ratio": in_ratio, "cross_domain_ratio": cross_ratio,
             "quotient": cross_ratio / in_ratio, "factorize_s": r["seconds"], "timings_s": r["timings"],
             "calibration_perplexity": r["calibration_perplexity"], "warnings": r["warnings"],
-            **_kept(dense_right, right)}  # fmt: skip
+            **kept_answers(dense_right, right)}  # fmt: skip
 
 
 def _print_rows(rows: list[dict]) -> None:
