@@ -22,15 +22,16 @@ the calibration text reads the same, and every setting pass 1 reads is the same;
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lowrank_compress.errors import LowrankError
-from lowrank_compress.outdir import new_temp_dir
+from lowrank_compress.outdir import discard, new_temp_dir
 from lowrank_compress.recipe import FactorizeSettings
 from lowrank_compress.resume import (
     STATE,
@@ -71,46 +72,105 @@ def describe(progress: dict[str, Any]) -> str:
 class Recorder:
     """Where a run records pass 1's progress (its checkpoint directory), and what it last recorded there: a run
     stopped in pass 1 names it; one whose pass 1 fails on its input (not on writing a record) removes what it
-    recorded (`owned`: the run made this checkpoint, rather than resuming it)."""
+    recorded (`owned`: the run made this checkpoint, rather than resuming it).
 
-    def __init__(self, directory: Path, owned: bool = True) -> None:
+    Two runs resuming one unfinished checkpoint both record in it; the first to finish pass 1 saves its results
+    there and goes on to pass 2, which records beside them. The other must then not swap its unfinished pass 1 over
+    them: each save swaps in a new directory, so one that is not the directory this run last saw, holding a finished
+    pass 1, is another run's, and this run records nothing more (`warn`)."""
+
+    def __init__(
+        self, directory: Path, owned: bool = True, warn: Callable[[str], None] | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.owned = owned
+        self.warn = warn
         self.recorded: str | None = None  # `describe` of the last record, None before the first
         # a record could not be written (a full disk): the last one is worth keeping
         self.write_failed = False
         self.clock = RecordClock()  # when a block's record is due
+        self.seen = _identity(self.directory)  # the checkpoint this run last saw or saved there
+        self.gave_up = False  # another run finished pass 1 there meanwhile
 
     def record(
         self, state: dict[str, Any], tensors: dict[str, torch.Tensor], progress: dict[str, Any]
     ) -> None:
-        try:
-            save(self.directory, {**state, "progress": progress}, tensors)
-        except LowrankError:
-            self.write_failed = True
-            raise
-        self.recorded = describe(progress)
+        if self.save(state, tensors, progress):
+            self.recorded = describe(progress)
         self.clock.reset()
+
+    def save(
+        self, state: dict[str, Any], tensors: dict[str, torch.Tensor], progress: dict[str, Any] | None
+    ) -> bool:
+        """The checkpoint with `progress` (None: pass 1's results) swapped into place; False, saving nothing, once
+        another run has finished pass 1 there (said once)."""
+        if not self.gave_up:
+            try:
+                saved = save(self.directory, {**state, "progress": progress}, tensors, unless=self._taken)
+            except LowrankError:
+                self.write_failed = True
+                raise
+            if saved:
+                self.seen = _identity(self.directory)
+                return True
+            self.gave_up = True
+            if self.warn is not None:
+                self.warn(
+                    f"another run finished pass 1 in {self.directory} meanwhile; this run records nothing more "
+                    "there, and goes on"
+                )
+        return False
+
+    def _taken(self) -> bool:
+        return _identity(self.directory) != self.seen and finished(self.directory)
 
     def due(self) -> bool:
         """A block's record is due: at most one a minute (resume.RECORD_INTERVAL_S; a phase's end is always
         recorded)."""
-        return self.clock.due()
+        return not self.gave_up and self.clock.due()
 
     def kept(self) -> str | None:
         """What the checkpoint holds of this pass 1, in words, for the message of a stop."""
+        if self.gave_up:
+            return "another run's pass 1 results are"
         return self.recorded and f"pass 1's progress ({self.recorded}) is"
 
 
-def save(directory: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """state.json and the tensors into a marked temporary directory, then swapped into place."""
+def _identity(directory: Path) -> tuple[int, int] | None:
+    """Which checkpoint is at `directory` (each save swaps in a new directory); None when there is none."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def finished(directory: Path) -> bool:
+    """`directory` holds a factorize checkpoint of a finished pass 1."""
+    try:
+        state = json.loads((Path(directory) / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("command") == "factorize" and state.get("progress") is None
+
+
+def save(
+    directory: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor],
+    unless: Callable[[], bool] | None = None,
+) -> bool:  # fmt: skip
+    """state.json and the tensors into a marked temporary directory, then swapped into place, unless `unless()`
+    says otherwise just before the swap (then nothing is saved: False)."""
     from safetensors.torch import save_file
 
     tmp = None
     with writing_checkpoint(directory, lambda: tmp):
         tmp = new_temp_dir(directory, "checkpoint")
         save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp / TENSORS))
+        if unless is not None and unless():
+            discard(tmp)
+            return False
         finish_checkpoint(tmp, directory, {"command": "factorize", "version": VERSION, **state})
+    return True
 
 
 def read(

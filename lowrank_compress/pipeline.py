@@ -205,13 +205,13 @@ def factorize_model(
     inputs = named_inputs(source, settings)
     check_output_dir(Path(out), overwrite, inputs=list(inputs.values()))
     ckpt_dir = checkpoint_dir_for(out, checkpoint_dir, inputs, resume, overwrite, warn)
-    recorder = Recorder(Path(resume) if resume is not None else ckpt_dir, owned=resume is None)
+    recorder = Recorder(Path(resume) if resume is not None else ckpt_dir, owned=resume is None, warn=warn)
     with _naming_checkpoint(recorder.kept, recorder, out, pass1=True):
         prepared = Prepared.load(
             model_path, settings, allow_pickle=allow_pickle, progress=progress, warn=warn, resume=resume,
             budgets=[settings.budget], recorder=recorder,
         )  # fmt: skip
-    finished = prepared.pass1_finished_in_checkpoint or prepared.save_pass1(recorder.directory)
+    finished = prepared.pass1_finished_in_checkpoint or prepared.save_pass1()
     kept = recorder.directory if finished else None
     if kept is None and keep_checkpoint and warn is not None:
         warn(
@@ -224,7 +224,10 @@ def factorize_model(
             checkpoint=kept,
         )  # fmt: skip
     if kept is not None and not keep_checkpoint:
-        remove_ours(kept, kinds=("checkpoint",), warn=warn)
+        if prepared.pass2_held:
+            remove_ours(kept, kinds=("checkpoint",), warn=warn)
+        elif warn is not None:  # another run records in it: its shards are there
+            warn(f"{kept} is left in place: this run did not record pass 2 in it")
     return result
 
 
@@ -249,7 +252,7 @@ def _naming_checkpoint(
             ) from None
         if not isinstance(e, LowrankError):
             raise
-        if pass1 and recorder.owned and not recorder.write_failed:
+        if pass1 and recorder.owned and not (recorder.write_failed or recorder.gave_up):
             from lowrank_compress.outdir import remove_ours
 
             remove_ours(where, kinds=("checkpoint",))
@@ -326,6 +329,7 @@ class Prepared:
         self._requested = FactorizeSettings()
         self.resumed_from: Path | None = None  # the checkpoint pass 1's results came from
         self._recorder: Recorder | None = None  # where pass 1 records its progress; None: nowhere
+        self.pass2_held = False  # this run held its checkpoint's pass-2 lock: it removes the checkpoint
         # what pass 1 has measured so far, per target: spectrum (None where the policy reads none), stable rank
         self._measured_spectra: dict[str, Any] = {}
         self._measured_stable: dict[str, float] = {}
@@ -674,17 +678,19 @@ class Prepared:
         """Pass 1's results came whole from the checkpoint resumed (nothing of pass 1 ran here)."""
         return self.resumed_from is not None and self.pass1_resumed_after is None
 
-    def save_pass1(self, directory: Path) -> bool:
-        """What pass 2 and the report read of pass 1, saved so that a run can resume at pass 2; False (nothing
-        saved) when pass 1 measured nothing (data-free uniform ranks)."""
-        from lowrank_compress import pass1_checkpoint
+    def save_pass1(self) -> bool:
+        """What pass 2 and the report read of pass 1, saved where this run records (`recorder`) so that a run can
+        resume at pass 2; whether the checkpoint holds pass 1's results now: False when pass 1 measured nothing
+        (data-free uniform ranks) or has no recorder, True where another run resuming the same checkpoint saved
+        its (equal) results first."""
+        from lowrank_compress.pass1_checkpoint import finished
 
-        if not self._reads_weights_in_pass1:
+        if not self._reads_weights_in_pass1 or self._recorder is None:
             return False
         state, tensors = self._pass1_state()
-        pass1_checkpoint.save(directory, {**state, "progress": None}, tensors)
+        saved = self._recorder.save(state, tensors, None) or finished(self._recorder.directory)
         self.tick("checkpoint")
-        return True
+        return saved
 
     def _pass1_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """pass1_checkpoint's state and tensors: what pass 1 has measured so far (all of it once it ends)."""
@@ -1138,6 +1144,7 @@ class Prepared:
             claimed(progress, self.warn) as progress,
             atomic_output_dir(out, overwrite, protected_inputs(self.source, settings)) as tmp,
         ):
+            self.pass2_held = progress is not None
             writer, resumed = (
                 progress.writer(max_shard_size, self.warn)
                 if progress is not None

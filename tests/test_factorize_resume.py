@@ -367,7 +367,7 @@ def test_damaged_pass_2_progress_is_said_and_pass_2_starts_over(
 
 def test_a_run_beside_another_on_the_same_checkpoint_records_nothing(model: Path, tmp_path: Path) -> None:
     """Two budgets from one kept checkpoint at once: the run that does not hold the lock writes its output
-    without recording, and leaves the other's progress alone."""
+    without recording, leaves the other's progress alone and does not remove the checkpoint when it ends."""
     import fcntl
 
     ckpt = tmp_path / "pass1"
@@ -383,10 +383,11 @@ def test_a_run_beside_another_on_the_same_checkpoint_records_nothing(model: Path
         fcntl.flock(
             lock, fcntl.LOCK_EX
         )  # (flock locks belong to the open file, so this holds against our run)
-        result = factorize_model(model, tmp_path / "second", other, resume=ckpt, keep_checkpoint=True,
-                                 warn=warnings.append)  # fmt: skip
+        result = factorize_model(model, tmp_path / "second", other, resume=ckpt, warn=warnings.append)
     assert any("another run records pass 2" in w for w in warnings) and result.pass2_resumed_at is None
     assert same_tensors(tmp_path / "second", tmp_path / "fresh")
+    # not removed by the run that did not hold it, though it keeps no checkpoint of its own: the other's shards are there
+    assert f"{ckpt} is left in place: this run did not record pass 2 in it" in warnings
     assert (ckpt / "pass2" / "state.json").read_text() == "{}"
 
 

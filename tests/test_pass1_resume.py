@@ -238,10 +238,10 @@ def test_an_error_in_pass_1_on_the_input_removes_the_progress_a_disk_error_keeps
 
     save = pass1_checkpoint.save
 
-    def disk_full(directory: Path, state: dict, tensors: dict) -> None:
+    def disk_full(directory: Path, state: dict, tensors: dict, unless: object = None) -> bool:
         if describe(state["progress"]) == "2 blocks":
             raise LowrankError(f"cannot write the checkpoint {directory}: No space left on device")
-        save(directory, state, tensors)
+        return save(directory, state, tensors, unless)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pass1_checkpoint, "save", disk_full)
@@ -334,4 +334,50 @@ def test_block_records_come_at_most_once_a_minute(
     assert not (ckpt / "pass2" / "state.json").exists()
     result = factorize_model(source, out, settings, resume=ckpt)
     assert result.pass2_resumed_at is None
+    assert same_tensors(out, reference)
+
+
+def test_a_run_resuming_beside_another_never_swaps_over_its_finished_pass_1(
+    source: Path, reference: Path, tmp_path: Path
+) -> None:
+    """Two runs resume one unfinished checkpoint; the other finishes pass 1 first and records pass 2 beside it. This
+    run's next record must not swap its unfinished pass 1 over them (the other's shards would go): it records
+    nothing more, says so, and writes the same output."""
+    import fcntl
+    import shutil
+
+    out, ckpt = tmp_path / "out", tmp_path / "out.checkpoint"
+    settings = build_settings(**SMALL)
+    with pytest.MonkeyPatch.context() as mp:
+        stop_after_record(mp, "2 blocks")
+        with pytest.raises(InterruptedWithCheckpoint):
+            factorize_model(source, out, settings)
+    others = tmp_path / "other.checkpoint"  # the other run's checkpoint once its pass 1 has ended
+    factorize_model(source, tmp_path / "other", settings, checkpoint_dir=others, keep_checkpoint=True)
+    (others / "pass2").mkdir()
+    (others / "pass2" / "state.json").write_text("{}")
+    locks = []
+    save = Recorder.save
+
+    def other_run_finished_first(self: Recorder, *a: object) -> bool:
+        if not locks:
+            shutil.rmtree(ckpt)
+            shutil.copytree(others, ckpt)
+            locks.append(open(ckpt / "pass2.lock", "a"))  # noqa: SIM115 - closed below
+            fcntl.flock(locks[0], fcntl.LOCK_EX)  # the other run's pass 2 holds it
+        return save(self, *a)
+
+    warnings: list[str] = []
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Recorder, "save", other_run_finished_first)
+            factorize_model(source, out, settings, resume=ckpt, warn=warnings.append)
+    finally:
+        locks[0].close()
+    said = (
+        f"another run finished pass 1 in {ckpt} meanwhile; this run records nothing more there, and goes on"
+    )
+    assert said in warnings
+    assert json.loads((ckpt / "state.json").read_text())["progress"] is None
+    assert (ckpt / "pass2" / "state.json").read_text() == "{}"
     assert same_tensors(out, reference)
