@@ -411,3 +411,17 @@ def write_safetensors_raw(path: Path, header: dict, data: bytes) -> Path:
     raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as the format recommends
     Path(path).write_bytes(len(raw).to_bytes(8, "little") + raw + data)
     return Path(path)
+
+
+def interrupt_pass_2(monkeypatch, error: BaseException, block: int = 1) -> None:
+    """Raise `error` as factorize's pass 2 starts writing block `block` (0-based)."""
+    from lowrank_compress.pipeline import Prepared
+
+    write_block = Prepared._write_block
+
+    def failing(self: Prepared, i: int, *args: object) -> object:
+        if i == block:
+            raise error
+        return write_block(self, i, *args)
+
+    monkeypatch.setattr(Prepared, "_write_block", failing)

@@ -17,7 +17,15 @@ from lowrank_compress.cli import cli
 from lowrank_compress.errors import BudgetError, InterruptedWithCheckpoint, LowrankError
 from lowrank_compress.pipeline import Prepared, factorize_model
 from lowrank_compress.recipe import build_settings
-from tests.fixtures import load_state_dict, tiny_bert, tiny_gguf, tiny_gpt2, tiny_llama, training_text
+from tests.fixtures import (
+    interrupt_pass_2,
+    load_state_dict,
+    tiny_bert,
+    tiny_gguf,
+    tiny_gpt2,
+    tiny_llama,
+    training_text,
+)
 
 # the default method and policy (whiten, sensitivity, loss-weighted, self-generated share), small
 SMALL = {"samples": 8, "seq_len": 64, "grad_samples": 2, "budget": 0.6}
@@ -32,18 +40,6 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def record_every_block(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tiny model's blocks take milliseconds: without this, pass 2 would record only its last one."""
     monkeypatch.setattr(resume, "RECORD_INTERVAL_S", 0.0)
-
-
-def interrupt_pass_2(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
-    """Raise `error` while pass 2 writes its second block."""
-    write_block = Prepared._write_block
-
-    def failing(self: Prepared, i: int, *args: object) -> object:
-        if i == 1:
-            raise error
-        return write_block(self, i, *args)
-
-    monkeypatch.setattr(Prepared, "_write_block", failing)
 
 
 def forbid_pass_1(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ from lowrank_compress.errors import InterruptedWithCheckpoint, LowrankError
 from lowrank_compress.pass1_checkpoint import Recorder, describe
 from lowrank_compress.pipeline import Prepared, factorize_model
 from lowrank_compress.recipe import build_settings
-from tests.fixtures import load_state_dict, tiny_llama
+from tests.fixtures import interrupt_pass_2, load_state_dict, tiny_llama
 
 # the default method and policy (whiten, sensitivity, loss-weighted, self-generated share), small
 SMALL = {"samples": 8, "seq_len": 64, "grad_samples": 2, "budget": 0.6}
@@ -45,6 +45,19 @@ def stop_after_record(mp: pytest.MonkeyPatch, when: str) -> None:
             raise KeyboardInterrupt
 
     mp.setattr(Recorder, "record", stopping)
+
+
+def stop_in_statistics(mp: pytest.MonkeyPatch, block: int) -> None:
+    """Stop (KeyboardInterrupt) as the statistics pass sums block `block` (1-based)."""
+    block_sums, summed = Prepared._block_sums, []
+
+    def stopping(self: Prepared, modules: dict) -> object:
+        summed.extend([1] if modules else [])  # (the gradient windows' pass sums nothing)
+        if len(summed) == block:
+            raise KeyboardInterrupt
+        return block_sums(self, modules)
+
+    mp.setattr(Prepared, "_block_sums", stopping)
 
 
 def spy(mp: pytest.MonkeyPatch) -> dict[str, list]:
@@ -142,15 +155,8 @@ def test_a_resumed_pass_1_stopped_again_resumes_again_and_then_in_pass_2(
                 InterruptedWithCheckpoint, match=rf"pass 1's progress \({when}\) is in {ckpt}"
             ):
                 factorize_model(source, out, settings, resume=resume_from)
-    write_block = Prepared._write_block
-
-    def failing(self: Prepared, i: int, *args: object) -> object:
-        if i == 1:
-            raise KeyboardInterrupt
-        return write_block(self, i, *args)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Prepared, "_write_block", failing)
+        interrupt_pass_2(mp, KeyboardInterrupt())
         with pytest.raises(
             InterruptedWithCheckpoint, match="pass 1's results and pass 2's finished blocks are in"
         ):
@@ -197,16 +203,8 @@ def test_a_statistics_pass_that_stashes_goes_on_after_the_sampling(source: Path,
     settings = build_settings(**SMALL, loss_weighted=False)
     factorize_model(source, tmp_path / "reference", settings)
     out = tmp_path / "out"
-    block_sums, calls = Prepared._block_sums, []
-
-    def stop_in_block_3(self: Prepared, modules: dict) -> object:
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return block_sums(self, modules)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Prepared, "_block_sums", stop_in_block_3)
+        stop_in_statistics(mp, block=3)
         with pytest.raises(InterruptedWithCheckpoint, match=r"pass 1's progress \(the sampling\)"):
             factorize_model(source, out, settings)
     with pytest.MonkeyPatch.context() as mp:
@@ -306,28 +304,13 @@ def test_block_records_come_at_most_once_a_minute(
     monkeypatch.setattr(resume, "RECORD_INTERVAL_S", 3600.0)
     out, ckpt = tmp_path / "out", tmp_path / "out.checkpoint"
     settings = build_settings(**SMALL)
-    block_sums, statistics = Prepared._block_sums, []
-
-    def stop_in_block_3(self: Prepared, modules: dict) -> object:
-        statistics.extend([1] if modules else [])  # (the gradient windows' pass sums nothing)
-        if len(statistics) == 3:
-            raise KeyboardInterrupt
-        return block_sums(self, modules)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Prepared, "_block_sums", stop_in_block_3)
+        stop_in_statistics(mp, block=3)
         with pytest.raises(InterruptedWithCheckpoint, match=r"pass 1's progress \(the gradients\)"):
             factorize_model(source, out, settings)
-    write_block = Prepared._write_block
-
-    def stop_in_pass_2(self: Prepared, i: int, *args: object) -> object:
-        if i == 2:
-            raise KeyboardInterrupt
-        return write_block(self, i, *args)
-
     with pytest.MonkeyPatch.context() as mp:
         seen = spy(mp)
-        mp.setattr(Prepared, "_write_block", stop_in_pass_2)
+        interrupt_pass_2(mp, KeyboardInterrupt(), block=2)
         with pytest.raises(InterruptedWithCheckpoint, match="pass 2's finished blocks are in"):
             factorize_model(source, out, settings, resume=ckpt)
     assert seen == {"drawn": [], "gradients": [], "statistics_from": [0]}
