@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,8 @@ class Recorder:
 
     Two runs resuming one unfinished checkpoint both record in it; the first to finish pass 1 saves its results
     there and goes on to pass 2, which records beside them. The other must then not swap its unfinished pass 1 over
-    them: each save swaps in a new directory, so one that is not the directory this run last saw, holding a finished
-    pass 1, is another run's, and this run records nothing more (`warn`)."""
+    them: each save writes the run's token into state.json, so a finished pass 1 under a token other than the one
+    this run last saw or wrote there is another run's, and this run records nothing more (`warn`)."""
 
     def __init__(
         self, directory: Path, owned: bool = True, warn: Callable[[str], None] | None = None
@@ -89,7 +90,10 @@ class Recorder:
         # a record could not be written (a full disk): the last one is worth keeping
         self.write_failed = False
         self.clock = RecordClock()  # when a block's record is due
-        self.seen = _identity(self.directory)  # the checkpoint this run last saw or saved there
+        self.token = uuid.uuid4().hex  # this run's, in each state it saves
+        self.seen = _run_token(
+            _state(self.directory)
+        )  # the token of the checkpoint this run last saw or saved
         self.gave_up = False  # another run finished pass 1 there meanwhile
 
     def record(
@@ -106,12 +110,13 @@ class Recorder:
         another run has finished pass 1 there (said once)."""
         if not self.gave_up:
             try:
-                saved = save(self.directory, {**state, "progress": progress}, tensors, unless=self._taken)
+                state = {**state, "progress": progress, "run": self.token}
+                saved = save(self.directory, state, tensors, unless=self._taken)
             except LowrankError:
                 self.write_failed = True
                 raise
             if saved:
-                self.seen = _identity(self.directory)
+                self.seen = self.token
                 return True
             self.gave_up = True
             if self.warn is not None:
@@ -122,7 +127,8 @@ class Recorder:
         return False
 
     def _taken(self) -> bool:
-        return _identity(self.directory) != self.seen and finished(self.directory)
+        state = _state(self.directory)
+        return _finished(state) and _run_token(state) != self.seen
 
     def due(self) -> bool:
         """A block's record is due: at most one a minute (resume.RECORD_INTERVAL_S; a phase's end is always
@@ -136,22 +142,26 @@ class Recorder:
         return self.recorded and f"pass 1's progress ({self.recorded}) is"
 
 
-def _identity(directory: Path) -> tuple[int, int] | None:
-    """Which checkpoint is at `directory` (each save swaps in a new directory); None when there is none."""
+def _state(directory: Path) -> dict[str, Any] | None:
+    """The checkpoint's state.json as it is now; None where there is none to read."""
     try:
-        st = os.stat(directory)
-    except OSError:
+        state = json.loads((Path(directory) / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    return st.st_dev, st.st_ino
+    return state if isinstance(state, dict) and state.get("command") == "factorize" else None
+
+
+def _finished(state: dict[str, Any] | None) -> bool:
+    return state is not None and state.get("progress") is None
+
+
+def _run_token(state: dict[str, Any] | None) -> str | None:
+    return None if state is None else state.get("run")
 
 
 def finished(directory: Path) -> bool:
     """`directory` holds a factorize checkpoint of a finished pass 1."""
-    try:
-        state = json.loads((Path(directory) / STATE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(state, dict) and state.get("command") == "factorize" and state.get("progress") is None
+    return _finished(_state(directory))
 
 
 def save(
