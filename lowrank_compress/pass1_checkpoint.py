@@ -22,7 +22,6 @@ the calibration text reads the same, and every setting pass 1 reads is the same;
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import uuid
 from collections.abc import Callable, Sequence
@@ -91,9 +90,8 @@ class Recorder:
         self.write_failed = False
         self.clock = RecordClock()  # when a block's record is due
         self.token = uuid.uuid4().hex  # this run's, in each state it saves
-        self.seen = _run_token(
-            _state(self.directory)
-        )  # the token of the checkpoint this run last saw or saved
+        # the token of the checkpoint this run last saw or saved there
+        self.seen = (_state(self.directory) or {}).get("run")
         self.gave_up = False  # another run finished pass 1 there meanwhile
 
     def record(
@@ -109,8 +107,8 @@ class Recorder:
         """The checkpoint with `progress` (None: pass 1's results) swapped into place; False, saving nothing, once
         another run has finished pass 1 there (said once)."""
         if not self.gave_up:
+            state = {**state, "progress": progress, "run": self.token}
             try:
-                state = {**state, "progress": progress, "run": self.token}
                 saved = save(self.directory, state, tensors, unless=self._taken)
             except LowrankError:
                 self.write_failed = True
@@ -128,7 +126,7 @@ class Recorder:
 
     def _taken(self) -> bool:
         state = _state(self.directory)
-        return _finished(state) and _run_token(state) != self.seen
+        return _finished(state) and (state or {}).get("run") != self.seen
 
     def due(self) -> bool:
         """A block's record is due: at most one a minute (resume.RECORD_INTERVAL_S; a phase's end is always
@@ -143,20 +141,15 @@ class Recorder:
 
 
 def _state(directory: Path) -> dict[str, Any] | None:
-    """The checkpoint's state.json as it is now; None where there is none to read."""
+    """The factorize checkpoint's state.json as it is now; None where there is none to read."""
     try:
-        state = json.loads((Path(directory) / STATE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_state(Path(directory), "factorize")
+    except LowrankError:
         return None
-    return state if isinstance(state, dict) and state.get("command") == "factorize" else None
 
 
 def _finished(state: dict[str, Any] | None) -> bool:
     return state is not None and state.get("progress") is None
-
-
-def _run_token(state: dict[str, Any] | None) -> str | None:
-    return None if state is None else state.get("run")
 
 
 def finished(directory: Path) -> bool:
