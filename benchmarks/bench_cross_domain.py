@@ -73,6 +73,9 @@ CONFIGS = {  # label -> settings beyond the defaults
     "chat text": {"chat": True, "chat_text": True},  # the text windows wrapped as turns too
     "chat text, seed 1": {"chat": True, "chat_text": True, "seed": 1},
     "no chat": {"chat": False},  # plain windows even for a chat model
+    "chat share 0.5": {"chat_share": 0.5},  # half the samples conversations, half free text
+    "chat share 0.25": {"chat_share": 0.25},
+    "chat share 0.75": {"chat_share": 0.75},
     "chat text, mix 0.8": {"chat": True, "chat_text": True, "self_mix": 0.8},
     "chat text, self only": {"chat": True, "chat_text": True, "self_mix": 1.0},
     "chat text, self grads": {"chat": True, "chat_text": True, "grad_source": "self"},

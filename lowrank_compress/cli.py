@@ -454,6 +454,9 @@ def settings_options(f: Any) -> Any:
                           "note)."),
         click.option("--chat-text/--no-chat-text", default=_DEFAULTS.chat_text, show_default=True,
                      help="Chat calibration: wrap the text windows as turns too (off: they stay plain text)."),
+        click.option("--chat-share", type=FiniteFloat(0.0, 1.0), default=_DEFAULTS.chat_share, show_default=True,
+                     help="Chat calibration: the share of the self-generated windows that are conversations (the "
+                          "rest: free text, as for a base model)."),
         click.option("--self-answer-tokens", type=int, default=None, show_default="one answer fills the window",
                      help="Chat calibration: each sampled answer ends at its end of turn or after this many tokens, "
                           "and the window goes on with the next prompt and answer until full."),

@@ -489,6 +489,7 @@ class Prepared:
         for flag, option in (
             (settings.self_answer_tokens, "--self-answer-tokens"),
             (settings.chat_text, "--chat-text"),
+            (settings.chat_share != 1.0, "--chat-share"),
         ):
             if flag and not chat:
                 self.warn(f"{option} applies to chat calibration only; ignored")
@@ -573,7 +574,8 @@ class Prepared:
         return out
 
     def _sample_self(self, model: nn.Module, chat: bool, length: int) -> torch.Tensor:
-        """The self-generated calibration windows: conversations for a chat model, else free text."""
+        """The self-generated calibration windows: conversations for a chat model (--chat-share of them), else
+        free text."""
         from lowrank_compress.calibration import sample_batches, sample_chat_batches, sample_chat_exchanges
 
         settings = self.settings
@@ -581,15 +583,23 @@ class Prepared:
             samples=settings.samples, seq_len=length, seed=settings.seed, temperature=settings.self_temperature,
             device=settings.device, progress=lambda d, t: self.report("sampling calibration", d, t),
         )  # fmt: skip
-        whole = {"batch_size": settings.samples}  # every window in one batch
-        if chat and settings.self_answer_tokens:  # one batch per turn already
-            return sample_chat_exchanges(
-                model, self.tokenizer, answer_tokens=settings.self_answer_tokens, **sampling
-            )
-        if chat:
-            return sample_chat_batches(model, self.tokenizer, **whole, **sampling)
-        random_start = settings.self_start == "random"
-        return sample_batches(model, self.tokenizer, random_start=random_start, **whole, **sampling)
+        talks = round(settings.samples * settings.chat_share) if chat else 0
+        parts = []
+        if talks:
+            sampling["samples"] = talks
+            if settings.self_answer_tokens:  # one batch per turn already
+                parts.append(sample_chat_exchanges(
+                    model, self.tokenizer, answer_tokens=settings.self_answer_tokens, **sampling
+                ))  # fmt: skip
+            else:
+                parts.append(sample_chat_batches(model, self.tokenizer, batch_size=talks, **sampling))
+        if talks < settings.samples:  # free text, every window in one batch
+            sampling["samples"] = settings.samples - talks
+            random_start = settings.self_start == "random"
+            parts.append(sample_batches(
+                model, self.tokenizer, random_start=random_start, batch_size=sampling["samples"], **sampling
+            ))  # fmt: skip
+        return torch.cat(parts)
 
     # -- pass 1 --
 
@@ -1092,6 +1102,8 @@ class Prepared:
             "self_temperature": settings.self_temperature if "self" in batches else None,
             # chat samples: answers end at their end of turn (or this many tokens), several to a window
             "self_answer_tokens": settings.self_answer_tokens if "self" in batches and self._chat else None,
+            # chat samples: the share of the sampled windows that were conversations (the rest free text)
+            "chat_share": settings.chat_share if "self" in batches and self._chat else None,
             # windows were conversations through the tokenizer's chat template (--chat, and it has one): the samples,
             # and with chat_text the text windows too
             "chat": self._chat,

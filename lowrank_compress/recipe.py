@@ -82,6 +82,9 @@ class FactorizeSettings:
     # chat calibration: the text windows too are wrapped as turns (a user opening, the rest as the answer); False
     # (the default) keeps them plain text, which held out better on SmolLM2-Instruct (see the README)
     chat_text: bool = False
+    # chat calibration: the share of the self-generated windows that are conversations; the rest are free text
+    # sampled as for a base model (instruct models are also asked to write plain text)
+    chat_share: float = 1.0
     # chat calibration: each sampled answer ends at its end of turn (or after this many tokens) and the window goes
     # on with the next prompt and answer until it is full, so it holds several answers as users see them; None: one
     # answer runs on to fill the window
@@ -127,6 +130,8 @@ class FactorizeSettings:
                 "self-mix must be the self-generated share of the calibration statistics in [0, 1], "
                 f"got {self.self_mix}"
             )
+        if not 0.0 <= self.chat_share <= 1.0:
+            raise LowrankError(f"chat-share must be a fraction in [0, 1], got {self.chat_share}")
         if not 0.0 < self.self_temperature <= 10.0:
             raise LowrankError(f"self-temperature must be in (0, 10], got {self.self_temperature}")
         if self.self_start not in SELF_STARTS:
@@ -169,6 +174,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "self_mix": (float, int),
     "self_seq_len": (int, type(None)),
     "self_temperature": (float, int),
+    "chat_share": (float, int),
     "self_answer_tokens": (int, type(None)),
     "samples": (int,),
     "seq_len": (int,),

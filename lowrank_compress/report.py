@@ -269,6 +269,8 @@ def _calibration_sources(cal: dict[str, Any]) -> str:
         how = " opened on random tokens" if cal.get("self_start") == "random" else ""
         if cal.get("self_temperature") not in (None, 1.0):
             how += f" at temperature {cal['self_temperature']:g}"
+        if cal.get("chat_share") not in (None, 1.0):
+            how += f", {cal['chat_share']:.0%} of them conversations and the rest free text"
         if cal.get("self_answer_tokens"):
             how += f", several answers to a window (each at most {cal['self_answer_tokens']} tokens)"
         return (

@@ -858,6 +858,48 @@ def test_self_answer_tokens_sample_exchanges_from_the_cli_to_the_report(
     assert "self-answer-tokens must be at least 1" in line, line
 
 
+def test_chat_share_samples_that_share_of_conversations_and_the_rest_free_text(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """--chat-share 0.5: half the self-generated windows are `sample_chat_batches`' conversations, the other half
+    `sample_batches`' free text (same seed, token for token), recorded in report.json, recipe.yaml and the card;
+    without a chat template it is ignored with a note, and a share outside [0, 1] is one clear line."""
+    from lowrank_compress.calibration import sample_batches, sample_chat_batches
+    from lowrank_compress.pipeline import Prepared
+
+    src = _chat_copy(models["llama"], tmp_path / "chat")
+    small = {"self_mix": 0.5, "samples": 4, "seq_len": 128, "grad_samples": 2}
+    prepared = Prepared.load(src, build_settings(chat_share=0.5, **small))
+    dense, tok, _ = load_model(src)
+    talks = sample_chat_batches(dense, tok, samples=2, seq_len=128, seed=0, batch_size=2)
+    free = sample_batches(dense, tok, samples=2, seq_len=128, seed=0, random_start=True, batch_size=2)
+    assert torch.equal(prepared.calibration_batches["self"], torch.cat([talks, free]))
+    assert prepared.calibration_info["chat"] is True and prepared.calibration_info["chat_share"] == 0.5
+    every = Prepared.load(src, build_settings(**small))
+    assert torch.equal(
+        every.calibration_batches["self"], sample_chat_batches(dense, tok, samples=4, seq_len=128)
+    )
+    out = tmp_path / "out"
+    res = run("factorize", src, "-o", out, "--chat-share", 0.5, "--self-mix", 0.5, "--samples", 4,
+              "--seq-len", 128, "--grad-samples", 2, "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "report.json").read_text())["calibration"]["chat_share"] == 0.5
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["chat_share"] == 0.5
+    assert "50% of them conversations and the rest free text" in (out / "README.md").read_text()
+    warnings: list[str] = []
+    plain = Prepared.load(
+        models["llama"], build_settings(chat_share=0.5, self_mix=0.25, **FAST), warn=warnings.append
+    )
+    assert plain.calibration_info["chat_share"] is None
+    assert any("--chat-share applies to chat calibration only" in w for w in warnings)
+    bad = tmp_path / "bad"
+    line = _fails_cleanly(run("factorize", src, "-o", bad, "--chat-share", 1.5), bad, codes=(2,))
+    assert "--chat-share" in line and "1.5" in line, line
+    (tmp_path / "bad.yaml").write_text("chat_share: 1.5\n")
+    line = _fails_cleanly(run("factorize", src, "-o", bad, "--recipe", tmp_path / "bad.yaml"), bad)
+    assert line.endswith("chat-share must be a fraction in [0, 1], got 1.5"), line
+
+
 def test_chat_without_a_chat_template_keeps_todays_calibration_with_a_note(models: dict[str, Path]) -> None:
     from lowrank_compress.pipeline import Prepared
 
