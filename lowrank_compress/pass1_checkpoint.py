@@ -21,10 +21,11 @@ the calibration text reads the same, and every setting pass 1 reads is the same;
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,11 +170,27 @@ def save(
     with writing_checkpoint(directory, lambda: tmp):
         tmp = new_temp_dir(directory, "checkpoint")
         save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp / TENSORS))
-        if unless is not None and unless():
-            discard(tmp)
-            return False
-        finish_checkpoint(tmp, directory, {"command": "factorize", "version": VERSION, **state})
+        with _swapping(Path(directory).parent):
+            if unless is not None and unless():
+                discard(tmp)
+                return False
+            finish_checkpoint(tmp, directory, {"command": "factorize", "version": VERSION, **state})
     return True
+
+
+@contextlib.contextmanager
+def _swapping(parent: Path) -> Iterator[None]:
+    """An exclusive flock on the checkpoint's parent directory, from the check of what is there to the swap: two
+    runs saving into one checkpoint cannot check, then both swap (the other's swap landing between this one's check
+    and swap). Held for milliseconds; no file is made for it."""
+    import fcntl
+
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
 
 
 def read(

@@ -364,3 +364,36 @@ def test_a_run_resuming_beside_another_never_swaps_over_its_finished_pass_1(
     assert json.loads((ckpt / "state.json").read_text())["progress"] is None
     assert (ckpt / "pass2" / "state.json").read_text() == "{}"
     assert same_tensors(out, reference)
+
+
+def test_the_check_and_the_swap_of_a_record_hold_one_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record checks whether another run finished pass 1 there and then swaps its own in, both under an exclusive
+    flock on the checkpoint's parent directory: another save (another open file description) cannot run between
+    them."""
+    import fcntl
+    import os
+
+    held: list[bool] = []
+
+    def probe() -> bool:
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held.append(True)
+        else:
+            held.append(False)
+        finally:
+            os.close(fd)
+        return False
+
+    swap = pass1_checkpoint.finish_checkpoint
+    monkeypatch.setattr(pass1_checkpoint, "finish_checkpoint", lambda *a: (probe(), swap(*a)))
+    ckpt = tmp_path / "ckpt"
+    assert pass1_checkpoint.save(ckpt, {"progress": None}, {"x": torch.ones(2)}, unless=probe)
+    assert held == [True, True]  # at the check and at the swap
+    assert pass1_checkpoint.finished(ckpt)
+    probe()
+    assert held[-1] is False  # and let go after
