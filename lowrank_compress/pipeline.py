@@ -583,23 +583,37 @@ class Prepared:
             samples=settings.samples, seq_len=length, seed=settings.seed, temperature=settings.self_temperature,
             device=settings.device, progress=lambda d, t: self.report("sampling calibration", d, t),
         )  # fmt: skip
-        talks = round(settings.samples * settings.chat_share) if chat else 0
-        parts = []
-        if talks:
-            sampling["samples"] = talks
-            if settings.self_answer_tokens:  # one batch per turn already
-                parts.append(sample_chat_exchanges(
-                    model, self.tokenizer, answer_tokens=settings.self_answer_tokens, **sampling
-                ))  # fmt: skip
-            else:
-                parts.append(sample_chat_batches(model, self.tokenizer, batch_size=talks, **sampling))
-        if talks < settings.samples:  # free text, every window in one batch
-            sampling["samples"] = settings.samples - talks
-            random_start = settings.self_start == "random"
-            parts.append(sample_batches(
-                model, self.tokenizer, random_start=random_start, batch_size=sampling["samples"], **sampling
-            ))  # fmt: skip
+        whole = {"batch_size": settings.samples}  # every window in one batch
+        random_start = settings.self_start == "random"
+        if not chat:
+            return sample_batches(model, self.tokenizer, random_start=random_start, **whole, **sampling)
+        free = self._free_windows()
+        if not settings.self_answer_tokens:
+            return sample_chat_batches(
+                model, self.tokenizer, free=free, random_start=random_start, **whole, **sampling
+            )  # fmt: skip
+        parts = []  # exchanges sample one batch per turn; the free-text windows, if any, after them
+        if free < settings.samples:
+            talks = {
+                **sampling,
+                "samples": settings.samples - free,
+                "answer_tokens": settings.self_answer_tokens,
+            }
+            parts.append(sample_chat_exchanges(model, self.tokenizer, **talks))
+        if free:
+            rest = {**sampling, "samples": free, "batch_size": free}
+            parts.append(sample_batches(model, self.tokenizer, random_start=random_start, **rest))
         return torch.cat(parts)
+
+    def _free_windows(self) -> int:
+        """How many self-generated windows are free text: all of them but for chat calibration, where --chat-share
+        of them are conversations."""
+        settings = self.settings
+        return (
+            settings.samples - round(settings.samples * settings.chat_share)
+            if self._chat
+            else settings.samples
+        )
 
     # -- pass 1 --
 
@@ -1098,7 +1112,7 @@ class Prepared:
             # where the loss gradients came from (None: none measured); "answers": the model's greedy answers
             "grad_source": self._grad_source(),
             "self_mix": self.part_weights.get("self", 0.0),
-            "self_start": settings.self_start if "self" in batches and not self._chat else None,
+            "self_start": settings.self_start if "self" in batches and self._free_windows() else None,
             "self_temperature": settings.self_temperature if "self" in batches else None,
             # chat samples: answers end at their end of turn (or this many tokens), several to a window
             "self_answer_tokens": settings.self_answer_tokens if "self" in batches and self._chat else None,

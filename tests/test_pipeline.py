@@ -861,24 +861,44 @@ def test_self_answer_tokens_sample_exchanges_from_the_cli_to_the_report(
 def test_chat_share_samples_that_share_of_conversations_and_the_rest_free_text(
     models: dict[str, Path], tmp_path: Path
 ) -> None:
-    """--chat-share 0.5: half the self-generated windows are `sample_chat_batches`' conversations, the other half
-    `sample_batches`' free text (same seed, token for token), recorded in report.json, recipe.yaml and the card;
-    without a chat template it is ignored with a note, and a share outside [0, 1] is one clear line."""
-    from lowrank_compress.calibration import sample_batches, sample_chat_batches
+    """--chat-share 0.5: half the self-generated windows are conversations (a built-in prompt through the template),
+    the other half free text opened as `sample_batches` opens its rows (BOS, then a random ordinary token), sampled
+    in one batch; recorded in report.json, recipe.yaml and the card; without a chat template it is ignored with a
+    note, and a share outside [0, 1] is one clear line."""
+    from lowrank_compress.calibration import (
+        _ordinary_tokens,
+        _sampling_prefix,
+        sample_batches,
+        sample_chat_batches,
+        sample_chat_exchanges,
+    )
     from lowrank_compress.pipeline import Prepared
+    from tests.test_calibration import shipped_chat_prompts, template_ids
 
     src = _chat_copy(models["llama"], tmp_path / "chat")
     small = {"self_mix": 0.5, "samples": 4, "seq_len": 128, "grad_samples": 2}
     prepared = Prepared.load(src, build_settings(chat_share=0.5, **small))
     dense, tok, _ = load_model(src)
-    talks = sample_chat_batches(dense, tok, samples=2, seq_len=128, seed=0, batch_size=2)
-    free = sample_batches(dense, tok, samples=2, seq_len=128, seed=0, random_start=True, batch_size=2)
-    assert torch.equal(prepared.calibration_batches["self"], torch.cat([talks, free]))
-    assert prepared.calibration_info["chat"] is True and prepared.calibration_info["chat_share"] == 0.5
-    every = Prepared.load(src, build_settings(**small))
+    rows = prepared.calibration_batches["self"]
+    assert torch.equal(rows, sample_chat_batches(dense, tok, samples=4, seq_len=128, free=2, batch_size=4))
+    openings = [template_ids(tok, [{"role": "user", "content": p}], True) for p in shipped_chat_prompts()]
+    starts = _ordinary_tokens(dense, tok, 2, 0).tolist()
+    for k, row in enumerate(rows.tolist()):
+        talk = sum(row[: len(o)] == o for o in openings)
+        assert talk == (k < 2), k
+        if k >= 2:
+            assert row[: len(_sampling_prefix(tok)) + 1] == _sampling_prefix(tok) + [starts[k - 2]]
+    info = prepared.calibration_info
+    assert info["chat"] is True and info["chat_share"] == 0.5 and info["self_start"] == "random"
+    exchanges = Prepared.load(src, build_settings(chat_share=0.5, self_answer_tokens=16, **small))
+    talks = sample_chat_exchanges(dense, tok, samples=2, seq_len=128, answer_tokens=16)
+    free = sample_batches(dense, tok, samples=2, seq_len=128, random_start=True, batch_size=2)
+    assert torch.equal(exchanges.calibration_batches["self"], torch.cat([talks, free]))
+    every = Prepared.load(src, build_settings(**small))  # the default: every window a conversation, as before
     assert torch.equal(
         every.calibration_batches["self"], sample_chat_batches(dense, tok, samples=4, seq_len=128)
     )
+    assert every.calibration_info["chat_share"] == 1.0 and every.calibration_info["self_start"] is None
     out = tmp_path / "out"
     res = run("factorize", src, "-o", out, "--chat-share", 0.5, "--self-mix", 0.5, "--samples", 4,
               "--seq-len", 128, "--grad-samples", 2, "--json")  # fmt: skip
