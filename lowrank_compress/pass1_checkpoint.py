@@ -182,12 +182,18 @@ def save(
 def _swapping(parent: Path) -> Iterator[None]:
     """An exclusive flock on the checkpoint's parent directory, from the check of what is there to the swap: two
     runs saving into one checkpoint cannot check, then both swap (the other's swap landing between this one's check
-    and swap). Held for milliseconds; no file is made for it."""
+    and swap). Held for milliseconds; no file is made for it. Where the directory cannot be locked (a file system
+    without flock on directories, as some NFS mounts), the record goes on unlocked, as it did before the lock."""
     import fcntl
 
-    fd = os.open(parent, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(parent, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # (releases the lock)

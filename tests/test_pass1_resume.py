@@ -397,3 +397,19 @@ def test_the_check_and_the_swap_of_a_record_hold_one_lock(
     assert pass1_checkpoint.finished(ckpt)
     probe()
     assert held[-1] is False  # and let go after
+
+
+def test_a_record_where_the_parent_cannot_be_locked_is_still_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system without flock on directories (some NFS mounts) refuses the lock: the record is saved all the
+    same, unlocked, rather than failing the run."""
+    import fcntl
+
+    def refuse(fd: int, op: int) -> None:
+        raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    ckpt = tmp_path / "ckpt"
+    assert pass1_checkpoint.save(ckpt, {"progress": None}, {"x": torch.ones(2)})
+    assert pass1_checkpoint.finished(ckpt)
