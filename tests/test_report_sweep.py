@@ -212,7 +212,7 @@ def test_sweep_table_json_plot_and_kept_models(tmp_path: Path) -> None:
         "sweep",
         src,
         "--budgets",
-        "0.9,0.6,0.4",
+        "0.9,0.5",
         "-o",
         out,
         *SMALL_CAL,
@@ -222,7 +222,7 @@ def test_sweep_table_json_plot_and_kept_models(tmp_path: Path) -> None:
     )
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
-    assert [p["budget"] for p in data["points"]] == [0.9, 0.6, 0.4]
+    assert [p["budget"] for p in data["points"]] == [0.9, 0.5]
     sizes = [p["params"] for p in data["points"]]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] < data["dense"]["params"]
     for p in data["points"]:
@@ -248,7 +248,7 @@ def test_sweep_table_json_plot_and_kept_models(tmp_path: Path) -> None:
         assert isinstance(p["speed_reliable"], bool)
     assert "answers kept" in (out / "sweep.md").read_text()
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    assert "0.6" in (out / "sweep.md").read_text()
+    assert "0.5" in (out / "sweep.md").read_text()
 
     # without --keep-models nothing but the three files remains
     lean = tmp_path / "lean"

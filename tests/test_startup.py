@@ -56,8 +56,8 @@ def test_import_lowrank_compress_imports_no_heavy_dependency() -> None:
     "first",
     [
         "lowrank_compress.peft_methods.common",  # imports peft, whose hook registers methods that import common
-        "lowrank_compress.peft_methods.bora.config",
-        "lowrank_compress.adapters",
+        pytest.param("lowrank_compress.peft_methods.bora.config", marks=pytest.mark.slow),  # as common's case
+        pytest.param("lowrank_compress.adapters", marks=pytest.mark.slow),
         "peft; import lowrank_compress",
         "lowrank_compress; import peft",
     ],
