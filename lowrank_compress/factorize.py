@@ -18,8 +18,9 @@ truncation-error curve, which is what the rank allocator needs.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -435,3 +436,13 @@ def _cholesky_with_ridge(gram: torch.Tensor, ridge: float, damping: float) -> Wh
         f"the calibration Gram is not positive definite even with a ridge of {tries[-1]:g} x its mean diagonal; "
         "check the calibration statistics"
     )
+
+
+def release_stats(stats: dict[str, Any], name: str, users: Counter, cache: dict[int, Whitening]) -> None:
+    """A layer's statistics leave `stats`; a shared Gram and its Cholesky factor (in `cache`, keyed by the Gram's
+    id as `decompose` keys it) go with their last layer: `users` counts the layers left on each Gram."""
+    used = stats.pop(name, None)
+    if used is not None:
+        users[id(used.gram)] -= 1
+        if not users[id(used.gram)]:
+            cache.pop(id(used.gram), None)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -156,21 +155,20 @@ def _header_shapes(files: list[str]) -> dict[str, tuple[int, ...]] | None:
 
     None when a file is not safetensors, so the caller can fall back to the check after loading.
     """
+    from lowrank_compress.checkpoint import read_safetensors_header
+    from lowrank_compress.errors import CheckpointError
+
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         if not str(file).endswith(".safetensors"):
             return None
         try:
-            with open(file, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError, struct.error) as e:
+            infos = read_safetensors_header(Path(file))
+        except (OSError, CheckpointError) as e:
             raise FormatError(
                 f"{file}: unreadable safetensors header ({e}); the output is damaged, re-create it"
             ) from e
-        for key, info in header.items():
-            if key != "__metadata__":
-                shapes[key] = tuple(info["shape"])
+        shapes.update({name: info.shape for name, info in infos.items()})
     return shapes
 
 

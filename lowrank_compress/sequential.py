@@ -396,3 +396,8 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None:
         raise LowrankError(f"{type(model).__name__} has no repeated blocks to process one at a time")
     return best[1], best[2]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype as checkpoints and reports name it: "bfloat16"."""
+    return str(dtype).removeprefix("torch.")

@@ -126,3 +126,11 @@ def spectrum_stats(
         energy_ranks={e: energy_rank(s, e) for e in energies},
         singular_values=s,
     )
+
+
+def estimated_stable_rank(w: torch.Tensor) -> float:
+    """The stable rank with the spectral norm by at most 20 block power steps: reported, and read by the
+    stable-rank policy, where a few parts in a thousand do not matter. Trained weights converge in a few steps;
+    random ones (scale benchmarks) do not: on a random 11008 x 4096 matrix 60 steps took 12.7 s for a 2e-3 error in
+    the stable rank, 20 steps 4.4 s for 2e-2, against 10 s for LAPACK's exact norm (2 cores)."""
+    return spectrum_stats(w, fast=True, tol=1e-4, iters=20).stable_rank

@@ -720,7 +720,8 @@ def test_answer_gradients_are_the_loss_on_the_models_answers_alone(
     loss on the answer windows' labelled tokens alone (one loss per window, the mean over its answer tokens), as
     plain autograd on the whole dense model computes it from the same windows; the text and self-generated windows
     measure none. A model without a chat template says so in one warning and takes its gradients from the mix."""
-    from lowrank_compress.pipeline import Prepared, find_targets
+    from lowrank_compress.pipeline import Prepared
+    from lowrank_compress.results import find_targets
 
     src = _chat_copy(models["llama"], tmp_path / "chat")
     # (the loss-weighted fit rescales the sensitivities: off, to read them plain)

@@ -21,8 +21,9 @@ from lowrank_compress.calibration import BlockStatistics, LayerStats, collect_st
 from lowrank_compress.errors import LowrankError
 from lowrank_compress.factorize import decompose
 from lowrank_compress.loading import load_model
-from lowrank_compress.pipeline import factorize_model, find_targets
+from lowrank_compress.pipeline import factorize_model
 from lowrank_compress.recipe import build_settings
+from lowrank_compress.results import find_targets
 from lowrank_compress.spectrum import spectrum_stats
 from lowrank_compress.text import load_text
 from lowrank_compress.writer import ShardWriter
