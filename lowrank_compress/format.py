@@ -34,7 +34,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from lowrank_compress.errors import FormatError, LowrankError
+from lowrank_compress.errors import CheckpointError, FormatError, LowrankError
 from lowrank_compress.modules import LowRankLinear
 from lowrank_compress.outdir import atomic_output_dir, check_output_dir  # noqa: F401
 from lowrank_compress.writer import WEIGHTS_INDEX_NAME, ShardWriter
@@ -156,7 +156,6 @@ def _header_shapes(files: list[str]) -> dict[str, tuple[int, ...]] | None:
     None when a file is not safetensors, so the caller can fall back to the check after loading.
     """
     from lowrank_compress.checkpoint import read_safetensors_header
-    from lowrank_compress.errors import CheckpointError
 
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:

@@ -37,6 +37,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from lowrank_compress.errors import LowrankError
 
@@ -190,6 +191,17 @@ def data_files(*values: str | Path | None) -> list[Path]:
         for v in values
         if v is not None and str(v).strip().lower() not in _KEYWORDS and Path(v).is_file()
     ]
+
+
+def named_inputs(source: Any, settings: Any) -> dict[str, Path]:
+    """What a factorize output or checkpoint may neither be, sit inside, nor contain, by name: the model (and its
+    directory) and the calibration text."""
+    files = {f"the calibration text {p}": p for p in data_files(settings.calibration)}
+    return {"MODEL": Path(source.path), "the model's directory": Path(source.directory), **files}
+
+
+def protected_inputs(source: Any, settings: Any) -> list[Path]:
+    return list(named_inputs(source, settings).values())
 
 
 def check_output_dir(

@@ -55,8 +55,8 @@ class Pass2:
         pass 1's checkpoint, where pass 2 records its progress block by block and takes up a progress recorded
         there at the same budget and settings (pass2_progress.py; one run at a time records there)."""
         from lowrank_compress.format import atomic_output_dir
+        from lowrank_compress.outdir import protected_inputs
         from lowrank_compress.pass2_progress import claimed
-        from lowrank_compress.pipeline import protected_inputs
         from lowrank_compress.writer import ShardWriter
 
         result, ranks = self._allocated(Path(out), budget)

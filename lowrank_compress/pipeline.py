@@ -64,7 +64,7 @@ def factorize_model(
     """
     from lowrank_compress.format import check_output_dir
     from lowrank_compress.loading import resolve
-    from lowrank_compress.outdir import remove_ours
+    from lowrank_compress.outdir import named_inputs, remove_ours
     from lowrank_compress.pass1_checkpoint import Recorder
     from lowrank_compress.resume import checkpoint_dir_for
 
@@ -126,19 +126,6 @@ def _naming_checkpoint(
             raise
         e.args = (f"{e}; {what} kept in {where}: run the command again with --resume {where}",)
         raise
-
-
-def named_inputs(source: Any, settings: FactorizeSettings) -> dict[str, Path]:
-    """What a factorize output or checkpoint may neither be, sit inside, nor contain, by name: the model (and its
-    directory) and the calibration text."""
-    from lowrank_compress.outdir import data_files
-
-    files = {f"the calibration text {p}": p for p in data_files(settings.calibration)}
-    return {"MODEL": Path(source.path), "the model's directory": Path(source.directory), **files}
-
-
-def protected_inputs(source: Any, settings: FactorizeSettings) -> list[Path]:
-    return list(named_inputs(source, settings).values())
 
 
 class Prepared(Pass1, Pass2):

@@ -117,8 +117,14 @@ def sweep(
     pass 1's results from (kept: it is factorize's)."""
     from lowrank_compress.answers import AnswerSet, load_answer_set
     from lowrank_compress.loading import resolve
-    from lowrank_compress.outdir import atomic_output_dir, check_output_dir, data_files, scratch_dir
-    from lowrank_compress.pipeline import Prepared, protected_inputs
+    from lowrank_compress.outdir import (
+        atomic_output_dir,
+        check_output_dir,
+        data_files,
+        protected_inputs,
+        scratch_dir,
+    )
+    from lowrank_compress.pipeline import Prepared
     from lowrank_compress.text import load_text
 
     report = progress or (lambda *a: None)
