@@ -519,7 +519,7 @@ def _refine(
 REFINE_LR = 4e-4
 """Adam's step for --refine-steps: factors are balanced (entries of order 1e-2), so each step moves them by up to about
 4%; on SmolLM2 at 0.8, 8 steps at 4e-4 lowered both held-out perplexities more than 8 at 1e-4 (benchmarks/README.md,
-"Block refinement")."""
+"Block refinement on today's default")."""
 
 
 def _write_sidecars(directory: Path, result: FactorizeResult, model_path: str | Path) -> None:

@@ -91,6 +91,20 @@ def _require_language_model(source: Any, model_path: str | Path, allow_pickle: b
     require_language_model(config, model_path, "sweep")
 
 
+def _inputs(
+    source: Any, settings: FactorizeSettings, data: str, answer_file: str | None, resume: str | Path | None
+) -> list[Path]:
+    """What the sweep's output may not touch: factorize's inputs, the evaluation text and answer set, the
+    checkpoint resumed from."""
+    from lowrank_compress.outdir import data_files, protected_inputs
+
+    return [
+        *protected_inputs(source, settings),
+        *data_files(data, answer_file),
+        *([Path(resume)] if resume else []),
+    ]
+
+
 def sweep(
     model_path: str | Path,
     budgets: Sequence[float],
@@ -117,13 +131,7 @@ def sweep(
     pass 1's results from (kept: it is factorize's)."""
     from lowrank_compress.answers import AnswerSet, load_answer_set
     from lowrank_compress.loading import resolve
-    from lowrank_compress.outdir import (
-        atomic_output_dir,
-        check_output_dir,
-        data_files,
-        protected_inputs,
-        scratch_dir,
-    )
+    from lowrank_compress.outdir import atomic_output_dir, check_output_dir, scratch_dir
     from lowrank_compress.pipeline import Prepared
     from lowrank_compress.text import load_text
 
@@ -131,12 +139,7 @@ def sweep(
     answer_set = answers if isinstance(answers, AnswerSet) or answers is None else load_answer_set(answers)
     out_dir = Path(out_dir)
     source = resolve(model_path)
-    answer_file = answer_set.source if answer_set is not None else None
-    inputs = [
-        *protected_inputs(source, settings),
-        *data_files(data, answer_file),
-        *([Path(resume)] if resume else []),
-    ]
+    inputs = _inputs(source, settings, data, answer_set.source if answer_set is not None else None, resume)
     check_output_dir(out_dir, overwrite, inputs=inputs, warn=warn)
     text = load_text(data, split="heldout" if data == "builtin" else "all")
     _require_language_model(source, model_path, allow_pickle)
