@@ -59,6 +59,7 @@ CONFIGS = {  # label -> settings beyond the defaults
     # dense outputs from the compressed prefix's inputs, with or without damping or a block-wise refinement
     "dense-input fit, no damping": {"error_aware": False, "damping": 0.0},  # the default before the block fit
     "dense-input fit": {"error_aware": False},
+    "refine 4": {"refine_steps": 4},
     "refine 8": {"refine_steps": 8},
     "refine 16": {"refine_steps": 16},
     "loss-weighted": {"loss_weighted": True},  # output errors weighted by the loss gradient (now the default)

@@ -474,7 +474,8 @@ def settings_options(f: Any) -> Any:
                      help="whiten: weight each output channel's error, and the ranks, by the loss's mean squared "
                           "gradient there (off: every channel alike, as SVD-LLM)."),
         click.option("--refine-steps", type=int, default=_DEFAULTS.refine_steps, show_default=True,
-                     help="Adam steps per block refining its factors against the dense block's outputs."),
+                     help="Adam steps per block refining its factors against the dense block's outputs, one "
+                          "calibration window a step."),
         click.option("--offload/--no-offload", default=_DEFAULTS.offload, show_default=True,
                      help="Keep calibration hidden states in CPU memory while blocks run on --device."),
         target_option,

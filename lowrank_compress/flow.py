@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +29,11 @@ class CalibrationFlow:
 
     def __init__(
         self, prepared: Prepared, *, stash: bool = False,
-        windows: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        windows: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, single: bool = False,
     ) -> None:  # fmt: skip
         """`stash`: the gradient windows among the calibration windows keep their inputs of every block for a
         backward pass; `windows`: the flow holds these gradient windows alone (token ids, loss labels) and stashes
-        them."""
+        them; `single`: each window's own block arguments are kept too (`window_ctx`), for steps on one window."""
         streamed, settings = prepared.streamed, prepared.settings
         self.streamed = streamed
         self.store = torch.device("cpu") if settings.offload else streamed.device
@@ -47,6 +49,10 @@ class CalibrationFlow:
             self.grad_ctx = {
                 part: streamed.capture(self.ids[part][rows], 1) for part, rows in self.grad_rows.items()
             }
+            self.window_ctx = {
+                part: [dataclasses.replace(c, hidden=c.hidden[:0]) for c in streamed.capture(rows, 1)]
+                for part, rows in (self.ids.items() if single else ())
+            }  # (their hidden states are the batches' rows: dropped)
         self.hidden = {part: [c.hidden.to(self.store) for c in ctx] for part, ctx in self.ctx.items()}
         self.compressed = {part: list(h) for part, h in self.hidden.items()}
         self.dense_out: dict[str, list[Any]] = {part: [None] * len(h) for part, h in self.hidden.items()}
@@ -61,9 +67,10 @@ class CalibrationFlow:
             out = self.streamed.run_block(block, hidden.to(self.streamed.device), self.ctx[part][b])
         return out.to(self.store)
 
-    def row(self, part: str, r: int) -> torch.Tensor:
-        """Window r's current hidden states (1 x seq x hidden)."""
-        return self.hidden[part][r // BATCH][r % BATCH : r % BATCH + 1]
+    def row(self, part: str, r: int, states: dict[str, list[Any]] | None = None) -> torch.Tensor:
+        """Window r's current hidden states (1 x seq x hidden): the dense inputs, or those of `states`
+        (`compressed`, `dense_out`)."""
+        return (self.hidden if states is None else states)[part][r // BATCH][r % BATCH : r % BATCH + 1]
 
     def stash_inputs(self, part: str, i: int) -> None:
         """Keep block i's inputs of the gradient windows for the backward pass (on disk)."""
@@ -105,3 +112,10 @@ class CalibrationFlow:
             self.hidden[part] = self.dense_out[part]
             self.dense_out[part] = [None] * len(self.hidden[part])
         self.shifted = self.shifted or compressed
+
+
+def windows_in_turn(ids: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
+    """Every window of the parts' token rows as (part, row), the parts taking turns: a run of consecutive windows
+    samples them all."""
+    turns = itertools.zip_longest(*([(part, r) for r in range(len(rows))] for part, rows in ids.items()))
+    return [w for turn in turns for w in turn if w is not None]

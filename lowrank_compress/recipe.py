@@ -102,7 +102,8 @@ class FactorizeSettings:
     # loss (on SmolLM2-Instruct it cut the held-out excess perplexity and kept as many answers over eight seeds, see
     # the README); True where it cannot run: said, and off; False: every channel counts alike (SVD-LLM)
     loss_weighted: bool | None = None
-    # Adam steps per block refining its factors against the dense block's outputs (0: closed form only)
+    # Adam steps per block refining its factors against the dense block's outputs, one calibration window a step
+    # (0: closed form only)
     refine_steps: int = 0
     device: str = "cpu"
     # keep the calibration hidden states on the CPU while blocks run on --device (a GPU smaller than they are)

@@ -272,16 +272,20 @@ def stop_after_writes(monkeypatch: pytest.MonkeyPatch, block: int, writes: int) 
     monkeypatch.setattr(ShardWriter, "add", adding)
 
 
-@pytest.mark.parametrize(("shard_size", "policy"), [(2**30, "sensitivity"), (40_000, "uniform")])
+@pytest.mark.parametrize(
+    ("shard_size", "policy", "refine_steps"),
+    [(2**30, "sensitivity", 0), (40_000, "uniform", 0), (2**30, "uniform", 3)],
+)
 def test_a_stopped_pass_2_goes_on_at_the_block_it_stopped_in(
-    tmp_path: Path, shard_size: int, policy: str
+    tmp_path: Path, shard_size: int, policy: str, refine_steps: int
 ) -> None:
     """Four blocks, stopped inside the third after six of its tensors were written (at 40 kB a shard, shards were
     closed before and after the recorded state): the resumed run writes blocks 3 and 4 only, and its output equals
     the uninterrupted run's, file for file. Uniform ranks measure no spectrum in pass 1: the report's come from
-    pass 2, those of the blocks before the stop from the recorded progress."""
+    pass 2, those of the blocks before the stop from the recorded progress. Refinement steps take the same windows
+    in a resumed run as in the uninterrupted one."""
     source = tiny_llama(tmp_path, num_layers=4)
-    settings = build_settings(**SMALL, policy=policy)
+    settings = build_settings(**SMALL, policy=policy, refine_steps=refine_steps)
     factorize_model(source, tmp_path / "reference", settings, max_shard_size=shard_size)
     out, ckpt = tmp_path / "out", tmp_path / "out.checkpoint"
     with pytest.MonkeyPatch.context() as mp:

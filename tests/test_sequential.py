@@ -555,6 +555,34 @@ def test_refinement_brings_the_blocks_closer_to_the_dense_outputs(
     assert errors["refined"] < errors["closed"]
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_a_window_run_alone_gives_its_row_of_the_batch(models: dict[str, Path], kind: str) -> None:
+    """The refinement's steps run one window with its own block arguments (masks, positions): the block's output
+    must be that window's row of the batch run, whatever the model puts in those arguments."""
+    from lowrank_compress.checkpoint import Checkpoint
+    from lowrank_compress.sequential import StreamedModel
+
+    streamed = StreamedModel(Checkpoint.open(models[kind]))
+    ids = torch.randint(5, 100, (3, 9), generator=torch.Generator().manual_seed(0))
+    with streamed.outer():
+        (batch,) = streamed.capture(ids, 3)
+        alone = streamed.capture(ids, 1)
+    with streamed.block(1) as block, torch.no_grad():
+        together = streamed.run_block(block, batch.hidden, batch)
+        for r, window in enumerate(alone):
+            out = streamed.run_block(block, batch.hidden[r : r + 1], window)
+            torch.testing.assert_close(out, together[r : r + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_the_parts_take_turns_in_the_windows_refinement_visits() -> None:
+    """Consecutive refinement steps alternate the calibration parts (text, self-generated) while both have windows
+    left, then the longer part's rest follows; every window appears once."""
+    from lowrank_compress.flow import windows_in_turn
+
+    ids = {"text": torch.zeros(3, 4), "self": torch.zeros(1, 4)}
+    assert windows_in_turn(ids) == [("text", 0), ("self", 0), ("text", 1), ("text", 2)]
+
+
 def test_writer_output_is_plain_safetensors_in_every_dtype(tmp_path: Path) -> None:
     """What the streaming writer puts on disk is what safetensors itself reads, dtype for dtype."""
     from safetensors import safe_open
