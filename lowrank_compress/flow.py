@@ -12,6 +12,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from lowrank_compress.pipeline import Prepared
+    from lowrank_compress.sequential import BlockInput
 
 BATCH = 4
 """Calibration windows per block call: the batch size of the statistics pass, as `collect_stats` uses."""
@@ -47,12 +48,11 @@ class CalibrationFlow:
         with streamed.outer():
             self.ctx = {part: streamed.capture(rows, BATCH) for part, rows in self.ids.items()}
             self.grad_ctx = {
-                part: streamed.capture(self.ids[part][rows], 1) for part, rows in self.grad_rows.items()
+                part: _alone(streamed, self.ids[part][rows]) for part, rows in self.grad_rows.items()
             }
             self.window_ctx = {
-                part: [dataclasses.replace(c, hidden=c.hidden[:0]) for c in streamed.capture(rows, 1)]
-                for part, rows in (self.ids.items() if single else ())
-            }  # (their hidden states are the batches' rows: dropped)
+                part: _alone(streamed, rows) for part, rows in (self.ids.items() if single else ())
+            }
         self.hidden = {part: [c.hidden.to(self.store) for c in ctx] for part, ctx in self.ctx.items()}
         self.compressed = {part: list(h) for part, h in self.hidden.items()}
         self.dense_out: dict[str, list[Any]] = {part: [None] * len(h) for part, h in self.hidden.items()}
@@ -112,6 +112,12 @@ class CalibrationFlow:
             self.hidden[part] = self.dense_out[part]
             self.dense_out[part] = [None] * len(self.hidden[part])
         self.shifted = self.shifted or compressed
+
+
+def _alone(streamed: Any, ids: torch.Tensor) -> list[BlockInput]:
+    """Each row's own block arguments (masks, positions) for a pass of that window alone; the hidden states captured
+    with them are dropped (the flow holds the windows' hidden states in its batches, or stashed)."""
+    return [dataclasses.replace(c, hidden=c.hidden[:0]) for c in streamed.capture(ids, 1)]
 
 
 def windows_in_turn(ids: dict[str, torch.Tensor]) -> list[tuple[str, int]]:

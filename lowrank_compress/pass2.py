@@ -496,8 +496,8 @@ def _refine(
     states, reproduces the dense block's outputs (AA-SVD's block-wise refinement); relative mean squared error.
     Each step takes one calibration window, the blocks taking the windows in turn (block i the `steps` after block
     i - 1's), so that together they see them all: on a SmolLM2 block a step on one window took 100 ms against 337
-    on a batch of four, and 8 such steps per block did about as well as 8 on batches (benchmarks/README.md, "Block
-    refinement on today's default")."""
+    on a batch of four, and 8 such steps per block did about as well as 8 on batches (benchmarks/README.md,
+    "Refinement steps on one window each")."""
     params = [p for m in swapped.values() for p in (m.up.weight, m.down.weight)]
     for p in params:
         p.requires_grad_(True)
