@@ -62,6 +62,7 @@ CONFIGS = {  # label -> settings beyond the defaults
     "refine 4": {"refine_steps": 4},
     "refine 8": {"refine_steps": 8},
     "refine 16": {"refine_steps": 16},
+    "refine 8 from 0.5": {"refine_steps": 8, "refine_from": 0.5},  # the later half of the blocks only
     "loss-weighted": {"loss_weighted": True},  # output errors weighted by the loss gradient (now the default)
     "no loss-weighted": {"loss_weighted": False},  # every output channel alike: the default before
     "loss-weighted, self grads": {"loss_weighted": True, "grad_source": "self"},

@@ -476,6 +476,10 @@ def settings_options(f: Any) -> Any:
         click.option("--refine-steps", type=int, default=_DEFAULTS.refine_steps, show_default=True,
                      help="Adam steps per block refining its factors against the dense block's outputs, one "
                           "calibration window a step."),
+        click.option("--refine-from", type=FiniteFloat(0.0, 1.0, max_open=True), default=_DEFAULTS.refine_from,
+                     show_default=True,
+                     help="Refine only the blocks from this share of the depth on (0: every block, 0.5: the "
+                          "later half)."),
         click.option("--offload/--no-offload", default=_DEFAULTS.offload, show_default=True,
                      help="Keep calibration hidden states in CPU memory while blocks run on --device."),
         target_option,

@@ -398,4 +398,5 @@ class Pass1:
             "error_aware": settings.error_aware,
             "loss_weighted": settings.loss_weighted,
             "refine_steps": settings.refine_steps,
+            "refine_from": settings.refine_from,
         }

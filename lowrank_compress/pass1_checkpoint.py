@@ -47,7 +47,8 @@ from lowrank_compress.resume import (
 VERSION = 1
 TENSORS = "pass1.safetensors"
 # what allocation and pass 2 read alone: a resumed run may change them
-PASS2_ONLY = ("budget", "energy", "rank_multiple", "error_aware", "refine_steps", "device", "offload")
+PASS2_ONLY = ("budget", "energy", "rank_multiple", "error_aware", "refine_steps", "refine_from", "device",
+              "offload")  # fmt: skip
 # state.json's objects (beside the command, version, model and chat flags)
 SECTIONS = ("files", "requested", "settings", "spectra", "mean_grad_sq", "stable_ranks", "part_weights", "grad_rows",
             "calibration", "timings")  # fmt: skip

@@ -208,7 +208,8 @@ class Pass2:
             )
             swapped = self._fit_group(list(modules), ranks, stats, layers)
         if flow is not None:
-            if swapped and self.settings.refine_steps:
+            refined = self.settings.refine_steps and i >= self.settings.refine_from * len(streamed.blocks)
+            if swapped and refined:
                 _refine(streamed, block, swapped, flow, self.settings.refine_steps, i)
                 outputs = None
             # the compressed prefix's hidden states are needed by the error-aware fit and the refinement

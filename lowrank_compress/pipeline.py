@@ -567,7 +567,7 @@ class Prepared(Pass1, Pass2):
         self.block_peaks = list(state["block_peaks"])
         if not state.get("progress"):
             self.calibration_info = {**state["calibration"], **{
-                k: getattr(settings, k) for k in ("error_aware", "loss_weighted", "refine_steps")
+                k: getattr(settings, k) for k in ("error_aware", "loss_weighted", "refine_steps", "refine_from")
             }}  # fmt: skip
             self._set_candidates(spectra, state["stable_ranks"])
             return None

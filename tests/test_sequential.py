@@ -555,6 +555,26 @@ def test_refinement_brings_the_blocks_closer_to_the_dense_outputs(
     assert errors["refined"] < errors["closed"]
 
 
+def test_refinement_from_half_the_depth_keeps_the_earlier_blocks_closed_form(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """--refine-from 0.5: the blocks before half the depth keep the closed-form factors of a run without refinement,
+    to the bit (nothing before them differs); each later block's factors are refined."""
+    src = models["llama"]  # two blocks
+    common = dict(budget=0.5, method="whiten", policy="uniform", **FAST)
+    factorize_model(src, tmp_path / "closed", build_settings(**common))
+    factorize_model(src, tmp_path / "late", build_settings(refine_steps=5, refine_from=0.5, **common))
+    closed, late = load_state_dict(tmp_path / "closed"), load_state_dict(tmp_path / "late")
+    assert closed.keys() == late.keys()
+    factors = [k for k in closed if k.endswith((".up.weight", ".down.weight"))]
+    by_block = {i: [k for k in factors if f".layers.{i}." in k] for i in (0, 1)}
+    assert by_block[0] and by_block[1]
+    assert all(torch.equal(closed[k], late[k]) for k in by_block[0])
+    assert not any(torch.equal(closed[k], late[k]) for k in by_block[1])
+    with pytest.raises(LowrankError, match="refine-from"):
+        build_settings(refine_from=1.0)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_a_window_run_alone_gives_its_row_of_the_batch(models: dict[str, Path], kind: str) -> None:
     """The refinement's steps run one window with its own block arguments (masks, positions): the block's output
