@@ -22,6 +22,7 @@ from lowrank_compress.spectrum import estimated_stable_rank
 
 if TYPE_CHECKING:
     from lowrank_compress.factorize import Decomposition
+    from lowrank_compress.recipe import FactorizeSettings
 
 
 class Pass1:
@@ -395,8 +396,11 @@ class Pass1:
             # how the self-generated windows were sampled: every block in memory, or each read per token
             "self_sampling": self._sampling,
             "self_sampling_peak_mb": self._sampling_peak_mb,
-            "error_aware": settings.error_aware,
-            "loss_weighted": settings.loss_weighted,
-            "refine_steps": settings.refine_steps,
-            "refine_from": settings.refine_from,
+            **fit_settings(settings),
         }
+
+
+def fit_settings(settings: FactorizeSettings) -> dict[str, Any]:
+    """The settings of pass 2's fit that calibration_info records beside the calibration (pass 2 alone reads them,
+    so a run resumed from pass 1's checkpoint records its own)."""
+    return {k: getattr(settings, k) for k in ("error_aware", "loss_weighted", "refine_steps", "refine_from")}

@@ -24,7 +24,7 @@ from torch import nn
 from lowrank_compress.console import interrupt_message, signal_received
 from lowrank_compress.errors import InterruptedWithCheckpoint, LowrankError
 from lowrank_compress.memory import PeakMemory
-from lowrank_compress.pass1 import Pass1
+from lowrank_compress.pass1 import Pass1, fit_settings
 from lowrank_compress.pass2 import Pass2
 from lowrank_compress.recipe import FactorizeSettings
 from lowrank_compress.results import FactorizeResult, Target, find_targets
@@ -566,9 +566,7 @@ class Prepared(Pass1, Pass2):
         }
         self.block_peaks = list(state["block_peaks"])
         if not state.get("progress"):
-            self.calibration_info = {**state["calibration"], **{
-                k: getattr(settings, k) for k in ("error_aware", "loss_weighted", "refine_steps", "refine_from")
-            }}  # fmt: skip
+            self.calibration_info = {**state["calibration"], **fit_settings(settings)}
             self._set_candidates(spectra, state["stable_ranks"])
             return None
         self._notes, (self._sampling, self._sampling_peak_mb) = list(state["notes"]), state["sampling"]
