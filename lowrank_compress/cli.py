@@ -43,7 +43,7 @@ from lowrank_compress.choices import (
 from lowrank_compress.console import command_running, interrupt_code, interrupt_message, signal_received
 from lowrank_compress.console import main as main  # the console script of earlier installs names cli:main
 from lowrank_compress.errors import InterruptedWithCheckpoint, LowrankError
-from lowrank_compress.recipe import FactorizeSettings, FinetuneSettings
+from lowrank_compress.recipe import REFINE_STEPS, FactorizeSettings, FinetuneSettings
 
 _DEFAULTS = FactorizeSettings()
 _FT = FinetuneSettings()
@@ -473,9 +473,10 @@ def settings_options(f: Any) -> Any:
                      show_default="whiten on language models",
                      help="whiten: weight each output channel's error, and the ranks, by the loss's mean squared "
                           "gradient there (off: every channel alike, as SVD-LLM)."),
-        click.option("--refine-steps", type=int, default=_DEFAULTS.refine_steps, show_default=True,
+        click.option("--refine-steps", type=int, default=_DEFAULTS.refine_steps,
+                     show_default=f"{REFINE_STEPS} with --method whiten, else 0",
                      help="Adam steps per block refining its factors against the dense block's outputs, one "
-                          "calibration window a step."),
+                          "calibration window a step (0: the closed-form fit alone)."),
         click.option("--refine-from", type=FiniteFloat(0.0, 1.0, max_open=True), default=_DEFAULTS.refine_from,
                      show_default=True,
                      help="Refine only the blocks from this share of the depth on (0: every block, 0.5: the "

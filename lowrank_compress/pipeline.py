@@ -279,6 +279,7 @@ class Prepared(Pass1, Pass2):
         """The settings this model can run: encoders get the next best policy and no self-generated samples,
         said out loud."""
         from lowrank_compress.calibration import SELF
+        from lowrank_compress.recipe import REFINE_STEPS
 
         name = type(self.streamed.model).__name__
         if settings.method == "fisher" and not causal:
@@ -294,6 +295,10 @@ class Prepared(Pass1, Pass2):
             settings = dataclasses.replace(settings, loss_weighted=False)
             self.warn(
                 f"{name} has no language-model loss to weight the fit by; fitting without (--no-loss-weighted)"
+            )
+        if settings.refine_steps is None:  # the default: with the fit it was measured on
+            settings = dataclasses.replace(
+                settings, refine_steps=REFINE_STEPS if settings.method == "whiten" else 0
             )
         if settings.loss_weighted and settings.method != "whiten":
             settings = dataclasses.replace(settings, loss_weighted=False)

@@ -125,7 +125,7 @@ def test_whiten_layer_is_the_optimal_truncation_on_the_calibration_inputs(
     src = models["gqa"]
     settings = build_settings(  # SVD-LLM's objective: every output channel alike
         method="whiten", policy="uniform", budget=0.5, self_mix=0.0, error_aware=False, damping=0.0,
-        loss_weighted=False, **FAST,
+        loss_weighted=False, refine_steps=0, **FAST,
     )  # fmt: skip
     result = factorize_model(src, tmp_path / "out", settings)
     name = "model.layers.1.mlp.down_proj"
@@ -546,6 +546,48 @@ def test_loss_weighted_is_the_default_where_it_can_run(models: dict[str, Path], 
     assert "loss_weighted must be true, false or null" in line, line
     with pytest.raises(LowrankError, match=r"^loss-weighted must be true, false or null \(.*\), got 'yes'$"):
         build_settings(loss_weighted="yes")
+
+
+def test_refinement_is_the_default_of_the_whiten_fit_and_needs_calibration_windows(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Unset (or null in a recipe), --refine-steps is 8 with the whiten fit, where it was measured, and 0 with the
+    other methods; asked of a data-free run (plain SVD without the gradients' policy) it is refused in one line,
+    since there are no calibration windows to refine on."""
+    from lowrank_compress.pipeline import Prepared
+
+    small = {**FAST, "self_mix": 0.0, "policy": "uniform"}
+    null = tmp_path / "null.yaml"
+    null.write_text("refine_steps: null\n")
+    for extra, expected in (
+        ({}, 8),
+        ({"recipe": null}, 8),
+        ({"refine_steps": 3}, 3),
+        ({"refine_steps": 0}, 0),
+        ({"method": "asvd"}, 0),
+        ({"method": "asvd", "refine_steps": 2}, 2),
+        ({"method": "svd"}, 0),
+    ):
+        prepared = Prepared.load(models["llama"], build_settings(**small, **extra))
+        assert prepared.settings.refine_steps == expected, extra
+        assert prepared.calibration_info.get("refine_steps", 0) == expected, extra
+    out = tmp_path / "out"
+    line = _fails_cleanly(
+        run(
+            "factorize",
+            models["llama"],
+            "-o",
+            out,
+            "--method",
+            "svd",
+            "--policy",
+            "uniform",
+            "--refine-steps",
+            "4",
+        ),
+        out,
+    )
+    assert "--refine-steps needs calibration windows" in line and "--policy uniform" in line, line
 
 
 def test_self_generated_calibration(models: dict[str, Path], tmp_path: Path) -> None:
