@@ -19,6 +19,8 @@ is the kernel's (file pages the reader maps count too); `peak_rss_parts_mb` spli
   the configs that measured it before it was)
 - text, no loss-weighted / default, no loss-weighted: the same with `--no-loss-weighted` (every output channel
   alike: the default before)
+- text, no refine / default, no refine: the same with `--refine-steps 0` (the closed-form fit alone: the default
+  before the later half of the blocks was refined)
 
 `--threads N` (default: the machine's cores) is passed to every factorize, so the busy-machine check that lowers
 torch's threads for a command started beside other work cannot leave a run of hours on one thread; each row
@@ -64,6 +66,8 @@ CONFIGS = {
     "default, loss-weighted": ["--loss-weighted"],
     "text, no loss-weighted": ["--self-mix", "0", "--no-loss-weighted"],
     "default, no loss-weighted": ["--no-loss-weighted"],
+    "text, no refine": ["--self-mix", "0", "--refine-steps", "0"],
+    "default, no refine": ["--refine-steps", "0"],
 }
 SHAPE = {
     "hidden_size": 4096,
