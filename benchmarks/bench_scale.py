@@ -13,7 +13,7 @@ is the kernel's (file pages the reader maps count too); `peak_rss_parts_mb` spli
 
 - data-free: `--method svd --policy uniform` (no calibration at all)
 - text: the default on the built-in text alone (`--self-mix 0`): whitening, sensitivity ranks (block-wise
-  backward pass), the loss-weighted, error-aware fit
+  backward pass), the loss-weighted, error-aware fit, the later half of the blocks refined (8 Adam steps each)
 - default: everything default, self-generated samples included (the model samples them itself)
 - text, loss-weighted / default, loss-weighted: the same with `--loss-weighted` given (the default now; these were
   the configs that measured it before it was)
