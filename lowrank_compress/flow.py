@@ -67,6 +67,11 @@ class CalibrationFlow:
             out = self.streamed.run_block(block, hidden.to(self.streamed.device), self.ctx[part][b])
         return out.to(self.store)
 
+    def run_dense(self, block: nn.Module) -> None:
+        """The dense block's outputs on the dense inputs, for a fit that reads none of them but a refinement."""
+        for part, hs in self.hidden.items():
+            self.dense_out[part] = [self.run(block, part, b, h) for b, h in enumerate(hs)]
+
     def row(self, part: str, r: int, states: dict[str, list[Any]] | None = None) -> torch.Tensor:
         """Window r's current hidden states (1 x seq x hidden): the dense inputs, or those of `states`
         (`compressed`, `dense_out`)."""

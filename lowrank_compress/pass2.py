@@ -171,8 +171,8 @@ class Pass2:
         the block's other tensors as stored; recorded in `progress` when given (after the last block, and after others
         at most once a minute), and pass 2 taken up after the blocks `resumed` records. Returns each target's result and the factors' dtype."""
         streamed, ckpt = self.streamed, self.streamed.ckpt
-        fit_needs_data = self.settings.method in ("whiten", "asvd") or self.settings.refine_steps > 0
-        flow = CalibrationFlow(self, single=self.settings.refine_steps > 0) if fit_needs_data else None
+        flow_needed = self._fits_data or self.settings.refine_steps > 0
+        flow = CalibrationFlow(self, single=self.settings.refine_steps > 0) if flow_needed else None
         layers: dict[str, LayerResult] = {}
         dtype = torch.float32
         measured = set(self._report_spectra)  # pass 1's; pass 2 adds the others
@@ -192,6 +192,11 @@ class Pass2:
             self.report(f"pass 2, block {i + 1}/{n} (peak {peak.mb:,.0f} MB)", i + 1, n)
         return [layers[t.name] for t in self.targets], dtype
 
+    @property
+    def _fits_data(self) -> bool:
+        """Whether the method fits each layer to the calibration inputs pass 2 carries (whiten, asvd)."""
+        return self.settings.method in ("whiten", "asvd")
+
     def _pass2_block(
         self, i: int, block: nn.Module, ranks: dict[str, int | None], flow: CalibrationFlow | None,
         layers: dict[str, LayerResult], writer: Any,
@@ -200,12 +205,15 @@ class Pass2:
         it; returns the factors' dtype (None where it has none)."""
         streamed, modules = self.streamed, self._block_targets(i)
         outputs = None  # the compressed block's outputs, where the fit already ran it
-        if flow is not None and self.settings.error_aware:
+        if flow is not None and self._fits_data and self.settings.error_aware:
             swapped, outputs = self._fit_in_order(block, modules, ranks, flow, layers)
         else:
-            stats = (
-                self._pass2_stats(block, modules, flow) if flow is not None else self._fisher_stats(modules)
-            )
+            if self._fits_data:
+                stats = self._pass2_stats(block, modules, flow)
+            else:  # svd and fisher read pass 1's statistics; a refinement still needs the dense block's outputs
+                stats = self._fisher_stats(modules)
+                if flow is not None:
+                    flow.run_dense(block)
             swapped = self._fit_group(list(modules), ranks, stats, layers)
         if flow is not None:
             refined = self.settings.refine_steps and i >= self.settings.refine_from * len(streamed.blocks)

@@ -285,7 +285,7 @@ def test_a_stopped_pass_2_goes_on_at_the_block_it_stopped_in(
     pass 2, those of the blocks before the stop from the recorded progress. Refinement steps take the same windows
     in a resumed run as in the uninterrupted one."""
     source = tiny_llama(tmp_path, num_layers=4)
-    settings = build_settings(**SMALL, policy=policy, refine_steps=refine_steps)
+    settings = build_settings(**SMALL, policy=policy, refine_steps=refine_steps, refine_from=0.0)
     factorize_model(source, tmp_path / "reference", settings, max_shard_size=shard_size)
     out, ckpt = tmp_path / "out", tmp_path / "out.checkpoint"
     with pytest.MonkeyPatch.context() as mp:

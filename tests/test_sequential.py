@@ -270,7 +270,7 @@ def test_error_aware_default_fits_better_than_dense_inputs_alone(
     """The point of the error-aware fit: the compressed model's last hidden states are closer to the dense model's
     on the calibration windows than SVD-LLM's, whose layers never see the errors before them."""
     src = models["llama"]
-    common = dict(budget=0.5, method="whiten", policy="uniform", **FAST)
+    common = dict(budget=0.5, method="whiten", policy="uniform", refine_steps=0, **FAST)
     factorize_model(src, tmp_path / "aware", build_settings(error_aware=True, **common))
     factorize_model(src, tmp_path / "plain", build_settings(error_aware=False, **common))
     errors = last_hidden_errors(src, {k: tmp_path / k for k in ("aware", "plain")})
@@ -544,15 +544,24 @@ def test_a_target_outside_the_blocks_is_refused_in_one_line(models: dict[str, Pa
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "fit",
+    [
+        {"method": "whiten", "policy": "uniform"},
+        {"method": "fisher"},
+        {"method": "svd", "policy": "sensitivity"},
+    ],
+)
 def test_refinement_brings_the_blocks_closer_to_the_dense_outputs(
-    models: dict[str, Path], tmp_path: Path
+    models: dict[str, Path], tmp_path: Path, fit: dict
 ) -> None:
     """--refine-steps: Adam steps on each block's factors against the dense block's outputs lower the compressed
-    model's error on the calibration windows (AA-SVD's block-wise refinement)."""
+    model's error on the calibration windows (AA-SVD's block-wise refinement), whichever closed form they start
+    from (svd and fisher read no calibration inputs for the fit, yet the refinement runs on the windows)."""
     src = models["llama"]
-    common = dict(budget=0.5, method="whiten", policy="uniform", **FAST)
-    factorize_model(src, tmp_path / "closed", build_settings(**common))
-    factorize_model(src, tmp_path / "refined", build_settings(refine_steps=40, **common))
+    common = dict(budget=0.5, **fit, **FAST)
+    factorize_model(src, tmp_path / "closed", build_settings(refine_steps=0, **common))
+    factorize_model(src, tmp_path / "refined", build_settings(refine_steps=40, refine_from=0.0, **common))
     errors = last_hidden_errors(src, {k: tmp_path / k for k in ("closed", "refined")})
     assert errors["refined"] < errors["closed"]
 
@@ -564,7 +573,7 @@ def test_refinement_from_half_the_depth_keeps_the_earlier_blocks_closed_form(
     to the bit (nothing before them differs); each later block's factors are refined."""
     src = models["llama"]  # two blocks
     common = dict(budget=0.5, method="whiten", policy="uniform", **FAST)
-    factorize_model(src, tmp_path / "closed", build_settings(**common))
+    factorize_model(src, tmp_path / "closed", build_settings(refine_steps=0, **common))
     factorize_model(src, tmp_path / "late", build_settings(refine_steps=5, refine_from=0.5, **common))
     closed, late = load_state_dict(tmp_path / "closed"), load_state_dict(tmp_path / "late")
     assert closed.keys() == late.keys()
