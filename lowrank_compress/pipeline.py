@@ -188,7 +188,7 @@ class Prepared(Pass1, Pass2):
 
     @property
     def needs_data(self) -> bool:
-        return self.settings.method != "svd" or self.settings.policy == "sensitivity"
+        return self.settings.reads_calibration
 
     @property
     def model(self) -> nn.Module:
@@ -303,8 +303,12 @@ class Prepared(Pass1, Pass2):
         if settings.loss_weighted and settings.method != "whiten":
             settings = dataclasses.replace(settings, loss_weighted=False)
             self.warn(f"--loss-weighted is for --method whiten; fitting {settings.method} without it")
-        data = settings.method != "svd" or settings.policy == "sensitivity"
-        if settings.self_mix > 0 and not causal and settings.calibration != SELF and data:
+        if (
+            settings.self_mix > 0
+            and not causal
+            and settings.calibration != SELF
+            and settings.reads_calibration
+        ):
             settings = dataclasses.replace(settings, self_mix=0.0)
             self.warn(f"{name} cannot generate its own samples; calibrating on the text alone (--self-mix 0)")
         return settings

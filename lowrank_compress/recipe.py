@@ -118,6 +118,12 @@ class FactorizeSettings:
     # keep the calibration hidden states on the CPU while blocks run on --device (a GPU smaller than they are)
     offload: bool = False
 
+    @property
+    def reads_calibration(self) -> bool:
+        """Whether the run reads calibration windows: every method but plain SVD does, and the sensitivity policy's
+        gradients do."""
+        return self.method != "svd" or self.policy == "sensitivity"
+
     def validate(self) -> FactorizeSettings:
         for f in dataclasses.fields(self):  # first: nan passes every comparison below
             value = getattr(self, f.name)
@@ -166,7 +172,7 @@ class FactorizeSettings:
             raise LowrankError(f"energy must be in (0, 1], got {self.energy}")
         if self.refine_steps is not None and self.refine_steps < 0:
             raise LowrankError(f"refine-steps must be 0 or more, got {self.refine_steps}")
-        if self.refine_steps and self.method == "svd" and self.policy != "sensitivity":
+        if self.refine_steps and not self.reads_calibration:
             raise LowrankError(
                 f"--refine-steps needs calibration windows, which --method svd with --policy {self.policy} never "
                 "reads; use a data-aware --method or --policy sensitivity, or --refine-steps 0"
