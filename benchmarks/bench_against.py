@@ -4,18 +4,21 @@
     python benchmarks/bench_against.py --ref v0.1.0 --rounds 2 --budgets 0.6 --out against-v010
     python benchmarks/bench_against.py --new '{"loss_weighted": true}' --out against-loss-weighted
     python benchmarks/bench_against.py --budgets 0.8,0.6 --evaluate --out against-quality   # and their quality
+    python benchmarks/bench_against.py --budgets 0.8 --seeds 1,2,3 --evaluate --out against-seeds  # both sides per seed
 
 The other revision is checked out with `git worktree add` into a temporary folder (removed afterwards) and imported
 from there through PYTHONPATH, so both run in this venv with the same torch, on the built-in SmolLM2 with the default
 settings of their own time (built-in calibration text); `--new JSON` adds settings (recipe keys) to this checkout's
 runs only, to time an option against the old default. Runs alternate (old, new, old, new, ...) so that a slow
-patch of the machine hits both; the ratio is new / old per round, at each of `--budgets`. `--evaluate` scores
+patch of the machine hits both; the ratio is new / old per round, at each of `--budgets` and `--seeds` (the
+calibration seed, given to both sides: each seed's new run is compared with the old one at that seed). `--evaluate` scores
 every output with this checkout's evaluator, as bench_cross_domain does: held-out perplexity on the built-in text and
 the Devil's Dictionary (ratios to the dense model's) and the built-in answers kept. Run it alone on the machine.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -36,6 +39,14 @@ import torch
 RESULT = {{"timings": r.timings, "kept": r.kept_fraction_targets, "threads": torch.get_num_threads()}}
 """
 SCORE = PPL + "\nRESULT = ppl({out!r})\n"
+
+
+def seeds_arg() -> list[int]:
+    """--seeds as a list of non-negative integers, refused in one line otherwise."""
+    text = arg("--seeds", "0")
+    if not all(x.strip().isdigit() for x in text.split(",")):
+        raise SystemExit(f"--seeds takes comma-separated non-negative integers, got {text!r}")
+    return [int(x) for x in text.split(",")]
 
 
 def timed(tree: Path, out: Path, budget: float, extra: dict) -> dict:
@@ -76,7 +87,7 @@ def new_settings(text: str) -> dict:
 def main() -> None:
     ref, rounds = arg("--ref", "06b9777^"), int(arg("--rounds", "1"))
     budgets = [float(x) for x in arg("--budgets", "0.8").split(",")]
-    new = new_settings(arg("--new", "{}"))
+    new, seeds = new_settings(arg("--new", "{}")), seeds_arg()
     dense = run_child(DENSE.format(domains=DOMAINS, answers="builtin")) if "--evaluate" in sys.argv else None
     if dense is not None:
         print(
@@ -88,10 +99,14 @@ def main() -> None:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old_tree), ref], check=True,
                        capture_output=True)  # fmt: skip
         try:
-            for budget, r in ((b, r) for b in budgets for r in range(rounds)):
-                for label, tree, extra in (("old", old_tree, {}), ("new", ROOT, new)):
-                    out = Path(tmp) / f"{label}-{budget}-{r}"
-                    run = {"budget": budget, "round": r, "which": label, **timed(tree, out, budget, extra)}
+            for budget, seed, r in itertools.product(budgets, seeds, range(rounds)):
+                for label, tree, extra in (
+                    ("old", old_tree, {"seed": seed}),
+                    ("new", ROOT, {**new, "seed": seed}),
+                ):
+                    out = Path(tmp) / f"{label}-{budget}-{seed}-{r}"
+                    run = {"budget": budget, "seed": seed, "round": r, "which": label,
+                           **timed(tree, out, budget, extra)}  # fmt: skip
                     if dense is not None:
                         run.update(scored(out, dense))
                     shutil.rmtree(out)
@@ -107,7 +122,7 @@ def main() -> None:
     if dense is not None:
         for a, b in pairs:
             excess = {d: (b[f"{d}_ratio"] - 1) / (a[f"{d}_ratio"] - 1) for d in DOMAINS}
-            print(f"budget {a['budget']}: new / old excess perplexity (ratio - 1) "
+            print(f"budget {a['budget']}, seed {a['seed']}: new / old excess perplexity (ratio - 1) "
                   + ", ".join(f"{d} {x:.2f}" for d, x in excess.items())
                   + f"; answers kept {a['answers_kept']} old, {b['answers_kept']} new")  # fmt: skip
     dense_figures = dense and {**{d: dense[d] for d in DOMAINS}, "answers_right": sum(dense["answers_right"])}
@@ -116,6 +131,7 @@ def main() -> None:
         {
             "ref": ref,
             "budgets": budgets,
+            "seeds": seeds,
             "new_settings": new,
             "dense": dense_figures,
             "runs": runs,
