@@ -580,6 +580,7 @@ def factorize_cases() -> list[Case]:
         "device-cuda-99": "--device cuda:99",
         "max-shard-size-garbage": "--max-shard-size lots",
         "max-shard-size-zero": "--max-shard-size 0",
+        "refine-steps-data-free": "--refine-steps 4",  # the svd / uniform run of FZ reads no calibration windows
     }
     calibrated = {
         "samples-zero": "--samples 0",
