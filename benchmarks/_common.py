@@ -73,12 +73,20 @@ model, tok, _ = load_model({model!r})
 RESULT = {{"ppl": perplexity(model, tok, load_text({text!r}), window=512, stride=512, max_tokens={tokens}).perplexity}}
 """
 
-__all__ = ["FACTORIZE", "PPL", "machine", "main_or_help", "resource", "run_child", "save"]
+__all__ = ["FACTORIZE", "PPL", "machine", "main_or_help", "resource", "run_child", "save", "seeds_arg"]
 
 
 def arg(flag: str, default: str) -> str:
     """The value after `flag` on the command line, or `default`."""
     return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
+
+
+def seeds_arg(default: str) -> list[int]:
+    """--seeds as a list of non-negative integers (none when empty), refused in one line otherwise."""
+    text = arg("--seeds", default)
+    if text and not all(x.strip().isdigit() for x in text.split(",")):
+        sys.exit(f"--seeds takes comma-separated non-negative integers, got {text!r}")
+    return [int(x) for x in text.split(",")] if text else []
 
 
 def main_or_help(main: Callable[[], None], doc: str | None) -> None:

@@ -8,7 +8,7 @@
 
 The other revision is checked out with `git worktree add` into a temporary folder (removed afterwards) and imported
 from there through PYTHONPATH, so both run in this venv with the same torch, on the built-in SmolLM2 with the default
-settings of their own time (built-in calibration text); `--new JSON` adds settings (recipe keys) to this checkout's
+settings of their own time (built-in calibration text); `--new JSON` adds settings (recipe keys; the seed goes with `--seeds`) to this checkout's
 runs only, to time an option against the old default. Runs alternate (old, new, old, new, ...) so that a slow
 patch of the machine hits both; the ratio is new / old per round, at each of `--budgets` and `--seeds` (the
 calibration seed, given to both sides: each seed's new run is compared with the old one at that seed). `--evaluate` scores
@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import arg, main_or_help, run_child, save
+from _common import arg, main_or_help, run_child, save, seeds_arg
 from bench_cross_domain import DENSE, DOMAINS, PPL, kept_answers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,14 +39,6 @@ import torch
 RESULT = {{"timings": r.timings, "kept": r.kept_fraction_targets, "threads": torch.get_num_threads()}}
 """
 SCORE = PPL + "\nRESULT = ppl({out!r})\n"
-
-
-def seeds_arg() -> list[int]:
-    """--seeds as a list of non-negative integers, refused in one line otherwise."""
-    text = arg("--seeds", "0")
-    if not all(x.strip().isdigit() for x in text.split(",")):
-        raise SystemExit(f"--seeds takes comma-separated non-negative integers, got {text!r}")
-    return [int(x) for x in text.split(",")]
 
 
 def timed(tree: Path, out: Path, budget: float, extra: dict) -> dict:
@@ -77,6 +69,8 @@ def new_settings(text: str) -> dict:
         raise SystemExit(f"--new: not JSON ({e})") from None
     if not isinstance(new, dict):
         raise SystemExit("--new takes a JSON object of settings, e.g. '{\"loss_weighted\": true}'")
+    if "seed" in new:
+        raise SystemExit("--new: give the seed with --seeds, which sets it on both sides")
     try:
         build_settings(calibration="builtin", **new)
     except (TypeError, LowrankError) as e:
@@ -87,7 +81,7 @@ def new_settings(text: str) -> dict:
 def main() -> None:
     ref, rounds = arg("--ref", "06b9777^"), int(arg("--rounds", "1"))
     budgets = [float(x) for x in arg("--budgets", "0.8").split(",")]
-    new, seeds = new_settings(arg("--new", "{}")), seeds_arg()
+    new, seeds = new_settings(arg("--new", "{}")), seeds_arg("0")
     dense = run_child(DENSE.format(domains=DOMAINS, answers="builtin")) if "--evaluate" in sys.argv else None
     if dense is not None:
         print(

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import arg, main_or_help, run_child, save
+from _common import arg, main_or_help, run_child, save, seeds_arg
 
 ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = {
@@ -157,10 +157,7 @@ def main() -> None:
     calibrate_on = arg("--calibrate-on", ",".join(DOMAINS)).split(",")
     if any(d not in DOMAINS for d in calibrate_on):
         sys.exit(f"--calibrate-on takes domains from {list(DOMAINS)}")
-    seeds_arg = arg("--seeds", "")
-    if seeds_arg and not all(x.strip().isdigit() for x in seeds_arg.split(",")):
-        sys.exit(f"--seeds takes comma-separated non-negative integers, got {seeds_arg!r}")
-    seeds = [int(x) for x in seeds_arg.split(",")] if seeds_arg else [None]
+    seeds: list[int | None] = [*seeds_arg("")] or [None]
     answers = arg("--answers", "builtin")
     dense_run = run_child(DENSE.format(domains=DOMAINS, answers=answers))
     dense = {d: dense_run[d] for d in DOMAINS}
