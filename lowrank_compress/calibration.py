@@ -247,7 +247,10 @@ def _generate_seeded(
     training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[]), torch.inference_mode(), contiguous_head_input(model):
+        cuda = (
+            [torch.device(device)] if torch.device(device).type == "cuda" else []
+        )  # sampled there, seeded there
+        with torch.random.fork_rng(devices=cuda), torch.inference_mode(), contiguous_head_input(model):
             torch.manual_seed(seed)
             for done, (ids, mask) in enumerate(batches, start=1):
                 cache = preallocated_cache(model, ids.shape[1] + config.max_new_tokens)  # same tokens, faster

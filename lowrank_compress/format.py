@@ -724,7 +724,9 @@ def load(
     if model_class is None:
         arch = json.loads((p / CONFIG_NAME).read_text(encoding="utf-8")).get("architectures") or []
         model_class = AutoModelForCausalLM if any(_is_causal_lm(str(a)) for a in arch) else AutoModel
-    kwargs: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto"}
+    # transformers kernelizes a model by default when `kernels` is installed: trained or run on a GPU, it would
+    # fetch and run kernel code from the Hub (and fail offline); the tool runs the model's own torch code
+    kwargs: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto", "use_kernels": False}
     if torch.device(device).type != "cpu":
         kwargs["device_map"] = {"": torch.device(device)}
     return model_class.from_pretrained(str(p), **kwargs)

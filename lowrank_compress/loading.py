@@ -128,7 +128,11 @@ def _load(source: ModelSource, kwargs: dict[str, Any], device: str, dtype: torch
     cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     with quiet_transformers():
         model = cls.from_pretrained(
-            source.directory, dtype=dtype, use_safetensors=None if allow_pickle else True, **kwargs
+            source.directory,
+            dtype=dtype,
+            use_safetensors=None if allow_pickle else True,
+            use_kernels=False,  # see format.load: no kernels fetched from the Hub
+            **kwargs,
         )
     if source.gguf_file:
         _drop_gguf_flag(model)

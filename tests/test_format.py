@@ -396,6 +396,18 @@ def test_loaded_model_trains_casts_and_takes_peft_adapters(tmp_path: Path) -> No
     assert all(p.grad is None for p in peft_model.parameters() if not p.requires_grad)
 
 
+def test_loaded_models_run_their_own_code_not_hub_kernels(tmp_path: Path) -> None:
+    """transformers kernelizes a model by default when the `kernels` package is installed; trained on a GPU, a
+    model so loaded fetched `kernels-community/rotary` from the Hub (and finetune failed offline, on an H200).
+    Both loaders turn it off, also after `train()`, which kernelizes again for the training mode."""
+    pytest.importorskip("kernels")
+    case = build("llama", tmp_path)
+    write(case, tmp_path / "out")
+    for model in (fmt.load(tmp_path / "out"), load_model(tmp_path / "out", need_tokenizer=False)[0]):
+        model.train()
+        assert not model.use_kernels
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_dequantize_rebuilds_dense_layers(kind: str, tmp_path: Path) -> None:
     case = build(kind, tmp_path)
