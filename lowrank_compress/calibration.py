@@ -247,9 +247,8 @@ def _generate_seeded(
     training = model.training
     model.eval()
     try:
-        cuda = (
-            [torch.device(device)] if torch.device(device).type == "cuda" else []
-        )  # sampled there, seeded there
+        # the sampling draws from the device's generator: fork it too, so the caller's random state is left as it was
+        cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), torch.inference_mode(), contiguous_head_input(model):
             torch.manual_seed(seed)
             for done, (ids, mask) in enumerate(batches, start=1):
