@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The CUDA path end to end on a lent GPU machine (device tool), in one call:
 #   the gpu-marked tests, then bench_scale on the 7B shape with --device cuda.
-# Needs, carried from the checkout: .whl (transformers/peft/gguf/regex wheels matching the project's pins, for the
-# machine's Python) and .devcarry/tokenizer (SmolLM2's tokenizer, saved with save_pretrained).
+# Needs, carried from the checkout: .whl (wheels for the machine's Python 3.12 of what its image lacks or holds in
+# another version; on 2026-12-04, for this venv's transformers 5.25.0: transformers, peft 0.21.2, gguf, regex,
+# huggingface_hub 2.4.0, httpx2, httpcore2, truststore, click 8.5.1, kernels; bitsandbytes for the NF4 tests) and
+# .devcarry/tokenizer (SmolLM2's tokenizer, saved with save_pretrained). Both ignored via .git/info/exclude.
 #   LAYERS="4" CONFIGS="data-free;text;default" TESTS=1 bash benchmarks/gpu_check.sh
 set -u
 export PYTHONUNBUFFERED=1
