@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -126,7 +127,6 @@ def finetune(
 ) -> FinetuneResult:
     """Train, evaluate and write OUT (see the module docstring). `stop_after` simulates Ctrl-C after that many
     optimizer steps (for tests): a checkpoint is written and `InterruptedWithCheckpoint` raised."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     settings.validate()
@@ -140,8 +140,7 @@ def finetune(
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    # no GPU: a CPU run, and several processes under `accelerate launch` / torchrun become DDP over gloo
-    accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
+    accelerator = _accelerator()
     precision = resolve_precision(settings.precision, accelerator.device)
     set_seed(settings.seed)
     report("loading", 0, 1, "")
@@ -305,6 +304,22 @@ def _check_model(settings: FinetuneSettings, factorized: bool) -> None:
             )
     if not factorized and settings.train == "factors":
         raise LowrankError("--train factors needs a factorized MODEL (a `lowrank-compress factorize` output)")
+
+
+def _accelerator() -> Any:
+    """One process per GPU; without a GPU a CPU run, where several processes under `accelerate launch` / torchrun
+    become DDP over gloo. More processes on this machine than it has GPUs would share a card, which NCCL refuses
+    deep inside the first collective: refused here in one line instead."""
+    from accelerate import Accelerator
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
+    if gpus and processes > gpus:
+        raise LowrankError(
+            f"{processes} training processes on this machine but {gpus} GPU(s): start at most {gpus} "
+            f"(accelerate launch --num_processes {gpus}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on the CPU"
+        )
+    return Accelerator(mixed_precision="no", cpu=not gpus)
 
 
 def _load_teacher(settings: FinetuneSettings, model: nn.Module, allow_pickle: bool, device: torch.device,

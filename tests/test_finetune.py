@@ -338,6 +338,21 @@ def test_training_runs_on_the_gpu_and_the_merge_reloads_on_the_cpu(
     assert torch.isfinite(logits(lowrank_compress.load(tmp_path / "o"))).all()
 
 
+def test_more_processes_than_gpus_is_refused_in_one_line(
+    factorized: Path, data: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Two torchrun processes on a machine with one GPU would both train on it, and NCCL refuses that deep inside
+    the first collective (seen on an H200): refused before anything is read, with what to do instead."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(
+        lowrank_compress.LowrankError, match="2 training processes .* but 1 GPU.*CUDA_VISIBLE_DEVICES"
+    ):
+        finetune(factorized, tmp_path / "o", settings(data))
+    assert not (tmp_path / "o").exists()
+
+
 def test_answers_are_asked_before_and_after_training(
     factorized: Path, data: Path, tmp_path: Path, monkeypatch
 ) -> None:
