@@ -294,7 +294,7 @@ def test_two_processes_train_as_ddp_and_one_writes(factorized: Path, data: Path,
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lowrank_compress.cli",
            "finetune", str(factorized), "--data", str(data), "-o", str(out), "--steps", "2", "--seq-len", "64",
            "--rank", "2", "--eval-tokens", "0", "--json"]  # fmt: skip
-    cpu_only = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # two processes on one GPU would collide (NCCL)
+    cpu_only = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # its subject is gloo on the CPU
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cpu_only)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(proc.stdout)  # one JSON document: only the main process reports
@@ -341,8 +341,8 @@ def test_training_runs_on_the_gpu_and_the_merge_reloads_on_the_cpu(
 def test_more_processes_than_gpus_is_refused_in_one_line(
     factorized: Path, data: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    """Two torchrun processes on a machine with one GPU would both train on it, and NCCL refuses that deep inside
-    the first collective (seen on an H200): refused before anything is read, with what to do instead."""
+    """Two torchrun processes on a machine with one GPU would both train on it (NCCL refuses two ranks on one
+    card; on an H200 both processes failed): refused before anything is read, with what to do instead."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
